@@ -1,0 +1,71 @@
+//! Command-line interface: commands and flags. The seed scripts' spellings
+//! (--model_id, --cutoff_len, ...) are accepted as aliases so their commands run with
+//! only the program name changed.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::prompt::PromptFormat;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "amthal",
+    version,
+    about = "Fine-tune, run and score language models that explain Yemeni proverbs in Modern Standard Arabic"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show how examples are encoded for training: the rendered prompt and the tokens,
+    /// with the trained (answer) tokens marked; or JSONL {"input_ids", "labels"}.
+    Tokenize(TokenizeArgs),
+    /// Run the main job on the embedded default model and sample data.
+    Demo(DemoArgs),
+}
+
+/// Which model to use; shared by every command that loads one.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Model: a GGUF file, an HF model folder. Default: SmolLM2-135M-Instruct (GGUF)
+    /// fetched by scripts/setup.
+    #[arg(long, visible_alias = "model_id", value_name = "M")]
+    pub model: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenizeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Data file: CSV, JSON array or JSONL with a proverb column (and usually a reference).
+    #[arg(long, value_name = "FILE")]
+    pub data: PathBuf,
+    /// Prompt format: the model's chat template, the seed's plain text, or auto
+    /// (chat when the model has a template).
+    #[arg(long, value_enum, default_value_t = PromptFormat::Auto)]
+    pub prompt_format: PromptFormat,
+    /// Maximum tokens per example: the answer is truncated, never the prompt; examples
+    /// whose prompt alone reaches it are skipped.
+    #[arg(long, visible_alias = "cutoff_len", value_name = "N")]
+    pub cutoff_len: Option<usize>,
+    /// Only the first N rows.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// Print one JSON object per example: {"input_ids": [...], "labels": [...]}.
+    #[arg(long)]
+    pub jsonl: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Data dir with Train_data.csv, Validation_data.csv, Test_data.csv. Default: the
+    /// sample data embedded in amthal (examples/data).
+    #[arg(long, visible_alias = "data_dir", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+}

@@ -1,0 +1,16 @@
+//! One module per CLI command; each takes its parsed arguments and does the job.
+
+pub mod demo;
+pub mod tokenize;
+
+use anyhow::Result;
+
+use crate::cli::{Cli, Command};
+
+/// Runs the command the user asked for.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Tokenize(args) => tokenize::run(&args),
+        Command::Demo(args) => demo::run(&args),
+    }
+}

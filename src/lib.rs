@@ -1,0 +1,16 @@
+//! amthal (أمثال, "proverbs"): fine-tune Llama-architecture language models to explain
+//! Yemeni proverbs in Modern Standard Arabic, generate explanations, and score them.
+//!
+//! Data flows one way: file -> `data::Example` -> `encode::Encoded` -> model ->
+//! checkpoint -> generation -> predictions CSV -> scores. See README.md and DESIGN notes.
+
+pub mod cli;
+pub mod commands;
+pub mod data;
+pub mod encode;
+pub mod error;
+pub mod gguf;
+pub mod model_source;
+pub mod prompt;
+pub mod sample_data;
+pub mod tokenizer;

@@ -1,0 +1,21 @@
+//! The `amthal` binary: parse the command line, run, map errors to exit codes
+//! (2 = bad input the user can fix, 1 = anything else).
+
+use clap::Parser;
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("AMTHAL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .without_time()
+        .with_target(false)
+        .init();
+    let cli = amthal::cli::Cli::parse();
+    if let Err(error) = amthal::commands::run(cli) {
+        eprintln!("error: {error:#}");
+        std::process::exit(amthal::error::exit_code(&error));
+    }
+}
