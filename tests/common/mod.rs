@@ -1,0 +1,82 @@
+//! Shared test helpers: where the fixtures, the benchmark data and the default model
+//! are, and how to run the binary. Missing prerequisites fail loudly (never a skip).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    repo_root().join("tests").join("fixtures").join(name)
+}
+
+pub fn golden(name: &str) -> serde_json::Value {
+    let path = repo_root().join("tests").join("golden").join(name);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (scripts/golden/make_golden.py writes it)", path.display()));
+    serde_json::from_str(&text).expect("golden file is JSON")
+}
+
+/// The public benchmark splits beside the repo (../shared/data/yemeni-proverbs).
+pub fn benchmark_dir() -> PathBuf {
+    let dir = repo_root().join("..").join("shared").join("data").join("yemeni-proverbs");
+    assert!(
+        dir.join("Train_data.csv").is_file(),
+        "benchmark data not found at {}; the tests need ../shared next to the repo",
+        dir.display()
+    );
+    dir
+}
+
+/// SmolLM2-135M-Instruct GGUF from the setup cache.
+pub fn smollm2() -> PathBuf {
+    let path = amthal::model_source::default_model_path();
+    assert!(
+        path.is_file(),
+        "{} not found: run scripts/setup first",
+        path.display()
+    );
+    path
+}
+
+/// A fresh temp dir for one test.
+pub fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("amthal-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+pub fn write(dir: &Path, name: &str, bytes: impl AsRef<[u8]>) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+/// Runs the amthal binary with arguments.
+pub fn amthal(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_amthal"))
+        .args(args)
+        .output()
+        .expect("run amthal")
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+pub fn ids(value: &serde_json::Value) -> Vec<u32> {
+    value
+        .as_array()
+        .expect("array of ids")
+        .iter()
+        .map(|v| v.as_u64().expect("id") as u32)
+        .collect()
+}
