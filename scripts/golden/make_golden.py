@@ -112,7 +112,7 @@ def tiny_spm_golden():
     path = FIXTURES / "tiny-spm.gguf"
     tiny_spm_gguf(path)
     tok = load(path)
-    strings = EDGE_STRINGS + [prompt("السلام من الله"), " يضرب المثل", "the world and the word", "<|eot|><think>"]
+    strings = EDGE_STRINGS + [prompt("السلام من الله"), " يضرب المثل", "the world and the word", "<|eot|><think>", "<|eot|>مثل", "the<s>world"]
     write_json(GOLDEN / "tiny_spm_tokenize.json", {
         "source": f"transformers {__import__('transformers').__version__}, AutoTokenizer from tiny-spm.gguf",
         "cases": [{"text": s, "with_specials": tok(s)["input_ids"],
