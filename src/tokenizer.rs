@@ -271,12 +271,12 @@ fn template_from_config(path: &Path, value: Option<&serde_json::Value>) -> Resul
         None | Some(serde_json::Value::Null) => Ok(None),
         Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
         Some(serde_json::Value::Array(items)) => {
-            for item in items {
-                if item.get("name").and_then(|n| n.as_str()) == Some("default") {
-                    if let Some(template) = item.get("template").and_then(|t| t.as_str()) {
-                        return Ok(Some(template.to_string()));
-                    }
-                }
+            let default = items
+                .iter()
+                .find(|item| item.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|item| item.get("template").and_then(|t| t.as_str()));
+            if let Some(template) = default {
+                return Ok(Some(template.to_string()));
             }
             bail_input!(
                 "{}: chat_template is a list without a template named \"default\"",

@@ -40,16 +40,29 @@ fn templates_render_like_transformers() {
 #[test]
 fn llama2_template_raises_on_non_alternating_roles() {
     let source = std::fs::read_to_string(fixture("templates/llama2.jinja")).unwrap();
-    let template = ChatTemplate::new(&source, vec![("bos_token", "<s>".into()), ("eos_token", "</s>".into())]).unwrap();
+    let template = ChatTemplate::new(
+        &source,
+        vec![("bos_token", "<s>".into()), ("eos_token", "</s>".into())],
+    )
+    .unwrap();
     let error = template
-        .render(&[Message::new("user", "a"), Message::new("user", "b")], true)
+        .render(
+            &[Message::new("user", "a"), Message::new("user", "b")],
+            true,
+        )
         .unwrap_err();
-    assert!(format!("{error:#}").contains("Conversation roles must alternate"), "{error:#}");
+    assert!(
+        format!("{error:#}").contains("Conversation roles must alternate"),
+        "{error:#}"
+    );
 }
 
 #[test]
 fn a_broken_template_is_bad_input() {
     let error = ChatTemplate::new("{% for m in messages %}{{ m.content }}", vec![]).unwrap_err();
     assert_eq!(amthal::error::exit_code(&error), 2);
-    assert!(format!("{error:#}").contains("chat template does not compile"), "{error:#}");
+    assert!(
+        format!("{error:#}").contains("chat template does not compile"),
+        "{error:#}"
+    );
 }

@@ -10,7 +10,11 @@ const BOM: &str = "\u{FEFF}";
 
 fn error_of(path: &std::path::Path, references: References) -> String {
     let error = read_examples(path, references).expect_err("should be rejected");
-    assert_eq!(exit_code(&error), EXIT_BAD_INPUT, "bad input exits 2: {error:#}");
+    assert_eq!(
+        exit_code(&error),
+        EXIT_BAD_INPUT,
+        "bad input exits 2: {error:#}"
+    );
     format!("{error:#}")
 }
 
@@ -30,7 +34,10 @@ fn csv_with_bom_quotes_and_multiline_fields() {
         set.examples[0].reference.as_deref(),
         Some("شرح \"مقتبس\"\nعلى سطرين")
     );
-    assert_eq!(set.examples[1].location, Location::CsvRow { row: 2, line: 4 });
+    assert_eq!(
+        set.examples[1].location,
+        Location::CsvRow { row: 2, line: 4 }
+    );
     assert_eq!(set.examples[1].reference.as_deref(), Some("شرح ثان"));
 }
 
@@ -41,14 +48,25 @@ fn csv_without_bom_and_column_aliases_any_case() {
     let set = read_examples(&path, References::Required).unwrap();
     assert_eq!(set.examples[0].proverb, "أ");
     assert_eq!(set.examples[0].reference.as_deref(), Some("ب"));
-    let path = write(&dir, "p.csv", "Proverb,Reference_Explanation,Generated_Explanation\nج,د,ه\n");
-    assert_eq!(read_examples(&path, References::Required).unwrap().examples[0].proverb, "ج");
+    let path = write(
+        &dir,
+        "p.csv",
+        "Proverb,Reference_Explanation,Generated_Explanation\nج,د,ه\n",
+    );
+    assert_eq!(
+        read_examples(&path, References::Required).unwrap().examples[0].proverb,
+        "ج"
+    );
 }
 
 #[test]
 fn json_array_and_jsonl() {
     let dir = temp_dir("json");
-    let path = write(&dir, "d.json", r#"[{"Proverb": " أ ", "explanation": "ب"}, {"explanation": "د", "Proverb": "ج"}]"#);
+    let path = write(
+        &dir,
+        "d.json",
+        r#"[{"Proverb": " أ ", "explanation": "ب"}, {"explanation": "د", "Proverb": "ج"}]"#,
+    );
     let set = read_examples(&path, References::Required).unwrap();
     assert_eq!(set.examples.len(), 2);
     assert_eq!(set.examples[0].proverb, "أ");
@@ -58,20 +76,33 @@ fn json_array_and_jsonl() {
     let message = error_of(&path, References::Optional);
     assert!(message.contains("'proverb' and 'text'"), "{message}");
 
-    let path = write(&dir, "d.jsonl", "{\"text\": \"أ\", \"reference\": \"ب\"}\n\n{\"text\": \"ج\"}\n");
+    let path = write(
+        &dir,
+        "d.jsonl",
+        "{\"text\": \"أ\", \"reference\": \"ب\"}\n\n{\"text\": \"ج\"}\n",
+    );
     let set = read_examples(&path, References::Optional).unwrap();
     assert_eq!(set.examples.len(), 2);
     assert_eq!(set.examples[1].reference, None);
     assert_eq!(set.examples[1].location, Location::JsonlLine(3));
     let message = error_of(&path, References::Required);
-    assert!(message.contains("line 3") && message.contains("empty reference"), "{message}");
+    assert!(
+        message.contains("line 3") && message.contains("empty reference"),
+        "{message}"
+    );
 }
 
 #[test]
 fn format_is_sniffed_when_the_extension_says_nothing() {
     let dir = temp_dir("sniff");
     let path = write(&dir, "data.txt", "[{\"proverb\": \"أ\"}]");
-    assert_eq!(read_examples(&path, References::Optional).unwrap().examples.len(), 1);
+    assert_eq!(
+        read_examples(&path, References::Optional)
+            .unwrap()
+            .examples
+            .len(),
+        1
+    );
 }
 
 #[test]
@@ -81,13 +112,20 @@ fn test_file_may_lack_the_reference_column() {
     let set = read_examples(&path, References::Optional).unwrap();
     assert!(set.examples.iter().all(|e| e.reference.is_none()));
     let message = error_of(&path, References::Required);
-    assert!(message.contains("no reference explanation column") && message.contains("'Proverbs'"), "{message}");
+    assert!(
+        message.contains("no reference explanation column") && message.contains("'Proverbs'"),
+        "{message}"
+    );
 }
 
 #[test]
 fn duplicates_are_kept_and_counted() {
     let dir = temp_dir("dups");
-    let path = write(&dir, "d.csv", "proverb,explanation\nأ,ب\nأ,ب\n أ ,ب \nأ,ج\n");
+    let path = write(
+        &dir,
+        "d.csv",
+        "proverb,explanation\nأ,ب\nأ,ب\n أ ,ب \nأ,ج\n",
+    );
     let set = read_examples(&path, References::Required).unwrap();
     assert_eq!(set.examples.len(), 4);
     assert_eq!(set.duplicate_rows, 2);
@@ -95,8 +133,14 @@ fn duplicates_are_kept_and_counted() {
 
 #[test]
 fn missing_file() {
-    let message = error_of(std::path::Path::new("/nonexistent/x.csv"), References::Optional);
-    assert!(message.contains("/nonexistent/x.csv") && message.contains("not found"), "{message}");
+    let message = error_of(
+        std::path::Path::new("/nonexistent/x.csv"),
+        References::Optional,
+    );
+    assert!(
+        message.contains("/nonexistent/x.csv") && message.contains("not found"),
+        "{message}"
+    );
 }
 
 #[test]
@@ -116,10 +160,16 @@ fn invalid_utf8_names_the_row() {
     bytes.extend_from_slice(b"ok2,ok2\n");
     let path = write(&dir, "d.csv", bytes);
     let message = error_of(&path, References::Required);
-    assert!(message.contains("row 2 (line 3)") && message.contains("invalid UTF-8"), "{message}");
-    let path = write(&dir, "d.jsonl", b"{\"text\": \"a\xff\"}\n".to_vec());
+    assert!(
+        message.contains("row 2 (line 3)") && message.contains("invalid UTF-8"),
+        "{message}"
+    );
+    let path = write(&dir, "d.jsonl", b"{\"text\": \"a\xff\"}\n");
     let message = error_of(&path, References::Optional);
-    assert!(message.contains("line 1") && message.contains("invalid UTF-8"), "{message}");
+    assert!(
+        message.contains("line 1") && message.contains("invalid UTF-8"),
+        "{message}"
+    );
 }
 
 #[test]
@@ -127,7 +177,10 @@ fn empty_proverb_names_the_row() {
     let dir = temp_dir("emptyp");
     let path = write(&dir, "d.csv", "Proverbs,Explanation\nأ,ب\n   ,ج\n");
     let message = error_of(&path, References::Optional);
-    assert!(message.contains("row 2 (line 3): empty proverb"), "{message}");
+    assert!(
+        message.contains("row 2 (line 3): empty proverb"),
+        "{message}"
+    );
 }
 
 #[test]
@@ -135,7 +188,10 @@ fn empty_reference_is_an_error_only_where_required() {
     let dir = temp_dir("emptyr");
     let path = write(&dir, "d.csv", "Proverbs,Explanation\nأ,ب\nج,\n");
     let message = error_of(&path, References::Required);
-    assert!(message.contains("row 2 (line 3): empty reference"), "{message}");
+    assert!(
+        message.contains("row 2 (line 3): empty reference"),
+        "{message}"
+    );
     let set = read_examples(&path, References::Optional).unwrap();
     assert_eq!(set.examples[1].reference, None);
 }
@@ -147,7 +203,10 @@ fn malformed_json_and_wrong_value_types() {
     assert!(error_of(&path, References::Optional).contains("invalid JSON"));
     let path = write(&dir, "e.json", "[{\"proverb\": 5}]");
     let message = error_of(&path, References::Optional);
-    assert!(message.contains("item 1") && message.contains("must be a string"), "{message}");
+    assert!(
+        message.contains("item 1") && message.contains("must be a string"),
+        "{message}"
+    );
     let path = write(&dir, "f.json", "{\"proverb\": \"أ\"}");
     assert!(error_of(&path, References::Optional).contains("expected a JSON array"));
 }
@@ -162,14 +221,20 @@ fn data_dir_convention_and_missing_splits() {
     let error = read_split(&dir, Split::Validation).unwrap_err();
     assert_eq!(exit_code(&error), EXIT_BAD_INPUT);
     let message = format!("{error:#}");
-    assert!(message.contains("Validation_data.csv") && message.contains("Train_data.csv, notes.txt"), "{message}");
+    assert!(
+        message.contains("Validation_data.csv") && message.contains("Train_data.csv, notes.txt"),
+        "{message}"
+    );
 }
 
 #[test]
 fn benchmark_splits_read_with_their_row_counts() {
     let dir = benchmark_dir();
     assert_eq!(read_split(&dir, Split::Train).unwrap().examples.len(), 333);
-    assert_eq!(read_split(&dir, Split::Validation).unwrap().examples.len(), 100);
+    assert_eq!(
+        read_split(&dir, Split::Validation).unwrap().examples.len(),
+        100
+    );
     assert_eq!(read_split(&dir, Split::Test).unwrap().examples.len(), 100);
 }
 
@@ -179,9 +244,19 @@ fn embedded_sample_data_has_its_splits() {
     let train = sample_split(Split::Train).unwrap();
     let validation = sample_split(Split::Validation).unwrap();
     let test = sample_split(Split::Test).unwrap();
-    assert_eq!((train.examples.len(), validation.examples.len(), test.examples.len()), (40, 10, 10));
+    assert_eq!(
+        (
+            train.examples.len(),
+            validation.examples.len(),
+            test.examples.len()
+        ),
+        (40, 10, 10)
+    );
     assert!(train.examples.iter().all(|e| e.reference.is_some()));
-    assert_eq!(train.duplicate_rows + validation.duplicate_rows + test.duplicate_rows, 0);
+    assert_eq!(
+        train.duplicate_rows + validation.duplicate_rows + test.duplicate_rows,
+        0
+    );
 }
 
 /// Each bad input through the CLI: exit code 2, the message on stderr, nothing on stdout.
@@ -193,19 +268,60 @@ fn cli_bad_input_exits_2_with_the_message_and_writes_nothing() {
     let cases: Vec<(std::path::PathBuf, &str)> = vec![
         (dir.join("missing.csv"), "not found"),
         (write(&dir, "nocol.csv", "Saying\nأ\n"), "no proverb column"),
-        (write(&dir, "utf8.csv", b"Proverbs\n\xff\n".to_vec()), "row 1 (line 2): invalid UTF-8"),
-        (write(&dir, "empty.csv", "Proverbs\n \n"), "row 1 (line 2): empty proverb"),
+        (
+            write(&dir, "utf8.csv", b"Proverbs\n\xff\n"),
+            "row 1 (line 2): invalid UTF-8",
+        ),
+        (
+            write(&dir, "empty.csv", "Proverbs\n \n"),
+            "row 1 (line 2): empty proverb",
+        ),
     ];
     for (path, expected) in cases {
-        let output = amthal(&["tokenize", "--model", model, "--data", path.to_str().unwrap()]);
-        assert_eq!(output.status.code(), Some(2), "{}: {}", path.display(), stderr(&output));
-        assert!(stderr(&output).contains(expected), "{}: {}", path.display(), stderr(&output));
-        assert!(stdout(&output).is_empty(), "nothing on stdout for {}", path.display());
+        let output = amthal(&[
+            "tokenize",
+            "--model",
+            model,
+            "--data",
+            path.to_str().unwrap(),
+        ]);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{}: {}",
+            path.display(),
+            stderr(&output)
+        );
+        assert!(
+            stderr(&output).contains(expected),
+            "{}: {}",
+            path.display(),
+            stderr(&output)
+        );
+        assert!(
+            stdout(&output).is_empty(),
+            "nothing on stdout for {}",
+            path.display()
+        );
     }
     let files_before: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
-    let output = amthal(&["demo", "--model", model, "--data-dir", dir.to_str().unwrap()]);
+    let output = amthal(&[
+        "demo",
+        "--model",
+        model,
+        "--data-dir",
+        dir.to_str().unwrap(),
+    ]);
     assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
-    assert!(stderr(&output).contains("no Train_data.csv"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("no Train_data.csv"),
+        "{}",
+        stderr(&output)
+    );
     let files_after: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
-    assert_eq!(files_before.len(), files_after.len(), "the demo wrote nothing on bad input");
+    assert_eq!(
+        files_before.len(),
+        files_after.len(),
+        "the demo wrote nothing on bad input"
+    );
 }

@@ -58,8 +58,15 @@ fn check_benchmark(format: PromptFormat, prompt_key: &str, answer_key: &str) {
         assert_eq!(*encoded.input_ids.last().unwrap(), end_id);
         // Label invariants: -100 exactly on the prompt; the answer + end token trained.
         assert_eq!(encoded.trained_tokens(), answer.len() + 1);
-        assert!(encoded.labels[..encoded.prompt_len].iter().all(|&l| l == IGNORE_INDEX));
-        let trained: Vec<i64> = encoded.input_ids[encoded.prompt_len..].iter().map(|&i| i as i64).collect();
+        assert!(
+            encoded.labels[..encoded.prompt_len]
+                .iter()
+                .all(|&l| l == IGNORE_INDEX)
+        );
+        let trained: Vec<i64> = encoded.input_ids[encoded.prompt_len..]
+            .iter()
+            .map(|&i| i as i64)
+            .collect();
         assert_eq!(&encoded.labels[encoded.prompt_len..], &trained[..]);
     }
 }
@@ -83,27 +90,43 @@ fn end_tokens_are_eos_for_plain_and_end_of_turn_for_chat() {
         let encoder = Encoder::new(&tokenizer, &prompts).unwrap();
         assert_eq!(encoder.end_id(), im_end, "{format:?}");
     }
-    assert!(PromptBuilder::new(PromptFormat::Auto, &tokenizer).unwrap().is_chat());
+    assert!(
+        PromptBuilder::new(PromptFormat::Auto, &tokenizer)
+            .unwrap()
+            .is_chat()
+    );
 
     // A Llama-2 style model: the end-of-turn is "</s>" and the answer follows "[/INST]" after a space.
-    let mut spm = ModelTokenizer::from_gguf(&GgufFile::open(&fixture("tiny-spm.gguf")).unwrap()).unwrap();
+    let mut spm =
+        ModelTokenizer::from_gguf(&GgufFile::open(&fixture("tiny-spm.gguf")).unwrap()).unwrap();
     spm.chat_template = Some(std::fs::read_to_string(fixture("templates/llama2.jinja")).unwrap());
     let prompts = PromptBuilder::new(PromptFormat::Chat, &spm).unwrap();
     let encoder = Encoder::new(&spm, &prompts).unwrap();
     assert_eq!(encoder.end_id(), spm.token_id("</s>").unwrap());
     assert_eq!(prompts.answer("مثل"), " مثل");
     // The sentencepiece word-start marker is not doubled by the leading space.
-    assert_eq!(encoder.answer_ids(" مثل").unwrap(), spm.encode("مثل", false).unwrap());
+    assert_eq!(
+        encoder.answer_ids(" مثل").unwrap(),
+        spm.encode("مثل", false).unwrap()
+    );
     let prompt = prompts.prompt("مثل").unwrap();
-    assert!(prompt.starts_with("<s>[INST] You are") && prompt.ends_with("Explanation: [/INST]"), "{prompt}");
+    assert!(
+        prompt.starts_with("<s>[INST] You are") && prompt.ends_with("Explanation: [/INST]"),
+        "{prompt}"
+    );
 }
 
 #[test]
 fn a_chat_format_without_a_template_is_bad_input() {
-    let spm = ModelTokenizer::from_gguf(&GgufFile::open(&fixture("tiny-spm.gguf")).unwrap()).unwrap();
+    let spm =
+        ModelTokenizer::from_gguf(&GgufFile::open(&fixture("tiny-spm.gguf")).unwrap()).unwrap();
     let error = PromptBuilder::new(PromptFormat::Chat, &spm).unwrap_err();
     assert_eq!(amthal::error::exit_code(&error), 2);
-    assert!(!PromptBuilder::new(PromptFormat::Auto, &spm).unwrap().is_chat());
+    assert!(
+        !PromptBuilder::new(PromptFormat::Auto, &spm)
+            .unwrap()
+            .is_chat()
+    );
 }
 
 #[test]
@@ -124,21 +147,35 @@ fn cutoff_truncates_the_answer_never_the_prompt() {
     let cut = encoder.encode(&example, Some(cutoff)).unwrap().unwrap();
     assert!(cut.truncated);
     assert_eq!(cut.input_ids.len(), cutoff);
-    assert_eq!(&cut.input_ids[..], &full.input_ids[..cutoff], "a prefix of the full encoding");
+    assert_eq!(
+        &cut.input_ids[..],
+        &full.input_ids[..cutoff],
+        "a prefix of the full encoding"
+    );
     assert_eq!(cut.prompt_len, prompt_len);
     assert_eq!(cut.trained_tokens(), 3);
 
     // Exactly enough room: nothing truncated.
-    let exact = encoder.encode(&example, Some(full.input_ids.len())).unwrap().unwrap();
+    let exact = encoder
+        .encode(&example, Some(full.input_ids.len()))
+        .unwrap()
+        .unwrap();
     assert!(!exact.truncated);
     // The prompt alone fills the cutoff: skipped and counted.
-    assert!(encoder.encode(&example, Some(prompt_len)).unwrap().is_none());
+    assert!(
+        encoder
+            .encode(&example, Some(prompt_len))
+            .unwrap()
+            .is_none()
+    );
     let (kept, stats) = encoder
         .encode_all(&[example.clone(), example.clone()], Some(prompt_len))
         .unwrap();
     assert!(kept.is_empty());
     assert_eq!((stats.kept, stats.truncated, stats.skipped), (0, 0, 2));
-    let (_, stats) = encoder.encode_all(&[example.clone()], Some(cutoff)).unwrap();
+    let (_, stats) = encoder
+        .encode_all(std::slice::from_ref(&example), Some(cutoff))
+        .unwrap();
     assert_eq!((stats.kept, stats.truncated, stats.skipped), (1, 1, 0));
 }
 
@@ -170,8 +207,14 @@ fn cli_tokenize_jsonl_matches_transformers() {
     let test = benchmark_dir().join("Test_data.csv");
     let model = smollm2();
     let output = amthal(&[
-        "tokenize", "--model", model.to_str().unwrap(), "--data", test.to_str().unwrap(),
-        "--prompt-format", "plain", "--jsonl",
+        "tokenize",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        test.to_str().unwrap(),
+        "--prompt-format",
+        "plain",
+        "--jsonl",
     ]);
     assert!(output.status.success(), "{}", stderr(&output));
     let lines: Vec<serde_json::Value> = stdout(&output)
@@ -186,19 +229,37 @@ fn cli_tokenize_jsonl_matches_transformers() {
         expected.extend(ids(&row["plain_answer"]));
         expected.push(eos);
         assert_eq!(ids(&line["input_ids"]), expected);
-        let labels: Vec<i64> = line["labels"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+        let labels: Vec<i64> = line["labels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_i64().unwrap())
+            .collect();
         assert!(labels[..prompt_len].iter().all(|&l| l == -100));
         assert_eq!(labels[prompt_len..].len(), expected.len() - prompt_len);
     }
-    assert!(stderr(&output).contains("100 encoded"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("100 encoded"),
+        "{}",
+        stderr(&output)
+    );
 
     // The human view marks trained tokens.
     let output = amthal(&[
-        "tokenize", "--model", model.to_str().unwrap(), "--data", test.to_str().unwrap(), "--limit", "2",
+        "tokenize",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        test.to_str().unwrap(),
+        "--limit",
+        "2",
     ]);
     assert!(output.status.success(), "{}", stderr(&output));
     let view = stdout(&output);
     assert_eq!(view.matches("── row").count(), 2);
-    assert!(view.contains("⟦2:<|im_end|>⟧"), "the end-of-turn token is marked as trained");
+    assert!(
+        view.contains("⟦2:<|im_end|>⟧"),
+        "the end-of-turn token is marked as trained"
+    );
     assert!(view.contains("<|im_start|>assistant"));
 }

@@ -15,14 +15,22 @@ pub fn fixture(name: &str) -> PathBuf {
 
 pub fn golden(name: &str) -> serde_json::Value {
     let path = repo_root().join("tests").join("golden").join(name);
-    let text = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("{}: {e} (scripts/golden/make_golden.py writes it)", path.display()));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (scripts/golden/make_golden.py writes it)",
+            path.display()
+        )
+    });
     serde_json::from_str(&text).expect("golden file is JSON")
 }
 
 /// The public benchmark splits beside the repo (../shared/data/yemeni-proverbs).
 pub fn benchmark_dir() -> PathBuf {
-    let dir = repo_root().join("..").join("shared").join("data").join("yemeni-proverbs");
+    let dir = repo_root()
+        .join("..")
+        .join("shared")
+        .join("data")
+        .join("yemeni-proverbs");
     assert!(
         dir.join("Train_data.csv").is_file(),
         "benchmark data not found at {}; the tests need ../shared next to the repo",
