@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::device::Precision;
 use crate::prompt::PromptFormat;
 
 #[derive(Debug, Parser)]
@@ -26,6 +27,63 @@ pub enum Command {
     Tokenize(TokenizeArgs),
     /// Run the main job on the embedded default model and sample data.
     Demo(DemoArgs),
+    /// Mean answer-token cross-entropy (and perplexity) of a model over a data file.
+    Loss(LossArgs),
+    /// Fold a LoRA adapter into its base model and write a merged HF model folder.
+    Merge(MergeArgs),
+}
+
+/// Where and in which precision to run; shared by every command that runs a model.
+#[derive(Debug, Clone, Args)]
+pub struct RuntimeArgs {
+    /// auto (CUDA when usable, else CPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Compute dtype: auto = bf16 on CPUs with AMX/AVX512-BF16 and on CUDA, else f32.
+    #[arg(long, value_enum, default_value_t = Precision::Auto)]
+    pub precision: Precision,
+}
+
+#[derive(Debug, Args)]
+pub struct LossArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// A LoRA adapter folder (PEFT format) to apply to the model.
+    #[arg(long, visible_alias = "adapter_dir", value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
+    /// Data file with proverbs and reference explanations.
+    #[arg(long, value_name = "FILE")]
+    pub data: PathBuf,
+    #[arg(long, value_enum, default_value_t = PromptFormat::Auto)]
+    pub prompt_format: PromptFormat,
+    /// Examples per forward pass.
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    pub batch_size: usize,
+    /// Truncate answers to fit N tokens (default: no limit).
+    #[arg(long, visible_alias = "cutoff_len", value_name = "N")]
+    pub cutoff_len: Option<usize>,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    /// Print one JSON line per example (loss, answer tokens).
+    #[arg(long)]
+    pub jsonl: bool,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The LoRA adapter folder (PEFT format).
+    #[arg(long, visible_alias = "adapter_dir", value_name = "DIR")]
+    pub adapter: PathBuf,
+    /// Where to write the merged HF model folder.
+    #[arg(long, visible_alias = "output_dir", value_name = "DIR")]
+    pub output_dir: PathBuf,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
 }
 
 /// Which model to use; shared by every command that loads one.

@@ -4,13 +4,19 @@
 //! Data flows one way: file -> `data::Example` -> `encode::Encoded` -> model ->
 //! checkpoint -> generation -> predictions CSV -> scores. See README.md and DESIGN notes.
 
+pub mod atomic;
+pub mod batch;
 pub mod cli;
 pub mod commands;
 pub mod data;
+pub mod device;
 pub mod encode;
 pub mod error;
 pub mod gguf;
+pub mod loss;
+pub mod model;
 pub mod model_source;
 pub mod prompt;
+pub mod runtime;
 pub mod sample_data;
 pub mod tokenizer;

@@ -1,6 +1,8 @@
 //! One module per CLI command; each takes its parsed arguments and does the job.
 
 pub mod demo;
+pub mod loss;
+pub mod merge;
 pub mod tokenize;
 
 use anyhow::Result;
@@ -12,5 +14,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Tokenize(args) => tokenize::run(&args),
         Command::Demo(args) => demo::run(&args),
+        Command::Loss(args) => loss::run(&args),
+        Command::Merge(args) => merge::run(&args),
     }
 }

@@ -1,0 +1,78 @@
+//! Writing files and folders so a crash never leaves a half-written one: write to a
+//! temp name beside the target, then rename (atomic on one filesystem).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+/// A temp path in the same folder as `target`, unique to this process.
+pub fn temp_path_for(target: &Path) -> PathBuf {
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "out".to_string());
+    target.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// Writes `bytes` to `path` through a temp file and a rename.
+pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_file_with(path, |file| file.write_all(bytes).map_err(Into::into))
+}
+
+/// Creates `path` through a temp file that `fill` writes; renamed only if `fill` succeeds.
+pub fn write_file_with(
+    path: &Path,
+    fill: impl FnOnce(&mut std::fs::File) -> Result<()>,
+) -> Result<()> {
+    let temp = temp_path_for(path);
+    let result = (|| {
+        let mut file = std::fs::File::create(&temp).map_err(|e| {
+            crate::error::bad_input(format!("{}: cannot write: {e}", path.display()))
+        })?;
+        fill(&mut file)?;
+        file.sync_all()?;
+        std::fs::rename(&temp, path).with_context(|| format!("renaming to {}", path.display()))
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    result
+}
+
+/// Builds a whole folder in a temp folder beside `target`, then puts it in place
+/// (replacing an existing `target` only once the new one is complete).
+pub fn write_dir_with(target: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let parent = target
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| {
+        crate::error::bad_input(format!("{}: cannot create: {e}", parent.display()))
+    })?;
+    let temp = temp_path_for(target);
+    let _ = std::fs::remove_dir_all(&temp);
+    std::fs::create_dir(&temp).map_err(|e| {
+        crate::error::bad_input(format!("{}: cannot write here: {e}", parent.display()))
+    })?;
+    if let Err(error) = fill(&temp) {
+        let _ = std::fs::remove_dir_all(&temp);
+        return Err(error);
+    }
+    if target.exists() {
+        let old = target.with_file_name(format!(
+            ".{}.old-{}",
+            target.file_name().unwrap_or_default().to_string_lossy(),
+            std::process::id()
+        ));
+        std::fs::rename(target, &old)
+            .with_context(|| format!("moving aside {}", target.display()))?;
+        std::fs::rename(&temp, target)
+            .with_context(|| format!("renaming to {}", target.display()))?;
+        let _ = std::fs::remove_dir_all(&old);
+    } else {
+        std::fs::rename(&temp, target)
+            .with_context(|| format!("renaming to {}", target.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,70 @@
+//! Answer-token cross-entropy: the prediction at position t is scored against the
+//! label at t + 1, only where that label is not -100, and logits are computed only at
+//! those positions (the lm_head is the biggest matmul of a small model).
+
+use tch::{Kind, Reduction, Tensor};
+
+use crate::batch::Batch;
+use crate::encode::IGNORE_INDEX;
+use crate::model::Llama;
+
+/// Per-token losses of a batch, and which row each token belongs to.
+pub struct TokenLosses {
+    /// [N] f32 negative log-likelihoods.
+    pub nll: Tensor,
+    /// [N] int64 row index of each token.
+    pub rows: Tensor,
+}
+
+impl TokenLosses {
+    /// Sum over all tokens (a scalar that carries gradients in training).
+    pub fn sum(&self) -> Tensor {
+        self.nll.sum(Kind::Float)
+    }
+
+    pub fn count(&self) -> i64 {
+        self.nll.size()[0]
+    }
+
+    /// (sum, count) per row of a batch of `batch_size` rows.
+    pub fn per_row(&self, batch_size: i64) -> Vec<(f64, i64)> {
+        let zeros = Tensor::zeros([batch_size], (Kind::Double, self.nll.device()));
+        let sums = zeros.index_add(0, &self.rows, &self.nll.detach().to_kind(Kind::Double));
+        let counts = Tensor::zeros([batch_size], (Kind::Int64, self.nll.device())).index_add(
+            0,
+            &self.rows,
+            &self.rows.ones_like(),
+        );
+        let sums: Vec<f64> =
+            Vec::<f64>::try_from(sums.to_device(tch::Device::Cpu)).expect("f64 sums");
+        let counts: Vec<i64> =
+            Vec::<i64>::try_from(counts.to_device(tch::Device::Cpu)).expect("i64 counts");
+        sums.into_iter().zip(counts).collect()
+    }
+}
+
+/// Runs the model on a batch and returns the answer tokens' losses.
+pub fn answer_token_losses(model: &Llama, batch: &Batch, train: bool) -> TokenLosses {
+    let key_mask = batch.padded.then_some(&batch.key_mask);
+    let hidden = model.forward_hidden(&batch.input_ids, &batch.positions, key_mask, None, train);
+    let (rows, width) = batch.labels.size2().expect("labels are [B, T]");
+    let hidden_size = hidden.size()[2];
+    // Targets are the labels shifted left; the last position predicts nothing.
+    let targets = batch.labels.narrow(1, 1, width - 1);
+    let selected = targets.ne(IGNORE_INDEX).nonzero(); // [N, 2]: (row, position)
+    let row_index = selected.select(1, 0);
+    let flat = &row_index * width + selected.select(1, 1);
+    let chosen = hidden
+        .reshape([rows * width, hidden_size])
+        .index_select(0, &flat);
+    let logits = model.logits(&chosen).to_kind(Kind::Float);
+    let target_ids = targets
+        .reshape([-1])
+        .index_select(0, &(&row_index * (width - 1) + selected.select(1, 1)));
+    let nll =
+        logits.cross_entropy_loss::<Tensor>(&target_ids, None, Reduction::None, IGNORE_INDEX, 0.0);
+    TokenLosses {
+        nll,
+        rows: row_index,
+    }
+}

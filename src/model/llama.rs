@@ -1,0 +1,277 @@
+//! The Llama decoder in tch: embeddings, RMSNorm, rotate-half RoPE, grouped-query
+//! attention through scaled_dot_product_attention, SiLU-gated MLP, lm_head (tied or
+//! not). Computes what transformers' LlamaForCausalLM computes.
+//!
+//! Padded batches: `key_mask` [B, past + T] marks real tokens; positions are per row,
+//! so left padding (generation) and right padding (training) both work. A KV cache
+//! lets generation prefill a batch and then decode one token at a time.
+
+use tch::{Device, Kind, Tensor};
+
+use super::config::LlamaConfig;
+use super::linear::Linear;
+use super::rope::{Rope, apply_rotary};
+
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+}
+
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+pub struct DecoderLayer {
+    pub input_layernorm: Tensor,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: Tensor,
+    pub mlp: Mlp,
+}
+
+/// The whole model. Tensor names follow the HF keys (see `named_tensors`).
+pub struct Llama {
+    pub config: LlamaConfig,
+    pub embed_tokens: Tensor,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: Tensor,
+    /// `None` when tied to `embed_tokens`.
+    pub lm_head: Option<Tensor>,
+    pub rope: Rope,
+    pub device: Device,
+    /// The compute dtype of the base weights and activations.
+    pub kind: Kind,
+}
+
+/// Keys and values of every layer for the tokens seen so far.
+#[derive(Default)]
+pub struct KvCache {
+    layers: Vec<(Tensor, Tensor)>,
+}
+
+impl KvCache {
+    /// Number of cached positions.
+    pub fn len(&self) -> i64 {
+        self.layers.first().map(|(k, _)| k.size()[2]).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keeps only the given batch rows (finished rows stop costing compute).
+    pub fn select_rows(&mut self, rows: &Tensor) {
+        for (k, v) in self.layers.iter_mut() {
+            *k = k.index_select(0, rows);
+            *v = v.index_select(0, rows);
+        }
+    }
+}
+
+/// RMSNorm in f32, then cast back and scaled, exactly as transformers orders it.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
+    let kind = x.kind();
+    let x32 = x.to_kind(Kind::Float);
+    let variance = x32.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+    let normed = x32 * (variance + eps).rsqrt();
+    weight * normed.to_kind(kind)
+}
+
+impl Llama {
+    /// Hidden states after the final norm, [B, T, hidden].
+    ///
+    /// - `input_ids`, `positions`: [B, T] int64.
+    /// - `key_mask`: [B, past + T] bool, true on real tokens; `None` means no padding.
+    /// - `cache`: appended to when given.
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        key_mask: Option<&Tensor>,
+        mut cache: Option<&mut KvCache>,
+        train: bool,
+    ) -> Tensor {
+        let (batch, steps) = input_ids.size2().expect("input_ids is [B, T]");
+        let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        let mut hidden = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false);
+        let (cos, sin) = self.rope.cos_sin(positions, self.kind);
+        let mask = attention_mask(key_mask, batch, steps, past, self.device);
+        let config = &self.config;
+        let heads = config.num_attention_heads as i64;
+        let kv_heads = config.num_key_value_heads as i64;
+        let head_dim = config.head_dim as i64;
+        if let Some(cache) = cache.as_deref_mut() {
+            cache.layers.resize_with(self.layers.len(), || {
+                let empty = Tensor::zeros([batch, kv_heads, 0, head_dim], (self.kind, self.device));
+                (empty.shallow_clone(), empty)
+            });
+        }
+        for (index, layer) in self.layers.iter().enumerate() {
+            let residual = hidden.shallow_clone();
+            let x = rms_norm(&hidden, &layer.input_layernorm, config.rms_norm_eps);
+            let attn = &layer.self_attn;
+            let q = attn
+                .q_proj
+                .forward(&x, train)
+                .view([batch, steps, heads, head_dim])
+                .transpose(1, 2);
+            let k = attn
+                .k_proj
+                .forward(&x, train)
+                .view([batch, steps, kv_heads, head_dim])
+                .transpose(1, 2);
+            let v = attn
+                .v_proj
+                .forward(&x, train)
+                .view([batch, steps, kv_heads, head_dim])
+                .transpose(1, 2);
+            let q = apply_rotary(&q, &cos, &sin);
+            let mut k = apply_rotary(&k, &cos, &sin);
+            let mut v = v;
+            if let Some(cache) = cache.as_deref_mut() {
+                let (past_k, past_v) = &cache.layers[index];
+                k = Tensor::cat(&[past_k, &k], 2);
+                v = Tensor::cat(&[past_v, &v], 2);
+                cache.layers[index] = (k.shallow_clone(), v.shallow_clone());
+            }
+            let causal_without_mask = mask.is_none() && past == 0 && steps > 1;
+            let out = Tensor::scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                mask.as_ref(),
+                0.0,
+                causal_without_mask,
+                Some((head_dim as f64).powf(-0.5)),
+                heads != kv_heads,
+            );
+            let out = out
+                .transpose(1, 2)
+                .reshape([batch, steps, heads * head_dim]);
+            hidden = residual + attn.o_proj.forward(&out, train);
+
+            let residual = hidden.shallow_clone();
+            let x = rms_norm(
+                &hidden,
+                &layer.post_attention_layernorm,
+                config.rms_norm_eps,
+            );
+            let mlp = &layer.mlp;
+            let gated = mlp.gate_proj.forward(&x, train).silu() * mlp.up_proj.forward(&x, train);
+            hidden = residual + mlp.down_proj.forward(&gated, train);
+        }
+        rms_norm(&hidden, &self.norm, config.rms_norm_eps)
+    }
+
+    /// Logits for hidden states [..., hidden] -> [..., vocab].
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        hidden.linear::<&Tensor>(head, None)
+    }
+
+    /// Logits for every position, [B, T, vocab] (tests and small batches).
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        key_mask: Option<&Tensor>,
+    ) -> Tensor {
+        let hidden = self.forward_hidden(input_ids, positions, key_mask, None, false);
+        self.logits(&hidden)
+    }
+
+    /// The base weights and norms with their HF names, in checkpoint order.
+    pub fn named_tensors(&self) -> Vec<(String, &Tensor)> {
+        let mut named = vec![("model.embed_tokens.weight".to_string(), &self.embed_tokens)];
+        for (i, layer) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            named.push((
+                format!("{p}.input_layernorm.weight"),
+                &layer.input_layernorm,
+            ));
+            named.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                &layer.post_attention_layernorm,
+            ));
+            for (name, linear) in layer.linears() {
+                named.push((format!("{p}.{name}.weight"), &linear.weight));
+                if let Some(bias) = &linear.bias {
+                    named.push((format!("{p}.{name}.bias"), bias));
+                }
+            }
+        }
+        named.push(("model.norm.weight".to_string(), &self.norm));
+        if let Some(head) = &self.lm_head {
+            named.push(("lm_head.weight".to_string(), head));
+        }
+        named
+    }
+}
+
+/// Names of the seven projections, as PEFT's target_modules spell them.
+pub const PROJECTIONS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+impl DecoderLayer {
+    /// The projections with their module paths ("self_attn.q_proj", "mlp.down_proj", ...).
+    pub fn linears(&self) -> Vec<(&'static str, &Linear)> {
+        vec![
+            ("self_attn.q_proj", &self.self_attn.q_proj),
+            ("self_attn.k_proj", &self.self_attn.k_proj),
+            ("self_attn.v_proj", &self.self_attn.v_proj),
+            ("self_attn.o_proj", &self.self_attn.o_proj),
+            ("mlp.gate_proj", &self.mlp.gate_proj),
+            ("mlp.up_proj", &self.mlp.up_proj),
+            ("mlp.down_proj", &self.mlp.down_proj),
+        ]
+    }
+
+    pub fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
+        vec![
+            ("self_attn.q_proj", &mut self.self_attn.q_proj),
+            ("self_attn.k_proj", &mut self.self_attn.k_proj),
+            ("self_attn.v_proj", &mut self.self_attn.v_proj),
+            ("self_attn.o_proj", &mut self.self_attn.o_proj),
+            ("mlp.gate_proj", &mut self.mlp.gate_proj),
+            ("mlp.up_proj", &mut self.mlp.up_proj),
+            ("mlp.down_proj", &mut self.mlp.down_proj),
+        ]
+    }
+}
+
+/// Boolean attention mask [B, 1, T, past + T] (true = may attend), or `None` when
+/// plain causal attention suffices. Every query may attend to itself, so rows of
+/// padding stay finite (a fully masked row would be NaN and leak through V).
+fn attention_mask(
+    key_mask: Option<&Tensor>,
+    batch: i64,
+    steps: i64,
+    past: i64,
+    device: Device,
+) -> Option<Tensor> {
+    if key_mask.is_none() && (past == 0 || steps == 1) {
+        return None;
+    }
+    let total = past + steps;
+    let query_slots = Tensor::arange_start(past, total, (Kind::Int64, device)).unsqueeze(1);
+    let key_slots = Tensor::arange(total, (Kind::Int64, device)).unsqueeze(0);
+    let causal = key_slots.le_tensor(&query_slots);
+    let allowed = match key_mask {
+        Some(keys) => causal
+            .unsqueeze(0)
+            .logical_and(&keys.to_kind(Kind::Bool).unsqueeze(1)),
+        None => causal.unsqueeze(0).expand([batch, steps, total], false),
+    };
+    let itself = key_slots.eq_tensor(&query_slots).unsqueeze(0);
+    Some(allowed.logical_or(&itself).unsqueeze(1))
+}

@@ -1,0 +1,398 @@
+//! LoRA adapters in PEFT's format, both ways.
+//!
+//! On disk (what `PeftModel.from_pretrained` reads and `save_pretrained` writes):
+//! - adapter_config.json: peft_type LORA, task_type CAUSAL_LM, r, lora_alpha,
+//!   lora_dropout, target_modules, bias "none", base_model_name_or_path,
+//!   fan_in_fan_out false, use_rslora. Only keys that peft before 0.14 knows, so old
+//!   versions load it too.
+//! - adapter_model.safetensors: `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`
+//!   [r, in] and `...lora_B.weight` [out, r].
+//! Scaling is alpha / r (alpha / sqrt(r) with rslora). New adapters start as PEFT's:
+//! A kaiming-uniform(a = sqrt(5)), B zeros.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde_json::{Value, json};
+use tch::{Kind, Tensor};
+
+use super::linear::Lora;
+use super::llama::{Llama, PROJECTIONS};
+use super::safetensors_source::SafetensorsSource;
+use super::tensor_io::{TensorBytes, write_safetensors};
+use crate::bail_input;
+use crate::error::bad_input;
+
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+
+/// A LoRA recipe.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    pub r: i64,
+    pub alpha: f64,
+    pub dropout: f64,
+    /// Projection names ("q_proj", ...).
+    pub targets: Vec<String>,
+    pub rslora: bool,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig {
+            r: 16,
+            alpha: 32.0,
+            dropout: 0.05,
+            targets: PROJECTIONS.iter().map(|s| s.to_string()).collect(),
+            rslora: false,
+        }
+    }
+}
+
+impl LoraConfig {
+    pub fn scaling(&self) -> f64 {
+        if self.rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+
+    /// Checks the targets name Llama projections.
+    pub fn validate(&self) -> Result<()> {
+        if self.r <= 0 {
+            bail_input!("LoRA r must be positive, got {}", self.r);
+        }
+        for target in &self.targets {
+            if !PROJECTIONS.contains(&target.as_str()) {
+                bail_input!(
+                    "LoRA target '{target}' is not a Llama projection ({})",
+                    PROJECTIONS.join(", ")
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn targets_module(&self, module_path: &str) -> bool {
+        let last = module_path.rsplit('.').next().unwrap_or(module_path);
+        self.targets.iter().any(|t| t == last)
+    }
+}
+
+/// Attaches fresh adapters (A kaiming-uniform, B zeros, f32, trainable) to the target
+/// projections. Draws from torch's global generator: seed it for reproducibility.
+pub fn attach_new(model: &mut Llama, config: &LoraConfig) -> Result<()> {
+    config.validate()?;
+    let device = model.device;
+    for layer in model.layers.iter_mut() {
+        for (path, linear) in layer.linears_mut() {
+            if !config.targets_module(path) {
+                continue;
+            }
+            let size = linear.weight.size();
+            let (out, inp) = (size[0], size[1]);
+            // kaiming_uniform(a=sqrt(5)) on [r, in] is U(-1/sqrt(in), 1/sqrt(in)).
+            let bound = 1.0 / (inp as f64).sqrt();
+            let a = Tensor::empty([config.r, inp], (Kind::Float, device))
+                .uniform_(-bound, bound)
+                .set_requires_grad(true);
+            let b = Tensor::zeros([out, config.r], (Kind::Float, device)).set_requires_grad(true);
+            linear.lora = Some(Lora {
+                a,
+                b,
+                scaling: config.scaling(),
+                dropout: config.dropout,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The adapter tensors with their PEFT names.
+pub fn named_adapter_tensors(model: &Llama) -> Vec<(String, &Tensor)> {
+    let mut named = Vec::new();
+    for (i, layer) in model.layers.iter().enumerate() {
+        for (path, linear) in layer.linears() {
+            if let Some(lora) = &linear.lora {
+                let prefix = format!("base_model.model.model.layers.{i}.{path}");
+                named.push((format!("{prefix}.lora_A.weight"), &lora.a));
+                named.push((format!("{prefix}.lora_B.weight"), &lora.b));
+            }
+        }
+    }
+    named
+}
+
+/// The trainable adapter parameters.
+pub fn adapter_parameters(model: &Llama) -> Vec<Tensor> {
+    named_adapter_tensors(model)
+        .into_iter()
+        .map(|(_, t)| t.shallow_clone())
+        .collect()
+}
+
+/// Writes adapter_config.json and adapter_model.safetensors into `dir` (each through a
+/// temp file and a rename).
+pub fn save_adapter(
+    model: &Llama,
+    config: &LoraConfig,
+    base_model: &str,
+    dir: &Path,
+) -> Result<()> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| bad_input(format!("{}: cannot create: {e}", dir.display())))?;
+    let tensors: Vec<(String, TensorBytes)> = named_adapter_tensors(model)
+        .into_iter()
+        .map(|(name, t)| (name, TensorBytes::from_tensor(&t.to_kind(Kind::Float))))
+        .collect();
+    if tensors.is_empty() {
+        bail_input!("the model has no LoRA adapter to save");
+    }
+    write_safetensors(&dir.join(ADAPTER_WEIGHTS), &tensors)?;
+    let json = json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": config.targets,
+        "bias": "none",
+        "base_model_name_or_path": base_model,
+        "fan_in_fan_out": false,
+        "use_rslora": config.rslora,
+        "inference_mode": true,
+        "init_lora_weights": true,
+        "modules_to_save": null,
+        "layers_to_transform": null,
+        "layers_pattern": null,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": null,
+    });
+    crate::atomic::write_file(
+        &dir.join(ADAPTER_CONFIG),
+        serde_json::to_string_pretty(&json)?.as_bytes(),
+    )
+}
+
+/// Reads a PEFT adapter_config.json, refusing options amthal cannot apply exactly.
+pub fn read_adapter_config(dir: &Path) -> Result<(LoraConfig, String)> {
+    let path = dir.join(ADAPTER_CONFIG);
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        bad_input(format!(
+            "{}: cannot read the adapter config: {e}",
+            path.display()
+        ))
+    })?;
+    let json: Value = serde_json::from_str(&text)
+        .map_err(|e| bad_input(format!("{}: invalid JSON: {e}", path.display())))?;
+    let field = |key: &str| json.get(key).filter(|v| !v.is_null());
+    let fail = |what: String| bad_input(format!("{}: {what}", path.display()));
+    if let Some(kind) = field("peft_type").and_then(Value::as_str) {
+        if kind != "LORA" {
+            return Err(fail(format!(
+                "peft_type '{kind}' is not supported (LORA is)"
+            )));
+        }
+    }
+    if let Some(bias) = field("bias").and_then(Value::as_str) {
+        if bias != "none" {
+            return Err(fail(format!(
+                "bias '{bias}' is not supported (\"none\" is)"
+            )));
+        }
+    }
+    for (key, ok) in [
+        ("use_dora", Value::Bool(false)),
+        ("fan_in_fan_out", Value::Bool(false)),
+    ] {
+        if let Some(value) = field(key) {
+            if value != &ok {
+                return Err(fail(format!("{key} = {value} is not supported")));
+            }
+        }
+    }
+    // Newer PEFT options that change the computation: refused unless off.
+    for key in ["lora_bias", "use_qalora", "use_bdlora"] {
+        if field(key).is_some_and(|v| v != &Value::Bool(false)) {
+            return Err(fail(format!("'{key}' is not supported")));
+        }
+    }
+    for key in [
+        "exclude_modules",
+        "target_parameters",
+        "trainable_token_indices",
+    ] {
+        if field(key).is_some() {
+            return Err(fail(format!("'{key}' is not supported")));
+        }
+    }
+    for key in [
+        "modules_to_save",
+        "layers_to_transform",
+        "layer_replication",
+    ] {
+        if field(key).is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty())) {
+            return Err(fail(format!("'{key}' is not supported")));
+        }
+    }
+    for key in ["rank_pattern", "alpha_pattern"] {
+        if field(key).is_some_and(|v| v.as_object().is_none_or(|o| !o.is_empty())) {
+            return Err(fail(format!("'{key}' is not supported")));
+        }
+    }
+    let r = field("r")
+        .and_then(Value::as_i64)
+        .ok_or_else(|| fail("missing 'r'".into()))?;
+    let alpha = field("lora_alpha").and_then(Value::as_f64).unwrap_or(8.0);
+    let targets = match field("target_modules") {
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(Value::as_str)
+            .map(str::to_string)
+            .collect(),
+        Some(Value::String(s)) if s == "all-linear" => {
+            PROJECTIONS.iter().map(|s| s.to_string()).collect()
+        }
+        Some(other) => {
+            return Err(fail(format!(
+                "target_modules {other} is not supported (a list of names is)"
+            )));
+        }
+        None => return Err(fail("missing 'target_modules'".into())),
+    };
+    let config = LoraConfig {
+        r,
+        alpha,
+        dropout: field("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
+        targets,
+        rslora: field("use_rslora")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+    };
+    config.validate().map_err(|e| fail(format!("{e:#}")))?;
+    let base = field("base_model_name_or_path")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    Ok((config, base))
+}
+
+/// Loads a PEFT adapter folder onto `model`. Every tensor must match a projection of
+/// the model with the right shape; the adapter for another base model fails here.
+pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
+    if !dir.is_dir() {
+        bail_input!("adapter {}: not a folder", dir.display());
+    }
+    let (config, _) = read_adapter_config(dir)?;
+    let weights_path = dir.join(ADAPTER_WEIGHTS);
+    if !weights_path.is_file() {
+        if dir.join("adapter_model.bin").is_file() {
+            bail_input!(
+                "{}: only adapter_model.bin (pickle), which amthal never loads; save the adapter with safetensors",
+                dir.display()
+            );
+        }
+        bail_input!("{}: no {ADAPTER_WEIGHTS}", dir.display());
+    }
+    let source = SafetensorsSource::open_files(std::slice::from_ref(&weights_path))?;
+    let device = model.device;
+    let mut used = 0usize;
+    for (i, layer) in model.layers.iter_mut().enumerate() {
+        for (path, linear) in layer.linears_mut() {
+            // PEFT writes keys with or without the adapter name ("default") inside.
+            let prefix = format!("base_model.model.model.layers.{i}.{path}");
+            let find = |part: &str| -> Option<String> {
+                [
+                    format!("{prefix}.{part}.weight"),
+                    format!("{prefix}.{part}.default.weight"),
+                ]
+                .into_iter()
+                .find(|name| source.shape(name).is_some())
+            };
+            let (Some(a_name), Some(b_name)) = (find("lora_A"), find("lora_B")) else {
+                continue;
+            };
+            let size = linear.weight.size();
+            let expected_a = [config.r, size[1]];
+            let expected_b = [size[0], config.r];
+            for (name, expected) in [(&a_name, &expected_a), (&b_name, &expected_b)] {
+                let found = source.shape(name).unwrap_or_default();
+                if found != expected {
+                    bail_input!(
+                        "{}: tensor {name} has shape {found:?} but this base model needs {expected:?} \
+                         (an adapter for another base model?)",
+                        weights_path.display()
+                    );
+                }
+            }
+            let load = |name: &str| -> Result<Tensor> {
+                Ok(source
+                    .load(name, Kind::Float, device)?
+                    .expect("present")
+                    .set_requires_grad(true))
+            };
+            linear.lora = Some(Lora {
+                a: load(&a_name)?,
+                b: load(&b_name)?,
+                scaling: config.scaling(),
+                dropout: config.dropout,
+            });
+            used += 2;
+        }
+    }
+    let total = source.names().count();
+    if used != total {
+        let layer_count = model.layers.len();
+        let extra: Vec<&String> = source
+            .names()
+            .filter(|n| {
+                let inside = n
+                    .strip_prefix("base_model.model.model.layers.")
+                    .and_then(|r| r.split('.').next())
+                    .and_then(|i| i.parse::<usize>().ok())
+                    .is_some_and(|i| i < layer_count);
+                !inside || !(n.contains(".lora_A.") || n.contains(".lora_B."))
+            })
+            .take(3)
+            .collect();
+        bail_input!(
+            "{}: {} of {total} tensors do not match this model's projections (e.g. {:?}); \
+             an adapter for another base model?",
+            weights_path.display(),
+            total - used,
+            extra
+        );
+    }
+    if used == 0 {
+        bail_input!("{}: no LoRA tensors found", weights_path.display());
+    }
+    Ok(config)
+}
+
+/// Folds every adapter into its base weight (W + scaling B A) and removes the adapters.
+pub fn merge_adapters(model: &mut Llama) {
+    tch::no_grad(|| {
+        for layer in model.layers.iter_mut() {
+            for (_, linear) in layer.linears_mut() {
+                if linear.lora.is_some() {
+                    linear.weight = linear.merged_weight();
+                    linear.lora = None;
+                }
+            }
+        }
+    });
+}
+
+/// Reads the adapter's config and weights path for messages.
+pub fn describe(dir: &Path) -> Result<String> {
+    let (config, base) = read_adapter_config(dir).context("reading the adapter")?;
+    Ok(format!(
+        "LoRA r={} alpha={} on {} (base {})",
+        config.r,
+        config.alpha,
+        config.targets.join(","),
+        if base.is_empty() { "unknown" } else { &base }
+    ))
+}

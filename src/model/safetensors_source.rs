@@ -1,0 +1,122 @@
+//! Tensors from safetensors files, single or sharded (model.safetensors.index.json),
+//! memory-mapped so only the tensor being converted is paged in.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+use tch::{Device, Kind, Tensor};
+
+use crate::bail_input;
+use crate::error::bad_input;
+
+/// The tensors of one or more safetensors files, by name.
+pub struct SafetensorsSource {
+    files: Vec<(PathBuf, Mmap)>,
+    /// Tensor name -> (file index, shape).
+    index: BTreeMap<String, (usize, Vec<i64>)>,
+}
+
+impl SafetensorsSource {
+    /// Opens `model.safetensors`, or the shards listed in `model.safetensors.index.json`,
+    /// in an HF model folder.
+    pub fn open_folder(dir: &Path) -> Result<SafetensorsSource> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        if index.is_file() {
+            let text = std::fs::read_to_string(&index)
+                .with_context(|| format!("reading {}", index.display()))?;
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| bad_input(format!("{}: invalid JSON: {e}", index.display())))?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| bad_input(format!("{}: no weight_map", index.display())))?;
+            let mut shards: Vec<String> = map
+                .values()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect();
+            shards.sort();
+            shards.dedup();
+            let paths: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
+            return Self::open_files(&paths);
+        }
+        if single.is_file() {
+            return Self::open_files(&[single]);
+        }
+        if dir.join("pytorch_model.bin").is_file()
+            || dir.join("pytorch_model.bin.index.json").is_file()
+        {
+            bail_input!(
+                "{}: only pickle weights (pytorch_model.bin), which amthal never loads; \
+                 convert them to safetensors (model.save_pretrained(..., safe_serialization=True))",
+                dir.display()
+            );
+        }
+        bail_input!(
+            "{}: no model.safetensors or model.safetensors.index.json",
+            dir.display()
+        )
+    }
+
+    /// Opens the given safetensors files as one set of tensors.
+    pub fn open_files(paths: &[PathBuf]) -> Result<SafetensorsSource> {
+        let mut files = Vec::new();
+        let mut index = BTreeMap::new();
+        for (file_index, path) in paths.iter().enumerate() {
+            let file = std::fs::File::open(path)
+                .map_err(|e| bad_input(format!("{}: cannot open: {e}", path.display())))?;
+            // SAFETY: the file is only read; a concurrent writer could change what we read,
+            // which safetensors' own bounds checks then report as an error.
+            let mmap = unsafe { Mmap::map(&file) }
+                .with_context(|| format!("mapping {}", path.display()))?;
+            let tensors = SafeTensors::deserialize(&mmap).map_err(|e| {
+                bad_input(format!(
+                    "{}: not a valid safetensors file: {e}",
+                    path.display()
+                ))
+            })?;
+            for (name, view) in tensors.tensors() {
+                let shape = view.shape().iter().map(|&d| d as i64).collect();
+                index.insert(name, (file_index, shape));
+            }
+            files.push((path.clone(), mmap));
+        }
+        Ok(SafetensorsSource { files, index })
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.index.keys()
+    }
+
+    pub fn shape(&self, name: &str) -> Option<&[i64]> {
+        self.index.get(name).map(|(_, s)| s.as_slice())
+    }
+
+    /// Loads one tensor converted to `kind` on `device`; `None` if absent.
+    pub fn load(&self, name: &str, kind: Kind, device: Device) -> Result<Option<Tensor>> {
+        let Some((file_index, shape)) = self.index.get(name) else {
+            return Ok(None);
+        };
+        let (path, mmap) = &self.files[*file_index];
+        let tensors = SafeTensors::deserialize(mmap)
+            .map_err(|e| bad_input(format!("{}: {e}", path.display())))?;
+        let view = tensors
+            .tensor(name)
+            .map_err(|e| bad_input(format!("{}: tensor {name}: {e}", path.display())))?;
+        let stored = match view.dtype() {
+            Dtype::F32 => Kind::Float,
+            Dtype::F16 => Kind::Half,
+            Dtype::BF16 => Kind::BFloat16,
+            Dtype::F64 => Kind::Double,
+            other => bail_input!(
+                "{}: tensor {name} has dtype {other:?}; amthal reads F32, F16, BF16 and F64 weights",
+                path.display()
+            ),
+        };
+        let tensor = Tensor::from_data_size(view.data(), shape, stored);
+        Ok(Some(tensor.to_kind(kind).to_device(device)))
+    }
+}
