@@ -1,0 +1,595 @@
+//! The model layer against transformers (+ PEFT) goldens from
+//! scripts/golden/make_model_golden.py: a tiny random Llama (GQA, tied embeddings,
+//! llama3 rope scaling, other rope types) and SmolLM2-135M-Instruct from its GGUF.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use amthal::batch::Batch;
+use amthal::encode::Encoded;
+use amthal::gguf::GgufFile;
+use amthal::loss::answer_token_losses;
+use amthal::model::checkpoint::{save_hf_folder, save_hf_folder_sharded};
+use amthal::model::dequant::dequantize;
+use amthal::model::lora::{
+    LoraConfig, attach_new, load_adapter, merge_adapters, named_adapter_tensors, save_adapter,
+};
+use amthal::model::{Llama, LoadOptions, load_llama};
+use amthal::model_source::ModelSource;
+use amthal::tokenizer::ModelTokenizer;
+use common::*;
+use tch::{Device, Kind, Tensor};
+
+fn tiny_source() -> ModelSource {
+    ModelSource::HfFolder(fixture("tiny-llama"))
+}
+
+fn load_tiny() -> Llama {
+    load_llama(&tiny_source(), LoadOptions::default()).unwrap()
+}
+
+fn golden_tensors(name: &str) -> std::collections::HashMap<String, Tensor> {
+    let path = repo_root().join("tests").join("golden").join(name);
+    Tensor::read_safetensors(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .into_iter()
+        .collect()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}
+
+fn tiny_golden() -> serde_json::Value {
+    golden("tiny_llama.json")
+}
+
+fn sequences() -> Vec<Vec<i64>> {
+    tiny_golden()["sequences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            s.as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_i64().unwrap())
+                .collect()
+        })
+        .collect()
+}
+
+fn encoded_rows() -> Vec<Encoded> {
+    let golden = tiny_golden();
+    sequences()
+        .into_iter()
+        .zip(golden["labels"].as_array().unwrap())
+        .map(|(ids, labels)| {
+            let labels: Vec<i64> = labels
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_i64().unwrap())
+                .collect();
+            Encoded {
+                input_ids: ids.iter().map(|&i| i as u32).collect(),
+                prompt_len: labels.iter().take_while(|&&l| l == -100).count(),
+                labels,
+                truncated: false,
+            }
+        })
+        .collect()
+}
+
+/// Logits of each row run alone.
+fn row_logits(model: &Llama, row: &[i64]) -> Tensor {
+    let ids = Tensor::from_slice(row).unsqueeze(0);
+    let positions = Tensor::arange(row.len() as i64, (Kind::Int64, Device::Cpu)).unsqueeze(0);
+    tch::no_grad(|| model.forward(&ids, &positions, None)).squeeze_dim(0)
+}
+
+/// Every row's logits against the golden [rows, width, vocab], valid positions only.
+fn assert_matches_golden(model: &Llama, golden: &Tensor, tolerance: f64) {
+    for (i, row) in sequences().iter().enumerate() {
+        let ours = row_logits(model, row);
+        let theirs = golden.get(i as i64).narrow(0, 0, row.len() as i64);
+        let diff = max_abs_diff(&ours, &theirs);
+        assert!(
+            diff <= tolerance,
+            "row {i}: max abs logit difference {diff:e}"
+        );
+    }
+}
+
+fn batch_loss(model: &Llama) -> (f64, i64) {
+    let rows = encoded_rows();
+    let refs: Vec<&Encoded> = rows.iter().collect();
+    let batch = Batch::from_encoded(&refs, Device::Cpu);
+    let losses = tch::no_grad(|| answer_token_losses(model, &batch, false));
+    (
+        losses.sum().double_value(&[]) / losses.count() as f64,
+        losses.count(),
+    )
+}
+
+fn assert_relative(ours: f64, theirs: f64, tolerance: f64, what: &str) {
+    let relative = ((ours - theirs) / theirs).abs();
+    assert!(
+        relative <= tolerance,
+        "{what}: {ours} vs {theirs} (relative {relative:e})"
+    );
+}
+
+#[test]
+fn tiny_llama_logits_and_loss_match_transformers() {
+    let model = load_tiny();
+    assert_eq!(model.config.num_key_value_heads, 2);
+    assert!(model.config.tie_word_embeddings && model.lm_head.is_none());
+    let golden = golden_tensors("tiny_llama.safetensors");
+    assert_matches_golden(&model, &golden["base"], 1e-4);
+    let (loss, count) = batch_loss(&model);
+    let expected = tiny_golden();
+    assert_eq!(count, expected["answer_tokens"].as_i64().unwrap());
+    assert_relative(
+        loss,
+        expected["base_loss"].as_f64().unwrap(),
+        1e-5,
+        "tiny loss",
+    );
+}
+
+#[test]
+fn padded_batches_equal_rows_one_by_one() {
+    let model = load_tiny();
+    let rows = sequences();
+    let width = rows.iter().map(Vec::len).max().unwrap();
+    // Right padding (training) and left padding with per-row positions (generation).
+    for left in [false, true] {
+        let mut ids = Vec::new();
+        let mut mask = Vec::new();
+        let mut positions = Vec::new();
+        for row in &rows {
+            let pad = width - row.len();
+            let (real, pads) = (row.iter().copied(), std::iter::repeat_n(0i64, pad));
+            let real_mask = std::iter::repeat_n(true, row.len());
+            let pad_mask = std::iter::repeat_n(false, pad);
+            if left {
+                ids.extend(pads.chain(real));
+                mask.extend(pad_mask.chain(real_mask));
+                positions.extend(std::iter::repeat_n(0i64, pad).chain(0..row.len() as i64));
+            } else {
+                ids.extend(real.chain(pads));
+                mask.extend(real_mask.chain(pad_mask));
+                positions.extend((0..row.len() as i64).chain(std::iter::repeat_n(0i64, pad)));
+            }
+        }
+        let shape = [rows.len() as i64, width as i64];
+        let logits = tch::no_grad(|| {
+            model.forward(
+                &Tensor::from_slice(&ids).view(shape),
+                &Tensor::from_slice(&positions).view(shape),
+                Some(&Tensor::from_slice(&mask).view(shape)),
+            )
+        });
+        assert!(
+            logits.isfinite().all().int64_value(&[]) == 1,
+            "padding stays finite"
+        );
+        for (i, row) in rows.iter().enumerate() {
+            let start = if left { (width - row.len()) as i64 } else { 0 };
+            let batched = logits.get(i as i64).narrow(0, start, row.len() as i64);
+            let alone = row_logits(&model, row);
+            let diff = max_abs_diff(&batched, &alone);
+            assert!(diff < 1e-5, "left={left} row {i}: {diff:e}");
+        }
+    }
+}
+
+#[test]
+fn kv_cache_decoding_equals_a_full_forward() {
+    let model = load_tiny();
+    let row = &sequences()[2];
+    let full = row_logits(&model, row);
+    let mut cache = amthal::model::KvCache::default();
+    let split = 7;
+    let prefill_ids = Tensor::from_slice(&row[..split]).unsqueeze(0);
+    let prefill_pos = Tensor::arange(split as i64, (Kind::Int64, Device::Cpu)).unsqueeze(0);
+    tch::no_grad(|| {
+        let hidden =
+            model.forward_hidden(&prefill_ids, &prefill_pos, None, Some(&mut cache), false);
+        let logits = model.logits(&hidden).squeeze_dim(0);
+        assert!(max_abs_diff(&logits, &full.narrow(0, 0, split as i64)) < 1e-5);
+        for (t, &token) in row.iter().enumerate().skip(split) {
+            let ids = Tensor::from_slice(&[token]).unsqueeze(0);
+            let pos = Tensor::from_slice(&[t as i64]).unsqueeze(0);
+            let hidden = model.forward_hidden(&ids, &pos, None, Some(&mut cache), false);
+            let step = model.logits(&hidden).squeeze_dim(0).squeeze_dim(0);
+            let diff = max_abs_diff(&step, &full.get(t as i64));
+            assert!(diff < 1e-5, "step {t}: {diff:e}");
+        }
+    });
+    assert_eq!(cache.len(), row.len() as i64);
+}
+
+/// A copy of the tiny model folder with another config.json.
+fn tiny_with_config(name: &str, config: &serde_json::Value) -> PathBuf {
+    let dir = temp_dir(name);
+    for file in [
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(fixture("tiny-llama").join(file), dir.join(file)).unwrap();
+    }
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string(config).unwrap(),
+    )
+    .unwrap();
+    dir
+}
+
+#[test]
+fn every_rope_type_matches_transformers() {
+    let golden = tiny_golden();
+    let tensors = golden_tensors("tiny_llama.safetensors");
+    let row: Vec<i64> = golden["long_row"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    for (name, config) in golden["rope_variants"].as_object().unwrap() {
+        let dir = tiny_with_config(&format!("rope-{name}"), config);
+        let model = load_llama(&ModelSource::HfFolder(dir), LoadOptions::default()).unwrap();
+        let diff = max_abs_diff(&row_logits(&model, &row), &tensors[&format!("rope_{name}")]);
+        assert!(
+            diff < 1e-4,
+            "rope {name}: max abs logit difference {diff:e}"
+        );
+    }
+}
+
+#[test]
+fn peft_adapter_loads_with_the_same_logits() {
+    let mut model = load_tiny();
+    let config = load_adapter(&mut model, &fixture("tiny-llama-adapter")).unwrap();
+    assert_eq!((config.r, config.alpha), (4, 8.0));
+    assert_eq!(named_adapter_tensors(&model).len(), 2 * 7 * 2);
+    let golden = golden_tensors("tiny_llama.safetensors");
+    assert_matches_golden(&model, &golden["adapter"], 1e-4);
+    let (loss, _) = batch_loss(&model);
+    assert_relative(
+        loss,
+        tiny_golden()["adapter_loss"].as_f64().unwrap(),
+        1e-5,
+        "adapter loss",
+    );
+}
+
+#[test]
+fn adapter_round_trip_and_merge_keep_the_logits() {
+    let mut model = load_tiny();
+    load_adapter(&mut model, &fixture("tiny-llama-adapter")).unwrap();
+    let golden = golden_tensors("tiny_llama.safetensors");
+    // Saved by amthal, loaded again: the same tensors and logits. AMTHAL_EXPORT_DIR keeps
+    // the files for scripts/golden/check_exports.py (PEFT and transformers load them).
+    let export = std::env::var_os("AMTHAL_EXPORT_DIR").map(PathBuf::from);
+    let dir = export
+        .clone()
+        .unwrap_or_else(|| temp_dir("adapter-round-trip"));
+    let adapter_dir = dir.join("adapter");
+    let (config, _) =
+        amthal::model::lora::read_adapter_config(&fixture("tiny-llama-adapter")).unwrap();
+    save_adapter(&model, &config, "tiny-llama", &adapter_dir).unwrap();
+    let written: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter_dir.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    for (key, value) in [
+        ("peft_type", "LORA"),
+        ("task_type", "CAUSAL_LM"),
+        ("bias", "none"),
+        ("base_model_name_or_path", "tiny-llama"),
+    ] {
+        assert_eq!(written[key], value, "{key}");
+    }
+    assert_eq!(written["r"], 4);
+    assert_eq!(written["fan_in_fan_out"], false);
+    let keys: Vec<String> = Tensor::read_safetensors(adapter_dir.join("adapter_model.safetensors"))
+        .unwrap()
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert!(
+        keys.contains(
+            &"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight".to_string()
+        )
+    );
+    assert!(
+        keys.contains(&"base_model.model.model.layers.1.mlp.down_proj.lora_B.weight".to_string())
+    );
+    let mut reloaded = load_tiny();
+    load_adapter(&mut reloaded, &adapter_dir).unwrap();
+    for ((name, a), (_, b)) in named_adapter_tensors(&model)
+        .into_iter()
+        .zip(named_adapter_tensors(&reloaded))
+    {
+        assert!(a.equal(b), "{name} differs after the round trip");
+    }
+    assert_matches_golden(&reloaded, &golden["adapter"], 1e-4);
+
+    // Merged == unmerged, and the merged HF folder (sharded or not) loads with the same logits.
+    merge_adapters(&mut model);
+    assert!(named_adapter_tensors(&model).is_empty());
+    assert_matches_golden(&model, &golden["adapter"], 1e-4);
+    let tokenizer = ModelTokenizer::from_hf_folder(&fixture("tiny-llama")).unwrap();
+    let merged_dir = dir.join("merged");
+    save_hf_folder(&model, &tokenizer, &merged_dir).unwrap();
+    let merged = load_llama(
+        &ModelSource::HfFolder(merged_dir.clone()),
+        LoadOptions::default(),
+    )
+    .unwrap();
+    assert_matches_golden(&merged, &golden["adapter"], 1e-4);
+    let sharded_dir = dir.join("sharded");
+    save_hf_folder_sharded(&model, &tokenizer, &sharded_dir, 100_000).unwrap();
+    assert!(sharded_dir.join("model.safetensors.index.json").is_file());
+    let shards: Vec<String> = std::fs::read_dir(&sharded_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("model-") && n.ends_with(".safetensors"))
+        .collect();
+    assert!(shards.len() >= 3, "shards: {shards:?}");
+    let suffix = format!("-of-{:05}.safetensors", shards.len());
+    assert!(shards.iter().all(|n| n.ends_with(&suffix)), "{shards:?}");
+    let sharded = load_llama(
+        &ModelSource::HfFolder(sharded_dir.clone()),
+        LoadOptions::default(),
+    )
+    .unwrap();
+    assert_matches_golden(&sharded, &golden["adapter"], 1e-4);
+    // The saved tokenizer is the same tokenizer.
+    let saved = ModelTokenizer::from_hf_folder(&merged_dir).unwrap();
+    assert_eq!(
+        saved.encode("يضرب المثل", true).unwrap(),
+        tokenizer.encode("يضرب المثل", true).unwrap()
+    );
+    assert_eq!(saved.chat_template, tokenizer.chat_template);
+    if export.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[test]
+fn new_adapters_start_at_the_base_model_and_freeze_the_base() {
+    tch::manual_seed(1);
+    let mut model = load_tiny();
+    let config = LoraConfig {
+        r: 8,
+        targets: vec!["q_proj".into(), "v_proj".into()],
+        ..LoraConfig::default()
+    };
+    attach_new(&mut model, &config).unwrap();
+    assert_eq!(named_adapter_tensors(&model).len(), 2 * 2 * 2);
+    assert!(model.embed_tokens.requires_grad() == false);
+    assert!(model.layers[0].self_attn.q_proj.weight.requires_grad() == false);
+    let a = &model.layers[0].self_attn.q_proj.lora.as_ref().unwrap().a;
+    assert!(a.requires_grad());
+    let bound = 1.0 / (64f64).sqrt();
+    assert!(a.abs().max().double_value(&[]) <= bound);
+    // B = 0, so the adapted model computes what the base computes.
+    assert_matches_golden(
+        &model,
+        &golden_tensors("tiny_llama.safetensors")["base"],
+        1e-4,
+    );
+    // A backward pass reaches the adapter and nothing else.
+    let rows = encoded_rows();
+    let batch = Batch::from_encoded(&rows.iter().collect::<Vec<_>>(), Device::Cpu);
+    let loss = answer_token_losses(&model, &batch, true).sum();
+    loss.backward();
+    let b = &model.layers[0].self_attn.q_proj.lora.as_ref().unwrap().b;
+    assert!(b.grad().defined() && b.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
+    assert!(!model.layers[0].self_attn.q_proj.weight.grad().defined());
+    let bad = LoraConfig {
+        targets: vec!["lm_head".into()],
+        ..LoraConfig::default()
+    };
+    assert!(format!("{:#}", attach_new(&mut load_tiny(), &bad).unwrap_err()).contains("'lm_head'"));
+}
+
+#[test]
+fn smollm2_gguf_logits_match_transformers() {
+    let model = load_llama(&ModelSource::Gguf(smollm2()), LoadOptions::default()).unwrap();
+    assert_eq!(model.config.num_hidden_layers, 30);
+    assert!(model.config.tie_word_embeddings);
+    let golden = golden_tensors("smollm2_logits.safetensors");
+    let ids: Vec<i64> = Vec::try_from(&golden["input_ids"]).unwrap();
+    let positions = &golden["positions"];
+    let logits = row_logits(&model, &ids).index_select(0, positions);
+    let diff = max_abs_diff(&logits, &golden["logits"]);
+    assert!(diff <= 1e-3, "SmolLM2 max abs logit difference {diff:e}");
+}
+
+#[test]
+fn every_gguf_quantization_dequantizes_like_the_gguf_package() {
+    let gguf = GgufFile::open(&fixture("quants.gguf")).unwrap();
+    let bytes = std::fs::read(fixture("quants.gguf")).unwrap();
+    let read = |name: &str| -> Vec<f32> {
+        let info = gguf
+            .tensors
+            .iter()
+            .find(|t| t.name == name)
+            .unwrap_or_else(|| panic!("{name}"));
+        let count = info.dims.iter().product::<u64>() as usize;
+        let start = (gguf.data_offset + info.offset) as usize;
+        dequantize(info.ggml_type, &bytes[start..], count).unwrap()
+    };
+    let names = [
+        "f32", "f16", "bf16", "q4_0", "q4_1", "q8_0", "q4_k", "q5_k", "q6_k",
+    ];
+    for name in names {
+        let (ours, expected) = (read(name), read(&format!("expected.{name}")));
+        assert_eq!(ours.len(), expected.len(), "{name}");
+        let worst = ours
+            .iter()
+            .zip(&expected)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst == 0.0, "{name}: max difference {worst}");
+    }
+}
+
+/// `amthal loss` on the benchmark Validation split (SmolLM2 GGUF, f32, plain) equals
+/// transformers' loss on the same token ids.
+#[test]
+fn cli_loss_matches_transformers_on_the_validation_split() {
+    let golden = golden("smollm2_loss.json");
+    let data = benchmark_dir().join("Validation_data.csv");
+    let model = smollm2();
+    let output = amthal(&[
+        "loss",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--prompt-format",
+        "plain",
+        "--precision",
+        "f32",
+        "--device",
+        "cpu",
+        "--batch-size",
+        "16",
+        "--json",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let summary: serde_json::Value = serde_json::from_str(stdout(&output).trim()).unwrap();
+    assert_eq!(summary["answer_tokens"], golden["answer_tokens"]);
+    assert_relative(
+        summary["loss"].as_f64().unwrap(),
+        golden["loss"].as_f64().unwrap(),
+        1e-4,
+        "validation loss",
+    );
+}
+
+fn tiny_config_json() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture("tiny-llama/config.json")).unwrap())
+        .unwrap()
+}
+
+fn loss_error(model: &Path, adapter: Option<&Path>) -> String {
+    let data = repo_root().join("examples/data/Validation_data.csv");
+    let mut args = vec![
+        "loss",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ];
+    if let Some(adapter) = adapter {
+        args.extend(["--adapter", adapter.to_str().unwrap()]);
+    }
+    let output = amthal(&args);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(stdout(&output).is_empty());
+    stderr(&output)
+}
+
+#[test]
+fn broken_models_and_adapters_are_clear_errors() {
+    let mut config = tiny_config_json();
+    config["num_hidden_layers"] = serde_json::json!(3);
+    let message = loss_error(&tiny_with_config("missing-tensor", &config), None);
+    assert!(
+        message.contains("missing tensor model.layers.2.input_layernorm.weight"),
+        "{message}"
+    );
+
+    let mut config = tiny_config_json();
+    config["intermediate_size"] = serde_json::json!(100);
+    let message = loss_error(&tiny_with_config("wrong-shape", &config), None);
+    assert!(
+        message.contains("model.layers.0.mlp.gate_proj.weight has shape [96, 64]"),
+        "{message}"
+    );
+    assert!(message.contains("[100, 64]"), "{message}");
+
+    let mut config = tiny_config_json();
+    config["model_type"] = serde_json::json!("mixtral");
+    config["architectures"] = serde_json::json!(["MixtralForCausalLM"]);
+    let message = loss_error(&tiny_with_config("architecture", &config), None);
+    assert!(message.contains("model_type 'mixtral'"), "{message}");
+
+    let mut config = tiny_config_json();
+    config["num_hidden_layers"] = serde_json::json!(1);
+    let message = loss_error(&tiny_with_config("unexpected", &config), None);
+    assert!(
+        message.contains("unexpected tensor(s)") && message.contains("model.layers.1."),
+        "{message}"
+    );
+
+    // An adapter for another base model (the tiny adapter on SmolLM2): shape mismatch.
+    let message = loss_error(&smollm2(), Some(&fixture("tiny-llama-adapter")));
+    assert!(
+        message.contains("an adapter for another base model"),
+        "{message}"
+    );
+    let message = loss_error(
+        &fixture("tiny-llama"),
+        Some(Path::new("/nonexistent/adapter")),
+    );
+    assert!(message.contains("/nonexistent/adapter"), "{message}");
+
+    let dir = temp_dir("pickle-only");
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string(&tiny_config_json()).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(dir.join("pytorch_model.bin"), b"not loaded").unwrap();
+    std::fs::copy(
+        fixture("tiny-llama/tokenizer.json"),
+        dir.join("tokenizer.json"),
+    )
+    .unwrap();
+    let message = loss_error(&dir, None);
+    assert!(message.contains("never loads"), "{message}");
+}
+
+#[test]
+fn cli_merge_writes_a_folder_that_loads_with_the_adapters_logits() {
+    let out = temp_dir("cli-merge").join("merged");
+    let output = amthal(&[
+        "merge",
+        "--model",
+        fixture("tiny-llama").to_str().unwrap(),
+        "--adapter",
+        fixture("tiny-llama-adapter").to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--precision",
+        "f32",
+        "--device",
+        "cpu",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert!(out.join(file).is_file(), "{file}");
+    }
+    let merged = load_llama(&ModelSource::HfFolder(out), LoadOptions::default()).unwrap();
+    assert_matches_golden(
+        &merged,
+        &golden_tensors("tiny_llama.safetensors")["adapter"],
+        1e-4,
+    );
+}
