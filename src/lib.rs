@@ -13,6 +13,7 @@ pub mod device;
 pub mod encode;
 pub mod error;
 pub mod gguf;
+pub mod hub;
 pub mod loss;
 pub mod model;
 pub mod model_source;

@@ -1,4 +1,5 @@
-//! Where a model comes from: a GGUF file, an HF model folder, or (later) a Hub id.
+//! Where a model comes from: a GGUF file, an HF model folder, or a Hub id (resolved
+//! to its snapshot folder in the Hugging Face cache, see `hub`).
 //! `--model` accepts any of them; without it, commands use the embedded default,
 //! SmolLM2-135M-Instruct (GGUF) fetched by scripts/setup.
 
@@ -70,10 +71,7 @@ impl ModelSource {
             );
         }
         if looks_like_hub_id(spec) {
-            bail_input!(
-                "--model {spec}: no such file or folder, and Hub ids are not supported yet \
-                 (download the model and pass its folder)"
-            );
+            return Ok(ModelSource::HfFolder(crate::hub::resolve(spec)?));
         }
         bail_input!("--model {spec}: no such file or folder")
     }

@@ -373,8 +373,8 @@ fn new_adapters_start_at_the_base_model_and_freeze_the_base() {
     };
     attach_new(&mut model, &config).unwrap();
     assert_eq!(named_adapter_tensors(&model).len(), 2 * 2 * 2);
-    assert!(model.embed_tokens.requires_grad() == false);
-    assert!(model.layers[0].self_attn.q_proj.weight.requires_grad() == false);
+    assert!(!model.embed_tokens.requires_grad());
+    assert!(!model.layers[0].self_attn.q_proj.weight.requires_grad());
     let a = &model.layers[0].self_attn.q_proj.lora.as_ref().unwrap().a;
     assert!(a.requires_grad());
     let bound = 1.0 / (64f64).sqrt();
@@ -592,4 +592,22 @@ fn cli_merge_writes_a_folder_that_loads_with_the_adapters_logits() {
         &golden_tensors("tiny_llama.safetensors")["adapter"],
         1e-4,
     );
+}
+
+#[test]
+fn bf16_compute_stays_close_to_f32() {
+    let f32_model = load_tiny();
+    let bf16_model = load_llama(
+        &tiny_source(),
+        LoadOptions {
+            device: Device::Cpu,
+            kind: Kind::BFloat16,
+        },
+    )
+    .unwrap();
+    assert_eq!(bf16_model.embed_tokens.kind(), Kind::BFloat16);
+    let (f32_loss, _) = batch_loss(&f32_model);
+    let (bf16_loss, _) = batch_loss(&bf16_model);
+    assert_relative(bf16_loss, f32_loss, 2e-2, "bf16 vs f32 loss");
+    assert!(bf16_loss != f32_loss, "bf16 really computed in bf16");
 }

@@ -86,10 +86,10 @@ impl LlamaConfig {
                  amthal runs Llama-architecture models (model_type \"llama\")"
             );
         }
-        if let Some(act) = json.get("hidden_act").and_then(Value::as_str) {
-            if act != "silu" {
-                bail_input!("hidden_act '{act}' is not supported (Llama uses \"silu\")");
-            }
+        if let Some(act) = json.get("hidden_act").and_then(Value::as_str)
+            && act != "silu"
+        {
+            bail_input!("hidden_act '{act}' is not supported (Llama uses \"silu\")");
         }
         let usize_key = |key: &str| -> Result<usize> {
             json.get(key)
@@ -125,14 +125,13 @@ impl LlamaConfig {
             .and_then(|r| r.get("partial_rotary_factor"))
             .or_else(|| json.get("partial_rotary_factor"))
             .and_then(Value::as_f64)
+            && factor != 1.0
         {
-            if factor != 1.0 {
-                bail_input!(
-                    "partial_rotary_factor {factor} is not supported (Llama rotates whole heads)"
-                );
-            }
+            bail_input!(
+                "partial_rotary_factor {factor} is not supported (Llama rotates whole heads)"
+            );
         }
-        Ok(LlamaConfig {
+        LlamaConfig {
             hidden_size,
             intermediate_size: usize_key("intermediate_size")?,
             num_hidden_layers: usize_key("num_hidden_layers")?,
@@ -163,7 +162,7 @@ impl LlamaConfig {
             eos_token_ids: token_ids(json.get("eos_token_id")),
             pad_token_id: token_ids(json.get("pad_token_id")).first().copied(),
         }
-        .validated()?)
+        .validated()
     }
 
     /// Reads the `llama.*` metadata of a GGUF file, as transformers' GGUF loader does.
@@ -224,7 +223,7 @@ impl LlamaConfig {
             ),
         };
         let id = |key: &str| gguf.get_i64(key).filter(|&v| v >= 0).map(|v| v as u32);
-        Ok(LlamaConfig {
+        LlamaConfig {
             hidden_size,
             intermediate_size: int("feed_forward_length")?,
             num_hidden_layers: int("block_count")?,
@@ -250,21 +249,24 @@ impl LlamaConfig {
             eos_token_ids: id("tokenizer.ggml.eos_token_id").into_iter().collect(),
             pad_token_id: id("tokenizer.ggml.padding_token_id"),
         }
-        .validated()?)
+        .validated()
     }
 
     fn validated(self) -> Result<LlamaConfig> {
         if self.num_attention_heads == 0 || self.num_key_value_heads == 0 {
             bail_input!("num_attention_heads and num_key_value_heads must be positive");
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             bail_input!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads,
                 self.num_key_value_heads
             );
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             bail_input!(
                 "head_dim {} must be even for rotary embeddings",
                 self.head_dim

@@ -63,7 +63,7 @@ pub fn dequantize(ggml_type: u32, data: &[u8], count: usize) -> Result<Vec<f32>>
     let Some((block_elems, block_bytes)) = block_layout(ggml_type) else {
         bail_input!("{} tensors are not supported", type_name(ggml_type));
     };
-    if count % block_elems != 0 {
+    if !count.is_multiple_of(block_elems) {
         bail_input!(
             "{count} elements is not a whole number of {}-element blocks",
             block_elems

@@ -7,6 +7,7 @@
 //!   versions load it too.
 //! - adapter_model.safetensors: `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`
 //!   [r, in] and `...lora_B.weight` [out, r].
+//!
 //! Scaling is alpha / r (alpha / sqrt(r) with rslora). New adapters start as PEFT's:
 //! A kaiming-uniform(a = sqrt(5)), B zeros.
 
@@ -189,28 +190,28 @@ pub fn read_adapter_config(dir: &Path) -> Result<(LoraConfig, String)> {
         .map_err(|e| bad_input(format!("{}: invalid JSON: {e}", path.display())))?;
     let field = |key: &str| json.get(key).filter(|v| !v.is_null());
     let fail = |what: String| bad_input(format!("{}: {what}", path.display()));
-    if let Some(kind) = field("peft_type").and_then(Value::as_str) {
-        if kind != "LORA" {
-            return Err(fail(format!(
-                "peft_type '{kind}' is not supported (LORA is)"
-            )));
-        }
+    if let Some(kind) = field("peft_type").and_then(Value::as_str)
+        && kind != "LORA"
+    {
+        return Err(fail(format!(
+            "peft_type '{kind}' is not supported (LORA is)"
+        )));
     }
-    if let Some(bias) = field("bias").and_then(Value::as_str) {
-        if bias != "none" {
-            return Err(fail(format!(
-                "bias '{bias}' is not supported (\"none\" is)"
-            )));
-        }
+    if let Some(bias) = field("bias").and_then(Value::as_str)
+        && bias != "none"
+    {
+        return Err(fail(format!(
+            "bias '{bias}' is not supported (\"none\" is)"
+        )));
     }
     for (key, ok) in [
         ("use_dora", Value::Bool(false)),
         ("fan_in_fan_out", Value::Bool(false)),
     ] {
-        if let Some(value) = field(key) {
-            if value != &ok {
-                return Err(fail(format!("{key} = {value} is not supported")));
-            }
+        if let Some(value) = field(key)
+            && value != &ok
+        {
+            return Err(fail(format!("{key} = {value} is not supported")));
         }
     }
     // Newer PEFT options that change the computation: refused unless off.
