@@ -134,42 +134,26 @@ impl GgufFile {
 
     /// A string array (e.g. `tokenizer.ggml.tokens`); an error if present with another type.
     pub fn get_strings(&self, key: &str) -> Result<Option<Vec<&str>>> {
-        let Some(value) = self.get(key) else {
-            return Ok(None);
-        };
-        let items = value
-            .as_array()
-            .ok_or_else(|| self.wrong_type(key, "an array"))?;
-        items
-            .iter()
-            .map(|v| {
-                v.as_str()
-                    .ok_or_else(|| self.wrong_type(key, "an array of strings"))
-            })
-            .collect::<Result<Vec<_>>>()
-            .map(Some)
+        self.get_array(key, "strings", Value::as_str)
     }
 
     /// An integer array (e.g. `tokenizer.ggml.token_type`).
     pub fn get_ints(&self, key: &str) -> Result<Option<Vec<i64>>> {
-        let Some(value) = self.get(key) else {
-            return Ok(None);
-        };
-        let items = value
-            .as_array()
-            .ok_or_else(|| self.wrong_type(key, "an array"))?;
-        items
-            .iter()
-            .map(|v| {
-                v.as_i64()
-                    .ok_or_else(|| self.wrong_type(key, "an array of integers"))
-            })
-            .collect::<Result<Vec<_>>>()
-            .map(Some)
+        self.get_array(key, "integers", Value::as_i64)
     }
 
     /// A float array (e.g. `tokenizer.ggml.scores`).
     pub fn get_floats(&self, key: &str) -> Result<Option<Vec<f64>>> {
+        self.get_array(key, "numbers", Value::as_f64)
+    }
+
+    /// An array whose every item `convert` accepts; `None` when the key is absent.
+    fn get_array<'a, T>(
+        &'a self,
+        key: &str,
+        item_kind: &str,
+        convert: impl Fn(&'a Value) -> Option<T>,
+    ) -> Result<Option<Vec<T>>> {
         let Some(value) = self.get(key) else {
             return Ok(None);
         };
@@ -179,8 +163,7 @@ impl GgufFile {
         items
             .iter()
             .map(|v| {
-                v.as_f64()
-                    .ok_or_else(|| self.wrong_type(key, "an array of numbers"))
+                convert(v).ok_or_else(|| self.wrong_type(key, &format!("an array of {item_kind}")))
             })
             .collect::<Result<Vec<_>>>()
             .map(Some)
