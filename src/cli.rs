@@ -31,6 +31,92 @@ pub enum Command {
     Loss(LossArgs),
     /// Fold a LoRA adapter into its base model and write a merged HF model folder.
     Merge(MergeArgs),
+    /// Generate explanations for a test file and write the predictions CSV (the seed's evaluate.py).
+    #[command(visible_alias = "generate")]
+    Evaluate(EvaluateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct EvaluateArgs {
+    /// A full fine-tune (or any HF folder, GGUF file or Hub id) to generate with.
+    #[arg(long, visible_alias = "checkpoint_dir", value_name = "DIR")]
+    pub checkpoint_dir: Option<PathBuf>,
+    /// The base model for --adapter-dir (same as --model).
+    #[arg(long, visible_alias = "base_id", value_name = "M")]
+    pub base_id: Option<String>,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// A LoRA adapter (PEFT format, amthal's or Python's) on top of the base model.
+    #[arg(long, visible_aliases = ["adapter_dir", "adapter"], value_name = "DIR")]
+    pub adapter_dir: Option<PathBuf>,
+    /// The test file (CSV/JSON/JSONL); a reference column is optional.
+    #[arg(
+        long,
+        visible_alias = "test_path",
+        default_value = "data/Test_data.csv",
+        value_name = "FILE"
+    )]
+    pub test_path: PathBuf,
+    /// The predictions CSV (default results/finetune_<timestamp>.csv); a .json sidecar goes beside it.
+    #[arg(long, visible_alias = "out_path", value_name = "FILE")]
+    pub out_path: Option<PathBuf>,
+    #[arg(
+        long,
+        visible_alias = "max_new_tokens",
+        default_value_t = 256,
+        value_name = "N"
+    )]
+    pub max_new_tokens: usize,
+    /// Suppress end tokens until N tokens were generated (benchmarks force a length).
+    #[arg(
+        long,
+        visible_alias = "min_new_tokens",
+        default_value_t = 0,
+        value_name = "N"
+    )]
+    pub min_new_tokens: usize,
+    /// 0 = greedy decoding.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long, visible_alias = "top_p", default_value_t = 1.0)]
+    pub top_p: f64,
+    /// 0 = no top-k filter.
+    #[arg(long, visible_alias = "top_k", default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long, visible_alias = "repetition_penalty", default_value_t = 1.0)]
+    pub repetition_penalty: f64,
+    /// Seeds sampling (per row, so outputs do not depend on the batch size) and shot choice.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    #[arg(
+        long,
+        visible_alias = "batch_size",
+        default_value_t = 8,
+        value_name = "N"
+    )]
+    pub batch_size: usize,
+    #[arg(long, value_enum, default_value_t = PromptFormat::Auto)]
+    pub prompt_format: PromptFormat,
+    /// Few-shot: put K worked examples before each proverb (needs --shots-from).
+    #[arg(long, default_value_t = 0, value_name = "K")]
+    pub shots: usize,
+    /// Where the worked examples come from (e.g. Train_data.csv).
+    #[arg(long, value_name = "FILE")]
+    pub shots_from: Option<PathBuf>,
+    /// Seed for choosing the shots (default: --seed).
+    #[arg(long, value_name = "S")]
+    pub shots_seed: Option<u64>,
+    /// Only the first N test rows.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// Continue an interrupted run: rows already in --out-path are kept, not regenerated.
+    #[arg(long)]
+    pub resume: bool,
+    /// Replace an existing --out-path.
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
 }
 
 /// Where and in which precision to run; shared by every command that runs a model.

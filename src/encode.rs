@@ -89,7 +89,16 @@ impl<'a> Encoder<'a> {
 
     /// Prompt ids for generation.
     pub fn prompt_ids(&self, proverb: &str) -> Result<Vec<u32>> {
-        let prompt = self.prompts.prompt(proverb)?;
+        self.prompt_ids_with_shots(proverb, &[])
+    }
+
+    /// Prompt ids with few-shot examples before the proverb.
+    pub fn prompt_ids_with_shots(
+        &self,
+        proverb: &str,
+        shots: &[(String, String)],
+    ) -> Result<Vec<u32>> {
+        let prompt = self.prompts.prompt_with_shots(proverb, shots)?;
         self.tokenizer
             .encode(&prompt, self.prompts.prompt_adds_special_tokens())
     }

@@ -208,11 +208,30 @@ impl PromptBuilder {
 
     /// The prompt text for a proverb (what generation continues from).
     pub fn prompt(&self, proverb: &str) -> Result<String> {
-        let user_turn = instruction_for(proverb);
+        self.prompt_with_shots(proverb, &[])
+    }
+
+    /// The prompt with worked examples (proverb, explanation) before the proverb: as
+    /// earlier user/assistant turns in chat format; as earlier "Proverb: .. Explanation: .."
+    /// blocks after the instruction in plain format.
+    pub fn prompt_with_shots(&self, proverb: &str, shots: &[(String, String)]) -> Result<String> {
         match &self.style {
-            Style::Plain => Ok(user_turn),
+            Style::Plain => {
+                let mut text = INSTRUCTION.to_string();
+                for (shot, explanation) in shots {
+                    text.push_str(&format!("Proverb: {shot}\nExplanation: {explanation}\n\n"));
+                }
+                text.push_str(&format!("Proverb: {proverb}\nExplanation:"));
+                Ok(text)
+            }
             Style::Chat { template, .. } => {
-                template.render(&[Message::new("user", &user_turn)], true)
+                let mut messages = Vec::with_capacity(2 * shots.len() + 1);
+                for (shot, explanation) in shots {
+                    messages.push(Message::new("user", &instruction_for(shot)));
+                    messages.push(Message::new("assistant", explanation));
+                }
+                messages.push(Message::new("user", &instruction_for(proverb)));
+                template.render(&messages, true)
             }
         }
     }

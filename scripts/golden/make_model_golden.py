@@ -10,6 +10,8 @@ Writes:
     tests/golden/tiny_llama.json          the inputs and configs behind those logits, and losses
     tests/golden/smollm2_logits.safetensors  SmolLM2 GGUF logits at chosen positions
     tests/golden/smollm2_loss.json        answer-token loss over the benchmark Validation split (plain)
+    tests/golden/smollm2_greedy.json      transformers greedy generate (f32) on Test proverbs, with
+                                          each step's gap between the top two logits
     tests/fixtures/quants.gguf            random blocks of every supported GGUF type, each beside
                                           "expected.<name>": the gguf package's dequantization (F32)
 """
@@ -156,6 +158,37 @@ def smollm2():
     print("wrote smollm2 goldens: loss", total / count, "over", count, "answer tokens")
 
 
+def greedy():
+    import csv
+    tok = AutoTokenizer.from_pretrained(str(SMOL.parent), gguf_file=SMOL.name)
+    model = AutoModelForCausalLM.from_pretrained(str(SMOL.parent), gguf_file=SMOL.name, dtype=torch.float32).eval()
+    instruction = ("You are a linguistic expert in Yemeni proverbs. Explain the figurative meaning of the following "
+                   "proverb clearly and concisely in Modern Standard Arabic only. Do not translate into English.\n")
+    data = ROOT.parent / "shared" / "data" / "yemeni-proverbs" / "Test_data.csv"
+    with open(data, encoding="utf-8-sig", newline="") as f:
+        proverbs = [r["Proverbs"].strip() for r in csv.DictReader(f)][:4]
+    contents = [instruction + f"Proverb: {p}\nExplanation:" for p in proverbs] + ["What is the capital of France?"]
+    cases = []
+    for content in contents:
+        ids = tok.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                      tokenize=False)
+        ids = tok(ids, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=48, do_sample=False, output_scores=True,
+                                 return_dict_in_generate=True, pad_token_id=tok.eos_token_id)
+        new = out.sequences[0, ids.shape[1]:].tolist()
+        gaps = []
+        for scores in out.scores:
+            top = torch.topk(scores[0].float(), 2).values
+            gaps.append(float(top[0] - top[1]))
+        cases.append({"content": content, "prompt_ids": ids[0].tolist(), "generated": new, "top2_gaps": gaps,
+                      "text": tok.decode(new, skip_special_tokens=True)})
+    (GOLDEN / "smollm2_greedy.json").write_text(json.dumps({
+        "source": f"transformers {__import__('transformers').__version__} generate(do_sample=False), f32, GGUF",
+        "max_new_tokens": 48, "cases": cases}, ensure_ascii=False, indent=1) + "\n")
+    print("wrote smollm2_greedy.json:", cases[-1]["text"])
+
+
 def quants_fixture():
     import gguf
     import numpy as np
@@ -185,6 +218,6 @@ def quants_fixture():
 
 if __name__ == "__main__":
     import sys
-    parts = sys.argv[1:] or ["quants", "tiny", "smollm2"]  # a subset can be named to redo just that
+    parts = sys.argv[1:] or ["quants", "tiny", "smollm2", "greedy"]  # a subset can be named to redo just that
     for part in parts:
-        {"quants": quants_fixture, "tiny": tiny_llama, "smollm2": smollm2}[part]()
+        {"quants": quants_fixture, "tiny": tiny_llama, "smollm2": smollm2, "greedy": greedy}[part]()

@@ -1,6 +1,7 @@
 //! One module per CLI command; each takes its parsed arguments and does the job.
 
 pub mod demo;
+pub mod evaluate;
 pub mod loss;
 pub mod merge;
 pub mod tokenize;
@@ -16,5 +17,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Demo(args) => demo::run(&args),
         Command::Loss(args) => loss::run(&args),
         Command::Merge(args) => merge::run(&args),
+        Command::Evaluate(args) => evaluate::run(&args),
     }
 }

@@ -1,0 +1,293 @@
+//! `amthal evaluate` (alias `generate`): the seed's evaluate.py. Generates an
+//! explanation for every test proverb with a full checkpoint or base + adapter and
+//! writes the predictions CSV (plus a JSON sidecar that says how it was made).
+//!
+//! The CSV is rewritten (temp file + rename) after every batch, so an interrupted run
+//! leaves a valid file of the rows done so far, which `--resume` continues. An existing
+//! output is never replaced without `--overwrite`.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Result;
+use rand_chacha::ChaCha8Rng;
+use rand_chacha::rand_core::{Rng, SeedableRng};
+use serde_json::json;
+
+use crate::atomic::write_file;
+use crate::bail_input;
+use crate::cli::EvaluateArgs;
+use crate::data::{Example, References, read_examples};
+use crate::encode::Encoder;
+use crate::error::bad_input;
+use crate::generate::{GenerationRequest, SamplingConfig, generate_batch};
+use crate::predictions::{PredictionRow, read_predictions, write_predictions};
+use crate::prompt::PromptBuilder;
+use crate::runtime::{LoadedModel, load_model};
+
+/// Which model and adapter the flags name (the seed's two modes, or --model).
+fn model_and_adapter(args: &EvaluateArgs) -> Result<(Option<String>, Option<PathBuf>)> {
+    let base = args.base_id.clone().or_else(|| args.model.model.clone());
+    match (&args.checkpoint_dir, base, &args.adapter_dir) {
+        (Some(_), Some(_), _) => {
+            bail_input!("give either --checkpoint-dir or --base-id/--model, not both")
+        }
+        (Some(_), None, Some(_)) => {
+            bail_input!("--adapter-dir goes with --base-id (the base model), not --checkpoint-dir")
+        }
+        (Some(dir), None, None) => Ok((Some(dir.to_string_lossy().into_owned()), None)),
+        (None, base, adapter) => Ok((base, adapter.clone())),
+    }
+}
+
+fn default_out_path() -> PathBuf {
+    PathBuf::from("results").join(format!(
+        "finetune_{}.csv",
+        chrono::Local::now().format("%Y%m%d_%H%M%S")
+    ))
+}
+
+/// Rows already in the output that match the start of the test file, for --resume.
+fn resumable_rows(out: &Path, examples: &[Example]) -> Result<Vec<PredictionRow>> {
+    let done = read_predictions(out)?;
+    if done.len() > examples.len() {
+        bail_input!(
+            "{}: has {} rows but the test file has {}; it belongs to another test file",
+            out.display(),
+            done.len(),
+            examples.len()
+        );
+    }
+    for (index, (row, example)) in done.iter().zip(examples).enumerate() {
+        if row.proverb != example.proverb {
+            bail_input!(
+                "{}: row {} is '{}' but the test file's row {} is '{}'; --resume needs the same test file",
+                out.display(),
+                index + 1,
+                row.proverb,
+                index + 1,
+                example.proverb
+            );
+        }
+    }
+    Ok(done)
+}
+
+/// K worked examples drawn without replacement from a file (the same for every row).
+fn pick_shots(path: &Path, count: usize, seed: u64) -> Result<Vec<(String, String)>> {
+    let set = read_examples(path, References::Required)?;
+    if count > set.examples.len() {
+        bail_input!(
+            "--shots {count}: {} has only {} examples",
+            path.display(),
+            set.examples.len()
+        );
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut indices: Vec<usize> = (0..set.examples.len()).collect();
+    for i in 0..count {
+        let j = i + (rng.next_u64() % (indices.len() - i) as u64) as usize;
+        indices.swap(i, j);
+    }
+    Ok(indices[..count]
+        .iter()
+        .map(|&i| {
+            let e = &set.examples[i];
+            (e.proverb.clone(), e.reference.clone().unwrap_or_default())
+        })
+        .collect())
+}
+
+/// Stop ids: the answer's end token, the tokenizer's EOS, config and generation_config EOS.
+fn stop_ids(loaded: &LoadedModel, encoder: &Encoder) -> Vec<u32> {
+    let mut ids = vec![encoder.end_id()];
+    ids.extend(loaded.tokenizer.eos.as_ref().map(|t| t.id));
+    ids.extend(loaded.model.config.eos_token_ids.iter().copied());
+    if let crate::model_source::ModelSource::HfFolder(dir) = &loaded.source {
+        let generation = std::fs::read_to_string(dir.join("generation_config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+        match generation.as_ref().and_then(|g| g.get("eos_token_id")) {
+            Some(serde_json::Value::Number(n)) => ids.extend(n.as_u64().map(|v| v as u32)),
+            Some(serde_json::Value::Array(items)) => {
+                ids.extend(items.iter().filter_map(|v| v.as_u64().map(|v| v as u32)))
+            }
+            _ => {}
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// Generated ids to the explanation text: special tokens dropped, cut at any
+/// end-of-turn text the model spelled out, whitespace trimmed.
+fn completion_text(
+    loaded: &LoadedModel,
+    prompts: &PromptBuilder,
+    tokens: &[u32],
+) -> Result<String> {
+    let text = loaded
+        .tokenizer
+        .tokenizer
+        .decode(tokens, true)
+        .map_err(|e| anyhow::anyhow!("decoding failed: {e}"))?;
+    let mut text = text.as_str();
+    let ends = [
+        prompts.text_after_answer().map(str::trim),
+        loaded.tokenizer.eos.as_ref().map(|t| t.text.as_str()),
+    ];
+    for end in ends.into_iter().flatten().filter(|e| !e.is_empty()) {
+        if let Some(at) = text.find(end) {
+            text = &text[..at];
+        }
+    }
+    Ok(text.trim().to_string())
+}
+
+pub fn run(args: &EvaluateArgs) -> Result<()> {
+    let (model, adapter) = model_and_adapter(args)?;
+    let test = read_examples(&args.test_path, References::Optional)?;
+    let examples: Vec<Example> = match args.limit {
+        Some(limit) => test.examples.iter().take(limit).cloned().collect(),
+        None => test.examples.clone(),
+    };
+    let out = args.out_path.clone().unwrap_or_else(default_out_path);
+    let mut rows: Vec<PredictionRow> = if out.exists() {
+        if args.resume {
+            resumable_rows(&out, &examples)?
+        } else if args.overwrite {
+            Vec::new()
+        } else {
+            bail_input!(
+                "{} exists; pass --resume to continue it or --overwrite to replace it",
+                out.display()
+            );
+        }
+    } else {
+        Vec::new()
+    };
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| {
+            bad_input(format!(
+                "{}: cannot create the output folder: {e}",
+                parent.display()
+            ))
+        })?;
+    }
+    // Fail on an unwritable output now, not after an hour of generation (and leave nothing).
+    let probe = crate::atomic::temp_path_for(&out);
+    std::fs::write(&probe, b"")
+        .map_err(|e| bad_input(format!("{}: cannot write here: {e}", out.display())))?;
+    let _ = std::fs::remove_file(&probe);
+
+    let loaded = load_model(
+        model.as_deref(),
+        adapter.as_deref(),
+        &args.runtime.device,
+        args.runtime.precision,
+    )?;
+    let prompts = PromptBuilder::new(args.prompt_format, &loaded.tokenizer)?;
+    let encoder = Encoder::new(&loaded.tokenizer, &prompts)?;
+    let shots = match (&args.shots_from, args.shots) {
+        (Some(path), count) if count > 0 => {
+            pick_shots(path, count, args.shots_seed.unwrap_or(args.seed))?
+        }
+        (None, count) if count > 0 => bail_input!("--shots {count} needs --shots-from FILE"),
+        _ => Vec::new(),
+    };
+    let stops = stop_ids(&loaded, &encoder);
+    let sampling = SamplingConfig {
+        max_new_tokens: args.max_new_tokens,
+        min_new_tokens: args.min_new_tokens,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        repetition_penalty: args.repetition_penalty,
+        seed: args.seed,
+    };
+    let sidecar = json!({
+        "predictions": out.display().to_string(),
+        "test_path": args.test_path.display().to_string(),
+        "model": loaded.source.display(),
+        "adapter": adapter.as_ref().map(|a| a.display().to_string()),
+        "precision": crate::device::kind_name(loaded.model.kind),
+        "device": format!("{:?}", loaded.model.device),
+        "prompt_format": prompts.format(),
+        "shots": shots.len(),
+        "shots_from": args.shots_from.as_ref().map(|p| p.display().to_string()),
+        "shots_seed": args.shots_seed.unwrap_or(args.seed),
+        "sampling": sampling,
+        "batch_size": args.batch_size,
+        "stop_ids": stops,
+        "amthal_version": env!("CARGO_PKG_VERSION"),
+    });
+    let sidecar_path = out.with_extension("json");
+    let sidecar = serde_json::to_string_pretty(&sidecar)?;
+    eprintln!(
+        "evaluate: {} on {} rows ({} done), {} prompts{}, {}",
+        loaded.describe(),
+        examples.len(),
+        rows.len(),
+        if prompts.is_chat() { "chat" } else { "plain" },
+        if shots.is_empty() {
+            String::new()
+        } else {
+            format!(" with {} shots", shots.len())
+        },
+        if sampling.is_greedy() {
+            "greedy".to_string()
+        } else {
+            format!("sampling T={}", sampling.temperature)
+        }
+    );
+
+    let progress =
+        indicatif::ProgressBar::new(examples.len() as u64).with_position(rows.len() as u64);
+    progress.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} rows  {msg}  ETA {eta}")
+            .expect("valid template"),
+    );
+    let started = Instant::now();
+    let mut new_tokens = 0usize;
+    let start = rows.len();
+    for (chunk_index, chunk) in examples[start..].chunks(args.batch_size.max(1)).enumerate() {
+        let first_row = start + chunk_index * args.batch_size.max(1);
+        let requests = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, example)| {
+                Ok(GenerationRequest {
+                    prompt_ids: encoder.prompt_ids_with_shots(&example.proverb, &shots)?,
+                    row_number: (first_row + i) as u64,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let generations = generate_batch(&loaded.model, &requests, &stops, &sampling)?;
+        for (example, generation) in chunk.iter().zip(generations) {
+            new_tokens += generation.tokens.len();
+            rows.push(PredictionRow {
+                proverb: example.proverb.clone(),
+                reference: example.reference.clone().unwrap_or_default(),
+                generated: completion_text(&loaded, &prompts, &generation.tokens)?,
+            });
+        }
+        write_predictions(&out, &rows)?;
+        write_file(&sidecar_path, sidecar.as_bytes())?;
+        let seconds = started.elapsed().as_secs_f64();
+        progress.set_position(rows.len() as u64);
+        progress.set_message(format!(
+            "{:.1} new tokens/s",
+            new_tokens as f64 / seconds.max(1e-9)
+        ));
+    }
+    progress.finish_and_clear();
+    let seconds = started.elapsed().as_secs_f64();
+    eprintln!(
+        "wrote {} ({} rows; {new_tokens} new tokens in {seconds:.1}s, {:.1} tokens/s)",
+        out.display(),
+        rows.len(),
+        new_tokens as f64 / seconds.max(1e-9)
+    );
+    Ok(())
+}

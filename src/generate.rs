@@ -1,0 +1,354 @@
+//! Batched decoding with a KV cache.
+//!
+//! Prompts are left-padded into one batch with per-row positions and a key mask, the
+//! batch is prefilled once, then each step feeds one token per unfinished row. A row
+//! stops at any stop id (EOS, the chat template's end-of-turn) or at max_new_tokens;
+//! finished rows leave the batch (their cache rows are dropped), so they stop costing
+//! compute. Greedy decoding takes the argmax on the device and copies back only the
+//! chosen ids. Sampling (temperature, top-k, top-p, repetition penalty, HF's order and
+//! semantics) draws from a ChaCha8 generator seeded per row from (seed, row number),
+//! so the same seed gives the same text whatever the batch size.
+
+use anyhow::Result;
+use rand_chacha::ChaCha8Rng;
+use rand_chacha::rand_core::{Rng, SeedableRng};
+use tch::{Device, Kind, Tensor};
+
+use crate::model::{KvCache, Llama};
+
+/// How to pick tokens.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SamplingConfig {
+    pub max_new_tokens: usize,
+    /// Stop ids are suppressed until this many tokens were generated (benchmarks force length).
+    pub min_new_tokens: usize,
+    /// 0 = greedy.
+    pub temperature: f64,
+    pub top_p: f64,
+    /// 0 = no top-k filter.
+    pub top_k: usize,
+    /// 1.0 = off; HF semantics (divide positive logits, multiply negative ones).
+    pub repetition_penalty: f64,
+    pub seed: u64,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        SamplingConfig {
+            max_new_tokens: 256,
+            min_new_tokens: 0,
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            repetition_penalty: 1.0,
+            seed: 42,
+        }
+    }
+}
+
+impl SamplingConfig {
+    pub fn is_greedy(&self) -> bool {
+        self.temperature <= 0.0
+    }
+}
+
+/// One prompt to continue, with the number that seeds its sampler.
+pub struct GenerationRequest {
+    pub prompt_ids: Vec<u32>,
+    /// Usually the row's index in the test file.
+    pub row_number: u64,
+}
+
+/// What came out for one row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Generation {
+    /// Generated ids, without the stop token.
+    pub tokens: Vec<u32>,
+    /// True when a stop id ended it (false: max_new_tokens).
+    pub stopped: bool,
+}
+
+/// Generates continuations for a batch of prompts.
+pub fn generate_batch(
+    model: &Llama,
+    requests: &[GenerationRequest],
+    stop_ids: &[u32],
+    config: &SamplingConfig,
+) -> Result<Vec<Generation>> {
+    tch::no_grad(|| generate_batch_inner(model, requests, stop_ids, config))
+}
+
+fn generate_batch_inner(
+    model: &Llama,
+    requests: &[GenerationRequest],
+    stop_ids: &[u32],
+    config: &SamplingConfig,
+) -> Result<Vec<Generation>> {
+    let device = model.device;
+    let batch = requests.len();
+    let mut outputs: Vec<Generation> = (0..batch)
+        .map(|_| Generation {
+            tokens: Vec::new(),
+            stopped: false,
+        })
+        .collect();
+    if batch == 0 || config.max_new_tokens == 0 {
+        return Ok(outputs);
+    }
+    let width = requests
+        .iter()
+        .map(|r| r.prompt_ids.len())
+        .max()
+        .unwrap_or(0);
+    anyhow::ensure!(width > 0, "empty prompt");
+    let mut ids = Vec::with_capacity(batch * width);
+    let mut mask = Vec::with_capacity(batch * width);
+    let mut positions = Vec::with_capacity(batch * width);
+    for request in requests {
+        let pad = width - request.prompt_ids.len();
+        ids.extend(
+            std::iter::repeat_n(0i64, pad).chain(request.prompt_ids.iter().map(|&i| i as i64)),
+        );
+        mask.extend(
+            std::iter::repeat_n(false, pad)
+                .chain(std::iter::repeat_n(true, request.prompt_ids.len())),
+        );
+        positions.extend(std::iter::repeat_n(0i64, pad).chain(0..request.prompt_ids.len() as i64));
+    }
+    let shape = [batch as i64, width as i64];
+    let mut key_mask = Tensor::from_slice(&mask).view(shape).to_device(device);
+    let padded = requests.iter().any(|r| r.prompt_ids.len() != width);
+    let mut cache = KvCache::default();
+    let hidden = model.forward_hidden(
+        &Tensor::from_slice(&ids).view(shape).to_device(device),
+        &Tensor::from_slice(&positions).view(shape).to_device(device),
+        padded.then_some(&key_mask),
+        Some(&mut cache),
+        false,
+    );
+    let mut logits = model
+        .logits(&hidden.select(1, width as i64 - 1))
+        .to_kind(Kind::Float);
+
+    let mut rngs: Vec<ChaCha8Rng> = requests
+        .iter()
+        .map(|r| {
+            ChaCha8Rng::seed_from_u64(
+                config.seed ^ r.row_number.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            )
+        })
+        .collect();
+    let mut next_position: Vec<i64> = requests.iter().map(|r| r.prompt_ids.len() as i64).collect();
+    // Rows still generating, as indices into `requests`.
+    let mut active: Vec<usize> = (0..batch).collect();
+    let stop_tensor = Tensor::from_slice(&stop_ids.iter().map(|&i| i as i64).collect::<Vec<_>>())
+        .to_device(device);
+
+    for step in 0..config.max_new_tokens {
+        if step < config.min_new_tokens && !stop_ids.is_empty() {
+            let _ = logits.index_fill_(1, &stop_tensor, f64::NEG_INFINITY);
+        }
+        let chosen: Vec<u32> = if config.is_greedy() && config.repetition_penalty == 1.0 {
+            Vec::<i64>::try_from(logits.argmax(-1, false).to_device(Device::Cpu))?
+                .into_iter()
+                .map(|t| t as u32)
+                .collect()
+        } else {
+            let host = logits.to_device(Device::Cpu);
+            active
+                .iter()
+                .enumerate()
+                .map(|(slot, &row)| {
+                    let mut row_logits =
+                        Vec::<f32>::try_from(host.get(slot as i64)).expect("f32 logits");
+                    let seen = requests[row]
+                        .prompt_ids
+                        .iter()
+                        .chain(outputs[row].tokens.iter());
+                    pick_token(&mut row_logits, seen, config, &mut rngs[row])
+                })
+                .collect()
+        };
+        let mut keep = Vec::with_capacity(active.len());
+        for (slot, &row) in active.iter().enumerate() {
+            let token = chosen[slot];
+            if stop_ids.contains(&token) {
+                outputs[row].stopped = true;
+                continue;
+            }
+            outputs[row].tokens.push(token);
+            if outputs[row].tokens.len() < config.max_new_tokens {
+                keep.push(slot);
+            }
+        }
+        if keep.is_empty() {
+            break;
+        }
+        if keep.len() != active.len() {
+            let index = Tensor::from_slice(&keep.iter().map(|&s| s as i64).collect::<Vec<_>>())
+                .to_device(device);
+            cache.select_rows(&index);
+            key_mask = key_mask.index_select(0, &index);
+            active = keep.iter().map(|&s| active[s]).collect();
+        }
+        let step_ids: Vec<i64> = active
+            .iter()
+            .map(|&row| *outputs[row].tokens.last().unwrap() as i64)
+            .collect();
+        let step_positions: Vec<i64> = active.iter().map(|&row| next_position[row]).collect();
+        for &row in &active {
+            next_position[row] += 1;
+        }
+        let rows = active.len() as i64;
+        key_mask = Tensor::cat(
+            &[&key_mask, &Tensor::ones([rows, 1], (Kind::Bool, device))],
+            1,
+        );
+        let hidden = model.forward_hidden(
+            &Tensor::from_slice(&step_ids)
+                .view([rows, 1])
+                .to_device(device),
+            &Tensor::from_slice(&step_positions)
+                .view([rows, 1])
+                .to_device(device),
+            padded.then_some(&key_mask),
+            Some(&mut cache),
+            false,
+        );
+        logits = model.logits(&hidden.select(1, 0)).to_kind(Kind::Float);
+    }
+    Ok(outputs)
+}
+
+/// Picks one token from one row's logits with HF's processors in HF's order:
+/// repetition penalty, temperature, top-k, top-p, then a draw (or argmax if greedy).
+pub fn pick_token<'a>(
+    logits: &mut [f32],
+    seen: impl Iterator<Item = &'a u32>,
+    config: &SamplingConfig,
+    rng: &mut ChaCha8Rng,
+) -> u32 {
+    if config.repetition_penalty != 1.0 {
+        let mut seen: Vec<u32> = seen.copied().collect();
+        seen.sort_unstable();
+        seen.dedup();
+        let penalty = config.repetition_penalty as f32;
+        for id in seen {
+            if let Some(value) = logits.get_mut(id as usize) {
+                *value = if *value < 0.0 {
+                    *value * penalty
+                } else {
+                    *value / penalty
+                };
+            }
+        }
+    }
+    if config.is_greedy() {
+        return argmax(logits);
+    }
+    let temperature = config.temperature as f32;
+    for value in logits.iter_mut() {
+        *value /= temperature;
+    }
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    // Highest first; ties by id for determinism.
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    let mut keep = order.len();
+    if config.top_k > 0 {
+        keep = keep.min(config.top_k);
+    }
+    let max = logits[order[0]] as f64;
+    let weights: Vec<f64> = order[..keep]
+        .iter()
+        .map(|&i| ((logits[i] as f64) - max).exp())
+        .collect();
+    let total: f64 = weights.iter().sum();
+    if config.top_p < 1.0 {
+        // HF keeps the smallest top set whose probability reaches top_p (at least one token).
+        let mut cumulative = 0.0;
+        let mut cut = keep;
+        for (n, w) in weights.iter().enumerate() {
+            cumulative += w / total;
+            if cumulative >= config.top_p {
+                cut = n + 1;
+                break;
+            }
+        }
+        keep = cut.max(1);
+    }
+    let kept = &weights[..keep];
+    let kept_total: f64 = kept.iter().sum();
+    let draw = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * kept_total;
+    let mut acc = 0.0;
+    for (n, w) in kept.iter().enumerate() {
+        acc += w;
+        if draw < acc {
+            return order[n] as u32;
+        }
+    }
+    order[keep - 1] as u32
+}
+
+fn argmax(values: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, v) in values.iter().enumerate() {
+        if *v > values[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sampled(config: &SamplingConfig, seed: u64, logits: &[f32]) -> Vec<u32> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        (0..200)
+            .map(|_| pick_token(&mut logits.to_vec(), [].iter(), config, &mut rng))
+            .collect()
+    }
+
+    #[test]
+    fn top_k_and_top_p_restrict_the_draws() {
+        let logits = [3.0, 2.9, 1.0, 0.5, -1.0];
+        let top_k = SamplingConfig {
+            temperature: 1.0,
+            top_k: 2,
+            ..Default::default()
+        };
+        assert!(sampled(&top_k, 1, &logits).iter().all(|&t| t < 2));
+        let top_p = SamplingConfig {
+            temperature: 1.0,
+            top_p: 0.5,
+            ..Default::default()
+        };
+        // p(0) ~ 0.47 < 0.5, so the set is {0, 1}.
+        let draws = sampled(&top_p, 2, &logits);
+        assert!(draws.iter().all(|&t| t < 2) && draws.contains(&0) && draws.contains(&1));
+        let all = SamplingConfig {
+            temperature: 1.0,
+            ..Default::default()
+        };
+        assert!(sampled(&all, 3, &logits).iter().any(|&t| t >= 2));
+        assert_eq!(
+            sampled(&all, 4, &logits),
+            sampled(&all, 4, &logits),
+            "same seed, same draws"
+        );
+    }
+
+    #[test]
+    fn repetition_penalty_follows_hf() {
+        let mut logits = vec![2.0, -2.0, 1.9];
+        let config = SamplingConfig {
+            repetition_penalty: 2.0,
+            ..Default::default()
+        };
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let token = pick_token(&mut logits, [0u32, 1].iter(), &config, &mut rng);
+        assert_eq!(logits, vec![1.0, -4.0, 1.9]);
+        assert_eq!(token, 2);
+    }
+}

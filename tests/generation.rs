@@ -1,0 +1,381 @@
+//! Generation: greedy output equals transformers' greedy generate token for token
+//! (goldens from scripts/golden/make_model_golden.py), batched equals one by one,
+//! seeded sampling is reproducible, --resume keeps finished rows, bad input leaves
+//! no file behind.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use amthal::generate::{GenerationRequest, SamplingConfig, generate_batch};
+use amthal::model::{LoadOptions, load_llama};
+use amthal::model_source::ModelSource;
+use amthal::predictions::read_predictions;
+use common::*;
+
+/// Compares ours with the golden; a divergence is accepted only where transformers'
+/// own top two logits were within 1e-4 (none are in the current goldens).
+fn assert_same_greedy(ours: &[u32], case: &serde_json::Value, what: &str) {
+    let theirs = ids(&case["generated"]);
+    let gaps: Vec<f64> = case["top2_gaps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g.as_f64().unwrap())
+        .collect();
+    // transformers' list includes the EOS it stopped on; ours stops before it.
+    let theirs_without_stop: Vec<u32> = theirs.iter().copied().filter(|&t| t != 2).collect();
+    for (step, (a, b)) in ours.iter().zip(&theirs_without_stop).enumerate() {
+        if a != b {
+            assert!(
+                gaps[step] < 1e-4,
+                "{what}: step {step}: {a} vs {b} with a top-2 gap of {}",
+                gaps[step]
+            );
+            return;
+        }
+    }
+    assert_eq!(ours.len(), theirs_without_stop.len(), "{what}: lengths");
+}
+
+#[test]
+fn greedy_equals_transformers_alone_and_batched() {
+    let golden = golden("smollm2_greedy.json");
+    let cases = golden["cases"].as_array().unwrap();
+    let model = load_llama(&ModelSource::Gguf(smollm2()), LoadOptions::default()).unwrap();
+    let config = SamplingConfig {
+        max_new_tokens: golden["max_new_tokens"].as_u64().unwrap() as usize,
+        ..SamplingConfig::default()
+    };
+    let requests: Vec<GenerationRequest> = cases
+        .iter()
+        .enumerate()
+        .map(|(i, c)| GenerationRequest {
+            prompt_ids: ids(&c["prompt_ids"]),
+            row_number: i as u64,
+        })
+        .collect();
+    let batched = generate_batch(&model, &requests, &[2], &config).unwrap();
+    for (i, (case, generation)) in cases.iter().zip(&batched).enumerate() {
+        assert_same_greedy(&generation.tokens, case, &format!("batched row {i}"));
+        let alone =
+            generate_batch(&model, std::slice::from_ref(&requests[i]), &[2], &config).unwrap();
+        assert_eq!(alone[0], *generation, "row {i}: one by one == batched");
+    }
+    // The sanity case: SmolLM2 knows its capitals.
+    let last = batched.last().unwrap();
+    assert!(last.stopped);
+    let tokenizer = ModelSource::Gguf(smollm2()).tokenizer().unwrap();
+    assert_eq!(
+        tokenizer.decode(&last.tokens).unwrap(),
+        "The capital of France is Paris."
+    );
+}
+
+fn tiny() -> String {
+    fixture("tiny-llama").to_string_lossy().into_owned()
+}
+
+fn sample_test() -> String {
+    repo_root()
+        .join("examples/data/Test_data.csv")
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn evaluate(out: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec![
+        "evaluate",
+        "--model",
+        &tiny(),
+        "--test-path",
+        &sample_test(),
+        "--out-path",
+        out.to_str().unwrap(),
+        "--max-new-tokens",
+        "12",
+        "--precision",
+        "f32",
+        "--device",
+        "cpu",
+    ]
+    .into_iter()
+    .map(str::to_string)
+    .collect::<Vec<_>>();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    amthal(&refs)
+}
+
+fn generated(out: &Path) -> Vec<String> {
+    read_predictions(out)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.generated)
+        .collect()
+}
+
+#[test]
+fn predictions_csv_has_the_seed_layout_and_a_sidecar() {
+    let out = temp_dir("layout").join("preds.csv");
+    let output = evaluate(&out, &["--limit", "3", "--batch-size", "2"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let bytes = std::fs::read(&out).unwrap();
+    assert!(
+        bytes.starts_with(b"\xEF\xBB\xBFProverb,Reference_Explanation,Generated_Explanation\n")
+    );
+    let rows = read_predictions(&out).unwrap();
+    let test = amthal::data::read_examples(
+        Path::new(&sample_test()),
+        amthal::data::References::Optional,
+    )
+    .unwrap();
+    assert_eq!(rows.len(), 3);
+    for (row, example) in rows.iter().zip(&test.examples) {
+        assert_eq!(row.proverb, example.proverb);
+        assert_eq!(Some(&row.reference), example.reference.as_ref());
+        assert_eq!(row.generated, row.generated.trim());
+    }
+    let sidecar: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.with_extension("json")).unwrap())
+            .unwrap();
+    assert_eq!(sidecar["sampling"]["max_new_tokens"], 12);
+    assert_eq!(sidecar["prompt_format"], "chat");
+    assert_eq!(sidecar["precision"], "f32");
+    // Never replaced without --overwrite.
+    let before = std::fs::read(&out).unwrap();
+    let output = evaluate(&out, &["--limit", "3"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("--resume") && stderr(&output).contains("--overwrite"));
+    assert_eq!(std::fs::read(&out).unwrap(), before);
+}
+
+#[test]
+fn seeded_sampling_is_reproducible_across_batch_sizes() {
+    let dir = temp_dir("sampling");
+    let run = |name: &str, extra: &[&str]| -> Vec<String> {
+        let out = dir.join(name);
+        let mut args = vec!["--limit", "4", "--top-p", "0.95", "--top-k", "50"];
+        args.extend_from_slice(extra);
+        let output = evaluate(&out, &args);
+        assert!(output.status.success(), "{}", stderr(&output));
+        generated(&out)
+    };
+    let sample = ["--temperature", "0.9"];
+    let one = run(
+        "a.csv",
+        &[&sample[..], &["--seed", "7", "--batch-size", "1"]].concat(),
+    );
+    let four = run(
+        "b.csv",
+        &[&sample[..], &["--seed", "7", "--batch-size", "4"]].concat(),
+    );
+    let other = run(
+        "c.csv",
+        &[&sample[..], &["--seed", "8", "--batch-size", "4"]].concat(),
+    );
+    assert_eq!(one, four, "same seed, same outputs whatever the batch size");
+    assert_ne!(one, other, "another seed, other outputs");
+    let greedy = run("d.csv", &["--temperature", "0"]);
+    assert_ne!(greedy, one);
+}
+
+#[test]
+fn resume_keeps_finished_rows() {
+    let dir = temp_dir("resume");
+    let out = dir.join("p.csv");
+    assert!(evaluate(&out, &["--limit", "2"]).status.success());
+    // Mark the finished rows: a resumed run must keep them as they are.
+    let mut rows = read_predictions(&out).unwrap();
+    for row in rows.iter_mut() {
+        row.generated = format!("KEPT {}", row.proverb);
+    }
+    amthal::predictions::write_predictions(&out, &rows).unwrap();
+    let output = evaluate(&out, &["--limit", "5", "--resume"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let after = read_predictions(&out).unwrap();
+    assert_eq!(after.len(), 5);
+    assert_eq!(&after[..2], &rows[..]);
+    assert!(after[2..].iter().all(|r| !r.generated.starts_with("KEPT")));
+    // A fresh run of the same rows gives what the resumed run generated for rows 3-5.
+    let fresh = dir.join("fresh.csv");
+    assert!(evaluate(&fresh, &["--limit", "5"]).status.success());
+    assert_eq!(generated(&fresh)[2..], generated(&out)[2..]);
+    // --resume on a file from another test file is refused.
+    let other = dir.join("other.csv");
+    let mut wrong = rows.clone();
+    wrong[0].proverb = "مثل آخر".into();
+    amthal::predictions::write_predictions(&other, &wrong).unwrap();
+    let output = evaluate(&other, &["--limit", "5", "--resume"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("same test file"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn seed_flag_spellings_and_few_shot() {
+    let dir = temp_dir("seed-flags");
+    let out = dir.join("p.csv");
+    let output = amthal(&[
+        "evaluate",
+        "--base_id",
+        &tiny(),
+        "--adapter_dir",
+        fixture("tiny-llama-adapter").to_str().unwrap(),
+        "--test_path",
+        &sample_test(),
+        "--out_path",
+        out.to_str().unwrap(),
+        "--max_new_tokens",
+        "6",
+        "--top_p",
+        "1.0",
+        "--limit",
+        "2",
+        "--shots",
+        "2",
+        "--shots-from",
+        repo_root()
+            .join("examples/data/Train_data.csv")
+            .to_str()
+            .unwrap(),
+        "--prompt-format",
+        "plain",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(read_predictions(&out).unwrap().len(), 2);
+    let sidecar: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.with_extension("json")).unwrap())
+            .unwrap();
+    assert_eq!(sidecar["shots"], 2);
+    assert!(
+        sidecar["adapter"]
+            .as_str()
+            .unwrap()
+            .ends_with("tiny-llama-adapter")
+    );
+    let output = amthal(&[
+        "evaluate",
+        "--checkpoint_dir",
+        &tiny(),
+        "--test_path",
+        &sample_test(),
+        "--out_path",
+        dir.join("q.csv").to_str().unwrap(),
+        "--max_new_tokens",
+        "4",
+        "--limit",
+        "1",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+}
+
+#[test]
+fn few_shot_prompts_put_the_examples_first() {
+    let source = ModelSource::HfFolder(fixture("tiny-llama"));
+    let tokenizer = source.tokenizer().unwrap();
+    let shots = vec![
+        ("مثل أول".to_string(), "شرح أول".to_string()),
+        ("مثل ثان".to_string(), "شرح ثان".to_string()),
+    ];
+    let chat =
+        amthal::prompt::PromptBuilder::new(amthal::prompt::PromptFormat::Chat, &tokenizer).unwrap();
+    let text = chat.prompt_with_shots("المثل", &shots).unwrap();
+    assert_eq!(text.matches("[INST]").count(), 3);
+    assert!(
+        text.contains("Proverb: مثل أول\nExplanation: [/INST] شرح أول </s>"),
+        "{text}"
+    );
+    assert!(text.ends_with("Proverb: المثل\nExplanation: [/INST]"));
+    let plain = amthal::prompt::PromptBuilder::new(amthal::prompt::PromptFormat::Plain, &tokenizer)
+        .unwrap();
+    let text = plain.prompt_with_shots("المثل", &shots).unwrap();
+    assert!(text.starts_with(amthal::prompt::INSTRUCTION));
+    assert!(
+        text.ends_with("Proverb: مثل ثان\nExplanation: شرح ثان\n\nProverb: المثل\nExplanation:")
+    );
+}
+
+#[test]
+fn bad_input_exits_2_and_leaves_no_file() {
+    let dir = temp_dir("eval-bad");
+    let check = |name: &str, args: &[&str], expected: &str| {
+        let out: PathBuf = dir.join(format!("out-{name}.csv"));
+        let mut all = vec![
+            "evaluate",
+            "--out-path",
+            out.to_str().unwrap(),
+            "--max-new-tokens",
+            "2",
+        ];
+        all.extend_from_slice(args);
+        let output = amthal(&all);
+        assert_eq!(output.status.code(), Some(2), "{name}: {}", stderr(&output));
+        assert!(
+            stderr(&output).contains(expected),
+            "{name}: {}",
+            stderr(&output)
+        );
+        assert!(
+            !out.exists() && !out.with_extension("json").exists(),
+            "{name}: no file left"
+        );
+    };
+    let no_column = write(&dir, "nocol.csv", "Saying,Explanation\nأ,ب\n");
+    check(
+        "nocol",
+        &[
+            "--model",
+            &tiny(),
+            "--test-path",
+            no_column.to_str().unwrap(),
+        ],
+        "no proverb column",
+    );
+    let broken = dir.join("broken-adapter");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::write(broken.join("adapter_config.json"), "{not json").unwrap();
+    check(
+        "unreadable-adapter",
+        &[
+            "--model",
+            &tiny(),
+            "--adapter-dir",
+            broken.to_str().unwrap(),
+            "--test-path",
+            &sample_test(),
+        ],
+        "invalid JSON",
+    );
+    let smol = smollm2();
+    check(
+        "other-base",
+        &[
+            "--base-id",
+            smol.to_str().unwrap(),
+            "--adapter-dir",
+            fixture("tiny-llama-adapter").to_str().unwrap(),
+            "--test-path",
+            &sample_test(),
+        ],
+        "another base model",
+    );
+    let output = amthal(&[
+        "evaluate",
+        "--model",
+        &tiny(),
+        "--test-path",
+        &sample_test(),
+        "--out-path",
+        "/proc/amthal-test/p.csv",
+    ]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("/proc/amthal-test"),
+        "{}",
+        stderr(&output)
+    );
+}
