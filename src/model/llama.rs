@@ -46,6 +46,14 @@ pub struct Llama {
     pub kind: Kind,
 }
 
+/// Per-forward values shared by all layers.
+pub struct LayerContext {
+    pub cos: Tensor,
+    pub sin: Tensor,
+    pub mask: Option<Tensor>,
+    pub past: i64,
+}
+
 /// Keys and values of every layer for the tokens seen so far.
 #[derive(Default)]
 pub struct KvCache {
@@ -94,76 +102,96 @@ impl Llama {
         mut cache: Option<&mut KvCache>,
         train: bool,
     ) -> Tensor {
+        let context = self.context(input_ids, positions, key_mask, cache.as_deref_mut());
+        let mut hidden = self.embed(input_ids);
+        for index in 0..self.layers.len() {
+            hidden = self.layer_forward(index, &hidden, &context, cache.as_deref_mut(), train);
+        }
+        self.final_norm(&hidden)
+    }
+
+    /// Token embeddings [B, T, hidden].
+    pub fn embed(&self, input_ids: &Tensor) -> Tensor {
+        Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false)
+    }
+
+    /// The final RMSNorm.
+    pub fn final_norm(&self, hidden: &Tensor) -> Tensor {
+        rms_norm(hidden, &self.norm, self.config.rms_norm_eps)
+    }
+
+    /// What every layer of one forward pass shares: rotary cos/sin and the mask.
+    pub fn context(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        key_mask: Option<&Tensor>,
+        cache: Option<&mut KvCache>,
+    ) -> LayerContext {
         let (batch, steps) = input_ids.size2().expect("input_ids is [B, T]");
         let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
-        let mut hidden = Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false);
-        let (cos, sin) = self.rope.cos_sin(positions, self.kind);
-        let mask = attention_mask(key_mask, batch, steps, past, self.device);
-        let config = &self.config;
-        let heads = config.num_attention_heads as i64;
-        let kv_heads = config.num_key_value_heads as i64;
-        let head_dim = config.head_dim as i64;
-        if let Some(cache) = cache.as_deref_mut() {
+        if let Some(cache) = cache {
+            let (kv_heads, head_dim) = (self.config.num_key_value_heads as i64, self.config.head_dim as i64);
             cache.layers.resize_with(self.layers.len(), || {
                 let empty = Tensor::zeros([batch, kv_heads, 0, head_dim], (self.kind, self.device));
                 (empty.shallow_clone(), empty)
             });
         }
-        for (index, layer) in self.layers.iter().enumerate() {
-            let residual = hidden.shallow_clone();
-            let x = rms_norm(&hidden, &layer.input_layernorm, config.rms_norm_eps);
-            let attn = &layer.self_attn;
-            let q = attn
-                .q_proj
-                .forward(&x, train)
-                .view([batch, steps, heads, head_dim])
-                .transpose(1, 2);
-            let k = attn
-                .k_proj
-                .forward(&x, train)
-                .view([batch, steps, kv_heads, head_dim])
-                .transpose(1, 2);
-            let v = attn
-                .v_proj
-                .forward(&x, train)
-                .view([batch, steps, kv_heads, head_dim])
-                .transpose(1, 2);
-            let q = apply_rotary(&q, &cos, &sin);
-            let mut k = apply_rotary(&k, &cos, &sin);
-            let mut v = v;
-            if let Some(cache) = cache.as_deref_mut() {
-                let (past_k, past_v) = &cache.layers[index];
-                k = Tensor::cat(&[past_k, &k], 2);
-                v = Tensor::cat(&[past_v, &v], 2);
-                cache.layers[index] = (k.shallow_clone(), v.shallow_clone());
-            }
-            let causal_without_mask = mask.is_none() && past == 0 && steps > 1;
-            let out = Tensor::scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                mask.as_ref(),
-                0.0,
-                causal_without_mask,
-                Some((head_dim as f64).powf(-0.5)),
-                heads != kv_heads,
-            );
-            let out = out
-                .transpose(1, 2)
-                .reshape([batch, steps, heads * head_dim]);
-            hidden = residual + attn.o_proj.forward(&out, train);
-
-            let residual = hidden.shallow_clone();
-            let x = rms_norm(
-                &hidden,
-                &layer.post_attention_layernorm,
-                config.rms_norm_eps,
-            );
-            let mlp = &layer.mlp;
-            let gated = mlp.gate_proj.forward(&x, train).silu() * mlp.up_proj.forward(&x, train);
-            hidden = residual + mlp.down_proj.forward(&gated, train);
+        let (cos, sin) = self.rope.cos_sin(positions, self.kind);
+        LayerContext {
+            cos,
+            sin,
+            mask: attention_mask(key_mask, batch, steps, past, self.device),
+            past,
         }
-        rms_norm(&hidden, &self.norm, config.rms_norm_eps)
+    }
+
+    /// One decoder layer: attention and MLP blocks with their residuals.
+    pub fn layer_forward(
+        &self,
+        index: usize,
+        hidden: &Tensor,
+        context: &LayerContext,
+        cache: Option<&mut KvCache>,
+        train: bool,
+    ) -> Tensor {
+        let config = &self.config;
+        let layer = &self.layers[index];
+        let (batch, steps, _) = hidden.size3().expect("hidden is [B, T, H]");
+        let heads = config.num_attention_heads as i64;
+        let kv_heads = config.num_key_value_heads as i64;
+        let head_dim = config.head_dim as i64;
+        let x = rms_norm(hidden, &layer.input_layernorm, config.rms_norm_eps);
+        let attn = &layer.self_attn;
+        let q = attn.q_proj.forward(&x, train).view([batch, steps, heads, head_dim]).transpose(1, 2);
+        let k = attn.k_proj.forward(&x, train).view([batch, steps, kv_heads, head_dim]).transpose(1, 2);
+        let v = attn.v_proj.forward(&x, train).view([batch, steps, kv_heads, head_dim]).transpose(1, 2);
+        let q = apply_rotary(&q, &context.cos, &context.sin);
+        let mut k = apply_rotary(&k, &context.cos, &context.sin);
+        let mut v = v;
+        if let Some(cache) = cache {
+            let (past_k, past_v) = &cache.layers[index];
+            k = Tensor::cat(&[past_k, &k], 2);
+            v = Tensor::cat(&[past_v, &v], 2);
+            cache.layers[index] = (k.shallow_clone(), v.shallow_clone());
+        }
+        let causal_without_mask = context.mask.is_none() && context.past == 0 && steps > 1;
+        let out = Tensor::scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            context.mask.as_ref(),
+            0.0,
+            causal_without_mask,
+            Some((head_dim as f64).powf(-0.5)),
+            heads != kv_heads,
+        );
+        let out = out.transpose(1, 2).reshape([batch, steps, heads * head_dim]);
+        let hidden = hidden + attn.o_proj.forward(&out, train);
+        let x = rms_norm(&hidden, &layer.post_attention_layernorm, config.rms_norm_eps);
+        let mlp = &layer.mlp;
+        let gated = mlp.gate_proj.forward(&x, train).silu() * mlp.up_proj.forward(&x, train);
+        hidden + mlp.down_proj.forward(&gated, train)
     }
 
     /// Logits for hidden states [..., hidden] -> [..., vocab].

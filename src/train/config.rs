@@ -1,0 +1,129 @@
+//! The training configuration: defaults as the seed's train.py and HF Trainer have
+//! them, a TOML file (`--config`, same keys as the flags with underscores), then
+//! command-line flags on top. The effective configuration is printed and saved.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+
+use super::optim::Schedule;
+use crate::bail_input;
+use crate::device::Precision;
+use crate::error::bad_input;
+use crate::prompt::PromptFormat;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum EvalStrategy {
+    Epoch,
+    Steps,
+    No,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    pub model: Option<String>,
+    pub data_dir: PathBuf,
+    pub output_dir: PathBuf,
+    pub lora: bool,
+    pub lora_r: i64,
+    pub lora_alpha: f64,
+    pub lora_dropout: f64,
+    pub lora_targets: Vec<String>,
+    pub rslora: bool,
+    pub lr: f64,
+    pub epochs: f64,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub cutoff_len: usize,
+    pub precision: Precision,
+    pub device: String,
+    pub gradient_checkpointing: bool,
+    pub seed: u64,
+    pub warmup_ratio: f64,
+    pub lr_scheduler: Schedule,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    pub eval_strategy: EvalStrategy,
+    pub eval_steps: usize,
+    pub logging_steps: usize,
+    pub save_total_limit: Option<usize>,
+    pub max_steps: Option<usize>,
+    pub early_stopping_patience: Option<usize>,
+    pub prompt_format: PromptFormat,
+    pub group_by_length: bool,
+    pub previews: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            model: None,
+            data_dir: PathBuf::from("data"),
+            output_dir: PathBuf::from("outputs"),
+            lora: false,
+            lora_r: 16,
+            lora_alpha: 32.0,
+            lora_dropout: 0.05,
+            lora_targets: crate::model::llama::PROJECTIONS.iter().map(|s| s.to_string()).collect(),
+            rslora: false,
+            lr: 2e-5,
+            epochs: 3.0,
+            batch_size: 2,
+            grad_accum: 8,
+            cutoff_len: 1024,
+            precision: Precision::Auto,
+            device: "auto".into(),
+            gradient_checkpointing: false,
+            seed: 42,
+            warmup_ratio: 0.0,
+            lr_scheduler: Schedule::Linear,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            eval_strategy: EvalStrategy::Epoch,
+            eval_steps: 50,
+            logging_steps: 1,
+            save_total_limit: None,
+            max_steps: None,
+            early_stopping_patience: None,
+            prompt_format: PromptFormat::Auto,
+            group_by_length: true,
+            previews: 3,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Reads a TOML file of the same keys (unknown keys are an error naming them).
+    pub fn from_toml(path: &Path) -> Result<TrainConfig> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| bad_input(format!("{}: cannot read: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| bad_input(format!("{}: {e}", path.display())))
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.batch_size == 0 || self.grad_accum == 0 {
+            bail_input!("--batch-size and --grad-accum must be at least 1");
+        }
+        if self.lr <= 0.0 || !self.lr.is_finite() {
+            bail_input!("--lr must be positive");
+        }
+        if !(0.0..1.0).contains(&self.warmup_ratio) {
+            bail_input!("--warmup-ratio must be in [0, 1)");
+        }
+        if self.eval_strategy == EvalStrategy::Steps && self.eval_steps == 0 {
+            bail_input!("--eval-strategy steps needs --eval-steps > 0");
+        }
+        if self.epochs <= 0.0 && self.max_steps.is_none() {
+            bail_input!("--epochs must be positive (or give --max-steps)");
+        }
+        Ok(())
+    }
+
+    /// As TOML, for OUT/training_config.toml and the start-up printout.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("the config serializes")
+    }
+}
