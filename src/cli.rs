@@ -31,6 +31,8 @@ pub enum Command {
     Loss(LossArgs),
     /// Fold a LoRA adapter into its base model and write a merged HF model folder.
     Merge(MergeArgs),
+    /// Fine-tune a model (LoRA or full) on a data dir (the seed's train.py).
+    Train(Box<TrainArgs>),
     /// Generate explanations for a test file and write the predictions CSV (the seed's evaluate.py).
     #[command(visible_alias = "generate")]
     Evaluate(EvaluateArgs),
@@ -212,4 +214,90 @@ pub struct DemoArgs {
     /// sample data embedded in amthal (examples/data).
     #[arg(long, visible_alias = "data_dir", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+}
+
+/// `amthal train` flags. Every setting is optional here: unset ones come from
+/// `--config FILE.toml`, then from the defaults (see `train::config::TrainConfig`).
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Model to fine-tune (GGUF file, HF folder or Hub id); default: the embedded SmolLM2.
+    #[arg(long, visible_alias = "model_id", value_name = "M")]
+    pub model: Option<String>,
+    /// Folder with Train_data.csv and Validation_data.csv.
+    #[arg(long, visible_alias = "data_dir", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Where checkpoints, the best and final models, logs and plots go.
+    #[arg(long, visible_alias = "output_dir", value_name = "DIR")]
+    pub output_dir: Option<PathBuf>,
+    /// A TOML file with the same keys as these flags (underscores); flags override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Train a LoRA adapter (default: full fine-tune).
+    #[arg(long)]
+    pub lora: bool,
+    #[arg(long, visible_alias = "lora_r")]
+    pub lora_r: Option<i64>,
+    #[arg(long, visible_alias = "lora_alpha")]
+    pub lora_alpha: Option<f64>,
+    #[arg(long, visible_alias = "lora_dropout")]
+    pub lora_dropout: Option<f64>,
+    /// Comma-separated projections (default all seven: q,k,v,o,gate,up,down).
+    #[arg(long, visible_alias = "lora_targets", value_delimiter = ',')]
+    pub lora_targets: Option<Vec<String>>,
+    /// Rank-stabilised LoRA scaling (alpha / sqrt(r)).
+    #[arg(long)]
+    pub rslora: bool,
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long)]
+    pub epochs: Option<f64>,
+    #[arg(long, visible_aliases = ["bsz", "batch_size"])]
+    pub batch_size: Option<usize>,
+    #[arg(long, visible_alias = "grad_accum")]
+    pub grad_accum: Option<usize>,
+    #[arg(long, visible_alias = "cutoff_len")]
+    pub cutoff_len: Option<usize>,
+    #[arg(long, value_enum)]
+    pub precision: Option<Precision>,
+    /// The seed's spelling of --precision f16.
+    #[arg(long, conflicts_with_all = ["precision", "bf16"])]
+    pub fp16: bool,
+    /// The seed's spelling of --precision bf16.
+    #[arg(long, conflicts_with = "precision")]
+    pub bf16: bool,
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Recompute each decoder layer in the backward pass instead of keeping its activations.
+    #[arg(long, visible_alias = "gradient_checkpointing")]
+    pub gradient_checkpointing: bool,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long, visible_alias = "warmup_ratio")]
+    pub warmup_ratio: Option<f64>,
+    #[arg(long, visible_alias = "lr_scheduler", value_enum)]
+    pub lr_scheduler: Option<crate::train::optim::Schedule>,
+    #[arg(long, visible_alias = "weight_decay")]
+    pub weight_decay: Option<f64>,
+    #[arg(long, visible_alias = "max_grad_norm")]
+    pub max_grad_norm: Option<f64>,
+    #[arg(long, visible_alias = "eval_strategy", value_enum)]
+    pub eval_strategy: Option<crate::train::config::EvalStrategy>,
+    #[arg(long, visible_alias = "eval_steps")]
+    pub eval_steps: Option<usize>,
+    #[arg(long, visible_alias = "logging_steps")]
+    pub logging_steps: Option<usize>,
+    #[arg(long, visible_alias = "save_total_limit")]
+    pub save_total_limit: Option<usize>,
+    #[arg(long, visible_alias = "max_steps")]
+    pub max_steps: Option<usize>,
+    #[arg(long, visible_alias = "early_stopping_patience")]
+    pub early_stopping_patience: Option<usize>,
+    #[arg(long, value_enum)]
+    pub prompt_format: Option<PromptFormat>,
+    /// Greedy previews of the first N validation proverbs at the end (default 3).
+    #[arg(long)]
+    pub previews: Option<usize>,
+    /// Continue from the latest checkpoint in --output-dir, or from the one named.
+    #[arg(long, num_args = 0..=1, default_missing_value = "latest", value_name = "checkpoint-N")]
+    pub resume: Option<String>,
 }

@@ -13,7 +13,18 @@ use tch::{Device, Kind};
 
 use crate::bail_input;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Precision {
     /// bf16 on CPUs with AMX or AVX512-BF16 and on CUDA, else f32.
     #[default]

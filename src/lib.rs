@@ -23,3 +23,4 @@ pub mod prompt;
 pub mod runtime;
 pub mod sample_data;
 pub mod tokenizer;
+pub mod train;

@@ -47,10 +47,15 @@ impl TokenLosses {
 pub fn answer_token_losses(model: &Llama, batch: &Batch, train: bool) -> TokenLosses {
     let key_mask = batch.padded.then_some(&batch.key_mask);
     let hidden = model.forward_hidden(&batch.input_ids, &batch.positions, key_mask, None, train);
-    let (rows, width) = batch.labels.size2().expect("labels are [B, T]");
+    losses_from_hidden(model, &hidden, &batch.labels)
+}
+
+/// The answer tokens' losses from final hidden states [B, T, H] and labels [B, T].
+pub fn losses_from_hidden(model: &Llama, hidden: &Tensor, labels: &Tensor) -> TokenLosses {
+    let (rows, width) = labels.size2().expect("labels are [B, T]");
     let hidden_size = hidden.size()[2];
     // Targets are the labels shifted left; the last position predicts nothing.
-    let targets = batch.labels.narrow(1, 1, width - 1);
+    let targets = labels.narrow(1, 1, width - 1);
     let selected = targets.ne(IGNORE_INDEX).nonzero(); // [N, 2]: (row, position)
     let row_index = selected.select(1, 0);
     let flat = &row_index * width + selected.select(1, 1);

@@ -27,7 +27,17 @@ pub fn instruction_for(proverb: &str) -> String {
 }
 
 /// How prompts are built, as chosen on the command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum PromptFormat {
     /// Chat template when the model has one, else plain.

@@ -5,6 +5,7 @@ pub mod evaluate;
 pub mod loss;
 pub mod merge;
 pub mod tokenize;
+pub mod train;
 
 use anyhow::Result;
 
@@ -18,5 +19,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Loss(args) => loss::run(&args),
         Command::Merge(args) => merge::run(&args),
         Command::Evaluate(args) => evaluate::run(&args),
+        Command::Train(args) => train::run(&args),
     }
 }

@@ -131,7 +131,10 @@ impl Llama {
         let (batch, steps) = input_ids.size2().expect("input_ids is [B, T]");
         let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
         if let Some(cache) = cache {
-            let (kv_heads, head_dim) = (self.config.num_key_value_heads as i64, self.config.head_dim as i64);
+            let (kv_heads, head_dim) = (
+                self.config.num_key_value_heads as i64,
+                self.config.head_dim as i64,
+            );
             cache.layers.resize_with(self.layers.len(), || {
                 let empty = Tensor::zeros([batch, kv_heads, 0, head_dim], (self.kind, self.device));
                 (empty.shallow_clone(), empty)
@@ -163,9 +166,21 @@ impl Llama {
         let head_dim = config.head_dim as i64;
         let x = rms_norm(hidden, &layer.input_layernorm, config.rms_norm_eps);
         let attn = &layer.self_attn;
-        let q = attn.q_proj.forward(&x, train).view([batch, steps, heads, head_dim]).transpose(1, 2);
-        let k = attn.k_proj.forward(&x, train).view([batch, steps, kv_heads, head_dim]).transpose(1, 2);
-        let v = attn.v_proj.forward(&x, train).view([batch, steps, kv_heads, head_dim]).transpose(1, 2);
+        let q = attn
+            .q_proj
+            .forward(&x, train)
+            .view([batch, steps, heads, head_dim])
+            .transpose(1, 2);
+        let k = attn
+            .k_proj
+            .forward(&x, train)
+            .view([batch, steps, kv_heads, head_dim])
+            .transpose(1, 2);
+        let v = attn
+            .v_proj
+            .forward(&x, train)
+            .view([batch, steps, kv_heads, head_dim])
+            .transpose(1, 2);
         let q = apply_rotary(&q, &context.cos, &context.sin);
         let mut k = apply_rotary(&k, &context.cos, &context.sin);
         let mut v = v;
@@ -186,9 +201,15 @@ impl Llama {
             Some((head_dim as f64).powf(-0.5)),
             heads != kv_heads,
         );
-        let out = out.transpose(1, 2).reshape([batch, steps, heads * head_dim]);
+        let out = out
+            .transpose(1, 2)
+            .reshape([batch, steps, heads * head_dim]);
         let hidden = hidden + attn.o_proj.forward(&out, train);
-        let x = rms_norm(&hidden, &layer.post_attention_layernorm, config.rms_norm_eps);
+        let x = rms_norm(
+            &hidden,
+            &layer.post_attention_layernorm,
+            config.rms_norm_eps,
+        );
         let mlp = &layer.mlp;
         let gated = mlp.gate_proj.forward(&x, train).silu() * mlp.up_proj.forward(&x, train);
         hidden + mlp.down_proj.forward(&gated, train)

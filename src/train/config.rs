@@ -67,7 +67,10 @@ impl Default for TrainConfig {
             lora_r: 16,
             lora_alpha: 32.0,
             lora_dropout: 0.05,
-            lora_targets: crate::model::llama::PROJECTIONS.iter().map(|s| s.to_string()).collect(),
+            lora_targets: crate::model::llama::PROJECTIONS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             rslora: false,
             lr: 2e-5,
             epochs: 3.0,

@@ -7,7 +7,13 @@ use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{Rng, SeedableRng};
 
 /// The micro-batches of one epoch, as indices into the training set.
-pub fn epoch_batches(lengths: &[usize], batch_size: usize, seed: u64, epoch: usize, group_by_length: bool) -> Vec<Vec<usize>> {
+pub fn epoch_batches(
+    lengths: &[usize],
+    batch_size: usize,
+    seed: u64,
+    epoch: usize,
+    group_by_length: bool,
+) -> Vec<Vec<usize>> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(0x5EED_0000 + epoch as u64));
     let mut order: Vec<usize> = (0..lengths.len()).collect();
     for i in (1..order.len()).rev() {

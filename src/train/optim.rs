@@ -37,7 +37,8 @@ impl AdamW {
         let params = params
             .into_iter()
             .map(|(name, param, weight_decay)| {
-                let master = (param.kind() != Kind::Float).then(|| param.detach().to_kind(Kind::Float));
+                let master =
+                    (param.kind() != Kind::Float).then(|| param.detach().to_kind(Kind::Float));
                 let shape = param.size();
                 let device = param.device();
                 ParamState {
@@ -131,7 +132,10 @@ impl AdamW {
         let mut state = BTreeMap::new();
         for p in &self.params {
             state.insert(format!("exp_avg.{}", p.name), p.exp_avg.shallow_clone());
-            state.insert(format!("exp_avg_sq.{}", p.name), p.exp_avg_sq.shallow_clone());
+            state.insert(
+                format!("exp_avg_sq.{}", p.name),
+                p.exp_avg_sq.shallow_clone(),
+            );
             if let Some(master) = &p.master {
                 state.insert(format!("master.{}", p.name), master.shallow_clone());
             }
@@ -140,7 +144,11 @@ impl AdamW {
     }
 
     /// Restores state saved by `state_tensors`; missing entries are an error.
-    pub fn load_state(&mut self, state: &BTreeMap<String, Tensor>, step: i64) -> anyhow::Result<()> {
+    pub fn load_state(
+        &mut self,
+        state: &BTreeMap<String, Tensor>,
+        step: i64,
+    ) -> anyhow::Result<()> {
         tch::no_grad(|| -> anyhow::Result<()> {
             for p in &mut self.params {
                 let get = |key: String| {
@@ -162,7 +170,9 @@ impl AdamW {
 }
 
 /// transformers' learning-rate schedules.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Schedule {
     Linear,
@@ -178,7 +188,9 @@ pub fn learning_rate(schedule: Schedule, base: f64, step: i64, warmup: i64, tota
     }
     let progress = (step - warmup) as f64 / (total - warmup).max(1) as f64;
     match schedule {
-        Schedule::Linear => base * ((total - step) as f64 / (total - warmup).max(1) as f64).max(0.0),
+        Schedule::Linear => {
+            base * ((total - step) as f64 / (total - warmup).max(1) as f64).max(0.0)
+        }
         Schedule::Cosine => base * (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0),
         Schedule::Constant => base,
     }
@@ -191,8 +203,15 @@ mod tests {
     #[test]
     fn schedules_match_transformers() {
         // get_linear_schedule_with_warmup(warmup=2, total=10) at steps 0..=10.
-        let lrs: Vec<f64> = (0..=10).map(|s| learning_rate(Schedule::Linear, 1.0, s, 2, 10)).collect();
-        assert_eq!(lrs, vec![0.0, 0.5, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0]);
+        let lrs: Vec<f64> = (0..=10)
+            .map(|s| learning_rate(Schedule::Linear, 1.0, s, 2, 10))
+            .collect();
+        assert_eq!(
+            lrs,
+            vec![
+                0.0, 0.5, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0
+            ]
+        );
         assert!((learning_rate(Schedule::Cosine, 1.0, 6, 2, 10) - 0.5).abs() < 1e-12);
         assert_eq!(learning_rate(Schedule::Constant, 0.3, 7, 0, 10), 0.3);
     }
@@ -203,7 +222,9 @@ mod tests {
         // after one step: p = p*(1-0.001) - 0.1 * sign-ish ~ [0.899, -2.098] (exactly below).
         let p = Tensor::from_slice(&[1.0f32, -2.0]).set_requires_grad(true);
         let mut optim = AdamW::new(vec![("p".into(), p.shallow_clone(), true)], 0.01);
-        (&p * Tensor::from_slice(&[0.5f32, 0.25])).sum(Kind::Float).backward();
+        (&p * Tensor::from_slice(&[0.5f32, 0.25]))
+            .sum(Kind::Float)
+            .backward();
         optim.step(0.1);
         let values = Vec::<f32>::try_from(&p).unwrap();
         // Step 1: m̂ = g, v̂ = g², update = lr * g/(|g| + eps) = 0.1 * sign(g).

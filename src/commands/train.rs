@@ -1,0 +1,98 @@
+//! `amthal train`: resolve the configuration (defaults < --config TOML < flags), run
+//! the training, print the summary and the previews.
+
+use anyhow::Result;
+
+use crate::cli::TrainArgs;
+use crate::device::Precision;
+use crate::train::config::TrainConfig;
+use crate::train::train;
+
+/// Defaults, then the TOML file, then every flag the user gave.
+pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
+    let mut c = match &args.config {
+        Some(path) => TrainConfig::from_toml(path)?,
+        None => TrainConfig::default(),
+    };
+    macro_rules! take {
+        ($($field:ident),*) => { $( if let Some(v) = &args.$field { c.$field = v.clone(); } )* };
+    }
+    take!(
+        data_dir,
+        output_dir,
+        lora_r,
+        lora_alpha,
+        lora_dropout,
+        lora_targets,
+        lr,
+        epochs,
+        batch_size,
+        grad_accum,
+        cutoff_len,
+        precision,
+        device,
+        seed,
+        warmup_ratio,
+        lr_scheduler,
+        weight_decay,
+        max_grad_norm,
+        eval_strategy,
+        eval_steps,
+        logging_steps,
+        prompt_format,
+        previews
+    );
+    if args.model.is_some() {
+        c.model = args.model.clone();
+    }
+    if args.save_total_limit.is_some() {
+        c.save_total_limit = args.save_total_limit;
+    }
+    if args.max_steps.is_some() {
+        c.max_steps = args.max_steps;
+    }
+    if args.early_stopping_patience.is_some() {
+        c.early_stopping_patience = args.early_stopping_patience;
+    }
+    c.lora |= args.lora;
+    c.rslora |= args.rslora;
+    c.gradient_checkpointing |= args.gradient_checkpointing;
+    if args.fp16 {
+        c.precision = Precision::F16;
+    }
+    if args.bf16 {
+        c.precision = Precision::Bf16;
+    }
+    Ok(c)
+}
+
+pub fn run(args: &TrainArgs) -> Result<()> {
+    let config = resolve_config(args)?;
+    let summary = train(&config, args.resume.as_deref())?;
+    println!(
+        "\ntraining done: {} optimizer steps in {:.1}s, {:.0} tokens/s, peak memory {:.2} GB",
+        summary.steps,
+        summary.seconds,
+        summary.tokens_per_second,
+        summary.peak_rss_bytes as f64 / 1e9
+    );
+    match (summary.best_eval_loss, summary.best_step) {
+        (Some(loss), Some(step)) => println!(
+            "best eval loss {loss:.6} at step {step} (saved in {})",
+            summary.output_dir.display()
+        ),
+        _ => println!(
+            "no evaluation; the final model is in {}",
+            summary.output_dir.display()
+        ),
+    }
+    println!(
+        "log: {}/log.jsonl, curves: {}/loss.svg and loss.png",
+        summary.output_dir.display(),
+        summary.output_dir.display()
+    );
+    for (proverb, explanation) in &summary.previews {
+        println!("\nProverb: {proverb}\nModel: {explanation}");
+    }
+    Ok(())
+}
