@@ -147,7 +147,7 @@ fn dropout_seed(seed: u64, micro_step: u64, layer: usize) -> i64 {
 
 /// Forward + backward of one micro-batch, gradients scaled by `scale` (1 / the
 /// optimizer step's answer tokens). Returns the unscaled loss sum.
-fn micro_step(
+pub fn micro_step(
     model: &Llama,
     batch: &Batch,
     scale: f64,

@@ -1,0 +1,478 @@
+//! Training on the tiny random Llama: overfitting reproduces the references, a run
+//! killed with SIGKILL and resumed ends bit-identical to an uninterrupted one, LoRA
+//! leaves the base untouched, accumulation equals a bigger batch, the best checkpoint
+//! survives save_total_limit, NaN stops the run.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use amthal::batch::Batch;
+use amthal::encode::Encoded;
+use amthal::model::lora::{load_adapter, named_adapter_tensors};
+use amthal::model::{LoadOptions, load_llama};
+use amthal::model_source::ModelSource;
+use amthal::train::micro_step;
+use common::*;
+use tch::{Device, Kind, Tensor};
+
+fn tiny() -> String {
+    fixture("tiny-llama").to_string_lossy().into_owned()
+}
+
+fn sample_data() -> String {
+    repo_root()
+        .join("examples/data")
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn train_command(out: &Path, extra: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_amthal"));
+    command.args([
+        "train",
+        "--model",
+        &tiny(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--precision",
+        "f32",
+        "--device",
+        "cpu",
+    ]);
+    command.args(extra);
+    command
+}
+
+fn run_train(out: &Path, extra: &[&str]) -> std::process::Output {
+    train_command(out, extra).output().unwrap()
+}
+
+fn log_of(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn tensors(path: &Path) -> Vec<(String, Tensor)> {
+    let mut all = Tensor::read_safetensors(path).unwrap();
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    all
+}
+
+#[test]
+fn overfitting_a_few_examples_reproduces_their_references() {
+    let dir = temp_dir("overfit");
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let csv = "Proverbs,Explanation\nالصبر مفتاح الفرج,يضرب في الحث على الصبر\nمن جد وجد,يقال لمن يجتهد فينال\nالجار قبل الدار,اختر جارك أولا\n";
+    for split in ["Train_data.csv", "Validation_data.csv", "Test_data.csv"] {
+        std::fs::write(data.join(split), csv).unwrap();
+    }
+    let out = dir.join("out");
+    let output = run_train(
+        &out,
+        &[
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--lr",
+            "3e-3",
+            "--max-steps",
+            "150",
+            "--bsz",
+            "3",
+            "--grad-accum",
+            "1",
+            "--eval-strategy",
+            "no",
+            "--prompt-format",
+            "plain",
+        ],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    let last = log_of(&out).last().unwrap()["loss"].as_f64().unwrap();
+    assert!(last < 0.1, "loss {last}");
+    // OUT is an HF folder: generate from it with the seed's evaluate command.
+    let predictions = dir.join("p.csv");
+    let output = amthal(&[
+        "evaluate",
+        "--checkpoint_dir",
+        out.to_str().unwrap(),
+        "--test_path",
+        data.join("Test_data.csv").to_str().unwrap(),
+        "--out_path",
+        predictions.to_str().unwrap(),
+        "--prompt-format",
+        "plain",
+        "--precision",
+        "f32",
+        "--max_new_tokens",
+        "40",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    for row in amthal::predictions::read_predictions(&predictions).unwrap() {
+        assert_eq!(row.generated, row.reference, "{}", row.proverb);
+    }
+    assert!(out.join("loss.svg").is_file() && out.join("loss.png").is_file());
+    assert!(out.join("final").join("model.safetensors").is_file());
+}
+
+const RESUME_ARGS: [&str; 14] = [
+    "--lora",
+    "--lr",
+    "2e-3",
+    "--bsz",
+    "1",
+    "--grad-accum",
+    "2",
+    "--max-steps",
+    "30",
+    "--eval-strategy",
+    "steps",
+    "--eval-steps",
+    "5",
+    "--previews",
+];
+
+fn resume_args(data: &str) -> Vec<String> {
+    let mut args: Vec<String> = RESUME_ARGS.iter().map(|s| s.to_string()).collect();
+    args.extend(["0".to_string(), "--data-dir".to_string(), data.to_string()]);
+    args
+}
+
+fn final_eval(out: &Path) -> f64 {
+    log_of(out)
+        .iter()
+        .rev()
+        .find_map(|e| e["eval_loss"].as_f64())
+        .unwrap()
+}
+
+#[test]
+fn a_sigkilled_run_resumes_to_the_same_result() {
+    let dir = temp_dir("resume");
+    let data = sample_data();
+    let args = resume_args(&data);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let whole = dir.join("whole");
+    let output = run_train(&whole, &args);
+    assert!(output.status.success(), "{}", stderr(&output));
+
+    let killed = dir.join("killed");
+    let mut child = train_command(&killed, &args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !killed.join("checkpoint-10").is_dir() {
+        assert!(Instant::now() < deadline, "no checkpoint-10 appeared");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before it could be killed"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    child.kill().unwrap(); // SIGKILL
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "killed mid-run");
+    assert!(!killed.join("checkpoint-30").exists());
+
+    let mut resumed_args = args.clone();
+    resumed_args.push("--resume");
+    let output = run_train(&killed, &resumed_args);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(
+        final_eval(&killed),
+        final_eval(&whole),
+        "bit-identical final eval loss"
+    );
+    for ((name, a), (_, b)) in tensors(&whole.join("adapter_model.safetensors"))
+        .iter()
+        .zip(tensors(&killed.join("adapter_model.safetensors")).iter())
+    {
+        assert!(a.equal(b), "{name} differs");
+    }
+    // Resuming from a named checkpoint works too, and so does the state it recorded.
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(killed.join("checkpoint-30/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["global_step"], 30);
+}
+
+#[test]
+fn lora_training_leaves_the_base_bit_identical_and_accumulation_equals_a_bigger_batch() {
+    let source = ModelSource::HfFolder(fixture("tiny-llama"));
+    let fresh = load_llama(&source, LoadOptions::default()).unwrap();
+    let mut model = load_llama(&source, LoadOptions::default()).unwrap();
+    load_adapter(&mut model, &fixture("tiny-llama-adapter")).unwrap();
+    let tokenizer = source.tokenizer().unwrap();
+    let prompts =
+        amthal::prompt::PromptBuilder::new(amthal::prompt::PromptFormat::Plain, &tokenizer)
+            .unwrap();
+    let encoder = amthal::encode::Encoder::new(&tokenizer, &prompts).unwrap();
+    let examples = amthal::sample_data::sample_split(amthal::data::Split::Train)
+        .unwrap()
+        .examples;
+    let (encoded, _) = encoder.encode_all(&examples[..4], None).unwrap();
+    let tokens: i64 = encoded.iter().map(|e| e.trained_tokens() as i64).sum();
+
+    let gradients = |batches: Vec<Vec<&Encoded>>| -> (f64, Vec<Tensor>) {
+        for (_, t) in named_adapter_tensors(&model) {
+            let mut t = t.shallow_clone();
+            t.zero_grad();
+        }
+        let mut total = 0.0;
+        for (i, rows) in batches.iter().enumerate() {
+            let batch = Batch::from_encoded(rows, Device::Cpu);
+            total += micro_step(
+                &model,
+                &batch,
+                1.0 / tokens as f64,
+                (1, i as u64),
+                false,
+                false,
+            )
+            .unwrap();
+        }
+        let grads = named_adapter_tensors(&model)
+            .iter()
+            .map(|(_, t)| t.grad().copy())
+            .collect();
+        (total / tokens as f64, grads)
+    };
+    let rows: Vec<&Encoded> = encoded.iter().collect();
+    let (loss_one_batch, grads_one_batch) = gradients(vec![rows.clone()]);
+    let (loss_accumulated, grads_accumulated) = gradients(rows.iter().map(|r| vec![*r]).collect());
+    assert!(
+        (loss_one_batch - loss_accumulated).abs() < 1e-5,
+        "{loss_one_batch} vs {loss_accumulated}"
+    );
+    for (a, b) in grads_one_batch.iter().zip(&grads_accumulated) {
+        let diff = (a - b).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "gradient difference {diff}");
+        assert!(a.abs().sum(Kind::Float).double_value(&[]) > 0.0);
+    }
+    // An optimizer step changes the adapter and leaves every base tensor bit-identical.
+    let mut optimizer = amthal::train::optim::AdamW::new(
+        named_adapter_tensors(&model)
+            .into_iter()
+            .map(|(n, t)| (n, t.shallow_clone(), true))
+            .collect(),
+        0.01,
+    );
+    let before: Vec<Tensor> = named_adapter_tensors(&model)
+        .iter()
+        .map(|(_, t)| t.copy())
+        .collect();
+    optimizer.step(1e-2);
+    let after: Vec<Tensor> = named_adapter_tensors(&model)
+        .iter()
+        .map(|(_, t)| t.copy())
+        .collect();
+    assert!(before.iter().zip(&after).any(|(a, b)| !a.equal(b)));
+    for ((name, a), (_, b)) in model
+        .named_tensors()
+        .iter()
+        .zip(fresh.named_tensors().iter())
+    {
+        assert!(a.equal(b), "base tensor {name} changed");
+        assert!(!a.grad().defined(), "base tensor {name} got a gradient");
+    }
+}
+
+#[test]
+fn the_best_checkpoint_survives_save_total_limit() {
+    let out = temp_dir("best").join("out");
+    let output = run_train(
+        &out,
+        &[
+            "--data-dir",
+            &sample_data(),
+            "--lora",
+            "--lr",
+            "3e-2",
+            "--bsz",
+            "4",
+            "--grad-accum",
+            "1",
+            "--max-steps",
+            "8",
+            "--eval-strategy",
+            "steps",
+            "--eval-steps",
+            "1",
+            "--save-total-limit",
+            "1",
+            "--previews",
+            "1",
+        ],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("trainer_state.json")).unwrap())
+            .unwrap();
+    let evals: Vec<(i64, f64)> = log_of(&out)
+        .iter()
+        .filter_map(|e| Some((e["step"].as_i64()?, e["eval_loss"].as_f64()?)))
+        .collect();
+    assert_eq!(evals.len(), 8);
+    let (best_step, best) = evals.iter().fold(
+        (0, f64::MAX),
+        |acc, &(s, l)| if l < acc.1 { (s, l) } else { acc },
+    );
+    assert_eq!(state["best_metric"].as_f64().unwrap(), best);
+    assert_eq!(state["best_step"].as_i64().unwrap(), best_step);
+    let mut kept: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    kept.sort();
+    let mut expected = vec![
+        format!("checkpoint-{best_step}"),
+        "checkpoint-8".to_string(),
+    ];
+    expected.sort();
+    expected.dedup();
+    assert_eq!(kept, expected);
+    // OUT holds the best adapter.
+    let best_dir = out.join(format!("checkpoint-{best_step}"));
+    assert_eq!(
+        std::fs::read(out.join("adapter_model.safetensors")).unwrap(),
+        std::fs::read(best_dir.join("adapter_model.safetensors")).unwrap()
+    );
+    assert!(stdout(&output).contains("best eval loss"));
+}
+
+#[test]
+fn a_diverging_run_stops_on_nan_and_names_the_last_good_checkpoint() {
+    let out = temp_dir("nan").join("out");
+    let output = run_train(
+        &out,
+        &[
+            "--data-dir",
+            &sample_data(),
+            "--lr",
+            "1e12",
+            "--max-grad-norm",
+            "0",
+            "--bsz",
+            "4",
+            "--grad-accum",
+            "1",
+            "--max-steps",
+            "40",
+            "--eval-strategy",
+            "steps",
+            "--eval-steps",
+            "1",
+            "--previews",
+            "0",
+        ],
+    );
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    assert!(message.contains("the loss became"), "{message}");
+    assert!(message.contains("checkpoint-"), "{message}");
+}
+
+#[test]
+fn config_file_flags_and_refusing_to_mix_runs() {
+    let dir = temp_dir("config");
+    let config = dir.join("train.toml");
+    std::fs::write(&config, format!("data_dir = \"{}\"\nlora = true\nlora_r = 4\nlr = 0.5\nmax_steps = 1\neval_strategy = \"no\"\nprevious = 0\n", sample_data())).unwrap();
+    let out: PathBuf = dir.join("out");
+    let output = run_train(&out, &["--config", config.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2), "unknown keys are named");
+    assert!(stderr(&output).contains("previous"), "{}", stderr(&output));
+    std::fs::write(&config, format!("data_dir = \"{}\"\nlora = true\nlora_r = 4\nlr = 0.5\nmax_steps = 1\neval_strategy = \"no\"\npreviews = 0\n", sample_data())).unwrap();
+    let output = run_train(
+        &out,
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--lr",
+            "1e-4",
+            "--bsz",
+            "3",
+        ],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    let saved = std::fs::read_to_string(out.join("training_config.toml")).unwrap();
+    assert!(
+        saved.contains("lr = 0.0001")
+            && saved.contains("lora_r = 4")
+            && saved.contains("batch_size = 3"),
+        "{saved}"
+    );
+    let adapter: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(adapter["r"], 4);
+    // A second run into the same folder must say --resume (nothing is overwritten).
+    let output = run_train(&out, &["--config", config.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("--resume"), "{}", stderr(&output));
+}
+
+#[test]
+fn gradient_checkpointing_gives_the_same_gradients() {
+    let source = ModelSource::HfFolder(fixture("tiny-llama"));
+    let tokenizer = source.tokenizer().unwrap();
+    let prompts =
+        amthal::prompt::PromptBuilder::new(amthal::prompt::PromptFormat::Chat, &tokenizer).unwrap();
+    let encoder = amthal::encode::Encoder::new(&tokenizer, &prompts).unwrap();
+    let examples = amthal::sample_data::sample_split(amthal::data::Split::Train)
+        .unwrap()
+        .examples;
+    let (encoded, _) = encoder.encode_all(&examples[..3], None).unwrap();
+    let batch = Batch::from_encoded(&encoded.iter().collect::<Vec<_>>(), Device::Cpu);
+    for full in [false, true] {
+        let mut model = load_llama(&source, LoadOptions::default()).unwrap();
+        if full {
+            amthal::train::trainables::unfreeze_all(&model);
+        } else {
+            load_adapter(&mut model, &fixture("tiny-llama-adapter")).unwrap();
+        }
+        let trainable = |m: &amthal::model::Llama| -> Vec<(String, Tensor)> {
+            if full {
+                m.named_tensors()
+                    .into_iter()
+                    .map(|(n, t)| (n, t.shallow_clone()))
+                    .collect()
+            } else {
+                named_adapter_tensors(m)
+                    .into_iter()
+                    .map(|(n, t)| (n, t.shallow_clone()))
+                    .collect()
+            }
+        };
+        let grads = |checkpointing: bool| -> (f64, Vec<(String, Tensor)>) {
+            for (_, mut t) in trainable(&model) {
+                t.zero_grad();
+            }
+            let loss = micro_step(&model, &batch, 0.01, (3, 0), checkpointing, full).unwrap();
+            (
+                loss,
+                trainable(&model)
+                    .into_iter()
+                    .map(|(n, t)| (n, t.grad().copy()))
+                    .collect(),
+            )
+        };
+        let (plain_loss, plain) = grads(false);
+        let (checkpointed_loss, checkpointed) = grads(true);
+        assert!((plain_loss - checkpointed_loss).abs() < 1e-6);
+        for ((name, a), (_, b)) in plain.iter().zip(&checkpointed) {
+            let diff = (a - b).abs().max().double_value(&[]);
+            assert!(diff < 1e-6, "full={full} {name}: {diff}");
+        }
+        assert!(plain.iter().all(|(_, g)| g.defined()));
+    }
+}
