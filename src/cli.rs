@@ -294,6 +294,9 @@ pub struct TrainArgs {
     pub early_stopping_patience: Option<usize>,
     #[arg(long, value_enum)]
     pub prompt_format: Option<PromptFormat>,
+    /// grouped (default: shuffled per epoch, batches of similar length), shuffled, or file order.
+    #[arg(long, visible_alias = "data_order", value_enum)]
+    pub data_order: Option<crate::train::config::DataOrder>,
     /// Greedy previews of the first N validation proverbs at the end (default 3).
     #[arg(long)]
     pub previews: Option<usize>,

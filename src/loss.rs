@@ -44,9 +44,13 @@ impl TokenLosses {
 }
 
 /// Runs the model on a batch and returns the answer tokens' losses.
+///
+/// Batches are right-padded, so plain causal attention is exact for every real token
+/// (a real token only sees earlier positions, all real); no mask is passed, which lets
+/// libtorch use its flash-attention kernel instead of materialising [B, H, T, T]
+/// scores. Pad positions compute garbage that no loss reads.
 pub fn answer_token_losses(model: &Llama, batch: &Batch, train: bool) -> TokenLosses {
-    let key_mask = batch.padded.then_some(&batch.key_mask);
-    let hidden = model.forward_hidden(&batch.input_ids, &batch.positions, key_mask, None, train);
+    let hidden = model.forward_hidden(&batch.input_ids, &batch.positions, None, None, train);
     losses_from_hidden(model, &hidden, &batch.labels)
 }
 

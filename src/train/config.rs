@@ -21,6 +21,14 @@ pub enum EvalStrategy {
     No,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DataOrder {
+    Grouped,
+    Shuffled,
+    File,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
@@ -53,7 +61,8 @@ pub struct TrainConfig {
     pub max_steps: Option<usize>,
     pub early_stopping_patience: Option<usize>,
     pub prompt_format: PromptFormat,
-    pub group_by_length: bool,
+    /// grouped (shuffled, then grouped by length like HF's group_by_length), shuffled, or file order.
+    pub data_order: DataOrder,
     pub previews: usize,
 }
 
@@ -92,7 +101,7 @@ impl Default for TrainConfig {
             max_steps: None,
             early_stopping_patience: None,
             prompt_format: PromptFormat::Auto,
-            group_by_length: true,
+            data_order: DataOrder::Grouped,
             previews: 3,
         }
     }

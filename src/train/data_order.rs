@@ -1,9 +1,12 @@
 //! Which examples go into which micro-batch, epoch by epoch: shuffled from the seed
 //! and the epoch number (so a resumed run sees the same order), and grouped by length
 //! like HF's group_by_length (mega-batches of 50 batches, each sorted longest first)
-//! so little compute goes to padding while epochs stay shuffled.
+//! so little compute goes to padding while epochs stay shuffled. `file` keeps the
+//! file's order (benchmarks against scripts that do not shuffle).
 
 use rand_chacha::ChaCha8Rng;
+
+use super::config::DataOrder;
 use rand_chacha::rand_core::{Rng, SeedableRng};
 
 /// The micro-batches of one epoch, as indices into the training set.
@@ -12,18 +15,23 @@ pub fn epoch_batches(
     batch_size: usize,
     seed: u64,
     epoch: usize,
-    group_by_length: bool,
+    order_kind: DataOrder,
 ) -> Vec<Vec<usize>> {
+    if order_kind == DataOrder::File {
+        let order: Vec<usize> = (0..lengths.len()).collect();
+        return order.chunks(batch_size).map(<[usize]>::to_vec).collect();
+    }
     let mut rng = ChaCha8Rng::seed_from_u64(seed.wrapping_add(0x5EED_0000 + epoch as u64));
     let mut order: Vec<usize> = (0..lengths.len()).collect();
     for i in (1..order.len()).rev() {
         let j = (rng.next_u64() % (i as u64 + 1)) as usize;
         order.swap(i, j);
     }
-    if group_by_length {
+    if order_kind == DataOrder::Grouped {
         let mega = 50 * batch_size;
         for chunk in order.chunks_mut(mega) {
-            chunk.sort_by(|&a, &b| lengths[b].cmp(&lengths[a]).then(a.cmp(&b)));
+            // Stable: equal lengths keep their shuffled order, as HF's sort does.
+            chunk.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
         }
     }
     order.chunks(batch_size).map(<[usize]>::to_vec).collect()
@@ -36,9 +44,9 @@ mod tests {
     #[test]
     fn every_example_once_per_epoch_and_reproducible() {
         let lengths: Vec<usize> = (0..23).map(|i| (i * 7) % 11).collect();
-        let a = epoch_batches(&lengths, 4, 42, 0, true);
-        assert_eq!(a, epoch_batches(&lengths, 4, 42, 0, true));
-        assert_ne!(a, epoch_batches(&lengths, 4, 42, 1, true));
+        let a = epoch_batches(&lengths, 4, 42, 0, DataOrder::Grouped);
+        assert_eq!(a, epoch_batches(&lengths, 4, 42, 0, DataOrder::Grouped));
+        assert_ne!(a, epoch_batches(&lengths, 4, 42, 1, DataOrder::Grouped));
         let mut seen: Vec<usize> = a.concat();
         seen.sort();
         assert_eq!(seen, (0..23).collect::<Vec<_>>());

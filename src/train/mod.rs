@@ -169,8 +169,8 @@ pub fn micro_step(
     // Gradient checkpointing per decoder layer: a forward pass without a graph keeps
     // only each layer's input; the backward pass recomputes one layer at a time (with
     // the same dropout seed) and pushes the gradient through it.
-    let key_mask = batch.padded.then_some(&batch.key_mask);
-    let context = model.context(&batch.input_ids, &batch.positions, key_mask, None);
+    // Right padding: causal attention without a mask is exact (see answer_token_losses).
+    let context = model.context(&batch.input_ids, &batch.positions, None, None);
     let mut inputs = Vec::with_capacity(model.layers.len());
     let mut hidden = tch::no_grad(|| model.embed(&batch.input_ids));
     for layer in 0..model.layers.len() {
@@ -347,7 +347,7 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
             config.batch_size,
             config.seed,
             state.epoch,
-            config.group_by_length,
+            config.data_order,
         );
         let windows: Vec<&[Vec<usize>]> = batches.chunks(config.grad_accum).collect();
         while state.windows_done_in_epoch < windows.len() {
