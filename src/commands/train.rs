@@ -40,7 +40,8 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
         eval_steps,
         logging_steps,
         prompt_format,
-        previews
+        previews,
+        data_order
     );
     if args.model.is_some() {
         c.model = args.model.clone();

@@ -364,6 +364,7 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
             for micro in window {
                 let rows: Vec<&Encoded> = micro.iter().map(|&i| &train_examples[i]).collect();
                 let batch = Batch::from_encoded(&rows, device);
+                tracing::debug!("micro-batch {:?}: {:?}", micro, batch.input_ids.size());
                 let value = micro_step(
                     &model,
                     &batch,
@@ -386,6 +387,11 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
                 state.micro_steps += 1;
                 state.input_tokens += rows.iter().map(|r| r.input_ids.len() as i64).sum::<i64>();
             }
+            tracing::info!(
+                "step {}: forward/backward done at {:.2}s",
+                state.global_step + 1,
+                started.elapsed().as_secs_f64()
+            );
             let grad_norm = optimizer.clip_grad_norm(config.max_grad_norm);
             let lr = learning_rate(
                 config.lr_scheduler,
@@ -477,6 +483,11 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
                 state.windows_done_in_epoch = 0;
             }
             if save_now {
+                tracing::info!(
+                    "saving checkpoint-{} at {:.2}s",
+                    state.global_step,
+                    started.elapsed().as_secs_f64()
+                );
                 save_checkpoint(
                     out, &model, &mode, &tokenizer, &base_name, &optimizer, &state, config,
                 )?;
@@ -497,6 +508,10 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
         }
     }
     progress.finish_and_clear();
+    tracing::info!(
+        "training loop done at {:.2}s",
+        started.elapsed().as_secs_f64()
+    );
     if last_checkpoint_step != Some(state.global_step) {
         save_checkpoint(
             out, &model, &mode, &tokenizer, &base_name, &optimizer, &state, config,
