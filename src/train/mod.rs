@@ -428,6 +428,8 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
                     grad_norm: Some(grad_norm),
                     tokens_per_second: Some(tokens_per_second),
                     eval_loss: None,
+                    elapsed_seconds: Some(elapsed),
+                    input_tokens: Some(state.input_tokens),
                 });
                 (interval_loss, interval_tokens) = (0.0, 0);
                 write_log(out, &state.log_history)?;
@@ -453,6 +455,8 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
                     grad_norm: None,
                     tokens_per_second: None,
                     eval_loss: Some(eval_loss),
+                    elapsed_seconds: None,
+                    input_tokens: None,
                 });
                 write_log(out, &state.log_history)?;
                 progress.println(format!(

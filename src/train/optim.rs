@@ -115,11 +115,16 @@ impl AdamW {
                 if p.weight_decay && self.weight_decay != 0.0 {
                     let _ = target.g_mul_scalar_(1.0 - lr * self.weight_decay);
                 }
+                // m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2  (as lerps: one pass each)
                 let _ = p.exp_avg.lerp_(&grad, 1.0 - self.beta1);
-                let _ = p.exp_avg_sq.g_mul_scalar_(self.beta2);
-                let _ = p.exp_avg_sq.addcmul_(&(&grad * (1.0 - self.beta2)), &grad);
-                let denom = p.exp_avg_sq.sqrt() / bias_correction2_sqrt + self.eps;
-                let _ = target.addcdiv_(&(&p.exp_avg * -step_size), &denom);
+                let _ = p.exp_avg_sq.lerp_(&grad.square(), 1.0 - self.beta2);
+                // p -= step_size * m / (sqrt(v) / bc2 + eps), folded into one addcdiv:
+                // the denominator is pre-scaled by -1 / step_size (fewer passes over memory).
+                let scale = -1.0 / step_size;
+                let mut denom = p.exp_avg_sq.sqrt();
+                let _ = denom.g_mul_scalar_(scale / bias_correction2_sqrt);
+                let _ = denom.g_add_scalar_(self.eps * scale);
+                let _ = target.addcdiv_(&p.exp_avg, &denom);
                 if p.master.is_some() {
                     p.param.copy_(&target.to_kind(p.param.kind()));
                 }

@@ -19,6 +19,12 @@ pub struct LogEntry {
     pub tokens_per_second: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub eval_loss: Option<f64>,
+    /// Seconds since this process started training, and input tokens trained so far
+    /// (lets benchmarks measure a rate after warm-up steps).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub elapsed_seconds: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub input_tokens: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
