@@ -38,4 +38,26 @@ tok = AutoTokenizer.from_pretrained(export / "merged")
 reference = AutoTokenizer.from_pretrained(ROOT / "tests" / "fixtures" / "tiny-llama")
 same = tok("يضرب المثل")["input_ids"] == reference("يضرب المثل")["input_ids"]
 print(("ok" if same else "MISMATCH") + ": tokenizer saved by amthal")
+
+# An adapter trained by `amthal train`: PEFT's answer-token loss on amthal's token ids
+# equals `amthal loss` with that adapter.
+trained = export / "trained"
+if trained.is_dir():
+    rows = [json.loads(l) for l in (export / "tokenized.jsonl").read_text().splitlines()]
+    ours = json.loads((export / "trained_loss.json").read_text())["loss"]
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(ROOT / "tests" / "fixtures" / "tiny-llama", dtype=torch.float32),
+        trained).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            ids, labels = torch.tensor([row["input_ids"]]), torch.tensor(row["labels"])
+            logits = peft_model(ids).logits[0, :-1]
+            mask = labels[1:] != -100
+            total += torch.nn.functional.cross_entropy(logits[mask], labels[1:][mask], reduction="sum").item()
+            count += int(mask.sum())
+    theirs = total / count
+    ok = abs(ours - theirs) / theirs <= 1e-5
+    print(("ok" if ok else "MISMATCH") + f": adapter trained by amthal in PeftModel: loss {theirs:.8f} vs amthal {ours:.8f}")
+    results.append(ok)
 sys.exit(0 if all(results) and same else 1)
