@@ -398,14 +398,20 @@ fn config_file_flags_and_refusing_to_mix_runs() {
             "--config",
             config.to_str().unwrap(),
             "--lr",
-            "1e-4", "--bsz", "3", "--data-order", "file"],
+            "1e-4",
+            "--bsz",
+            "3",
+            "--data-order",
+            "file",
+        ],
     );
     assert!(output.status.success(), "{}", stderr(&output));
     let saved = std::fs::read_to_string(out.join("training_config.toml")).unwrap();
     assert!(
         saved.contains("lr = 0.0001")
             && saved.contains("lora_r = 4")
-            && saved.contains("batch_size = 3") && saved.contains("data_order = \"file\""),
+            && saved.contains("batch_size = 3")
+            && saved.contains("data_order = \"file\""),
         "{saved}"
     );
     let adapter: serde_json::Value =

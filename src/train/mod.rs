@@ -417,7 +417,7 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
             progress.set_message(format!(
                 "epoch {epoch_position:.2} loss {step_loss:.4} lr {lr:.2e} {tokens_per_second:.0} tok/s"
             ));
-            if state.global_step as usize % config.logging_steps.max(1) == 0
+            if (state.global_step as usize).is_multiple_of(config.logging_steps.max(1))
                 || state.global_step == total_steps
             {
                 state.log_history.push(LogEntry {
@@ -439,7 +439,7 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
             let evaluate_now = match config.eval_strategy {
                 EvalStrategy::Epoch => epoch_end || last_step,
                 EvalStrategy::Steps => {
-                    state.global_step as usize % config.eval_steps == 0 || last_step
+                    (state.global_step as usize).is_multiple_of(config.eval_steps) || last_step
                 }
                 EvalStrategy::No => false,
             };
@@ -471,14 +471,14 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
                 } else {
                     state.evals_without_improvement += 1;
                 }
-                if let Some(patience) = config.early_stopping_patience {
-                    if state.evals_without_improvement >= patience {
-                        progress.println(format!(
-                            "early stopping: no improvement in {patience} evaluation(s)"
-                        ));
-                        stop_early = true;
-                        save_now = true;
-                    }
+                if let Some(patience) = config.early_stopping_patience
+                    && state.evals_without_improvement >= patience
+                {
+                    progress.println(format!(
+                        "early stopping: no improvement in {patience} evaluation(s)"
+                    ));
+                    stop_early = true;
+                    save_now = true;
                 }
             }
             if epoch_end {
