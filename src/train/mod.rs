@@ -496,12 +496,6 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
                     out, &model, &mode, &tokenizer, &base_name, &optimizer, &state, config,
                 )?;
                 last_checkpoint_step = Some(state.global_step);
-                prune_checkpoints(
-                    out,
-                    config.save_total_limit,
-                    state.best_step,
-                    state.global_step,
-                )?;
             }
             if stop_early {
                 break 'epochs;
@@ -519,12 +513,6 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
     if last_checkpoint_step != Some(state.global_step) {
         save_checkpoint(
             out, &model, &mode, &tokenizer, &base_name, &optimizer, &state, config,
-        )?;
-        prune_checkpoints(
-            out,
-            config.save_total_limit,
-            state.best_step,
-            state.global_step,
         )?;
     }
     let seconds = started.elapsed().as_secs_f64();
@@ -675,7 +663,14 @@ fn save_checkpoint(
             &tmp.join("trainer_state.json"),
             serde_json::to_string_pretty(state)?.as_bytes(),
         )
-    })
+    })?;
+    // save_total_limit: never the best, never this one.
+    prune_checkpoints(
+        out,
+        config.save_total_limit,
+        state.best_step,
+        state.global_step,
+    )
 }
 
 /// Keeps at most `limit` checkpoints, never deleting the best or the latest.
