@@ -214,6 +214,15 @@ pub struct DemoArgs {
     /// sample data embedded in amthal (examples/data).
     #[arg(long, visible_alias = "data_dir", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Where the predictions, adapter, logs and summary go.
+    #[arg(long, default_value = "results/demo", value_name = "DIR")]
+    pub out: PathBuf,
+    /// LoRA optimizer steps (batch 4); the default keeps the demo to a few minutes on 2 cores.
+    #[arg(long, default_value_t = 30)]
+    pub steps: usize,
+    /// New tokens per explanation.
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
 }
 
 /// `amthal train` flags. Every setting is optional here: unset ones come from

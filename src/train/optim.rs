@@ -120,6 +120,10 @@ impl AdamW {
                 let _ = p.exp_avg_sq.lerp_(&grad.square(), 1.0 - self.beta2);
                 // p -= step_size * m / (sqrt(v) / bc2 + eps), folded into one addcdiv:
                 // the denominator is pre-scaled by -1 / step_size (fewer passes over memory).
+                if step_size == 0.0 {
+                    // lr 0 (the first warmup step): moments move, the weights do not.
+                    continue;
+                }
                 let scale = -1.0 / step_size;
                 let mut denom = p.exp_avg_sq.sqrt();
                 let _ = denom.g_mul_scalar_(scale / bias_correction2_sqrt);
@@ -219,6 +223,19 @@ mod tests {
         );
         assert!((learning_rate(Schedule::Cosine, 1.0, 6, 2, 10) - 0.5).abs() < 1e-12);
         assert_eq!(learning_rate(Schedule::Constant, 0.3, 7, 0, 10), 0.3);
+    }
+
+    #[test]
+    fn a_zero_learning_rate_changes_nothing() {
+        let p = Tensor::from_slice(&[1.0f32, -2.0]).set_requires_grad(true);
+        let mut optim = AdamW::new(vec![("p".into(), p.shallow_clone(), true)], 0.01);
+        (&p * Tensor::from_slice(&[0.5f32, 0.0]))
+            .sum(Kind::Float)
+            .backward();
+        optim.step(0.0);
+        assert_eq!(Vec::<f32>::try_from(&p).unwrap(), vec![1.0, -2.0]);
+        optim.step(0.1);
+        assert!(p.isfinite().all().int64_value(&[]) == 1);
     }
 
     #[test]
