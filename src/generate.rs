@@ -15,6 +15,8 @@ use rand_chacha::rand_core::{Rng, SeedableRng};
 use tch::{Device, Kind, Tensor};
 
 use crate::model::{KvCache, Llama};
+use crate::prompt::PromptBuilder;
+use crate::tokenizer::ModelTokenizer;
 
 /// How to pick tokens.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -50,6 +52,56 @@ impl SamplingConfig {
     pub fn is_greedy(&self) -> bool {
         self.temperature <= 0.0
     }
+}
+
+/// Ids that end an answer: the prompt format's end token, the tokenizer's EOS, the
+/// config's EOS ids and, for HF folders, generation_config.json's.
+pub fn stop_ids(
+    end_id: u32,
+    tokenizer: &ModelTokenizer,
+    model: &Llama,
+    model_dir: Option<&std::path::Path>,
+) -> Vec<u32> {
+    let mut ids = vec![end_id];
+    ids.extend(tokenizer.eos.as_ref().map(|t| t.id));
+    ids.extend(model.config.eos_token_ids.iter().copied());
+    let generation = model_dir
+        .and_then(|dir| std::fs::read_to_string(dir.join("generation_config.json")).ok())
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+    match generation.as_ref().and_then(|g| g.get("eos_token_id")) {
+        Some(serde_json::Value::Number(n)) => ids.extend(n.as_u64().map(|v| v as u32)),
+        Some(serde_json::Value::Array(items)) => {
+            ids.extend(items.iter().filter_map(|v| v.as_u64().map(|v| v as u32)))
+        }
+        _ => {}
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// Generated ids to the explanation text: special tokens dropped, cut at any
+/// end-of-turn text the model spelled out, whitespace trimmed.
+pub fn completion_text(
+    tokenizer: &ModelTokenizer,
+    prompts: &PromptBuilder,
+    tokens: &[u32],
+) -> Result<String> {
+    let text = tokenizer
+        .tokenizer
+        .decode(tokens, true)
+        .map_err(|e| anyhow::anyhow!("decoding failed: {e}"))?;
+    let mut text = text.as_str();
+    let ends = [
+        prompts.text_after_answer().map(str::trim),
+        tokenizer.eos.as_ref().map(|t| t.text.as_str()),
+    ];
+    for end in ends.into_iter().flatten().filter(|e| !e.is_empty()) {
+        if let Some(at) = text.find(end) {
+            text = &text[..at];
+        }
+    }
+    Ok(text.trim().to_string())
 }
 
 /// One prompt to continue, with the number that seeds its sampler.

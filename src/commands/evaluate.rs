@@ -20,10 +20,12 @@ use crate::cli::EvaluateArgs;
 use crate::data::{Example, References, read_examples};
 use crate::encode::Encoder;
 use crate::error::bad_input;
-use crate::generate::{GenerationRequest, SamplingConfig, generate_batch};
+use crate::generate::{
+    GenerationRequest, SamplingConfig, completion_text, generate_batch, stop_ids,
+};
 use crate::predictions::{PredictionRow, read_predictions, write_predictions};
 use crate::prompt::PromptBuilder;
-use crate::runtime::{LoadedModel, load_model};
+use crate::runtime::load_model;
 
 /// Which model and adapter the flags name (the seed's two modes, or --model).
 fn model_and_adapter(args: &EvaluateArgs) -> Result<(Option<String>, Option<PathBuf>)> {
@@ -98,53 +100,6 @@ fn pick_shots(path: &Path, count: usize, seed: u64) -> Result<Vec<(String, Strin
         .collect())
 }
 
-/// Stop ids: the answer's end token, the tokenizer's EOS, config and generation_config EOS.
-fn stop_ids(loaded: &LoadedModel, encoder: &Encoder) -> Vec<u32> {
-    let mut ids = vec![encoder.end_id()];
-    ids.extend(loaded.tokenizer.eos.as_ref().map(|t| t.id));
-    ids.extend(loaded.model.config.eos_token_ids.iter().copied());
-    if let crate::model_source::ModelSource::HfFolder(dir) = &loaded.source {
-        let generation = std::fs::read_to_string(dir.join("generation_config.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
-        match generation.as_ref().and_then(|g| g.get("eos_token_id")) {
-            Some(serde_json::Value::Number(n)) => ids.extend(n.as_u64().map(|v| v as u32)),
-            Some(serde_json::Value::Array(items)) => {
-                ids.extend(items.iter().filter_map(|v| v.as_u64().map(|v| v as u32)))
-            }
-            _ => {}
-        }
-    }
-    ids.sort_unstable();
-    ids.dedup();
-    ids
-}
-
-/// Generated ids to the explanation text: special tokens dropped, cut at any
-/// end-of-turn text the model spelled out, whitespace trimmed.
-fn completion_text(
-    loaded: &LoadedModel,
-    prompts: &PromptBuilder,
-    tokens: &[u32],
-) -> Result<String> {
-    let text = loaded
-        .tokenizer
-        .tokenizer
-        .decode(tokens, true)
-        .map_err(|e| anyhow::anyhow!("decoding failed: {e}"))?;
-    let mut text = text.as_str();
-    let ends = [
-        prompts.text_after_answer().map(str::trim),
-        loaded.tokenizer.eos.as_ref().map(|t| t.text.as_str()),
-    ];
-    for end in ends.into_iter().flatten().filter(|e| !e.is_empty()) {
-        if let Some(at) = text.find(end) {
-            text = &text[..at];
-        }
-    }
-    Ok(text.trim().to_string())
-}
-
 pub fn run(args: &EvaluateArgs) -> Result<()> {
     let (model, adapter) = model_and_adapter(args)?;
     let test = read_examples(&args.test_path, References::Optional)?;
@@ -196,7 +151,16 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
         (None, count) if count > 0 => bail_input!("--shots {count} needs --shots-from FILE"),
         _ => Vec::new(),
     };
-    let stops = stop_ids(&loaded, &encoder);
+    let model_dir = match &loaded.source {
+        crate::model_source::ModelSource::HfFolder(dir) => Some(dir.as_path()),
+        crate::model_source::ModelSource::Gguf(_) => None,
+    };
+    let stops = stop_ids(
+        encoder.end_id(),
+        &loaded.tokenizer,
+        &loaded.model,
+        model_dir,
+    );
     let sampling = SamplingConfig {
         max_new_tokens: args.max_new_tokens,
         min_new_tokens: args.min_new_tokens,
@@ -269,7 +233,7 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
             rows.push(PredictionRow {
                 proverb: example.proverb.clone(),
                 reference: example.reference.clone().unwrap_or_default(),
-                generated: completion_text(&loaded, &prompts, &generation.tokens)?,
+                generated: completion_text(&loaded.tokenizer, &prompts, &generation.tokens)?,
             });
         }
         write_predictions(&out, &rows)?;

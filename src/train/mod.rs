@@ -30,7 +30,9 @@ use crate::data::{Split, read_split};
 use crate::device::{kind_name, parse_device, resolve_precision};
 use crate::encode::{Encoded, Encoder};
 use crate::error::bad_input;
-use crate::generate::{GenerationRequest, SamplingConfig, generate_batch};
+use crate::generate::{
+    GenerationRequest, SamplingConfig, completion_text, generate_batch, stop_ids,
+};
 use crate::loss::{answer_token_losses, losses_from_hidden};
 use crate::model::lora::{LoraConfig, attach_new};
 use crate::model::{Llama, LoadOptions, load_llama};
@@ -727,23 +729,20 @@ fn previews(
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let mut stops = vec![encoder.end_id()];
-    stops.extend(tokenizer.eos.as_ref().map(|t| t.id));
+    let stops = stop_ids(encoder.end_id(), tokenizer, model, None);
     let config = SamplingConfig {
         max_new_tokens: 128,
         ..SamplingConfig::default()
     };
     let generations = generate_batch(model, &requests, &stops, &config)?;
-    let _ = prompts;
     chosen
         .iter()
         .zip(generations)
         .map(|(e, g)| {
-            let text = tokenizer
-                .tokenizer
-                .decode(&g.tokens, true)
-                .map_err(|e| anyhow::anyhow!("decoding: {e}"))?;
-            Ok((e.proverb.clone(), text.trim().to_string()))
+            Ok((
+                e.proverb.clone(),
+                completion_text(tokenizer, prompts, &g.tokens)?,
+            ))
         })
         .collect()
 }
