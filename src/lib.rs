@@ -22,5 +22,6 @@ pub mod predictions;
 pub mod prompt;
 pub mod runtime;
 pub mod sample_data;
+pub mod score;
 pub mod tokenizer;
 pub mod train;

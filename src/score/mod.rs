@@ -1,0 +1,4 @@
+//! Scoring generated explanations against references with the definitions of the
+//! Python reference packages (see each metric's module).
+
+pub mod chrf;
