@@ -6,6 +6,7 @@ Writes tests/golden/scores.json."""
 import csv, json, random
 from pathlib import Path
 
+from rouge import Rouge
 from sacrebleu.metrics import CHRF
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,6 +44,10 @@ if __name__ == "__main__":
     chrfpp = CHRF(word_order=2)
     for p in pairs:
         p["chrf++"] = chrfpp.sentence_score(p["hypothesis"], [p["reference"]]).score
+        try:  # rouge 1.0.1 raises on an empty hypothesis; amthal scores that 0
+            p["rouge"] = Rouge().get_scores(p["hypothesis"], p["reference"])[0]
+        except ValueError:
+            p["rouge"] = None
     corpus = chrfpp.corpus_score([p["hypothesis"] for p in pairs], [[p["reference"] for p in pairs]]).score
     out = {"source": f"sacrebleu {__import__('sacrebleu').__version__}", "pairs": pairs, "corpus": {"chrf++": corpus}}
     (ROOT / "tests" / "golden" / "scores.json").write_text(json.dumps(out, ensure_ascii=False, indent=0) + "\n")

@@ -2,3 +2,4 @@
 //! Python reference packages (see each metric's module).
 
 pub mod chrf;
+pub mod rouge;
