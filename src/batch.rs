@@ -1,6 +1,7 @@
-//! Encoded examples into padded tensors. Right padding for training and loss: real
-//! tokens first, then pad id 0 with key_mask false and label -100 (the pad id never
-//! reaches the loss, so it does not matter that it may equal EOS).
+//! Encoded examples into right-padded tensors for training and loss: real tokens
+//! first, then pad id 0 with label -100 (the pad id never reaches the loss, so it does
+//! not matter that it may equal EOS). No attention mask is needed: with right padding,
+//! causal attention is exact for every real token (see `loss::answer_token_losses`).
 
 use tch::{Device, Kind, Tensor};
 
@@ -10,28 +11,21 @@ use crate::encode::{Encoded, IGNORE_INDEX};
 pub struct Batch {
     /// [B, T] int64
     pub input_ids: Tensor,
-    /// [B, T] bool, true on real tokens
-    pub key_mask: Tensor,
     /// [B, T] int64, 0.. per row
     pub positions: Tensor,
     /// [B, T] int64, -100 on prompt and padding
     pub labels: Tensor,
-    /// Whether any row is padded (if not, plain causal attention suffices).
-    pub padded: bool,
 }
 
 impl Batch {
     pub fn from_encoded(rows: &[&Encoded], device: Device) -> Batch {
         let width = rows.iter().map(|r| r.input_ids.len()).max().unwrap_or(0);
         let mut ids = Vec::with_capacity(rows.len() * width);
-        let mut mask = Vec::with_capacity(rows.len() * width);
         let mut labels = Vec::with_capacity(rows.len() * width);
         for row in rows {
             let pad = width - row.input_ids.len();
             ids.extend(row.input_ids.iter().map(|&i| i as i64));
             ids.extend(std::iter::repeat_n(0i64, pad));
-            mask.extend(std::iter::repeat_n(true, row.input_ids.len()));
-            mask.extend(std::iter::repeat_n(false, pad));
             labels.extend(row.labels.iter().copied());
             labels.extend(std::iter::repeat_n(IGNORE_INDEX, pad));
         }
@@ -42,18 +36,8 @@ impl Batch {
             .contiguous();
         Batch {
             input_ids: Tensor::from_slice(&ids).view(shape).to_device(device),
-            key_mask: Tensor::from_slice(&mask).view(shape).to_device(device),
             positions: positions.to_device(device),
             labels: Tensor::from_slice(&labels).view(shape).to_device(device),
-            padded: rows.iter().any(|r| r.input_ids.len() != width),
         }
-    }
-
-    /// Tokens the loss counts.
-    pub fn answer_tokens(&self) -> i64 {
-        self.labels
-            .ne(IGNORE_INDEX)
-            .sum(Kind::Int64)
-            .int64_value(&[])
     }
 }

@@ -5,6 +5,7 @@
 use tch::{Kind, Reduction, Tensor};
 
 use crate::batch::Batch;
+use crate::encode::Encoded;
 use crate::encode::IGNORE_INDEX;
 use crate::model::Llama;
 
@@ -76,4 +77,35 @@ pub fn losses_from_hidden(model: &Llama, hidden: &Tensor, labels: &Tensor) -> To
         nll,
         rows: row_index,
     }
+}
+
+/// (loss sum, answer tokens) of every example, in the given order. Examples are
+/// batched by length (less padding) without gradients.
+pub fn per_example_losses(
+    model: &Llama,
+    examples: &[&Encoded],
+    batch_size: usize,
+) -> Vec<(f64, i64)> {
+    let mut order: Vec<usize> = (0..examples.len()).collect();
+    order.sort_by_key(|&i| examples[i].input_ids.len());
+    let mut results = vec![(0.0, 0); examples.len()];
+    tch::no_grad(|| {
+        for chunk in order.chunks(batch_size.max(1)) {
+            let rows: Vec<&Encoded> = chunk.iter().map(|&i| examples[i]).collect();
+            let batch = Batch::from_encoded(&rows, model.device);
+            let losses = answer_token_losses(model, &batch, false);
+            for (&slot, result) in chunk.iter().zip(losses.per_row(chunk.len() as i64)) {
+                results[slot] = result;
+            }
+        }
+    });
+    results
+}
+
+/// Token-weighted mean answer-token loss over a set.
+pub fn mean_loss(model: &Llama, examples: &[&Encoded], batch_size: usize) -> f64 {
+    let results = per_example_losses(model, examples, batch_size);
+    let total: f64 = results.iter().map(|(s, _)| s).sum();
+    let tokens: i64 = results.iter().map(|(_, c)| c).sum();
+    total / tokens.max(1) as f64
 }

@@ -6,11 +6,10 @@ use std::io::Write;
 use anyhow::Result;
 use serde_json::json;
 
-use crate::batch::Batch;
 use crate::cli::LossArgs;
 use crate::data::{References, read_examples};
 use crate::encode::Encoder;
-use crate::loss::answer_token_losses;
+use crate::loss::per_example_losses;
 use crate::prompt::PromptBuilder;
 use crate::runtime::load_model;
 
@@ -45,20 +44,8 @@ pub fn run(args: &LossArgs) -> Result<()> {
         }
     );
 
-    // Batches of similar length waste less on padding; results go back in file order.
-    let mut order: Vec<usize> = (0..encoded.len()).collect();
-    order.sort_by_key(|&i| encoded[i].1.input_ids.len());
-    let mut per_row = vec![(0.0f64, 0i64); encoded.len()];
-    tch::no_grad(|| {
-        for chunk in order.chunks(args.batch_size.max(1)) {
-            let rows: Vec<_> = chunk.iter().map(|&i| &encoded[i].1).collect();
-            let batch = Batch::from_encoded(&rows, loaded.model.device);
-            let losses = answer_token_losses(&loaded.model, &batch, false);
-            for (slot, result) in chunk.iter().zip(losses.per_row(chunk.len() as i64)) {
-                per_row[*slot] = result;
-            }
-        }
-    });
+    let rows: Vec<&crate::encode::Encoded> = encoded.iter().map(|(_, e)| e).collect();
+    let per_row = per_example_losses(&loaded.model, &rows, args.batch_size);
 
     let total: f64 = per_row.iter().map(|(s, _)| s).sum();
     let tokens: i64 = per_row.iter().map(|(_, c)| c).sum();

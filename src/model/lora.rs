@@ -13,7 +13,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde_json::{Value, json};
 use tch::{Kind, Tensor};
 
@@ -384,16 +384,4 @@ pub fn merge_adapters(model: &mut Llama) {
             }
         }
     });
-}
-
-/// Reads the adapter's config and weights path for messages.
-pub fn describe(dir: &Path) -> Result<String> {
-    let (config, base) = read_adapter_config(dir).context("reading the adapter")?;
-    Ok(format!(
-        "LoRA r={} alpha={} on {} (base {})",
-        config.r,
-        config.alpha,
-        config.targets.join(","),
-        if base.is_empty() { "unknown" } else { &base }
-    ))
 }

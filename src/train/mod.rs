@@ -123,19 +123,7 @@ fn peak_rss_bytes() -> u64 {
 
 /// Token-weighted mean answer-token loss over a set (no gradients).
 pub fn evaluate_loss(model: &Llama, examples: &[Encoded], batch_size: usize) -> f64 {
-    let mut order: Vec<usize> = (0..examples.len()).collect();
-    order.sort_by_key(|&i| examples[i].input_ids.len());
-    let (mut total, mut count) = (0.0, 0i64);
-    tch::no_grad(|| {
-        for chunk in order.chunks(batch_size.max(1)) {
-            let rows: Vec<&Encoded> = chunk.iter().map(|&i| &examples[i]).collect();
-            let batch = Batch::from_encoded(&rows, model.device);
-            let losses = answer_token_losses(model, &batch, false);
-            total += losses.sum().double_value(&[]);
-            count += losses.count();
-        }
-    });
-    total / count.max(1) as f64
+    crate::loss::mean_loss(model, &examples.iter().collect::<Vec<_>>(), batch_size)
 }
 
 /// Dropout seed for a micro-batch and layer: a pure function of the position.

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use anyhow::Result;
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use crate::model::Llama;
 use crate::model::checkpoint::{save_hf_folder, save_tokenizer_files};
@@ -100,17 +100,4 @@ pub fn model_files(dir: &Path) -> Vec<std::path::PathBuf> {
         .collect();
     files.sort();
     files
-}
-
-/// Sum of squares of trainable values (a cheap fingerprint for logs and tests).
-pub fn fingerprint(model: &Llama, mode: &Mode) -> f64 {
-    trainable_tensors(model, mode)
-        .iter()
-        .map(|(_, t, _)| {
-            t.to_kind(Kind::Double)
-                .pow_tensor_scalar(2)
-                .sum(Kind::Double)
-                .double_value(&[])
-        })
-        .sum()
 }
