@@ -67,29 +67,24 @@ impl Message {
 
 /// A chat template ready to render, with the special-token variables transformers
 /// passes (bos_token, eos_token, ...).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ChatTemplate {
-    source: String,
+    /// The template compiled once (as "chat") in an environment set up like transformers'.
+    env: Environment<'static>,
     variables: Vec<(&'static str, String)>,
 }
 
-impl ChatTemplate {
-    pub fn new(source: &str, variables: Vec<(&'static str, String)>) -> Result<ChatTemplate> {
-        let template = ChatTemplate {
-            source: source.to_string(),
-            variables,
-        };
-        // Compile once now so a broken template fails at start, naming the problem.
-        template
-            .environment()
-            .template_from_str(&template.source)
-            .map_err(|e| {
-                crate::error::bad_input(format!("the chat template does not compile: {e:#}"))
-            })?;
-        Ok(template)
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate")
+            .field("variables", &self.variables)
+            .finish()
     }
+}
 
-    fn environment(&self) -> Environment<'_> {
+impl ChatTemplate {
+    /// Compiles the template; a broken one fails here, naming the problem.
+    pub fn new(source: &str, variables: Vec<(&'static str, String)>) -> Result<ChatTemplate> {
         let mut env = Environment::new();
         env.set_syntax(
             minijinja::syntax::SyntaxConfig::builder()
@@ -105,13 +100,16 @@ impl ChatTemplate {
                 Err(JinjaError::new(ErrorKind::InvalidOperation, message))
             },
         );
-        env
+        env.add_template_owned("chat", source.to_string())
+            .map_err(|e| {
+                crate::error::bad_input(format!("the chat template does not compile: {e:#}"))
+            })?;
+        Ok(ChatTemplate { env, variables })
     }
 
     /// Renders `messages` as transformers' `apply_chat_template(tokenize=False)` does.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        let env = self.environment();
-        let template = env.template_from_str(&self.source)?;
+        let template = self.env.get_template("chat")?;
         let messages: Vec<Value> = messages
             .iter()
             .map(|m| {
@@ -147,7 +145,7 @@ pub struct PromptBuilder {
 enum Style {
     Plain,
     Chat {
-        template: ChatTemplate,
+        template: Box<ChatTemplate>,
         /// Text the template puts between the generation prompt and the answer (" " in
         /// Llama-2's "[/INST] answer </s>", nothing in ChatML).
         answer_prefix: String,
@@ -196,7 +194,7 @@ impl PromptBuilder {
         };
         Ok(PromptBuilder {
             style: Style::Chat {
-                template,
+                template: Box::new(template),
                 answer_prefix,
                 after_answer,
             },
