@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::device::Precision;
 use crate::prompt::PromptFormat;
+use crate::score::normalize::Normalization;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -36,6 +37,86 @@ pub enum Command {
     /// Generate explanations for a test file and write the predictions CSV (the seed's evaluate.py).
     #[command(visible_alias = "generate")]
     Evaluate(EvaluateArgs),
+    /// Score a predictions CSV against its references: sacrebleu BLEU (13a, intl), NLTK
+    /// BLEU, ROUGE-1/2/L, chrF++, BERTScore, sentence-embedding cosine, task checks.
+    Score(ScoreArgs),
+    /// Compare several prediction files in one Markdown + HTML report with charts.
+    Report(ReportArgs),
+}
+
+/// Which metrics to compute and with which models (shared by `score` and `report`).
+#[derive(Debug, Clone, Args)]
+pub struct MetricArgs {
+    /// Comma-separated metrics: bleu, bleu-intl, nltk-bleu, rouge, chrf++, bertscore,
+    /// cosine, checks. Default: all (a default embedding model that is not available
+    /// offline is then skipped with a warning; a metric named here must run).
+    #[arg(long, value_name = "LIST")]
+    pub metrics: Vec<String>,
+    /// BERTScore model: HF folder or Hub id (default bert-base-multilingual-cased, as
+    /// bert_score uses for lang="ar").
+    #[arg(long, value_name = "M")]
+    pub bertscore_model: Option<String>,
+    /// Hidden layer whose embeddings BERTScore compares (default: bert_score's choice
+    /// for the model, 9 for bert-base-multilingual-cased, else the last layer).
+    #[arg(long, value_name = "N")]
+    pub bertscore_layer: Option<usize>,
+    /// Weight tokens by idf computed from the references (bert_score idf=True).
+    #[arg(long)]
+    pub bertscore_idf: bool,
+    /// Rescale with a baseline file in bert_score's format (LAYER,P,R,F per line).
+    #[arg(long, value_name = "FILE")]
+    pub bertscore_baseline: Option<PathBuf>,
+    /// Sentence-transformers model folder or Hub id for cosine similarity (SAS);
+    /// repeat for several. Default: all-MiniLM-L6-v2 (fetched by scripts/setup).
+    #[arg(long = "embedding-model", value_name = "M")]
+    pub embedding_models: Vec<String>,
+    /// Text normalisation before the string metrics.
+    #[arg(long, value_enum, default_value_t = Normalization::None)]
+    pub normalize: Normalization,
+    /// auto, cpu, cuda or cuda:N (embedding models only).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Texts per batch for the embedding models.
+    #[arg(long, default_value_t = 32, value_name = "N")]
+    pub batch_size: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct ScoreArgs {
+    /// Predictions CSV (Generated_Explanation and Reference_Explanation columns, any
+    /// case; prediction/reference also accepted).
+    #[arg(long, value_name = "FILE")]
+    pub pred: PathBuf,
+    /// Per-row scores: the input columns plus one column per metric.
+    /// Default: beside the input, NAME.scores.csv.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// Summary JSON. Default: beside the input, NAME.scores.json.
+    #[arg(long, value_name = "FILE")]
+    pub summary: Option<PathBuf>,
+    #[command(flatten)]
+    pub metrics: MetricArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Prediction CSVs to compare (e.g. zero-shot, few-shot, fine-tuned).
+    #[arg(required = true, value_name = "RUN.csv")]
+    pub runs: Vec<PathBuf>,
+    /// A name per run, in the same order (default: the file names).
+    #[arg(long, value_delimiter = ',', value_name = "NAMES")]
+    pub names: Vec<String>,
+    /// Training logs (log.jsonl from amthal train) to draw loss curves from.
+    #[arg(long = "train-log", value_name = "FILE")]
+    pub train_logs: Vec<PathBuf>,
+    /// How many proverbs to show side by side.
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    pub samples: usize,
+    /// Folder for report.md, report.html, scores and charts.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub metrics: MetricArgs,
 }
 
 #[derive(Debug, Args)]

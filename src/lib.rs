@@ -20,6 +20,7 @@ pub mod model;
 pub mod model_source;
 pub mod predictions;
 pub mod prompt;
+pub mod report;
 pub mod runtime;
 pub mod sample_data;
 pub mod score;

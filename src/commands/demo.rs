@@ -1,9 +1,11 @@
 //! `amthal demo`: the main job on the embedded default, end to end on what amthal has:
 //! zero-shot explanations of the test split, a short LoRA fine-tune, explanations again,
-//! and the validation loss before and after, all under results/demo/. Without
-//! --data-dir it uses the sample data compiled into amthal; without --model the
-//! SmolLM2-135M-Instruct GGUF that scripts/setup fetched. Scoring (BLEU, chrF++,
-//! ROUGE, BERTScore) joins when `amthal score` lands.
+//! the validation loss before and after, and both runs scored and compared in a report,
+//! all under results/demo/. Without --data-dir it uses the sample data compiled into
+//! amthal; without --model the SmolLM2-135M-Instruct GGUF that scripts/setup fetched.
+//! Scoring uses `amthal score`'s defaults: a default model that is not available
+//! offline (BERTScore's bert-base-multilingual-cased on a fresh machine) is skipped
+//! with a note in the report.
 
 use std::path::{Path, PathBuf};
 
@@ -99,12 +101,12 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         Ok(path)
     };
 
-    println!("1/4 zero-shot explanations of {test}");
+    println!("1/5 zero-shot explanations of {test}");
     let zero_shot = evaluate("zero_shot", None)?;
     let loss_before = validation_loss(args.model.model.as_deref(), &data, None)?;
 
     println!(
-        "2/4 LoRA fine-tune ({} steps) into {}",
+        "2/5 LoRA fine-tune ({} steps) into {}",
         args.steps,
         adapter.display()
     );
@@ -139,13 +141,58 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     run_command(&words)?;
     let loss_after = validation_loss(args.model.model.as_deref(), &data, Some(&adapter))?;
 
-    println!("3/4 fine-tuned explanations");
+    println!("3/5 fine-tuned explanations");
     let fine_tuned = evaluate("fine_tuned", Some(&adapter))?;
 
-    println!("4/4 summary (full files in {})", out.display());
+    println!("4/5 scoring both runs and writing the report");
+    let options = crate::score::scorer::ScoreOptions {
+        device: crate::device::parse_device("auto")?,
+        ..crate::score::scorer::ScoreOptions::defaults()
+    };
+    let report_dir = out.join("report");
+    let report = crate::commands::report::report(
+        &[&zero_shot, &fine_tuned],
+        &["zero-shot".to_string(), "fine-tuned".to_string()],
+        &[&adapter.join("log.jsonl")],
+        8,
+        &report_dir,
+        &options,
+    )?;
+    let run_summary = |name: &str| -> Result<serde_json::Value> {
+        let path = report_dir
+            .join("scores")
+            .join(format!("{name}.scores.json"));
+        Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
+    };
+    let (scores_before, scores_after) = (run_summary("zero-shot")?, run_summary("fine-tuned")?);
+
+    println!("5/5 summary (full files in {})", out.display());
     println!(
         "\nvalidation answer-token loss: zero-shot {loss_before:.4} -> fine-tuned {loss_after:.4}\n"
     );
+    let headline = |summary: &serde_json::Value, metric: &str| -> Option<f64> {
+        let line = summary["summary"]
+            .as_array()?
+            .iter()
+            .find(|l| l["metric"] == metric)?;
+        line["corpus"].as_f64().or_else(|| line["mean"].as_f64())
+    };
+    println!("| metric | zero-shot | fine-tuned |\n|---|---:|---:|");
+    for metric in [
+        "bleu",
+        "chrf++",
+        "rougeL_f",
+        "bertscore_f",
+        "cosine_all-MiniLM-L6-v2",
+    ] {
+        if let (Some(a), Some(b)) = (
+            headline(&scores_before, metric),
+            headline(&scores_after, metric),
+        ) {
+            println!("| {metric} | {a:.4} | {b:.4} |");
+        }
+    }
+    println!();
     let before = read_predictions(&zero_shot)?;
     let after = read_predictions(&fine_tuned)?;
     println!("| proverb | reference | zero-shot | fine-tuned |");
@@ -168,15 +215,19 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         "validation_loss_fine_tuned": loss_after,
         "training_log": adapter.join("log.jsonl").display().to_string(),
         "loss_curve": adapter.join("loss.svg").display().to_string(),
+        "report": report.display().to_string(),
+        "scores_zero_shot": scores_before["summary"],
+        "scores_fine_tuned": scores_after["summary"],
+        "skipped_metrics": scores_after["skipped"],
     });
     crate::atomic::write_file(
         &out.join("summary.json"),
         serde_json::to_string_pretty(&summary)?.as_bytes(),
     )?;
     println!(
-        "\nwrote {}/summary.json; loss curves in {}",
-        out.display(),
-        adapter.join("loss.png").display()
+        "\nreport: {} (and report.html); summary: {}/summary.json",
+        report.display(),
+        out.display()
     );
     Ok(())
 }

@@ -4,6 +4,8 @@ pub mod demo;
 pub mod evaluate;
 pub mod loss;
 pub mod merge;
+pub mod report;
+pub mod score;
 pub mod tokenize;
 pub mod train;
 
@@ -20,5 +22,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Merge(args) => merge::run(&args),
         Command::Evaluate(args) => evaluate::run(&args),
         Command::Train(args) => train::run(&args),
+        Command::Score(args) => score::run(&args),
+        Command::Report(args) => report::run(&args),
     }
 }

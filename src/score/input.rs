@@ -1,0 +1,118 @@
+//! The file `amthal score` reads: a predictions CSV (amthal's or the seed's
+//! `Proverb,Reference_Explanation,Generated_Explanation`, or any CSV with
+//! prediction/reference columns). Every input column is kept so the per-row scores
+//! file is the input plus one column per metric.
+
+use std::path::Path;
+
+use anyhow::Result;
+
+use crate::bail_input;
+use crate::error::bad_input;
+
+/// Column names accepted for the generated text, matched case-insensitively.
+const GENERATED_NAMES: [&str; 4] = [
+    "generated_explanation",
+    "prediction",
+    "generated",
+    "hypothesis",
+];
+/// Column names accepted for the reference text.
+const REFERENCE_NAMES: [&str; 3] = ["reference_explanation", "reference", "explanation"];
+/// Column names accepted for the proverb (optional; used by reports).
+const PROVERB_NAMES: [&str; 3] = ["proverb", "proverbs", "text"];
+
+/// A predictions file with all its columns.
+#[derive(Debug, Clone)]
+pub struct PredictionTable {
+    pub headers: Vec<String>,
+    pub records: Vec<Vec<String>>,
+    generated: usize,
+    reference: usize,
+    proverb: Option<usize>,
+}
+
+impl PredictionTable {
+    pub fn generated(&self, row: usize) -> &str {
+        &self.records[row][self.generated]
+    }
+
+    pub fn reference(&self, row: usize) -> &str {
+        &self.records[row][self.reference]
+    }
+
+    /// The proverb of a row, or "" when the file has no proverb column.
+    pub fn proverb(&self, row: usize) -> &str {
+        self.proverb.map_or("", |i| self.records[row][i].as_str())
+    }
+
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+}
+
+fn find_column(headers: &[String], names: &[&str]) -> Vec<usize> {
+    headers
+        .iter()
+        .enumerate()
+        .filter(|(_, h)| names.contains(&h.trim().to_lowercase().as_str()))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Picks the one column with one of `names`; two candidates are an error, not a guess.
+fn one_column(path: &Path, headers: &[String], names: &[&str], what: &str) -> Result<usize> {
+    match find_column(headers, names).as_slice() {
+        [one] => Ok(*one),
+        [] => bail_input!(
+            "{}: no {what} column (expected one of {}); found {}",
+            path.display(),
+            names.join(", "),
+            headers.join(", ")
+        ),
+        many => bail_input!(
+            "{}: several {what} columns ({}); keep one",
+            path.display(),
+            many.iter()
+                .map(|&i| headers[i].as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// Reads a predictions CSV (UTF-8, with or without a BOM). Rows with a different
+/// number of fields than the header are an error naming the row.
+pub fn read_prediction_table(path: &Path) -> Result<PredictionTable> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| bad_input(format!("{}: cannot read: {e}", path.display())))?;
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
+    let mut reader = csv::ReaderBuilder::new().from_reader(bytes);
+    let headers: Vec<String> = reader
+        .headers()
+        .map_err(|e| bad_input(format!("{}: cannot read the header: {e}", path.display())))?
+        .iter()
+        .map(str::to_string)
+        .collect();
+    let generated = one_column(path, &headers, &GENERATED_NAMES, "generated-text")?;
+    let reference = one_column(path, &headers, &REFERENCE_NAMES, "reference")?;
+    let proverb = find_column(&headers, &PROVERB_NAMES).first().copied();
+    let mut records = Vec::new();
+    for (index, record) in reader.records().enumerate() {
+        // Row numbers as a spreadsheet shows them: the header is row 1.
+        let record =
+            record.map_err(|e| bad_input(format!("{}: row {}: {e}", path.display(), index + 2)))?;
+        records.push(record.iter().map(str::to_string).collect());
+    }
+    Ok(PredictionTable {
+        headers,
+        records,
+        generated,
+        reference,
+        proverb,
+    })
+}
