@@ -2,6 +2,7 @@
 //! Python reference packages (see each metric's module), and the task checks.
 
 pub mod bertscore;
+pub mod bleu;
 pub mod checks;
 pub mod chrf;
 pub mod encoder_model;
