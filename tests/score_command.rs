@@ -405,3 +405,91 @@ fn report_compares_runs_with_charts_samples_and_loss_curves() {
     assert_eq!(output.status.code(), Some(2));
     assert!(precious.join("notes.txt").is_file());
 }
+
+/// The command end to end on the 802 golden pairs (benchmark Test references against
+/// perturbations): every per-row column equals the Python packages' numbers, so the
+/// wiring from metric to column is checked, not just the metric functions.
+#[test]
+fn score_columns_equal_the_python_packages_on_the_benchmark_pairs() {
+    let dir = temp_dir("score-golden");
+    let strings = golden("scores.json");
+    let bleu = golden("bleu.json");
+    let pairs = strings["pairs"].as_array().unwrap();
+    let mut bytes = Vec::new();
+    {
+        let mut writer = csv::Writer::from_writer(&mut bytes);
+        writer
+            .write_record(["Proverb", "Reference_Explanation", "Generated_Explanation"])
+            .unwrap();
+        for pair in pairs {
+            writer
+                .write_record([
+                    "-",
+                    pair["reference"].as_str().unwrap(),
+                    pair["hypothesis"].as_str().unwrap(),
+                ])
+                .unwrap();
+        }
+    }
+    let pred = write(&dir, "pairs.csv", bytes);
+    let out = dir.join("rows.csv");
+    let summary = dir.join("summary.json");
+    let output = amthal(&[
+        "score",
+        "--pred",
+        pred.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--summary",
+        summary.to_str().unwrap(),
+        "--metrics",
+        "bleu,bleu-intl,nltk-bleu,rouge,chrf++",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let (headers, rows) = read_csv(&out);
+    assert_eq!(rows.len(), pairs.len());
+    let column = |name: &str| headers.iter().position(|h| h == name).unwrap();
+    let mut compared = 0;
+    for (index, (row, pair)) in rows.iter().zip(pairs).enumerate() {
+        let bleu_pair = &bleu["pairs"][index];
+        assert_eq!(bleu_pair["hypothesis"], pair["hypothesis"]);
+        let mut expected = vec![
+            ("chrf++".to_string(), pair["chrf++"].as_f64().unwrap()),
+            ("bleu".to_string(), bleu_pair["bleu_13a"].as_f64().unwrap()),
+            (
+                "bleu_intl".to_string(),
+                bleu_pair["bleu_intl"].as_f64().unwrap(),
+            ),
+            (
+                "nltk_bleu".to_string(),
+                bleu_pair["nltk_bleu"].as_f64().unwrap(),
+            ),
+        ];
+        for (variant, key) in [
+            ("rouge1", "rouge-1"),
+            ("rouge2", "rouge-2"),
+            ("rougeL", "rouge-l"),
+        ] {
+            for stat in ["f", "p", "r"] {
+                // The rouge package raises on an empty text; amthal scores 0.
+                let value = pair["rouge"][key][stat].as_f64().unwrap_or(0.0);
+                expected.push((format!("{variant}_{stat}"), value));
+            }
+        }
+        for (name, theirs) in expected {
+            let ours: f64 = row[column(&name)].parse().unwrap();
+            assert!(
+                (ours - theirs).abs() <= 1e-9,
+                "{name} of {} row {}: {ours} vs {theirs}",
+                pair["kind"],
+                pair["row"]
+            );
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, pairs.len() * 13);
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    let corpus = summary_line(&summary, "chrf++")["corpus"].as_f64().unwrap();
+    assert!((corpus - strings["corpus"]["chrf++"].as_f64().unwrap()).abs() <= 1e-9);
+}

@@ -238,8 +238,13 @@ fn html(
             "runs": run_info,
             "metric_rows": metric_rows(runs),
             "notes": notes,
-            "charts": charts,
-            "loss_chart": loss_chart,
+            // Bare chart names: the template adds "charts/" and ".svg" (HTML escaping
+            // would otherwise write the slash as &#x2f;).
+            "charts": charts
+                .iter()
+                .map(|c| c.trim_start_matches("charts/").trim_end_matches(".svg"))
+                .collect::<Vec<_>>(),
+            "loss_chart": loss_chart.is_some(),
             "samples": samples,
         })))?;
     Ok(text)
