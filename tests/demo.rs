@@ -1,5 +1,6 @@
 //! The README's main job, end to end on the tiny random model (fast): zero-shot
-//! explanations, a short LoRA fine-tune, explanations again, losses, summary.
+//! explanations, a short LoRA fine-tune, explanations again, losses, both runs scored,
+//! the report and the summary.
 
 mod common;
 
@@ -26,6 +27,12 @@ fn demo_runs_the_whole_loop() {
         "summary.json",
         "lora/adapter_model.safetensors",
         "lora/loss.svg",
+        "report/report.md",
+        "report/report.html",
+        "report/charts/chrf_pp.svg",
+        "report/charts/loss.png",
+        "report/scores/zero-shot.scores.csv",
+        "report/scores/fine-tuned.scores.csv",
     ] {
         assert!(out.join(file).is_file(), "{file}");
     }
@@ -39,10 +46,49 @@ fn demo_runs_the_whole_loop() {
     );
     let rows = amthal::predictions::read_predictions(&out.join("fine_tuned.csv")).unwrap();
     assert_eq!(rows.len(), 10, "every sample test row");
-    assert!(stdout(&output).contains("| proverb | reference | zero-shot | fine-tuned |"));
-    let table_lines = stdout(&output)
+    let printed = stdout(&output);
+    let samples: Vec<&str> = printed
         .lines()
-        .filter(|l| l.starts_with('|'))
-        .count();
-    assert_eq!(table_lines, 2 + 5, "header, rule and five rows");
+        .skip_while(|l| !l.starts_with("| proverb | reference | zero-shot | fine-tuned |"))
+        .take_while(|l| l.starts_with('|'))
+        .collect();
+    assert_eq!(
+        samples.len(),
+        2 + 5,
+        "header, rule and five rows: {printed}"
+    );
+    // The scores of both runs: printed, in the summary and in the report.
+    assert!(
+        printed.contains("| metric | zero-shot | fine-tuned |"),
+        "{printed}"
+    );
+    for (key, run) in [
+        ("scores_zero_shot", "zero-shot"),
+        ("scores_fine_tuned", "fine-tuned"),
+    ] {
+        let lines = summary[key].as_array().expect(key);
+        let chrf = lines
+            .iter()
+            .find(|l| l["metric"] == "chrf++")
+            .expect("chrf++");
+        let value = chrf["corpus"].as_f64().unwrap();
+        assert!((0.0..=100.0).contains(&value), "{run}: {value}");
+        let printed_line = printed
+            .lines()
+            .find(|l| l.starts_with("| chrf++ |"))
+            .unwrap();
+        assert!(
+            printed_line.contains(&format!("{value:.4}")),
+            "{printed_line}"
+        );
+    }
+    let report = std::fs::read_to_string(out.join("report/report.md")).unwrap();
+    assert!(
+        report.contains("| metric | zero-shot | fine-tuned |"),
+        "{report}"
+    );
+    assert!(
+        report.contains("charts/loss.svg"),
+        "the training loss curve is in the report"
+    );
 }
