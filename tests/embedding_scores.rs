@@ -122,6 +122,43 @@ fn bertscore_zero_idf_gives_nan_like_bert_score() {
 }
 
 #[test]
+fn bertscore_zeroes_padded_similarities_per_batch_like_bert_score() {
+    let g = golden("embeddings.json");
+    let case = &g["padding"];
+    let list = |k: &str| -> Vec<&str> {
+        case[k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect()
+    };
+    let (hyps, refs) = (list("hypotheses"), list("references"));
+    let mut results = Vec::new();
+    for batch_size in [1usize, 2] {
+        let options = BertScoreOptions {
+            layer: Some(0),
+            idf: false,
+            baseline: None,
+            batch_size,
+        };
+        let scorer = BertScorer::load(&fixture("tiny-bert-signed"), options, Device::Cpu).unwrap();
+        let scores = scorer.score(&hyps, &refs).unwrap();
+        let name = format!("scores_b{batch_size}");
+        let worst = check_prf(&name, &[], &scores, &case[&name]);
+        eprintln!("padding {name}: max abs diff {worst:.2e}");
+        results.push(scores);
+    }
+    assert!(
+        results[0]
+            .iter()
+            .zip(&results[1])
+            .any(|(a, b)| (a.f - b.f).abs() > 1e-4),
+        "the case should exercise the padded max"
+    );
+}
+
+#[test]
 fn sentence_cosines_match_sentence_transformers() {
     let g = golden("embeddings.json");
     let p = pairs(&g);

@@ -7,6 +7,8 @@ Writes (fixtures only when absent, so reruns keep them byte-identical):
     tests/fixtures/tiny-bert/          a tiny random BertModel (seed 0) with a WordPiece vocab of
                                        Arabic + Latin characters and frequent benchmark words
     tests/fixtures/tiny-bert-baseline.tsv  a bert_score-format baseline (LAYER,P,R,F) for it
+    tests/fixtures/tiny-bert-signed/   one-layer random BERT with signed LayerNorm gains (negative
+                                       cosines), same tokenizer, for bert_score's padded-max case
     tests/fixtures/tiny-st-cls/        sentence-transformers folder around tiny-bert: Transformer
                                        at path "", CLS pooling (legacy bool keys), Normalize
     tests/fixtures/tiny-st-max/        Transformer in 0_Transformer, pooling_mode
@@ -32,6 +34,7 @@ MINILM = CACHE / "models" / "all-MiniLM-L6-v2"
 FIXTURES, GOLDEN = ROOT / "tests" / "fixtures", ROOT / "tests" / "golden"
 TINY = FIXTURES / "tiny-bert"
 BASELINE = FIXTURES / "tiny-bert-baseline.tsv"
+SIGNED = FIXTURES / "tiny-bert-signed"
 torch.set_num_threads(os.cpu_count())
 
 ARABIC = [chr(c) for c in range(0x621, 0x64B)] + [chr(c) for c in range(0x64B, 0x653)] + list("،؛؟٠١٢٣٤٥٦٧٨٩")
@@ -68,6 +71,30 @@ def make_tiny_bert(refs):
             else:
                 p.normal_(0, 0.15)
     model.save_pretrained(TINY, safe_serialization=True)
+
+
+def make_signed_bert():
+    """One layer, LayerNorm gains of either sign: token cosines are often negative, which
+    exercises bert_score's zeroed padding in the greedy max."""
+    from transformers import BertConfig, BertModel
+
+    SIGNED.mkdir(parents=True, exist_ok=True)
+    for f in ["tokenizer.json", "tokenizer_config.json"]:
+        shutil.copy(TINY / f, SIGNED / f)
+    vocab = json.loads((TINY / "config.json").read_text())["vocab_size"]
+    config = BertConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=64, hidden_act="gelu")
+    torch.manual_seed(1)
+    model = BertModel(config, add_pooling_layer=False).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name:
+                p.normal_(0, 1) if name.endswith("weight") else p.zero_()
+            elif "position_embeddings" in name or "token_type" in name:
+                p.normal_(0, 0.02)  # small shared parts: word vectors point every way
+            else:
+                p.normal_(0, 0.3)
+    model.save_pretrained(SIGNED, safe_serialization=True)
 
 
 def make_st_folders():
@@ -137,6 +164,8 @@ if __name__ == "__main__":
         BASELINE.write_text("LAYER,P,R,F\n" + "".join(
             f"{i},{0.1 + 0.05 * i:.8f},{0.12 + 0.04 * i:.8f},{0.11 + 0.045 * i:.8f}\n" for i in range(4)))
     make_st_folders()
+    if not (SIGNED / "model.safetensors").exists():
+        make_signed_bert()
 
     pairs = perturbations(refs[:5])
     pairs = [p for p in pairs if p["kind"] != "long"]
@@ -173,6 +202,22 @@ if __name__ == "__main__":
     zero_idf["scores"] = bertscore(zero_idf["hypotheses"], zero_idf["references"], model_type=tiny,
                                    num_layers=3, idf=True)
 
+    # Short pairs beside a long one in the same batch: a token whose best cosine is
+    # negative scores 0 in bert_score when its partner is padded (batch_size 2), not when
+    # each pair is its own batch (batch_size 1).
+    letters = list("abcdefghijklmnopqrstuvwxyz") + list("ابتثجحخدذرزسشصضطظعغفقكلمنهوي")
+    long = "The proverb means " + " ".join(letters[:20])
+    padding = {"hypotheses": [], "references": []}
+    for i in range(0, 40, 2):
+        padding["hypotheses"] += [letters[i] + " " + letters[i + 1], long]
+        padding["references"] += [letters[(i * 7 + 3) % len(letters)], long]
+    for b in (1, 2):
+        padding[f"scores_b{b}"] = bertscore(padding["hypotheses"], padding["references"],
+                                            model_type=str(SIGNED), num_layers=0, batch_size=b)
+    changed = sum(abs(x["f"] - y["f"]) > 1e-4 for x, y in zip(padding["scores_b1"], padding["scores_b2"]))
+    assert changed > 0, "the padding case does not change any score"
+    print("padding zeroes change", changed, "of", len(padding["hypotheses"]), "scores", file=sys.stderr)
+
     from sentence_transformers import SentenceTransformer, util
 
     sas = {}
@@ -194,6 +239,7 @@ if __name__ == "__main__":
         "bertscore": bert,
         "sas": sas,
         "zero_idf": zero_idf,
+        "padding": padding,
     }
     (GOLDEN / "embeddings.json").write_text(json.dumps(out, ensure_ascii=False, indent=0) + "\n")
     print("wrote tests/golden/embeddings.json:", len(pairs), "pairs")
