@@ -1,6 +1,7 @@
 //! The model layer: configuration, the Llama forward pass, weights from safetensors
 //! and GGUF, LoRA adapters in PEFT format, and HF-folder checkpoints.
 
+pub mod bert;
 pub mod checkpoint;
 pub mod config;
 pub mod dequant;

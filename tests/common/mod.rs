@@ -88,3 +88,16 @@ pub fn ids(value: &serde_json::Value) -> Vec<u32> {
         .map(|v| v.as_u64().expect("id") as u32)
         .collect()
 }
+
+/// all-MiniLM-L6-v2 (sentence-transformers folder) from the setup cache.
+pub fn minilm() -> PathBuf {
+    let path = amthal::model_source::cache_dir()
+        .join("models")
+        .join("all-MiniLM-L6-v2");
+    assert!(
+        path.join("modules.json").is_file() && path.join("model.safetensors").is_file(),
+        "{} not found: run scripts/setup first",
+        path.display()
+    );
+    path
+}
