@@ -76,9 +76,11 @@ pub struct MetricArgs {
     /// auto, cpu, cuda or cuda:N (embedding models only).
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Texts per batch for the embedding models.
-    #[arg(long, default_value_t = 32, value_name = "N")]
-    pub batch_size: usize,
+    /// Sentences per BERTScore batch. bert_score zeroes the similarities of padding
+    /// before taking maxima, so its scores can depend on the batch; the default is
+    /// bert_score's (64) so the numbers match a default Python run.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub bertscore_batch_size: usize,
 }
 
 #[derive(Debug, Args)]

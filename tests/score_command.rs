@@ -493,3 +493,80 @@ fn score_columns_equal_the_python_packages_on_the_benchmark_pairs() {
     let corpus = summary_line(&summary, "chrf++")["corpus"].as_f64().unwrap();
     assert!((corpus - strings["corpus"]["chrf++"].as_f64().unwrap()).abs() <= 1e-9);
 }
+
+/// The embedding metrics through the command: BERTScore (all-MiniLM-L6-v2's encoder at
+/// layer 4) and sentence-transformers cosine on the golden pairs equal bert_score and
+/// sentence_transformers within 1e-5; the row without a reference is left blank.
+#[test]
+fn embedding_columns_equal_bert_score_and_sentence_transformers() {
+    let dir = temp_dir("score-embeddings");
+    let golden = golden("embeddings.json");
+    assert_eq!(golden["settings"]["minilm_l4"]["num_layers"], 4);
+    assert!(golden["settings"]["minilm_l4"]["idf"] != true);
+    let pairs = golden["pairs"].as_array().unwrap();
+    let mut bytes = Vec::new();
+    {
+        let mut writer = csv::Writer::from_writer(&mut bytes);
+        writer
+            .write_record(["Reference_Explanation", "prediction"])
+            .unwrap();
+        for pair in pairs {
+            writer
+                .write_record([
+                    pair["reference"].as_str().unwrap(),
+                    pair["hypothesis"].as_str().unwrap(),
+                ])
+                .unwrap();
+        }
+    }
+    let pred = write(&dir, "pairs.csv", bytes);
+    let out = dir.join("rows.csv");
+    let minilm = minilm();
+    let output = amthal(&[
+        "score",
+        "--pred",
+        pred.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--summary",
+        dir.join("summary.json").to_str().unwrap(),
+        "--metrics",
+        "bertscore,cosine",
+        "--bertscore-model",
+        minilm.to_str().unwrap(),
+        "--bertscore-layer",
+        "4",
+        "--embedding-model",
+        minilm.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let (headers, rows) = read_csv(&out);
+    let column = |name: &str| headers.iter().position(|h| h == name).unwrap();
+    let mut compared = 0;
+    for (index, (row, pair)) in rows.iter().zip(pairs).enumerate() {
+        if pair["reference"].as_str().unwrap().trim().is_empty() {
+            assert_eq!(row[column("bertscore_f")], "");
+            assert_eq!(row[column("cosine_all-MiniLM-L6-v2")], "");
+            continue;
+        }
+        let expected = &golden["bertscore"]["minilm_l4"][index];
+        for (name, theirs) in [
+            ("bertscore_p", &expected["p"]),
+            ("bertscore_r", &expected["r"]),
+            ("bertscore_f", &expected["f"]),
+            ("cosine_all-MiniLM-L6-v2", &golden["sas"]["minilm"][index]),
+        ] {
+            let ours: f64 = row[column(name)].parse().unwrap();
+            let theirs = theirs.as_f64().unwrap();
+            assert!(
+                (ours - theirs).abs() <= 1e-5,
+                "{name} of {} (pair {index}): {ours} vs {theirs}",
+                pair["kind"]
+            );
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, 4 * (pairs.len() - 1));
+}

@@ -41,14 +41,14 @@ pub fn options_from_args(args: &MetricArgs) -> Result<ScoreOptions> {
     {
         bail_input!("--bertscore-baseline {}: no such file", baseline.display());
     }
-    if args.batch_size == 0 {
-        bail_input!("--batch-size must be at least 1");
+    if args.bertscore_batch_size == 0 {
+        bail_input!("--bertscore-batch-size must be at least 1");
     }
     options.bertscore_layer = args.bertscore_layer;
     options.bertscore_idf = args.bertscore_idf;
     options.bertscore_baseline = args.bertscore_baseline.clone();
     options.normalization = args.normalize;
-    options.batch_size = args.batch_size;
+    options.bertscore_batch_size = args.bertscore_batch_size;
     options.device = crate::device::parse_device(&args.device)?;
     Ok(options)
 }
@@ -96,6 +96,7 @@ pub fn summary_json(source: &Path, options: &ScoreOptions, scores: &Scores) -> s
             "bertscore_layer": options.bertscore_layer,
             "bertscore_idf": options.bertscore_idf,
             "bertscore_baseline": options.bertscore_baseline.as_ref().map(|p| p.display().to_string()),
+            "bertscore_batch_size": options.bertscore_batch_size,
             "embedding_models": options.embedding_models,
         },
         "rows": scores.rows,

@@ -39,7 +39,8 @@ pub struct ScoreOptions {
     pub bertscore_idf: bool,
     pub bertscore_baseline: Option<PathBuf>,
     pub embedding_models: Vec<String>,
-    pub batch_size: usize,
+    /// bert_score's batch size (its scores can depend on it; see the CLI flag).
+    pub bertscore_batch_size: usize,
     pub device: Device,
 }
 
@@ -55,7 +56,7 @@ impl ScoreOptions {
             bertscore_idf: false,
             bertscore_baseline: None,
             embedding_models: vec![DEFAULT_EMBEDDING_MODEL.to_string()],
-            batch_size: 32,
+            bertscore_batch_size: 64,
             device: Device::Cpu,
         }
     }
@@ -293,7 +294,7 @@ pub fn score(generated: &[&str], references: &[&str], options: &ScoreOptions) ->
                         layer: options.bertscore_layer,
                         idf: options.bertscore_idf,
                         baseline: options.bertscore_baseline.clone(),
-                        batch_size: options.batch_size,
+                        batch_size: options.bertscore_batch_size,
                     },
                     options.device,
                 )?;
