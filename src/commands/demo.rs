@@ -192,6 +192,14 @@ pub fn run(args: &DemoArgs) -> Result<()> {
             println!("| {metric} | {a:.4} | {b:.4} |");
         }
     }
+    let latin = |summary: &serde_json::Value| summary["checks"]["latin_share"].as_f64();
+    if let (Some(a), Some(b)) = (latin(&scores_before), latin(&scores_after)) {
+        println!(
+            "| outputs with Latin letters (%) | {:.1} | {:.1} |",
+            100.0 * a,
+            100.0 * b
+        );
+    }
     println!();
     let before = read_predictions(&zero_shot)?;
     let after = read_predictions(&fine_tuned)?;

@@ -143,6 +143,32 @@ fn metric_rows(runs: &[Run]) -> Vec<MetricRow> {
         .collect()
 }
 
+/// The runs' skipped metrics and notes; one shared by every run is shown once.
+fn notes(runs: &[Run]) -> Vec<String> {
+    let all = |r: &Run| -> Vec<String> {
+        r.scores
+            .skipped
+            .iter()
+            .chain(&r.scores.notes)
+            .cloned()
+            .collect()
+    };
+    let mut out = Vec::new();
+    for run in runs {
+        for note in all(run) {
+            if runs.len() > 1 && runs.iter().all(|r| all(r).contains(&note)) {
+                let shared = format!("all runs: {note}");
+                if !out.contains(&shared) {
+                    out.push(shared);
+                }
+            } else {
+                out.push(format!("{}: {note}", run.name));
+            }
+        }
+    }
+    out
+}
+
 fn escape_cell(text: &str) -> String {
     text.replace('|', "\\|").replace(['\n', '\r'], " ")
 }
@@ -169,10 +195,8 @@ fn markdown(
     text += "\n## Scores\n\nScales as in the Python packages: sacrebleu BLEU and chrF++ 0–100; NLTK BLEU, \
              ROUGE, BERTScore 0–1; cosine −1–1.\n\n";
     text += &comparison_markdown(&pairs);
-    for run in runs {
-        for line in run.scores.skipped.iter().chain(&run.scores.notes) {
-            text += &format!("\n- {}: {line}", run.name);
-        }
+    for note in notes(runs) {
+        text += &format!("\n- {note}");
     }
     text += "\n\n## Charts\n\n";
     for chart in charts {
@@ -211,16 +235,7 @@ fn html(
     let mut env = minijinja::Environment::new();
     env.set_auto_escape_callback(|_| minijinja::AutoEscape::Html);
     env.add_template("report.html", HTML_TEMPLATE)?;
-    let notes: Vec<String> = runs
-        .iter()
-        .flat_map(|r| {
-            r.scores
-                .skipped
-                .iter()
-                .chain(&r.scores.notes)
-                .map(move |n| format!("{}: {n}", r.name))
-        })
-        .collect();
+    let notes = notes(runs);
     let run_info: Vec<serde_json::Value> = runs
         .iter()
         .map(|r| {

@@ -177,7 +177,16 @@ fn find_model(
                     "embedding"
                 }
             );
-            tracing::warn!("{reason}");
+            // Once per process: `report` and the demo score several files.
+            static WARNED: std::sync::Mutex<BTreeSet<String>> =
+                std::sync::Mutex::new(BTreeSet::new());
+            if WARNED
+                .lock()
+                .map(|mut w| w.insert(reason.clone()))
+                .unwrap_or(true)
+            {
+                tracing::warn!("{reason}");
+            }
             skipped.push(reason);
             Ok(None)
         }
