@@ -1,21 +1,15 @@
-"""The Python side of scripts/bench/score: the metric packages the dataset authors and
-the seed use, timed per metric on one predictions CSV. Prints one JSON object:
-{metric: {"seconds": s, "mean": m, "corpus": c or null}}.
-    python score_python.py PRED.csv MINILM_DIR"""
-import csv, json, sys, time
+"""The Python side of scripts/bench/score: one metric computed with the package the
+dataset authors and the seed use, on one predictions CSV, as a user's metric script
+would (the caller times the whole process, imports and model loading included).
+Prints one JSON object: {"mean": m, "corpus": c or null}.
+    python score_python.py PRED.csv MINILM_DIR METRIC"""
+import csv, json, sys
 
-pred, minilm = sys.argv[1], sys.argv[2]
+pred, minilm, metric = sys.argv[1], sys.argv[2], sys.argv[3]
 with open(pred, encoding="utf-8-sig", newline="") as f:
     rows = [r for r in csv.DictReader(f) if r["Reference_Explanation"].strip()]
 hyps = [r["Generated_Explanation"] for r in rows]
 refs = [r["Reference_Explanation"] for r in rows]
-out = {}
-
-
-def timed(name, fn):
-    start = time.perf_counter()
-    mean, corpus = fn()
-    out[name] = {"seconds": time.perf_counter() - start, "mean": mean, "corpus": corpus}
 
 
 def sacre(tokenize):
@@ -58,11 +52,14 @@ def bertscore():
     return float(f.mean()), None
 
 
-timed("bleu", lambda: sacre("13a"))
-timed("bleu_intl", lambda: sacre("intl"))
-timed("nltk_bleu", nltk_bleu)
-timed("rougeL_f", rouge_l)
-timed("chrf++", chrf)
-timed("cosine", cosine)
-timed("bertscore_f", bertscore)
-print(json.dumps(out))
+METRICS = {
+    "bleu": lambda: sacre("13a"),
+    "bleu_intl": lambda: sacre("intl"),
+    "nltk_bleu": nltk_bleu,
+    "rougeL_f": rouge_l,
+    "chrf++": chrf,
+    "cosine": cosine,
+    "bertscore_f": bertscore,
+}
+mean, corpus = METRICS[metric]()
+print(json.dumps({"mean": mean, "corpus": corpus}))
