@@ -495,7 +495,8 @@ fn score_columns_equal_the_python_packages_on_the_benchmark_pairs() {
 }
 
 /// The embedding metrics through the command: BERTScore (all-MiniLM-L6-v2's encoder at
-/// layer 4) and sentence-transformers cosine on the golden pairs equal bert_score and
+/// layer 4) and sentence-transformers cosine with two models in one run (MiniLM and a
+/// tiny cls-pooling folder) on the golden pairs equal bert_score and
 /// sentence_transformers within 1e-5; the row without a reference is left blank.
 #[test]
 fn embedding_columns_equal_bert_score_and_sentence_transformers() {
@@ -538,6 +539,8 @@ fn embedding_columns_equal_bert_score_and_sentence_transformers() {
         "4",
         "--embedding-model",
         minilm.to_str().unwrap(),
+        "--embedding-model",
+        fixture("tiny-st-cls").to_str().unwrap(),
         "--device",
         "cpu",
     ]);
@@ -557,6 +560,7 @@ fn embedding_columns_equal_bert_score_and_sentence_transformers() {
             ("bertscore_r", &expected["r"]),
             ("bertscore_f", &expected["f"]),
             ("cosine_all-MiniLM-L6-v2", &golden["sas"]["minilm"][index]),
+            ("cosine_tiny-st-cls", &golden["sas"]["tiny_st_cls"][index]),
         ] {
             let ours: f64 = row[column(name)].parse().unwrap();
             let theirs = theirs.as_f64().unwrap();
@@ -568,5 +572,5 @@ fn embedding_columns_equal_bert_score_and_sentence_transformers() {
             compared += 1;
         }
     }
-    assert_eq!(compared, 4 * (pairs.len() - 1));
+    assert_eq!(compared, 5 * (pairs.len() - 1));
 }
