@@ -106,6 +106,14 @@ fn score_writes_input_columns_plus_metrics_and_a_consistent_summary() {
     );
     assert_eq!(summary["checks"]["empty"], 0);
     assert_eq!(summary["checks"]["with_latin"], 0);
+    assert_eq!(
+        summary["sacrebleu_signatures"]["chrf++"],
+        "nrefs:1|case:mixed|eff:yes|nc:6|nw:2|space:no|version:2.6.0"
+    );
+    assert!(
+        summary["sacrebleu_signatures"].get("bleu").is_none(),
+        "bleu was not asked for"
+    );
 }
 
 #[test]

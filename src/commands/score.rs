@@ -84,6 +84,33 @@ pub fn scores_csv(table: &PredictionTable, scores: &Scores) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// sacrebleu's metric signatures for the metrics computed, so a paper can state
+/// exactly what was measured (sentence scores use effective order, corpus BLEU not).
+fn signatures(options: &ScoreOptions) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    let version = "version:2.6.0";
+    // sacrebleu's own format; --normalize is recorded under settings, not here.
+    let case = "case:mixed";
+    for (metric, tokenizer) in [(Metric::Bleu, "13a"), (Metric::BleuIntl, "intl")] {
+        if options.metrics.contains(&metric) {
+            out.insert(
+                metric.name().to_string(),
+                serde_json::json!({
+                    "sentence": format!("nrefs:1|{case}|eff:yes|tok:{tokenizer}|smooth:exp|{version}"),
+                    "corpus": format!("nrefs:1|{case}|eff:no|tok:{tokenizer}|smooth:exp|{version}"),
+                }),
+            );
+        }
+    }
+    if options.metrics.contains(&Metric::ChrfPlusPlus) {
+        out.insert(
+            "chrf++".into(),
+            format!("nrefs:1|{case}|eff:yes|nc:6|nw:2|space:no|{version}").into(),
+        );
+    }
+    serde_json::Value::Object(out)
+}
+
 /// The summary JSON: settings, row counts, metric means/corpus scores and checks.
 pub fn summary_json(source: &Path, options: &ScoreOptions, scores: &Scores) -> serde_json::Value {
     serde_json::json!({
@@ -99,6 +126,7 @@ pub fn summary_json(source: &Path, options: &ScoreOptions, scores: &Scores) -> s
             "bertscore_batch_size": options.bertscore_batch_size,
             "embedding_models": options.embedding_models,
         },
+        "sacrebleu_signatures": signatures(options),
         "rows": scores.rows,
         "scored_rows": scores.scored_rows,
         // Data row numbers as in the file (1 = first row after the header).
