@@ -26,6 +26,13 @@ pub struct RougeScores {
     pub empty: bool,
 }
 
+impl RougeScores {
+    /// ROUGE-1, ROUGE-2 and ROUGE-L, in that order.
+    pub fn variants(&self) -> [Fpr; 3] {
+        [self.rouge_1, self.rouge_2, self.rouge_l]
+    }
+}
+
 /// `[" ".join(s.split()) for s in text.split(".") if len(s) > 0]`.
 fn sentences(text: &str) -> Vec<String> {
     text.split('.')

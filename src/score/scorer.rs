@@ -19,7 +19,7 @@ use super::chrf::{ChrfConfig, corpus_chrf, sentence_chrf};
 use super::encoder_model::resolve_encoder_folder;
 use super::metric::Metric;
 use super::normalize::Normalization;
-use super::rouge::rouge;
+use super::rouge::{Fpr, rouge};
 use super::sentence_embedding::SentenceEncoder;
 use crate::bail_input;
 
@@ -258,27 +258,21 @@ pub fn score(generated: &[&str], references: &[&str], options: &ScoreOptions) ->
                         "rouge: {empty} row(s) with an empty text scored 0 (the rouge package raises there)"
                     ));
                 }
-                for (variant, pick) in [
-                    (
-                        "rouge1",
-                        (|s: &super::rouge::RougeScores| s.rouge_1) as fn(&_) -> _,
-                    ),
-                    ("rouge2", |s| s.rouge_2),
-                    ("rougeL", |s| s.rouge_l),
-                ] {
+                for (index, variant) in ["rouge1", "rouge2", "rougeL"].into_iter().enumerate() {
+                    let fpr: Vec<Fpr> = all.iter().map(|s| s.variants()[index]).collect();
                     out.add(
                         &format!("{variant}_f"),
-                        all.iter().map(|s| pick(s).f).collect(),
+                        fpr.iter().map(|x| x.f).collect(),
                         None,
                     );
                     out.add(
                         &format!("{variant}_p"),
-                        all.iter().map(|s| pick(s).p).collect(),
+                        fpr.iter().map(|x| x.p).collect(),
                         None,
                     );
                     out.add(
                         &format!("{variant}_r"),
-                        all.iter().map(|s| pick(s).r).collect(),
+                        fpr.iter().map(|x| x.r).collect(),
                         None,
                     );
                 }
