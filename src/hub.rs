@@ -24,6 +24,23 @@ const MODEL_FILES: [&str; 6] = [
     "chat_template.jinja",
 ];
 
+/// sentence-transformers' files: the pipeline (modules.json), its settings, and each
+/// module folder's config ("1_Pooling/config.json"), so a Hub sentence-transformers
+/// model is computed as its modules say, not as a bare encoder.
+fn is_sentence_transformers_file(name: &str) -> bool {
+    let module_config = name.split_once('/').is_some_and(|(dir, file)| {
+        file == "config.json"
+            && dir
+                .split_once('_')
+                .is_some_and(|(n, _)| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
+    });
+    module_config
+        || matches!(
+            name,
+            "modules.json" | "sentence_bert_config.json" | "config_sentence_transformers.json"
+        )
+}
+
 pub fn hub_cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("HF_HUB_CACHE") {
         return PathBuf::from(dir);
@@ -85,6 +102,12 @@ pub fn resolve(repo_id: &str) -> Result<PathBuf> {
         .filter(|f| available.iter().any(|a| a == *f))
         .map(|f| f.to_string())
         .collect();
+    wanted.extend(
+        available
+            .iter()
+            .filter(|a| is_sentence_transformers_file(a))
+            .cloned(),
+    );
     if available
         .iter()
         .any(|a| a == "model.safetensors.index.json")
@@ -154,4 +177,30 @@ fn describe_hub_error(repo_id: &str, error: &str) -> anyhow::Error {
         "the Hub could not be reached; with the files already in the cache, set HF_HUB_OFFLINE=1"
     };
     bad_input(format!("--model {repo_id}: {hint} ({error})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sentence_transformers_files_are_recognised() {
+        for name in [
+            "modules.json",
+            "sentence_bert_config.json",
+            "1_Pooling/config.json",
+            "2_Dense/config.json",
+        ] {
+            assert!(is_sentence_transformers_file(name), "{name}");
+        }
+        for name in [
+            "config.json",
+            "pytorch_model.bin",
+            "onnx/config.json",
+            "1_Pooling/model.bin",
+            "_x/config.json",
+        ] {
+            assert!(!is_sentence_transformers_file(name), "{name}");
+        }
+    }
 }
