@@ -582,3 +582,37 @@ fn embedding_columns_equal_bert_score_and_sentence_transformers() {
     }
     assert_eq!(compared, 5 * (pairs.len() - 1));
 }
+
+/// Outputs for an unlabelled test set: no reference column. Nothing can be scored
+/// against a reference, but the task checks still run and every row is reported.
+#[test]
+fn a_file_without_references_gets_the_task_checks_only() {
+    let dir = temp_dir("score-no-reference");
+    let pred = write(
+        &dir,
+        "unlabelled.csv",
+        "Proverb,Generated_Explanation\nمثل,The proverb means\nمثل آخر,يضرب لمن\n",
+    );
+    let summary = dir.join("summary.json");
+    let output = amthal(&[
+        "score",
+        "--pred",
+        pred.to_str().unwrap(),
+        "--out",
+        dir.join("rows.csv").to_str().unwrap(),
+        "--summary",
+        summary.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("no reference column"),
+        "{}",
+        stderr(&output)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    assert_eq!(summary["scored_rows"], 0);
+    assert_eq!(summary["unscored_rows"], serde_json::json!([1, 2]));
+    assert_eq!(summary["summary"], serde_json::json!([]));
+    assert_eq!(summary["checks"]["with_latin"], 1);
+}

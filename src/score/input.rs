@@ -28,7 +28,7 @@ pub struct PredictionTable {
     pub headers: Vec<String>,
     pub records: Vec<Vec<String>>,
     generated: usize,
-    reference: usize,
+    reference: Option<usize>,
     proverb: Option<usize>,
 }
 
@@ -37,8 +37,9 @@ impl PredictionTable {
         &self.records[row][self.generated]
     }
 
+    /// The reference of a row, or "" when the file has no reference column.
     pub fn reference(&self, row: usize) -> &str {
-        &self.records[row][self.reference]
+        self.reference.map_or("", |i| self.records[row][i].as_str())
     }
 
     /// The proverb of a row, or "" when the file has no proverb column.
@@ -99,7 +100,18 @@ pub fn read_prediction_table(path: &Path) -> Result<PredictionTable> {
         .map(str::to_string)
         .collect();
     let generated = one_column(path, &headers, &GENERATED_NAMES, "generated-text")?;
-    let reference = one_column(path, &headers, &REFERENCE_NAMES, "reference")?;
+    // A file without references (generated for an unlabelled test set) still gets the
+    // task checks; every row is then reported as not scored.
+    let reference = if find_column(&headers, &REFERENCE_NAMES).is_empty() {
+        tracing::warn!(
+            "{}: no reference column ({}); no row can be scored against a reference, only checked",
+            path.display(),
+            REFERENCE_NAMES.join(", ")
+        );
+        None
+    } else {
+        Some(one_column(path, &headers, &REFERENCE_NAMES, "reference")?)
+    };
     let proverb = find_column(&headers, &PROVERB_NAMES).first().copied();
     let mut records = Vec::new();
     for (index, record) in reader.records().enumerate() {

@@ -229,7 +229,18 @@ pub fn score(generated: &[&str], references: &[&str], options: &ScoreOptions) ->
     let mut skipped = Vec::new();
     let mut notes = Vec::new();
     let mut checks = None;
-    for &metric in &options.metrics {
+    // With no row to score, only the task checks mean anything (and no model is loaded).
+    let metrics: Vec<Metric> = if scored.is_empty() {
+        options
+            .metrics
+            .iter()
+            .copied()
+            .filter(|&m| m == Metric::Checks)
+            .collect()
+    } else {
+        options.metrics.clone()
+    };
+    for &metric in &metrics {
         match metric {
             Metric::Bleu | Metric::BleuIntl => {
                 let (tokenizer, name) = if metric == Metric::Bleu {
