@@ -215,7 +215,11 @@ fn bad_inputs_exit_2_naming_the_problem_and_write_nothing() {
         out.to_str().unwrap(),
     ]);
     assert_eq!(output.status.code(), Some(2));
-    assert!(stderr(&output).contains("row 3"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("row 2 (line 3)"),
+        "{}",
+        stderr(&output)
+    );
     assert!(!out.exists());
 
     let good = fixture("predictions/fine_tuned.csv");
@@ -230,15 +234,58 @@ fn bad_inputs_exit_2_naming_the_problem_and_write_nothing() {
     assert!(stderr(&output).contains("bleurt"));
 
     let copy = write(&dir, "copy.csv", std::fs::read(&good).unwrap());
+    let same_file_spellings = [
+        copy.to_str().unwrap().to_string(),
+        dir.join(".").join("copy.csv").to_str().unwrap().to_string(),
+    ];
+    for spelling in &same_file_spellings {
+        for flag in ["--out", "--summary"] {
+            let output = amthal(&["score", "--pred", copy.to_str().unwrap(), flag, spelling]);
+            assert_eq!(output.status.code(), Some(2), "{flag} {spelling}");
+            assert_eq!(std::fs::read(&copy).unwrap(), std::fs::read(&good).unwrap());
+        }
+    }
+    let both = dir.join("both.out");
     let output = amthal(&[
         "score",
         "--pred",
         copy.to_str().unwrap(),
         "--out",
-        copy.to_str().unwrap(),
+        both.to_str().unwrap(),
+        "--summary",
+        both.to_str().unwrap(),
     ]);
     assert_eq!(output.status.code(), Some(2));
-    assert_eq!(std::fs::read(&copy).unwrap(), std::fs::read(&good).unwrap());
+    assert!(!both.exists());
+
+    // Flags that would be ignored, and columns that would clash, are refused.
+    for args in [
+        vec!["--metrics", "bleu", "--bertscore-idf"],
+        vec!["--metrics", "chrf++", "--bertscore-layer", "3"],
+        vec![
+            "--embedding-model",
+            "a/final",
+            "--embedding-model",
+            "b/final",
+        ],
+    ] {
+        let mut all = vec![
+            "score",
+            "--pred",
+            copy.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        all.extend(args.iter().copied());
+        let output = amthal(&all);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+        assert!(!out.exists());
+    }
 }
 
 /// Runs amthal with an empty model cache and an empty, offline Hugging Face cache.
@@ -394,6 +441,33 @@ fn report_compares_runs_with_charts_samples_and_loss_curves() {
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
     assert!(html.contains("<img src=\"charts/chrf_pp.svg\"") && html.contains("fine-tuned"));
     assert!(out.join("scores/fine-tuned.scores.csv").is_file());
+
+    // An earlier report is replaced; a folder with a report.md among other files is not.
+    let again = amthal(&[
+        "report",
+        fixture("predictions/fine_tuned.csv").to_str().unwrap(),
+        "--metrics",
+        "chrf++",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert!(
+        !out.join("scores/zero-shot.scores.csv").exists(),
+        "replaced whole"
+    );
+    let docs = dir.join("docs");
+    std::fs::create_dir_all(&docs).unwrap();
+    write(&docs, "report.md", "# my notes");
+    write(&docs, "index.md", "keep");
+    let output = amthal(&[
+        "report",
+        fixture("predictions/zero_shot.csv").to_str().unwrap(),
+        "--out",
+        docs.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(docs.join("index.md").is_file() && docs.join("report.md").is_file());
 
     // A folder that is not a report is never replaced.
     let precious = dir.join("precious");
@@ -581,6 +655,12 @@ fn embedding_columns_equal_bert_score_and_sentence_transformers() {
         }
     }
     assert_eq!(compared, 5 * (pairs.len() - 1));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
+    let models = summary["models"].as_array().unwrap();
+    assert_eq!(models.len(), 3, "{models:?}");
+    assert_eq!(models[0]["column"], "bertscore");
+    assert_eq!(models[0]["layer"], 4, "the layer actually used is recorded");
 }
 
 /// Outputs for an unlabelled test set: no reference column. Nothing can be scored

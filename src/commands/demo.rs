@@ -16,6 +16,7 @@ use crate::cli::{Cli, Command, DemoArgs};
 use crate::data::{Split, split_path};
 use crate::predictions::read_predictions;
 use crate::sample_data::sample_bytes;
+use crate::score::scorer::{DEFAULT_EMBEDDING_MODEL, Scores, model_short_name};
 
 /// The data dir the demo runs on: --data-dir, or the embedded samples written out.
 fn data_dir(args: &DemoArgs, out: &Path) -> Result<PathBuf> {
@@ -150,7 +151,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         ..crate::score::scorer::ScoreOptions::defaults()
     };
     let report_dir = out.join("report");
-    let report = crate::commands::report::report(
+    let runs = crate::commands::report::report(
         &[&zero_shot, &fine_tuned],
         &["zero-shot".to_string(), "fine-tuned".to_string()],
         &[&adapter.join("log.jsonl")],
@@ -158,46 +159,26 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         &report_dir,
         &options,
     )?;
-    let run_summary = |name: &str| -> Result<serde_json::Value> {
-        let path = report_dir
-            .join("scores")
-            .join(format!("{name}.scores.json"));
-        Ok(serde_json::from_str(&std::fs::read_to_string(path)?)?)
-    };
-    let (scores_before, scores_after) = (run_summary("zero-shot")?, run_summary("fine-tuned")?);
+    let (scores_before, scores_after) = (&runs[0].scores, &runs[1].scores);
 
     println!("5/5 summary (full files in {})", out.display());
     println!(
         "\nvalidation answer-token loss: zero-shot {loss_before:.4} -> fine-tuned {loss_after:.4}\n"
     );
-    let headline = |summary: &serde_json::Value, metric: &str| -> Option<f64> {
-        let line = summary["summary"]
-            .as_array()?
-            .iter()
-            .find(|l| l["metric"] == metric)?;
-        line["corpus"].as_f64().or_else(|| line["mean"].as_f64())
-    };
+    // The headline metrics (corpus score where there is one, else the mean).
+    let cosine = format!("cosine_{}", model_short_name(DEFAULT_EMBEDDING_MODEL));
     println!("| metric | zero-shot | fine-tuned |\n|---|---:|---:|");
-    for metric in [
-        "bleu",
-        "chrf++",
-        "rougeL_f",
-        "bertscore_f",
-        "cosine_all-MiniLM-L6-v2",
-    ] {
-        if let (Some(a), Some(b)) = (
-            headline(&scores_before, metric),
-            headline(&scores_after, metric),
-        ) {
+    for metric in ["bleu", "chrf++", "rougeL_f", "bertscore_f", cosine.as_str()] {
+        let headline = |s: &Scores| s.line(metric).and_then(|l| l.corpus.or(l.mean));
+        if let (Some(a), Some(b)) = (headline(scores_before), headline(scores_after)) {
             println!("| {metric} | {a:.4} | {b:.4} |");
         }
     }
-    let latin = |summary: &serde_json::Value| summary["checks"]["latin_share"].as_f64();
-    if let (Some(a), Some(b)) = (latin(&scores_before), latin(&scores_after)) {
+    if let (Some(a), Some(b)) = (&scores_before.checks, &scores_after.checks) {
         println!(
             "| outputs with Latin letters (%) | {:.1} | {:.1} |",
-            100.0 * a,
-            100.0 * b
+            100.0 * a.latin_share,
+            100.0 * b.latin_share
         );
     }
     println!();
@@ -223,10 +204,10 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         "validation_loss_fine_tuned": loss_after,
         "training_log": adapter.join("log.jsonl").display().to_string(),
         "loss_curve": adapter.join("loss.svg").display().to_string(),
-        "report": report.display().to_string(),
-        "scores_zero_shot": scores_before["summary"],
-        "scores_fine_tuned": scores_after["summary"],
-        "skipped_metrics": scores_after["skipped"],
+        "report": report_dir.join("report.md").display().to_string(),
+        "scores_zero_shot": scores_before.summary,
+        "scores_fine_tuned": scores_after.summary,
+        "skipped_metrics": scores_after.skipped,
     });
     crate::atomic::write_file(
         &out.join("summary.json"),
@@ -234,7 +215,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     )?;
     println!(
         "\nreport: {} (and report.html); summary: {}/summary.json",
-        report.display(),
+        report_dir.join("report.md").display(),
         out.display()
     );
     Ok(())

@@ -7,9 +7,10 @@ use anyhow::Result;
 
 use crate::bail_input;
 use crate::cli::ReportArgs;
-use crate::report::{Run, TrainLog, read_train_log, write_report};
+use crate::report::{REPORT_ENTRIES, REPORT_MARKER, Run, TrainLog, read_train_log, write_report};
 use crate::score::input::read_prediction_table;
-use crate::score::scorer::ScoreOptions;
+use crate::score::scorer::{ScoreOptions, Scores};
+use crate::score::table::comparison_markdown;
 
 /// A run's default name: the file name without extension.
 fn default_name(path: &Path) -> String {
@@ -30,16 +31,31 @@ fn check_names(names: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// The report folder replaces OUT whole, so OUT must be empty, absent, or an earlier report.
+/// The report folder replaces OUT whole, so OUT must be new, empty, or an earlier
+/// report: marked by amthal and holding nothing but a report's files.
 fn check_out(out: &Path) -> Result<()> {
+    if out.file_name().is_none() {
+        bail_input!(
+            "--out {}: name a folder for the report (it is replaced whole)",
+            out.display()
+        );
+    }
     if out.is_file() {
         bail_input!("--out {}: is a file", out.display());
     }
-    if out.is_dir() && !out.join("report.md").is_file() && std::fs::read_dir(out)?.next().is_some()
-    {
+    if !out.is_dir() {
+        return Ok(());
+    }
+    let entries: Vec<String> = std::fs::read_dir(out)
+        .map_err(|e| crate::error::bad_input(format!("--out {}: {e}", out.display())))?
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    let earlier_report = entries.iter().any(|e| e == REPORT_MARKER)
+        && entries.iter().all(|e| REPORT_ENTRIES.contains(&e.as_str()));
+    if !entries.is_empty() && !earlier_report {
         bail_input!(
-            "--out {}: folder exists and is not an amthal report; the report replaces the folder \
-             whole, so give a new or empty one",
+            "--out {}: the folder holds other files and is not an amthal report; the report \
+             replaces the folder whole, so give a new or empty one",
             out.display()
         );
     }
@@ -54,7 +70,7 @@ pub fn report(
     samples: usize,
     out: &Path,
     options: &ScoreOptions,
-) -> Result<std::path::PathBuf> {
+) -> Result<Vec<Run>> {
     let names: Vec<String> = if names.is_empty() {
         paths.iter().map(|p| default_name(p)).collect()
     } else if names.len() == paths.len() {
@@ -94,14 +110,15 @@ pub fn report(
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    write_report(out, &runs, options, &logs, samples)
+    write_report(out, &runs, options, &logs, samples)?;
+    Ok(runs)
 }
 
 pub fn run(args: &ReportArgs) -> Result<()> {
     let options = super::score::options_from_args(&args.metrics)?;
     let paths: Vec<&Path> = args.runs.iter().map(|p| p.as_path()).collect();
     let logs: Vec<&Path> = args.train_logs.iter().map(|p| p.as_path()).collect();
-    let path = report(
+    let runs = report(
         &paths,
         &args.names,
         &logs,
@@ -109,15 +126,11 @@ pub fn run(args: &ReportArgs) -> Result<()> {
         &args.out,
         &options,
     )?;
-    let markdown = std::fs::read_to_string(&path)?;
-    // The scores section is what a reader wants in the terminal.
-    if let Some(table) = markdown
-        .split("## Scores")
-        .nth(1)
-        .and_then(|s| s.split("## Charts").next())
-    {
-        println!("{}", table.trim());
-    }
-    println!("\nreport: {} (and report.html beside it)", path.display());
+    let scores: Vec<(&str, &Scores)> = runs.iter().map(|r| (r.name.as_str(), &r.scores)).collect();
+    println!("{}", comparison_markdown(&scores));
+    println!(
+        "report: {} (and report.html beside it)",
+        args.out.join("report.md").display()
+    );
     Ok(())
 }

@@ -10,7 +10,7 @@ use crate::bail_input;
 use crate::cli::{MetricArgs, ScoreArgs};
 use crate::score::input::{PredictionTable, read_prediction_table};
 use crate::score::metric::Metric;
-use crate::score::scorer::{ScoreOptions, Scores, score};
+use crate::score::scorer::{ScoreOptions, Scores, model_short_name, score};
 use crate::score::table::summary_markdown;
 
 /// The scoring options the flags describe. A metric counts as asked for explicitly
@@ -29,6 +29,24 @@ pub fn options_from_args(args: &MetricArgs) -> Result<ScoreOptions> {
     if !args.embedding_models.is_empty() {
         options.embedding_models = args.embedding_models.clone();
         explicit_models.insert(Metric::Cosine);
+    }
+    // Each embedding model gets a column named after it; two with one name would clash.
+    let mut names = BTreeSet::new();
+    for spec in &options.embedding_models {
+        if !names.insert(model_short_name(spec)) {
+            bail_input!(
+                "--embedding-model: two models are named {:?} (columns are cosine_NAME); \
+                 give each once, from folders with different names",
+                model_short_name(spec)
+            );
+        }
+    }
+    let bertscore_settings =
+        args.bertscore_layer.is_some() || args.bertscore_idf || args.bertscore_baseline.is_some();
+    if bertscore_settings && !options.metrics.contains(&Metric::BertScore) {
+        bail_input!(
+            "--bertscore-layer/--bertscore-idf/--bertscore-baseline were given, but --metrics leaves bertscore out"
+        );
     }
     for metric in explicit_models {
         if !options.metrics.contains(&metric) {
@@ -91,10 +109,14 @@ fn signatures(options: &ScoreOptions) -> serde_json::Value {
     let version = "version:2.6.0";
     // sacrebleu's own format; --normalize is recorded under settings, not here.
     let case = "case:mixed";
-    for (metric, tokenizer) in [(Metric::Bleu, "13a"), (Metric::BleuIntl, "intl")] {
+    // Keyed by the summary's metric names (the column names).
+    for (metric, column, tokenizer) in [
+        (Metric::Bleu, "bleu", "13a"),
+        (Metric::BleuIntl, "bleu_intl", "intl"),
+    ] {
         if options.metrics.contains(&metric) {
             out.insert(
-                metric.name().to_string(),
+                column.to_string(),
                 serde_json::json!({
                     "sentence": format!("nrefs:1|{case}|eff:yes|tok:{tokenizer}|smooth:exp|{version}"),
                     "corpus": format!("nrefs:1|{case}|eff:no|tok:{tokenizer}|smooth:exp|{version}"),
@@ -127,6 +149,8 @@ pub fn summary_json(source: &Path, options: &ScoreOptions, scores: &Scores) -> s
             "embedding_models": options.embedding_models,
         },
         "sacrebleu_signatures": signatures(options),
+        // The encoders as resolved: folder and the BERTScore layer actually used.
+        "models": scores.models,
         "rows": scores.rows,
         "scored_rows": scores.scored_rows,
         // Data row numbers as in the file (1 = first row after the header).
@@ -136,6 +160,23 @@ pub fn summary_json(source: &Path, options: &ScoreOptions, scores: &Scores) -> s
         "skipped": scores.skipped,
         "notes": scores.notes,
     })
+}
+
+/// Whether two paths name the same file (same folder after resolving links and
+/// `..`, same file name), whether or not the file exists yet.
+fn same_file(a: &Path, b: &Path) -> bool {
+    let resolved = |p: &Path| {
+        let parent = p
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        (
+            std::fs::canonicalize(parent).ok(),
+            p.file_name().map(|n| n.to_os_string()),
+        )
+    };
+    let (a, b) = (resolved(a), resolved(b));
+    a.0.is_some() && a == b
 }
 
 /// `NAME.csv` -> `NAME.scores.EXT` beside it.
@@ -157,12 +198,18 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| beside(&args.pred, "json"));
     for path in [&out, &summary_path] {
-        if path == &args.pred {
+        if same_file(path, &args.pred) {
             bail_input!(
                 "{}: refusing to overwrite the predictions file with scores",
                 path.display()
             );
         }
+    }
+    if same_file(&out, &summary_path) {
+        bail_input!(
+            "--out and --summary are the same file ({}); give two paths",
+            out.display()
+        );
     }
     let table = read_prediction_table(&args.pred)?;
     if table.is_empty() {

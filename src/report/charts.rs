@@ -1,12 +1,11 @@
-//! The report's charts: one bar chart per metric (a bar per run), drawn with
-//! plotters to SVG and PNG through temp files.
+//! The report's charts: one bar chart per metric (a bar per run) and the training
+//! loss curves, drawn with plotters to SVG and PNG.
 
 use std::path::Path;
 
 use anyhow::Result;
 use plotters::prelude::*;
 
-use crate::atomic::temp_path_for;
 use crate::train::plot::register_font;
 
 const COLORS: [RGBColor; 6] = [
@@ -92,47 +91,40 @@ where
     Ok(())
 }
 
-/// Writes DIR/NAME.svg and DIR/NAME.png for one metric.
+/// Writes DIR/NAME.svg and DIR/NAME.png for one metric. DIR is inside the report's
+/// temp folder (see `report::write_report`), so the files are written in place.
 pub fn write_bar_chart(dir: &Path, name: &str, title: &str, bars: &[(String, f64)]) -> Result<()> {
     let svg = dir.join(format!("{name}.svg"));
-    let tmp = temp_path_for(&svg);
     draw_bars(
-        SVGBackend::new(&tmp, (640, 400)).into_drawing_area(),
+        SVGBackend::new(&svg, (640, 400)).into_drawing_area(),
         title,
         bars,
     )?;
-    std::fs::rename(&tmp, &svg)?;
     let png = dir.join(format!("{name}.png"));
-    let tmp = temp_path_for(&png).with_extension("png");
     draw_bars(
-        BitMapBackend::new(&tmp, (640, 400)).into_drawing_area(),
+        BitMapBackend::new(&png, (640, 400)).into_drawing_area(),
         title,
         bars,
     )?;
-    std::fs::rename(&tmp, &png)?;
     Ok(())
 }
 
-/// Writes DIR/loss.svg and DIR/loss.png from several training logs.
+/// Writes DIR/loss.svg and DIR/loss.png from several training logs (in place, as above).
 pub fn write_loss_chart(dir: &Path, curves: &[crate::train::plot::Curve]) -> Result<()> {
     use crate::train::plot::draw_curves;
     let svg = dir.join("loss.svg");
-    let tmp = temp_path_for(&svg);
     draw_curves(
-        SVGBackend::new(&tmp, (800, 480)).into_drawing_area(),
+        SVGBackend::new(&svg, (800, 480)).into_drawing_area(),
         "training loss",
         "optimizer step",
         curves,
     )?;
-    std::fs::rename(&tmp, &svg)?;
     let png = dir.join("loss.png");
-    let tmp = temp_path_for(&png).with_extension("png");
     draw_curves(
-        BitMapBackend::new(&tmp, (800, 480)).into_drawing_area(),
+        BitMapBackend::new(&png, (800, 480)).into_drawing_area(),
         "training loss",
         "optimizer step",
         curves,
     )?;
-    std::fs::rename(&tmp, &png)?;
     Ok(())
 }

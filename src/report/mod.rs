@@ -18,11 +18,23 @@ use serde::Serialize;
 use crate::bail_input;
 use crate::score::input::PredictionTable;
 use crate::score::scorer::{ScoreOptions, Scores};
-use crate::score::table::{comparison_markdown, comparison_rows, metric_names};
+use crate::score::table::{comparison_markdown, comparison_rows, markdown_cell, metric_names};
 use crate::train::plot::Curve;
 use crate::train::state::LogEntry;
 
 static HTML_TEMPLATE: &str = include_str!("../../assets/report.html.jinja");
+
+/// The file that marks a folder as an amthal report.
+pub const REPORT_MARKER: &str = ".amthal-report";
+
+/// What a report folder holds; a folder with anything else is not replaced.
+pub const REPORT_ENTRIES: [&str; 5] = [
+    REPORT_MARKER,
+    "report.md",
+    "report.html",
+    "charts",
+    "scores",
+];
 
 /// One scored run.
 pub struct Run {
@@ -88,36 +100,46 @@ struct Sample {
     outputs: Vec<String>,
 }
 
-/// The rows shown side by side: the first run's rows in order, matched to the other
-/// runs by proverb text (or by position when a file has no proverb column), keeping
-/// only proverbs every run has.
+/// The rows shown side by side: the first run's rows in order, matched in each other
+/// run to the first unused row with the same proverb (by position when either file has
+/// no proverb column), keeping only proverbs every run has.
 fn samples(runs: &[Run], count: usize) -> Vec<Sample> {
     let first = &runs[0].table;
+    let mut used: Vec<Vec<bool>> = runs.iter().map(|r| vec![false; r.table.len()]).collect();
     let mut out = Vec::new();
     for row in 0..first.len() {
         if out.len() == count {
             break;
         }
         let proverb = first.proverb(row);
-        let mut outputs = Vec::new();
-        for run in runs {
-            let matched = if proverb.is_empty() {
+        let mut matched_rows = Vec::new();
+        for (run, used) in runs.iter().zip(&used) {
+            let by_position = !first.has_proverbs() || !run.table.has_proverbs();
+            let matched = if by_position {
                 (row < run.table.len()).then_some(row)
             } else {
-                (0..run.table.len()).find(|&r| run.table.proverb(r) == proverb)
+                (0..run.table.len()).find(|&r| !used[r] && run.table.proverb(r) == proverb)
             };
             match matched {
-                Some(r) => outputs.push(run.table.generated(r).to_string()),
+                Some(r) => matched_rows.push(r),
                 None => break,
             }
         }
-        if outputs.len() == runs.len() {
-            out.push(Sample {
-                proverb: proverb.to_string(),
-                reference: first.reference(row).to_string(),
-                outputs,
-            });
+        if matched_rows.len() < runs.len() {
+            continue;
         }
+        for (used, &r) in used.iter_mut().zip(&matched_rows) {
+            used[r] = true;
+        }
+        out.push(Sample {
+            proverb: proverb.to_string(),
+            reference: first.reference(row).to_string(),
+            outputs: runs
+                .iter()
+                .zip(&matched_rows)
+                .map(|(run, &r)| run.table.generated(r).to_string())
+                .collect(),
+        });
     }
     out
 }
@@ -169,10 +191,6 @@ fn notes(runs: &[Run]) -> Vec<String> {
     out
 }
 
-fn escape_cell(text: &str) -> String {
-    text.replace('|', "\\|").replace(['\n', '\r'], " ")
-}
-
 fn markdown(
     runs: &[Run],
     charts: &[String],
@@ -186,8 +204,8 @@ fn markdown(
     for run in runs {
         text += &format!(
             "| {} | {} | {} / {} |\n",
-            run.name,
-            run.path.display(),
+            markdown_cell(&run.name),
+            markdown_cell(&run.path.display().to_string()),
             run.scores.scored_rows,
             run.scores.rows
         );
@@ -207,7 +225,7 @@ fn markdown(
     }
     text += "\n## Samples\n\n| proverb | reference |";
     for run in runs {
-        text += &format!(" {} |", run.name);
+        text += &format!(" {} |", markdown_cell(&run.name));
     }
     text += "\n|---|---|";
     text += &"---|".repeat(runs.len());
@@ -215,11 +233,11 @@ fn markdown(
     for sample in samples {
         text += &format!(
             "| {} | {} |",
-            escape_cell(&sample.proverb),
-            escape_cell(&sample.reference)
+            markdown_cell(&sample.proverb),
+            markdown_cell(&sample.reference)
         );
         for output in &sample.outputs {
-            text += &format!(" {} |", escape_cell(output));
+            text += &format!(" {} |", markdown_cell(output));
         }
         text += "\n";
     }
@@ -278,6 +296,9 @@ pub fn write_report(
     }
     let samples = samples(runs, sample_count);
     crate::atomic::write_dir_with(out, |dir| {
+        // Marks the folder as a report, so a later report may replace it (and only such
+        // a folder; see commands::report).
+        std::fs::write(dir.join(REPORT_MARKER), "written by amthal report\n")?;
         let scores_dir = dir.join("scores");
         let charts_dir = dir.join("charts");
         std::fs::create_dir_all(&scores_dir)?;

@@ -21,20 +21,37 @@ const HUB_ALIASES: [(&str, &str); 3] = [
     ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"),
 ];
 
-/// Finds an encoder folder for `spec`:
-/// - a local folder: `Some` if it has config.json (or modules.json), else an error;
-/// - a name in amthal's cache (`<cache>/models/<last path component of spec>`), as
-///   scripts/setup unpacks all-MiniLM-L6-v2: `Some`;
-/// - a Hub id ("org/name", or a known short name such as "bert-base-multilingual-cased")
-///   complete in the Hugging Face cache: `Some`; not cached, it is fetched through
-///   `crate::hub::resolve` unless HF_HUB_OFFLINE is set, and a failure there is `None`;
-/// - otherwise `Ok(None)`: the caller decides whether to skip the metric or fail.
-///
-/// A folder that exists but lacks config.json/modules.json is an error, not `None`.
+/// Where an encoder was found, or why it is not available.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Located {
+    Folder(PathBuf),
+    /// Not found anywhere (the caller skips the metric or fails, with this reason).
+    Unavailable(String),
+}
+
+/// `locate_encoder` without the reason: `None` when the encoder is not available.
 pub fn resolve_encoder_folder(spec: &str) -> Result<Option<PathBuf>> {
+    Ok(match locate_encoder(spec)? {
+        Located::Folder(folder) => Some(folder),
+        Located::Unavailable(_) => None,
+    })
+}
+
+/// Finds an encoder folder for `spec`:
+/// - a local folder: found if it has config.json (or modules.json), else an error;
+/// - a name in amthal's cache (`<cache>/models/<last path component of spec>`), as
+///   scripts/setup unpacks all-MiniLM-L6-v2: found;
+/// - a Hub id ("org/name", or a known short name such as "bert-base-multilingual-cased")
+///   complete in the Hugging Face cache: found; not cached, it is fetched through
+///   `crate::hub::resolve` unless HF_HUB_OFFLINE is set, and a failure there (offline,
+///   gated, no safetensors, no such repo) is `Unavailable` with the Hub's reason;
+/// - otherwise `Unavailable`: the caller decides whether to skip the metric or fail.
+///
+/// A folder that exists but lacks config.json/modules.json is an error.
+pub fn locate_encoder(spec: &str) -> Result<Located> {
     let path = Path::new(spec);
     if path.is_dir() {
-        return check_folder(path).map(Some);
+        return check_folder(path).map(Located::Folder);
     }
     if path.exists() {
         bail_input!("{spec}: not a folder (an encoder is an HF model folder)");
@@ -47,7 +64,7 @@ pub fn resolve_encoder_folder(spec: &str) -> Result<Option<PathBuf>> {
     if !last.is_empty() && last != "." && last != ".." {
         let cached = cache_dir().join("models").join(last);
         if cached.is_dir() {
-            return check_folder(&cached).map(Some);
+            return check_folder(&cached).map(Located::Folder);
         }
     }
     let hub_id = if spec.contains('/') {
@@ -58,23 +75,28 @@ pub fn resolve_encoder_folder(spec: &str) -> Result<Option<PathBuf>> {
             .find(|(short, _)| *short == spec)
             .map(|(_, id)| id.to_string())
     };
+    let not_found = || {
+        Located::Unavailable(format!(
+            "{spec} is not a folder, not in amthal's cache ({}) and not a Hub id",
+            cache_dir().join("models").display()
+        ))
+    };
     let Some(hub_id) = hub_id else {
-        return Ok(None);
+        return Ok(not_found());
     };
     if !looks_like_hub_id(&hub_id) {
-        return Ok(None);
+        return Ok(not_found());
     }
     if let Some(snapshot) = cached_hub_snapshot(&hub_id) {
-        return Ok(Some(snapshot));
+        return Ok(Located::Folder(snapshot));
     }
     // Not cached: crate::hub fetches it unless HF_HUB_OFFLINE is set; any failure
     // (offline, unreachable, no safetensors) means "not available here".
     match crate::hub::resolve(&hub_id) {
-        Ok(folder) => check_folder(&folder).map(Some),
-        Err(error) => {
-            tracing::debug!("encoder {hub_id} not available: {error:#}");
-            Ok(None)
-        }
+        Ok(folder) => check_folder(&folder).map(Located::Folder),
+        Err(error) => Ok(Located::Unavailable(format!(
+            "{hub_id} is not in the Hugging Face cache and could not be fetched: {error:#}"
+        ))),
     }
 }
 

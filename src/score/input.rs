@@ -47,6 +47,11 @@ impl PredictionTable {
         self.proverb.map_or("", |i| self.records[row][i].as_str())
     }
 
+    /// Whether the file has a proverb column.
+    pub fn has_proverbs(&self) -> bool {
+        self.proverb.is_some()
+    }
+
     pub fn len(&self) -> usize {
         self.records.len()
     }
@@ -115,9 +120,14 @@ pub fn read_prediction_table(path: &Path) -> Result<PredictionTable> {
     let proverb = find_column(&headers, &PROVERB_NAMES).first().copied();
     let mut records = Vec::new();
     for (index, record) in reader.records().enumerate() {
-        // Row numbers as a spreadsheet shows them: the header is row 1.
-        let record =
-            record.map_err(|e| bad_input(format!("{}: row {}: {e}", path.display(), index + 2)))?;
+        // Data rows count from 1 after the header, as in the data readers and the
+        // summary's unscored_rows; the line is the file's physical line.
+        let record = record.map_err(|e| {
+            let line = e
+                .position()
+                .map_or(String::new(), |p| format!(" (line {})", p.line()));
+            bad_input(format!("{}: row {}{line}: {e}", path.display(), index + 1))
+        })?;
         records.push(record.iter().map(str::to_string).collect());
     }
     Ok(PredictionTable {

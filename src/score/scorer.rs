@@ -16,7 +16,7 @@ use super::bertscore::{BertScoreOptions, BertScorer, DEFAULT_BERTSCORE_MODEL};
 use super::bleu::{BleuTokenizer, corpus_bleu, nltk_sentence_bleu, sentence_bleu};
 use super::checks::{TaskChecks, has_latin, is_empty_output, task_checks, word_count};
 use super::chrf::{ChrfConfig, corpus_chrf, sentence_chrf};
-use super::encoder_model::resolve_encoder_folder;
+use super::encoder_model::{Located, locate_encoder};
 use super::metric::Metric;
 use super::normalize::Normalization;
 use super::rouge::{Fpr, rouge};
@@ -79,6 +79,19 @@ pub struct SummaryLine {
     pub corpus: Option<f64>,
 }
 
+/// An encoder model a metric ran with, as resolved (for the summary: which folder and
+/// which layer were actually used).
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelUsed {
+    /// The column (prefix) it produced: "bertscore" or "cosine_NAME".
+    pub column: String,
+    /// What the user (or the default) named.
+    pub spec: String,
+    pub folder: PathBuf,
+    /// BERTScore's hidden-state layer (0 = embeddings output).
+    pub layer: Option<usize>,
+}
+
 /// Everything `amthal score` reports about one file.
 #[derive(Debug, Clone, Serialize)]
 pub struct Scores {
@@ -90,6 +103,7 @@ pub struct Scores {
     pub columns: Vec<Column>,
     pub summary: Vec<SummaryLine>,
     pub checks: Option<TaskChecks>,
+    pub models: Vec<ModelUsed>,
     /// Metrics left out, with why (a default model that is not available offline).
     pub skipped: Vec<String>,
     /// Rows where a Python package would have raised (e.g. ROUGE of an empty text).
@@ -102,9 +116,16 @@ impl Scores {
     }
 }
 
-/// Mean of the present values (None when there are none).
+/// Mean of the present values that are numbers (None when there are none). NaN rows
+/// (BERTScore with all-zero idf weights, as bert_score gives) are left out of the mean
+/// and counted in the notes, so one such row does not make the whole mean NaN.
 fn mean(values: &[Option<f64>]) -> Option<f64> {
-    let present: Vec<f64> = values.iter().flatten().copied().collect();
+    let present: Vec<f64> = values
+        .iter()
+        .flatten()
+        .copied()
+        .filter(|v| !v.is_nan())
+        .collect();
     (!present.is_empty()).then(|| present.iter().sum::<f64>() / present.len() as f64)
 }
 
@@ -152,45 +173,43 @@ pub fn model_short_name(spec: &str) -> String {
         .to_string()
 }
 
-/// Finds an encoder model folder; absent models are skipped (with a reason) unless
-/// the metric was asked for explicitly.
+/// Finds an encoder model folder; unavailable models are skipped (with the reason)
+/// unless the metric was asked for explicitly, which makes them an error.
 fn find_model(
     spec: &str,
     metric: Metric,
     options: &ScoreOptions,
     skipped: &mut Vec<String>,
 ) -> Result<Option<PathBuf>> {
-    match resolve_encoder_folder(spec)? {
-        Some(folder) => Ok(Some(folder)),
-        None if options.explicit.contains(&metric) => bail_input!(
-            "{metric}: model {spec} is not available (not a folder, not in amthal's cache, \
-             not in the Hugging Face cache; offline?). Download it, pass a local folder, \
-             or leave {metric} out of --metrics"
-        ),
-        None => {
-            let reason = format!(
-                "{metric} skipped: model {spec} is not available offline (pass a folder with \
-                 --{}-model, or download it into the Hugging Face cache)",
-                if metric == Metric::BertScore {
-                    "bertscore"
-                } else {
-                    "embedding"
-                }
-            );
-            // Once per process: `report` and the demo score several files.
-            static WARNED: std::sync::Mutex<BTreeSet<String>> =
-                std::sync::Mutex::new(BTreeSet::new());
-            if WARNED
-                .lock()
-                .map(|mut w| w.insert(reason.clone()))
-                .unwrap_or(true)
-            {
-                tracing::warn!("{reason}");
-            }
-            skipped.push(reason);
-            Ok(None)
-        }
+    let reason = match locate_encoder(spec)? {
+        Located::Folder(folder) => return Ok(Some(folder)),
+        Located::Unavailable(reason) => reason,
+    };
+    if options.explicit.contains(&metric) {
+        bail_input!(
+            "{metric}: model {spec} is not available: {reason}. Download it, pass a local \
+             folder, or leave {metric} out of --metrics"
+        );
     }
+    let flag = if metric == Metric::BertScore {
+        "--bertscore-model"
+    } else {
+        "--embedding-model"
+    };
+    let note = format!(
+        "{metric} skipped: model {spec} is not available ({reason}); pass a folder with {flag}"
+    );
+    // Once per process: `report` and the demo score several files.
+    static WARNED: std::sync::Mutex<BTreeSet<String>> = std::sync::Mutex::new(BTreeSet::new());
+    if WARNED
+        .lock()
+        .map(|mut w| w.insert(note.clone()))
+        .unwrap_or(true)
+    {
+        tracing::warn!("{note}");
+    }
+    skipped.push(note);
+    Ok(None)
 }
 
 /// Scores `generated[i]` against `references[i]` for every row with a reference.
@@ -229,6 +248,7 @@ pub fn score(generated: &[&str], references: &[&str], options: &ScoreOptions) ->
     let mut skipped = Vec::new();
     let mut notes = Vec::new();
     let mut checks = None;
+    let mut models = Vec::new();
     // With no row to score, only the task checks mean anything (and no model is loaded).
     let metrics: Vec<Metric> = if scored.is_empty() {
         options
@@ -312,7 +332,23 @@ pub fn score(generated: &[&str], references: &[&str], options: &ScoreOptions) ->
                     },
                     options.device,
                 )?;
+                models.push(ModelUsed {
+                    column: "bertscore".into(),
+                    spec: options.bertscore_model.clone(),
+                    folder: folder.clone(),
+                    layer: Some(scorer.layer()),
+                });
                 let values = scorer.score(&raw_hyp, &raw_ref)?;
+                let nan = values
+                    .iter()
+                    .filter(|v| v.p.is_nan() || v.r.is_nan())
+                    .count();
+                if nan > 0 {
+                    notes.push(format!(
+                        "bertscore: {nan} row(s) have NaN P or R (every token's idf weight is 0, as in \
+                         bert_score); means leave them out"
+                    ));
+                }
                 out.add("bertscore_p", values.iter().map(|v| v.p).collect(), None);
                 out.add("bertscore_r", values.iter().map(|v| v.r).collect(), None);
                 out.add("bertscore_f", values.iter().map(|v| v.f).collect(), None);
@@ -324,7 +360,14 @@ pub fn score(generated: &[&str], references: &[&str], options: &ScoreOptions) ->
                     };
                     let encoder = SentenceEncoder::load(&folder, options.device)?;
                     let values = encoder.cosine_similarities(&raw_hyp, &raw_ref)?;
-                    out.add(&format!("cosine_{}", model_short_name(spec)), values, None);
+                    let column = format!("cosine_{}", model_short_name(spec));
+                    models.push(ModelUsed {
+                        column: column.clone(),
+                        spec: spec.clone(),
+                        folder: folder.clone(),
+                        layer: None,
+                    });
+                    out.add(&column, values, None);
                 }
             }
             Metric::Checks => {
@@ -357,6 +400,7 @@ pub fn score(generated: &[&str], references: &[&str], options: &ScoreOptions) ->
         columns: out.columns,
         summary: out.summary,
         checks,
+        models,
         skipped,
         notes,
     })

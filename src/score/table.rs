@@ -3,6 +3,17 @@
 use super::checks::TaskChecks;
 use super::scorer::Scores;
 
+/// Text made safe for a Markdown table cell: backslashes and pipes escaped, `<` and
+/// `&` as entities (model output such as `<think>` would otherwise vanish as HTML),
+/// line breaks as spaces.
+pub fn markdown_cell(text: &str) -> String {
+    text.replace('\\', "\\\\")
+        .replace('|', "\\|")
+        .replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace(['\n', '\r'], " ")
+}
+
 /// A score with four decimals, or "–" when there is none.
 pub fn format_score(value: Option<f64>) -> String {
     value.map_or_else(|| "–".to_string(), |v| format!("{v:.4}"))
@@ -137,7 +148,7 @@ pub fn comparison_rows(runs: &[(&str, &Scores)]) -> Vec<ComparisonRow> {
 pub fn comparison_markdown(runs: &[(&str, &Scores)]) -> String {
     let mut text = String::from("| metric |");
     for (name, _) in runs {
-        text += &format!(" {name} |");
+        text += &format!(" {} |", markdown_cell(name));
     }
     text += "\n|---|";
     text += &"---:|".repeat(runs.len());
@@ -171,4 +182,18 @@ fn headline_label(runs: &[(&str, &Scores)], metric: &str) -> String {
         .iter()
         .any(|(_, s)| s.line(metric).is_some_and(|l| l.corpus.is_some()));
     format!("{metric} ({})", if corpus { "corpus" } else { "mean" })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markdown_cells_keep_tables_intact() {
+        assert_eq!(
+            markdown_cell("a|b \\| <think> & x\ny"),
+            "a\\|b \\\\\\| &lt;think> &amp; x y"
+        );
+        assert_eq!(markdown_cell("يضرب لمن"), "يضرب لمن");
+    }
 }
