@@ -99,25 +99,9 @@ impl ModelTokenizer {
 
     /// Reads tokenizer.json, tokenizer_config.json and chat_template.jinja from an HF folder.
     pub fn from_hf_folder(dir: &Path) -> Result<ModelTokenizer> {
-        let tokenizer_path = dir.join("tokenizer.json");
-        if !tokenizer_path.is_file() {
-            bail_input!(
-                "{}: no tokenizer.json (amthal reads fast tokenizers only; \
-                 save one with tokenizer.save_pretrained in transformers)",
-                dir.display()
-            );
-        }
-        let tokenizer = Tokenizer::from_file(&tokenizer_path)
-            .map_err(|e| bad_input(format!("{}: cannot load: {e}", tokenizer_path.display())))?;
+        let tokenizer = read_tokenizer_json(dir)?;
         let config_path = dir.join("tokenizer_config.json");
-        let config: serde_json::Value = if config_path.is_file() {
-            let text = std::fs::read_to_string(&config_path)
-                .with_context(|| format!("reading {}", config_path.display()))?;
-            serde_json::from_str(&text)
-                .map_err(|e| bad_input(format!("{}: invalid JSON: {e}", config_path.display())))?
-        } else {
-            serde_json::Value::Null
-        };
+        let config = read_tokenizer_config(dir)?;
         let special = |name: &str| -> Option<SpecialToken> {
             let text = match config.get(name)? {
                 serde_json::Value::String(s) => s.clone(),
@@ -414,6 +398,32 @@ fn sentencepiece_bpe(
 /// transformers' `generate_merges`: every split of every token into two vocabulary
 /// pieces is a merge, ranked by the token's score (best first), then by the lengths of
 /// the two pieces (longer first). Ties keep vocabulary order, as Python's stable sort does.
+/// Loads an HF folder's tokenizer.json (fast tokenizers only; never a slow/pickled one).
+pub fn read_tokenizer_json(dir: &Path) -> Result<Tokenizer> {
+    let path = dir.join("tokenizer.json");
+    if !path.is_file() {
+        bail_input!(
+            "{}: no tokenizer.json (amthal reads fast tokenizers only; \
+             save one with tokenizer.save_pretrained in transformers)",
+            dir.display()
+        );
+    }
+    Tokenizer::from_file(&path)
+        .map_err(|e| bad_input(format!("{}: cannot load: {e}", path.display())))
+}
+
+/// An HF folder's tokenizer_config.json, or `Null` when it has none.
+pub fn read_tokenizer_config(dir: &Path) -> Result<serde_json::Value> {
+    let path = dir.join("tokenizer_config.json");
+    if !path.is_file() {
+        return Ok(serde_json::Value::Null);
+    }
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text)
+        .map_err(|e| bad_input(format!("{}: invalid JSON: {e}", path.display())))
+}
+
 pub fn merges_from_scores(tokens: &[&str], scores: &[f64]) -> Vec<(String, String)> {
     let mut vocab: HashMap<&str, usize> = HashMap::with_capacity(tokens.len());
     let mut order: Vec<&str> = Vec::with_capacity(tokens.len());

@@ -10,6 +10,7 @@ use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStr
 use crate::bail_input;
 use crate::error::bad_input;
 use crate::model_source::cache_dir;
+use crate::tokenizer::{read_tokenizer_config, read_tokenizer_json};
 
 /// Short names of well-known encoders and their Hub ids.
 const HUB_ALIASES: [(&str, &str); 3] = [
@@ -156,22 +157,9 @@ impl EncoderTokenizer {
     /// Reads tokenizer.json and tokenizer_config.json of `dir`.
     pub fn from_folder(dir: &Path) -> Result<EncoderTokenizer> {
         let path = dir.join("tokenizer.json");
-        if !path.is_file() {
-            bail_input!(
-                "{}: no tokenizer.json (amthal reads fast tokenizers only; \
-                 save one with tokenizer.save_pretrained in transformers)",
-                dir.display()
-            );
-        }
-        let mut tokenizer = Tokenizer::from_file(&path)
-            .map_err(|e| bad_input(format!("{}: cannot load: {e}", path.display())))?;
+        let mut tokenizer = read_tokenizer_json(dir)?;
         tokenizer.with_padding(None);
-        let config_path = dir.join("tokenizer_config.json");
-        let config = if config_path.is_file() {
-            read_json(&config_path)?
-        } else {
-            serde_json::Value::Null
-        };
+        let config = read_tokenizer_config(dir)?;
         let token = |key: &str, default: &str| -> Result<u32> {
             let text = match config.get(key) {
                 Some(serde_json::Value::String(s)) => s.clone(),
