@@ -22,6 +22,10 @@ fn read_csv(path: &Path) -> (Vec<String>, Vec<Vec<String>>) {
     (headers, rows)
 }
 
+fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
 fn summary_line<'a>(summary: &'a serde_json::Value, metric: &str) -> &'a serde_json::Value {
     summary["summary"]
         .as_array()
@@ -92,8 +96,7 @@ fn score_writes_input_columns_plus_metrics_and_a_consistent_summary() {
         pairs.push((row[2].as_str(), row[1].as_str()));
         values.push(value);
     }
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    let summary: serde_json::Value = read_json(&summary);
     assert_eq!(summary["rows"], 10);
     assert_eq!(summary["scored_rows"], 9);
     assert_eq!(summary["unscored_rows"], serde_json::json!([1]));
@@ -133,8 +136,7 @@ fn task_checks_find_latin_and_empty_outputs() {
         "checks",
     ]);
     assert!(output.status.success(), "{}", stderr(&output));
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    let summary: serde_json::Value = read_json(&summary);
     // The fixture cycles English / Arabic / empty outputs over 10 rows.
     assert_eq!(summary["checks"]["with_latin"], 4);
     assert_eq!(summary["checks"]["empty"], 3);
@@ -170,8 +172,7 @@ fn arabic_normalisation_applies_to_the_string_metrics() {
             normalize,
         ]);
         assert!(output.status.success(), "{}", stderr(&output));
-        let summary: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+        let summary: serde_json::Value = read_json(&summary);
         summary_line(&summary, "chrf++")["mean"].as_f64().unwrap()
     };
     assert_eq!(chrf_of("arabic"), 100.0);
@@ -318,8 +319,7 @@ fn absent_embedding_models_are_skipped_by_default_and_an_error_when_asked_for() 
         ],
     );
     assert!(output.status.success(), "{}", stderr(&output));
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    let summary: serde_json::Value = read_json(&summary);
     let skipped = summary["skipped"].to_string();
     assert!(
         skipped.contains("bertscore") && skipped.contains("cosine"),
@@ -570,8 +570,7 @@ fn score_columns_equal_the_python_packages_on_the_benchmark_pairs() {
         }
     }
     assert_eq!(compared, pairs.len() * 13);
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    let summary: serde_json::Value = read_json(&summary);
     let corpus = summary_line(&summary, "chrf++")["corpus"].as_f64().unwrap();
     assert!((corpus - strings["corpus"]["chrf++"].as_f64().unwrap()).abs() <= 1e-9);
 }
@@ -655,8 +654,7 @@ fn embedding_columns_equal_bert_score_and_sentence_transformers() {
         }
     }
     assert_eq!(compared, 5 * (pairs.len() - 1));
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
+    let summary: serde_json::Value = read_json(&dir.join("summary.json"));
     let models = summary["models"].as_array().unwrap();
     assert_eq!(models.len(), 3, "{models:?}");
     assert_eq!(models[0]["column"], "bertscore");
@@ -689,8 +687,7 @@ fn a_file_without_references_gets_the_task_checks_only() {
         "{}",
         stderr(&output)
     );
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&summary).unwrap()).unwrap();
+    let summary: serde_json::Value = read_json(&summary);
     assert_eq!(summary["scored_rows"], 0);
     assert_eq!(summary["unscored_rows"], serde_json::json!([1, 2]));
     assert_eq!(summary["summary"], serde_json::json!([]));
