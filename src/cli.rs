@@ -301,7 +301,7 @@ pub struct DemoArgs {
     #[arg(long, default_value = "results/demo", value_name = "DIR")]
     pub out: PathBuf,
     /// LoRA optimizer steps (batch 4); the default keeps the demo to a few minutes on 2 cores.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 20)]
     pub steps: usize,
     /// New tokens per explanation.
     #[arg(long, default_value_t = 64)]
