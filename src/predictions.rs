@@ -1,7 +1,10 @@
 //! The seed's predictions CSV: `Proverb,Reference_Explanation,Generated_Explanation`,
 //! UTF-8 with a BOM (Excel opens it correctly), one row per test row in input order.
 //! Always written whole to a temp file and renamed, so a crash leaves the previous
-//! complete version.
+//! complete version. One reader serves every command: `read_prediction_table` keeps all
+//! columns (what `amthal score` and `report` need: the per-row scores file is the input
+//! plus one column per metric), `read_predictions` gives the three fields (`--resume`).
+//! Columns are matched case-insensitively (prediction/reference and the like accepted).
 
 use std::path::Path;
 
@@ -35,39 +38,144 @@ pub fn write_predictions(path: &Path, rows: &[PredictionRow]) -> Result<()> {
     write_file(path, &bytes)
 }
 
-/// Reads a predictions CSV written by amthal or the seed (column names matched
-/// case-insensitively; `prediction`/`reference` accepted too).
+/// Reads a predictions CSV written by amthal or the seed as rows (through the one
+/// reader of the format, `read_prediction_table`).
 pub fn read_predictions(path: &Path) -> Result<Vec<PredictionRow>> {
+    let table = read_prediction_table(path)?;
+    Ok((0..table.len())
+        .map(|row| PredictionRow {
+            proverb: table.proverb(row).to_string(),
+            reference: table.reference(row).to_string(),
+            generated: table.generated(row).to_string(),
+        })
+        .collect())
+}
+
+/// Column names accepted for the generated text, matched case-insensitively.
+const GENERATED_NAMES: [&str; 4] = [
+    "generated_explanation",
+    "prediction",
+    "generated",
+    "hypothesis",
+];
+/// Column names accepted for the reference text.
+const REFERENCE_NAMES: [&str; 3] = ["reference_explanation", "reference", "explanation"];
+/// Column names accepted for the proverb (optional; used by reports).
+const PROVERB_NAMES: [&str; 3] = ["proverb", "proverbs", "text"];
+
+/// A predictions file with all its columns.
+#[derive(Debug, Clone)]
+pub struct PredictionTable {
+    pub headers: Vec<String>,
+    pub records: Vec<Vec<String>>,
+    generated: usize,
+    reference: Option<usize>,
+    proverb: Option<usize>,
+}
+
+impl PredictionTable {
+    pub fn generated(&self, row: usize) -> &str {
+        &self.records[row][self.generated]
+    }
+
+    /// The reference of a row, or "" when the file has no reference column.
+    pub fn reference(&self, row: usize) -> &str {
+        self.reference.map_or("", |i| self.records[row][i].as_str())
+    }
+
+    /// The proverb of a row, or "" when the file has no proverb column.
+    pub fn proverb(&self, row: usize) -> &str {
+        self.proverb.map_or("", |i| self.records[row][i].as_str())
+    }
+
+    /// Whether the file has a proverb column.
+    pub fn has_proverbs(&self) -> bool {
+        self.proverb.is_some()
+    }
+
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+}
+
+fn find_column(headers: &[String], names: &[&str]) -> Vec<usize> {
+    headers
+        .iter()
+        .enumerate()
+        .filter(|(_, h)| names.contains(&h.trim().to_lowercase().as_str()))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Picks the one column with one of `names`; two candidates are an error, not a guess.
+fn one_column(path: &Path, headers: &[String], names: &[&str], what: &str) -> Result<usize> {
+    match find_column(headers, names).as_slice() {
+        [one] => Ok(*one),
+        [] => bail_input!(
+            "{}: no {what} column (expected one of {}); found {}",
+            path.display(),
+            names.join(", "),
+            headers.join(", ")
+        ),
+        many => bail_input!(
+            "{}: several {what} columns ({}); keep one",
+            path.display(),
+            many.iter()
+                .map(|&i| headers[i].as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// Reads a predictions CSV (UTF-8, with or without a BOM). Rows with a different
+/// number of fields than the header are an error naming the row.
+pub fn read_prediction_table(path: &Path) -> Result<PredictionTable> {
     let bytes = std::fs::read(path)
         .map_err(|e| bad_input(format!("{}: cannot read: {e}", path.display())))?;
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
-    let mut reader = csv::ReaderBuilder::new().flexible(true).from_reader(bytes);
+    let mut reader = csv::ReaderBuilder::new().from_reader(bytes);
     let headers: Vec<String> = reader
         .headers()
         .map_err(|e| bad_input(format!("{}: cannot read the header: {e}", path.display())))?
         .iter()
-        .map(|h| h.trim().to_lowercase())
+        .map(str::to_string)
         .collect();
-    let find = |names: &[&str]| headers.iter().position(|h| names.contains(&h.as_str()));
-    let proverb = find(&["proverb", "proverbs", "text"]);
-    let reference = find(&["reference_explanation", "reference", "explanation"]);
-    let Some(generated) = find(&["generated_explanation", "prediction", "generated"]) else {
-        bail_input!(
-            "{}: no Generated_Explanation column; found {}",
+    let generated = one_column(path, &headers, &GENERATED_NAMES, "generated-text")?;
+    // A file without references (generated for an unlabelled test set) still gets the
+    // task checks; every row is then reported as not scored.
+    let reference = if find_column(&headers, &REFERENCE_NAMES).is_empty() {
+        tracing::warn!(
+            "{}: no reference column ({}); no row can be scored against a reference, only checked",
             path.display(),
-            headers.join(", ")
+            REFERENCE_NAMES.join(", ")
         );
+        None
+    } else {
+        Some(one_column(path, &headers, &REFERENCE_NAMES, "reference")?)
     };
-    let mut rows = Vec::new();
+    let proverb = find_column(&headers, &PROVERB_NAMES).first().copied();
+    let mut records = Vec::new();
     for (index, record) in reader.records().enumerate() {
-        let record =
-            record.map_err(|e| bad_input(format!("{}: row {}: {e}", path.display(), index + 1)))?;
-        let field = |i: Option<usize>| i.and_then(|i| record.get(i)).unwrap_or("").to_string();
-        rows.push(PredictionRow {
-            proverb: field(proverb),
-            reference: field(reference),
-            generated: field(Some(generated)),
-        });
+        // Data rows count from 1 after the header, as in the data readers and the
+        // summary's unscored_rows; the line is the file's physical line.
+        let record = record.map_err(|e| {
+            let line = e
+                .position()
+                .map_or(String::new(), |p| format!(" (line {})", p.line()));
+            bad_input(format!("{}: row {}{line}: {e}", path.display(), index + 1))
+        })?;
+        records.push(record.iter().map(str::to_string).collect());
     }
-    Ok(rows)
+    Ok(PredictionTable {
+        headers,
+        records,
+        generated,
+        reference,
+        proverb,
+    })
 }

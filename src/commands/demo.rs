@@ -14,9 +14,8 @@ use clap::Parser;
 
 use crate::cli::{Cli, Command, DemoArgs};
 use crate::data::{Split, split_path};
-use crate::predictions::read_predictions;
 use crate::sample_data::sample_bytes;
-use crate::score::scorer::{DEFAULT_EMBEDDING_MODEL, Scores, model_short_name};
+use crate::score::scorer::{DEFAULT_EMBEDDING_MODEL, model_short_name};
 
 /// The data dir the demo runs on: --data-dir, or the embedded samples written out.
 fn data_dir(args: &DemoArgs, out: &Path) -> Result<PathBuf> {
@@ -169,8 +168,10 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     let cosine = format!("cosine_{}", model_short_name(DEFAULT_EMBEDDING_MODEL));
     println!("| metric | zero-shot | fine-tuned |\n|---|---:|---:|");
     for metric in ["bleu", "chrf++", "rougeL_f", "bertscore_f", cosine.as_str()] {
-        let headline = |s: &Scores| s.line(metric).and_then(|l| l.corpus.or(l.mean));
-        if let (Some(a), Some(b)) = (headline(scores_before), headline(scores_after)) {
+        if let (Some(a), Some(b)) = (
+            scores_before.headline(metric),
+            scores_after.headline(metric),
+        ) {
             println!("| {metric} | {a:.4} | {b:.4} |");
         }
     }
@@ -182,17 +183,17 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         );
     }
     println!();
-    let before = read_predictions(&zero_shot)?;
-    let after = read_predictions(&fine_tuned)?;
+    // Both files come from the same test file, so their rows line up.
+    let (before, after) = (&runs[0].table, &runs[1].table);
     println!("| proverb | reference | zero-shot | fine-tuned |");
     println!("|---|---|---|---|");
-    for (a, b) in before.iter().zip(&after).take(5) {
+    for row in 0..before.len().min(after.len()).min(5) {
         println!(
             "| {} | {} | {} | {} |",
-            shorten(&a.proverb, 40),
-            shorten(&a.reference, 60),
-            shorten(&a.generated, 60),
-            shorten(&b.generated, 60)
+            shorten(before.proverb(row), 40),
+            shorten(before.reference(row), 60),
+            shorten(before.generated(row), 60),
+            shorten(after.generated(row), 60)
         );
     }
     let summary = serde_json::json!({

@@ -7,8 +7,8 @@ use anyhow::Result;
 
 use crate::bail_input;
 use crate::cli::ReportArgs;
+use crate::predictions::read_prediction_table;
 use crate::report::{REPORT_ENTRIES, REPORT_MARKER, Run, TrainLog, read_train_log, write_report};
-use crate::score::input::read_prediction_table;
 use crate::score::scorer::{ScoreOptions, Scores};
 use crate::score::table::comparison_markdown;
 

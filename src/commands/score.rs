@@ -8,7 +8,7 @@ use anyhow::Result;
 use crate::atomic::write_file;
 use crate::bail_input;
 use crate::cli::{MetricArgs, ScoreArgs};
-use crate::score::input::{PredictionTable, read_prediction_table};
+use crate::predictions::{PredictionTable, read_prediction_table};
 use crate::score::metric::Metric;
 use crate::score::scorer::{ScoreOptions, Scores, model_short_name, score};
 use crate::score::table::summary_markdown;

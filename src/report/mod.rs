@@ -16,7 +16,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::bail_input;
-use crate::score::input::PredictionTable;
+use crate::predictions::PredictionTable;
 use crate::score::scorer::{ScoreOptions, Scores};
 use crate::score::table::{comparison_markdown, comparison_rows, markdown_cell, metric_names};
 use crate::train::plot::Curve;
@@ -142,11 +142,6 @@ fn samples(runs: &[Run], count: usize) -> Vec<Sample> {
         });
     }
     out
-}
-
-/// The value a run shows for a metric: corpus-level where defined, else the mean.
-fn headline(scores: &Scores, metric: &str) -> Option<f64> {
-    scores.line(metric).and_then(|l| l.corpus.or(l.mean))
 }
 
 fn metric_rows(runs: &[Run]) -> Vec<MetricRow> {
@@ -318,7 +313,7 @@ pub fn write_report(
         for metric in metric_names(&pairs).into_iter().filter(|m| charted(m)) {
             let bars: Vec<(String, f64)> = runs
                 .iter()
-                .filter_map(|r| headline(&r.scores, &metric).map(|v| (r.name.clone(), v)))
+                .filter_map(|r| r.scores.headline(&metric).map(|v| (r.name.clone(), v)))
                 .collect();
             if bars.is_empty() {
                 continue;

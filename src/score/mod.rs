@@ -6,7 +6,6 @@ pub mod bleu;
 pub mod checks;
 pub mod chrf;
 pub mod encoder_model;
-pub mod input;
 pub mod metric;
 pub mod normalize;
 pub mod rouge;

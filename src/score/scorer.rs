@@ -114,6 +114,12 @@ impl Scores {
     pub fn line(&self, metric: &str) -> Option<&SummaryLine> {
         self.summary.iter().find(|l| l.metric == metric)
     }
+
+    /// The number a metric is reported by: its corpus score where it has one, else
+    /// the mean over rows (tables, charts and the demo all show this).
+    pub fn headline(&self, metric: &str) -> Option<f64> {
+        self.line(metric).and_then(|l| l.corpus.or(l.mean))
+    }
 }
 
 /// Mean of the present values that are numbers (None when there are none). NaN rows

@@ -111,10 +111,7 @@ pub fn comparison_rows(runs: &[(&str, &Scores)]) -> Vec<ComparisonRow> {
         .into_iter()
         .map(|metric| ComparisonRow {
             label: headline_label(runs, &metric),
-            values: runs
-                .iter()
-                .map(|(_, s)| s.line(&metric).and_then(|l| l.corpus.or(l.mean)))
-                .collect(),
+            values: runs.iter().map(|(_, s)| s.headline(&metric)).collect(),
             decimals: 4,
             higher_is_better: true,
         })
