@@ -5,7 +5,8 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Output;
 
 use amthal::score::chrf::{ChrfConfig, corpus_chrf, sentence_chrf};
 use common::*;
@@ -20,6 +21,25 @@ fn read_csv(path: &Path) -> (Vec<String>, Vec<Vec<String>>) {
         .map(|r| r.unwrap().iter().map(String::from).collect())
         .collect();
     (headers, rows)
+}
+
+/// Runs `amthal score --pred PRED --out DIR/rows.csv --summary DIR/summary.json ARGS...`,
+/// checks that it succeeded, and returns its output and the two files' paths.
+fn score_ok(dir: &Path, pred: &Path, args: &[&str]) -> (Output, PathBuf, PathBuf) {
+    let (out, summary) = (dir.join("rows.csv"), dir.join("summary.json"));
+    let mut all = vec![
+        "score",
+        "--pred",
+        pred.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--summary",
+        summary.to_str().unwrap(),
+    ];
+    all.extend(args);
+    let output = amthal(&all);
+    assert!(output.status.success(), "{}", stderr(&output));
+    (output, out, summary)
 }
 
 fn read_json(path: &Path) -> serde_json::Value {
@@ -39,19 +59,7 @@ fn summary_line<'a>(summary: &'a serde_json::Value, metric: &str) -> &'a serde_j
 fn score_writes_input_columns_plus_metrics_and_a_consistent_summary() {
     let dir = temp_dir("score-files");
     let pred = fixture("predictions/fine_tuned.csv");
-    let (out, summary) = (dir.join("rows.csv"), dir.join("summary.json"));
-    let output = amthal(&[
-        "score",
-        "--pred",
-        pred.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--summary",
-        summary.to_str().unwrap(),
-        "--metrics",
-        "chrf++,rouge,checks",
-    ]);
-    assert!(output.status.success(), "{}", stderr(&output));
+    let (output, out, summary) = score_ok(&dir, &pred, &["--metrics", "chrf++,rouge,checks"]);
     let printed = stdout(&output);
     assert!(
         printed.contains("| chrf++ |") && printed.contains("| rougeL_f |"),
@@ -122,20 +130,8 @@ fn score_writes_input_columns_plus_metrics_and_a_consistent_summary() {
 #[test]
 fn task_checks_find_latin_and_empty_outputs() {
     let dir = temp_dir("score-checks");
-    let out = dir.join("rows.csv");
-    let summary = dir.join("summary.json");
-    let output = amthal(&[
-        "score",
-        "--pred",
-        fixture("predictions/zero_shot.csv").to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--summary",
-        summary.to_str().unwrap(),
-        "--metrics",
-        "checks",
-    ]);
-    assert!(output.status.success(), "{}", stderr(&output));
+    let pred = fixture("predictions/zero_shot.csv");
+    let (_, out, summary) = score_ok(&dir, &pred, &["--metrics", "checks"]);
     let summary: serde_json::Value = read_json(&summary);
     // The fixture cycles English / Arabic / empty outputs over 10 rows.
     assert_eq!(summary["checks"]["with_latin"], 4);
@@ -514,20 +510,11 @@ fn score_columns_equal_the_python_packages_on_the_benchmark_pairs() {
         }
     }
     let pred = write(&dir, "pairs.csv", bytes);
-    let out = dir.join("rows.csv");
-    let summary = dir.join("summary.json");
-    let output = amthal(&[
-        "score",
-        "--pred",
-        pred.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--summary",
-        summary.to_str().unwrap(),
-        "--metrics",
-        "bleu,bleu-intl,nltk-bleu,rouge,chrf++",
-    ]);
-    assert!(output.status.success(), "{}", stderr(&output));
+    let (_, out, summary) = score_ok(
+        &dir,
+        &pred,
+        &["--metrics", "bleu,bleu-intl,nltk-bleu,rouge,chrf++"],
+    );
     let (headers, rows) = read_csv(&out);
     assert_eq!(rows.len(), pairs.len());
     let column = |name: &str| headers.iter().position(|h| h == name).unwrap();
@@ -602,30 +589,25 @@ fn embedding_columns_equal_bert_score_and_sentence_transformers() {
         }
     }
     let pred = write(&dir, "pairs.csv", bytes);
-    let out = dir.join("rows.csv");
     let minilm = minilm();
-    let output = amthal(&[
-        "score",
-        "--pred",
-        pred.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--summary",
-        dir.join("summary.json").to_str().unwrap(),
-        "--metrics",
-        "bertscore,cosine",
-        "--bertscore-model",
-        minilm.to_str().unwrap(),
-        "--bertscore-layer",
-        "4",
-        "--embedding-model",
-        minilm.to_str().unwrap(),
-        "--embedding-model",
-        fixture("tiny-st-cls").to_str().unwrap(),
-        "--device",
-        "cpu",
-    ]);
-    assert!(output.status.success(), "{}", stderr(&output));
+    let (_, out, summary) = score_ok(
+        &dir,
+        &pred,
+        &[
+            "--metrics",
+            "bertscore,cosine",
+            "--bertscore-model",
+            minilm.to_str().unwrap(),
+            "--bertscore-layer",
+            "4",
+            "--embedding-model",
+            minilm.to_str().unwrap(),
+            "--embedding-model",
+            fixture("tiny-st-cls").to_str().unwrap(),
+            "--device",
+            "cpu",
+        ],
+    );
     let (headers, rows) = read_csv(&out);
     let column = |name: &str| headers.iter().position(|h| h == name).unwrap();
     let mut compared = 0;
@@ -654,7 +636,7 @@ fn embedding_columns_equal_bert_score_and_sentence_transformers() {
         }
     }
     assert_eq!(compared, 5 * (pairs.len() - 1));
-    let summary: serde_json::Value = read_json(&dir.join("summary.json"));
+    let summary: serde_json::Value = read_json(&summary);
     let models = summary["models"].as_array().unwrap();
     assert_eq!(models.len(), 3, "{models:?}");
     assert_eq!(models[0]["column"], "bertscore");
@@ -671,17 +653,7 @@ fn a_file_without_references_gets_the_task_checks_only() {
         "unlabelled.csv",
         "Proverb,Generated_Explanation\nمثل,The proverb means\nمثل آخر,يضرب لمن\n",
     );
-    let summary = dir.join("summary.json");
-    let output = amthal(&[
-        "score",
-        "--pred",
-        pred.to_str().unwrap(),
-        "--out",
-        dir.join("rows.csv").to_str().unwrap(),
-        "--summary",
-        summary.to_str().unwrap(),
-    ]);
-    assert!(output.status.success(), "{}", stderr(&output));
+    let (output, _, summary) = score_ok(&dir, &pred, &[]);
     assert!(
         stderr(&output).contains("no reference column"),
         "{}",
