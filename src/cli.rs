@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::data::{ReadOptions, TextEncoding};
 use crate::device::Precision;
 use crate::prompt::PromptFormat;
 use crate::score::normalize::Normalization;
@@ -96,6 +97,9 @@ pub struct ScoreArgs {
     /// Summary JSON. Default: beside the input, NAME.scores.json.
     #[arg(long, value_name = "FILE")]
     pub summary: Option<PathBuf>,
+    /// Text encoding of the predictions CSV (auto: a byte-order mark decides, else UTF-8).
+    #[arg(long, value_enum, default_value_t = TextEncoding::Auto)]
+    pub encoding: TextEncoding,
     #[command(flatten)]
     pub metrics: MetricArgs,
 }
@@ -117,6 +121,9 @@ pub struct ReportArgs {
     /// Folder for report.md, report.html, scores and charts.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+    /// Text encoding of the prediction CSVs (auto: a byte-order mark decides, else UTF-8).
+    #[arg(long, value_enum, default_value_t = TextEncoding::Auto)]
+    pub encoding: TextEncoding,
     #[command(flatten)]
     pub metrics: MetricArgs,
 }
@@ -201,7 +208,45 @@ pub struct EvaluateArgs {
     #[arg(long, conflicts_with = "resume")]
     pub overwrite: bool,
     #[command(flatten)]
+    pub data_options: DataArgs,
+    #[command(flatten)]
     pub runtime: RuntimeArgs,
+}
+
+/// How data files are read; shared by every command that reads proverbs.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct DataArgs {
+    /// Text encoding of the data files: auto (a byte-order mark decides, else UTF-8),
+    /// utf-8, utf-16 (Excel's "Unicode text") or cp1256 (Excel's "CSV" on Arabic Windows).
+    #[arg(long, value_enum, default_value_t = TextEncoding::Auto)]
+    pub encoding: TextEncoding,
+    /// Leave out rows whose proverb (or, for training and validation, reference) is
+    /// empty, null or not text, and report them, instead of refusing the file.
+    #[arg(long, visible_alias = "skip_invalid_rows")]
+    pub skip_invalid_rows: bool,
+}
+
+impl DataArgs {
+    /// The same settings as command-line words (for commands the demo runs).
+    pub fn to_words(&self) -> Vec<String> {
+        use clap::ValueEnum;
+        let encoding = self
+            .encoding
+            .to_possible_value()
+            .expect("every encoding has a name");
+        let mut words = vec!["--encoding".to_string(), encoding.get_name().to_string()];
+        if self.skip_invalid_rows {
+            words.push("--skip-invalid-rows".into());
+        }
+        words
+    }
+
+    pub fn read_options(&self) -> ReadOptions {
+        ReadOptions {
+            encoding: self.encoding,
+            skip_invalid_rows: self.skip_invalid_rows,
+        }
+    }
 }
 
 /// Where and in which precision to run; shared by every command that runs a model.
@@ -239,6 +284,8 @@ pub struct LossArgs {
     /// Print one JSON line per example (loss, answer tokens).
     #[arg(long)]
     pub jsonl: bool,
+    #[command(flatten)]
+    pub data_options: DataArgs,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
 }
@@ -287,6 +334,8 @@ pub struct TokenizeArgs {
     /// Print one JSON object per example: {"input_ids": [...], "labels": [...]}.
     #[arg(long)]
     pub jsonl: bool,
+    #[command(flatten)]
+    pub data_options: DataArgs,
 }
 
 #[derive(Debug, Args)]
@@ -306,6 +355,8 @@ pub struct DemoArgs {
     /// New tokens per explanation.
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
+    #[command(flatten)]
+    pub data_options: DataArgs,
 }
 
 /// `amthal train` flags. Every setting is optional here: unset ones come from
@@ -392,6 +443,12 @@ pub struct TrainArgs {
     /// Greedy previews of the first N validation proverbs at the end (default 3).
     #[arg(long)]
     pub previews: Option<usize>,
+    /// Text encoding of the data files (see `evaluate --help`; default auto).
+    #[arg(long, value_enum)]
+    pub encoding: Option<TextEncoding>,
+    /// Train on the valid rows and report the others (default: invalid rows are an error).
+    #[arg(long, visible_alias = "skip_invalid_rows")]
+    pub skip_invalid_rows: bool,
     /// Continue from the latest checkpoint in --output-dir, or from the one named.
     #[arg(long, num_args = 0..=1, default_missing_value = "latest", value_name = "checkpoint-N")]
     pub resume: Option<String>,

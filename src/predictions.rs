@@ -12,7 +12,8 @@ use anyhow::Result;
 
 use crate::atomic::write_file;
 use crate::bail_input;
-use crate::error::bad_input;
+use crate::data::TextEncoding;
+use crate::data::csv_reader::parse_csv;
 
 pub const HEADER: [&str; 3] = ["Proverb", "Reference_Explanation", "Generated_Explanation"];
 
@@ -41,7 +42,7 @@ pub fn write_predictions(path: &Path, rows: &[PredictionRow]) -> Result<()> {
 /// Reads a predictions CSV written by amthal or the seed as rows (through the one
 /// reader of the format, `read_prediction_table`).
 pub fn read_predictions(path: &Path) -> Result<Vec<PredictionRow>> {
-    let table = read_prediction_table(path)?;
+    let table = read_prediction_table(path, TextEncoding::Auto)?;
     Ok((0..table.len())
         .map(|row| PredictionRow {
             proverb: table.proverb(row).to_string(),
@@ -132,19 +133,14 @@ fn one_column(path: &Path, headers: &[String], names: &[&str], what: &str) -> Re
     }
 }
 
-/// Reads a predictions CSV (UTF-8, with or without a BOM). Rows with a different
-/// number of fields than the header are an error naming the row.
-pub fn read_prediction_table(path: &Path) -> Result<PredictionTable> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| bad_input(format!("{}: cannot read: {e}", path.display())))?;
-    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
-    let mut reader = csv::ReaderBuilder::new().from_reader(bytes);
-    let headers: Vec<String> = reader
-        .headers()
-        .map_err(|e| bad_input(format!("{}: cannot read the header: {e}", path.display())))?
-        .iter()
-        .map(str::to_string)
-        .collect();
+/// Reads a predictions CSV through the strict CSV reader (`data::csv_reader`): an
+/// unterminated quote or a row with a different number of fields than the header is
+/// an error naming the line.
+pub fn read_prediction_table(path: &Path, encoding: TextEncoding) -> Result<PredictionTable> {
+    let bytes = crate::data::read_file(path)?;
+    let text = crate::data::text::decode(path, &bytes, encoding)?;
+    let csv = parse_csv(path, &text)?;
+    let headers = csv.header;
     let generated = one_column(path, &headers, &GENERATED_NAMES, "generated-text")?;
     // A file without references (generated for an unlabelled test set) still gets the
     // task checks; every row is then reported as not scored.
@@ -159,18 +155,7 @@ pub fn read_prediction_table(path: &Path) -> Result<PredictionTable> {
         Some(one_column(path, &headers, &REFERENCE_NAMES, "reference")?)
     };
     let proverb = find_column(&headers, &PROVERB_NAMES).first().copied();
-    let mut records = Vec::new();
-    for (index, record) in reader.records().enumerate() {
-        // Data rows count from 1 after the header, as in the data readers and the
-        // summary's unscored_rows; the line is the file's physical line.
-        let record = record.map_err(|e| {
-            let line = e
-                .position()
-                .map_or(String::new(), |p| format!(" (line {})", p.line()));
-            bad_input(format!("{}: row {}{line}: {e}", path.display(), index + 1))
-        })?;
-        records.push(record.iter().map(str::to_string).collect());
-    }
+    let records = csv.records.into_iter().map(|r| r.fields).collect();
     Ok(PredictionTable {
         headers,
         records,

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use crate::data::{Dataset, Split, read_examples_from_bytes};
+use crate::data::{Dataset, ReadOptions, Split, read_examples_from_bytes};
 
 const TRAIN: &[u8] = include_bytes!("../examples/data/Train_data.csv");
 const VALIDATION: &[u8] = include_bytes!("../examples/data/Validation_data.csv");
@@ -24,5 +24,10 @@ pub fn sample_bytes(split: Split) -> &'static [u8] {
 pub fn sample_split(split: Split) -> Result<Dataset> {
     let bytes = sample_bytes(split);
     let name = format!("<embedded>/examples/data/{}.csv", split.file_stem());
-    read_examples_from_bytes(Path::new(&name), bytes, split.references())
+    read_examples_from_bytes(
+        Path::new(&name),
+        bytes,
+        split.references(),
+        ReadOptions::default(),
+    )
 }

@@ -20,9 +20,13 @@ fn benchmark_examples() -> Vec<Example> {
     ["Train", "Validation", "Test"]
         .iter()
         .flat_map(|split| {
-            read_examples(&dir.join(format!("{split}_data.csv")), References::Required)
-                .unwrap()
-                .examples
+            read_examples(
+                &dir.join(format!("{split}_data.csv")),
+                References::Required,
+                Default::default(),
+            )
+            .unwrap()
+            .examples
         })
         .collect()
 }

@@ -128,6 +128,7 @@ fn predictions_csv_has_the_seed_layout_and_a_sidecar() {
     let test = amthal::data::read_examples(
         Path::new(&sample_test()),
         amthal::data::References::Optional,
+        Default::default(),
     )
     .unwrap();
     assert_eq!(rows.len(), 3);

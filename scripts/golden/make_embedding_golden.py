@@ -1,7 +1,7 @@
 """Golden numbers for amthal's embedding metrics: BERTScore (bert_score 0.3.12) and
 sentence-transformers cosine similarity (SAS), f32 on CPU.
 
-Run with the anchor venv (needs scripts/setup's all-MiniLM-L6-v2 and ../shared data):
+Run with the anchor venv (needs scripts/setup's all-MiniLM-L6-v2 and the benchmark data in data/):
     ~/.cache/amthal-anchor/bin/python scripts/golden/make_embedding_golden.py
 Writes (fixtures only when absent, so reruns keep them byte-identical):
     tests/fixtures/tiny-bert/          a tiny random BertModel (seed 0) with a WordPiece vocab of

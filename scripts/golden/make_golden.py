@@ -1,9 +1,9 @@
 """Golden numbers from the Python reference stack, for amthal's tests.
 
-Run with the anchor venv (../shared/anchors/setup.sh builds it):
+Run with the anchor venv (scripts/anchors/setup.sh builds it):
     ~/.cache/amthal-anchor/bin/python scripts/golden/make_golden.py
 It reads the SmolLM2 GGUF from the setup cache and the benchmark splits from
-../shared/data/yemeni-proverbs, and writes:
+data/ (the benchmark splits), and writes:
     tests/fixtures/tiny-spm.gguf                  a tiny sentencepiece-style (llama) GGUF vocabulary
     tests/golden/smollm2_tokenize.json            transformers' ids for every benchmark row (plain + chat)
     tests/golden/tiny_spm_tokenize.json           transformers' ids for edge-case strings on tiny-spm.gguf
@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("AMTHAL_CACHE", Path.home() / ".cache" / "amthal"))
 SMOL = CACHE / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-DATA = ROOT.parent / "shared" / "data" / "yemeni-proverbs"
+DATA = ROOT / "data"
 GOLDEN = ROOT / "tests" / "golden"
 FIXTURES = ROOT / "tests" / "fixtures"
 

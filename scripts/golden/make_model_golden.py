@@ -164,7 +164,7 @@ def greedy():
     model = AutoModelForCausalLM.from_pretrained(str(SMOL.parent), gguf_file=SMOL.name, dtype=torch.float32).eval()
     instruction = ("You are a linguistic expert in Yemeni proverbs. Explain the figurative meaning of the following "
                    "proverb clearly and concisely in Modern Standard Arabic only. Do not translate into English.\n")
-    data = ROOT.parent / "shared" / "data" / "yemeni-proverbs" / "Test_data.csv"
+    data = ROOT / "data" / "Test_data.csv"
     with open(data, encoding="utf-8-sig", newline="") as f:
         proverbs = [r["Proverbs"].strip() for r in csv.DictReader(f)][:4]
     contents = [instruction + f"Proverb: {p}\nExplanation:" for p in proverbs] + ["What is the capital of France?"]

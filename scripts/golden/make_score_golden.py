@@ -10,7 +10,7 @@ from rouge import Rouge
 from sacrebleu.metrics import CHRF
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA = ROOT.parent / "shared" / "data" / "yemeni-proverbs" / "Test_data.csv"
+DATA = ROOT / "data" / "Test_data.csv"
 
 
 def perturbations(refs):

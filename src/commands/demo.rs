@@ -48,13 +48,18 @@ fn run_command(words: &[String]) -> Result<()> {
 }
 
 /// Answer-token loss of the model (and adapter) over the validation split.
-fn validation_loss(model: Option<&str>, data: &Path, adapter: Option<&Path>) -> Result<f64> {
+fn validation_loss(
+    model: Option<&str>,
+    data: &Path,
+    adapter: Option<&Path>,
+    read_options: crate::data::ReadOptions,
+) -> Result<f64> {
     let loaded =
         crate::runtime::load_model(model, adapter, "auto", crate::device::Precision::Auto)?;
     let prompts =
         crate::prompt::PromptBuilder::new(crate::prompt::PromptFormat::Auto, &loaded.tokenizer)?;
     let encoder = crate::encode::Encoder::new(&loaded.tokenizer, &prompts)?;
-    let set = crate::data::read_split(data, Split::Validation)?;
+    let set = crate::data::read_split(data, Split::Validation, read_options)?;
     let (encoded, _) = encoder.encode_all(&set.examples, Some(1024))?;
     Ok(crate::train::evaluate_loss(&loaded.model, &encoded, 8))
 }
@@ -97,13 +102,19 @@ pub fn run(args: &DemoArgs) -> Result<()> {
             args.max_new_tokens.to_string(),
             "--overwrite".into(),
         ]);
+        words.extend(args.data_options.to_words());
         run_command(&words)?;
         Ok(path)
     };
 
     println!("1/5 zero-shot explanations of {test}");
     let zero_shot = evaluate("zero_shot", None)?;
-    let loss_before = validation_loss(args.model.model.as_deref(), &data, None)?;
+    let loss_before = validation_loss(
+        args.model.model.as_deref(),
+        &data,
+        None,
+        args.data_options.read_options(),
+    )?;
 
     println!(
         "2/5 LoRA fine-tune ({} steps) into {}",
@@ -138,8 +149,14 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         "--previews".into(),
         "0".into(),
     ]);
+    words.extend(args.data_options.to_words());
     run_command(&words)?;
-    let loss_after = validation_loss(args.model.model.as_deref(), &data, Some(&adapter))?;
+    let loss_after = validation_loss(
+        args.model.model.as_deref(),
+        &data,
+        Some(&adapter),
+        args.data_options.read_options(),
+    )?;
 
     println!("3/5 fine-tuned explanations");
     let fine_tuned = evaluate("fine_tuned", Some(&adapter))?;
@@ -157,6 +174,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         8,
         &report_dir,
         &options,
+        crate::data::TextEncoding::Auto,
     )?;
     let (scores_before, scores_after) = (&runs[0].scores, &runs[1].scores);
 

@@ -17,7 +17,7 @@ use serde_json::json;
 use crate::atomic::write_file;
 use crate::bail_input;
 use crate::cli::EvaluateArgs;
-use crate::data::{Example, References, read_examples};
+use crate::data::{Example, ReadOptions, References, read_examples};
 use crate::encode::Encoder;
 use crate::error::bad_input;
 use crate::generate::{
@@ -76,8 +76,13 @@ fn resumable_rows(out: &Path, examples: &[Example]) -> Result<Vec<PredictionRow>
 }
 
 /// K worked examples drawn without replacement from a file (the same for every row).
-fn pick_shots(path: &Path, count: usize, seed: u64) -> Result<Vec<(String, String)>> {
-    let set = read_examples(path, References::Required)?;
+fn pick_shots(
+    path: &Path,
+    count: usize,
+    seed: u64,
+    read_options: ReadOptions,
+) -> Result<Vec<(String, String)>> {
+    let set = read_examples(path, References::Required, read_options)?;
     if count > set.examples.len() {
         bail_input!(
             "--shots {count}: {} has only {} examples",
@@ -102,7 +107,11 @@ fn pick_shots(path: &Path, count: usize, seed: u64) -> Result<Vec<(String, Strin
 
 pub fn run(args: &EvaluateArgs) -> Result<()> {
     let (model, adapter) = model_and_adapter(args)?;
-    let test = read_examples(&args.test_path, References::Optional)?;
+    let test = read_examples(
+        &args.test_path,
+        References::Optional,
+        args.data_options.read_options(),
+    )?;
     let examples: Vec<Example> = match args.limit {
         Some(limit) => test.examples.iter().take(limit).cloned().collect(),
         None => test.examples.clone(),
@@ -145,9 +154,12 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
     let prompts = PromptBuilder::new(args.prompt_format, &loaded.tokenizer)?;
     let encoder = Encoder::new(&loaded.tokenizer, &prompts)?;
     let shots = match (&args.shots_from, args.shots) {
-        (Some(path), count) if count > 0 => {
-            pick_shots(path, count, args.shots_seed.unwrap_or(args.seed))?
-        }
+        (Some(path), count) if count > 0 => pick_shots(
+            path,
+            count,
+            args.shots_seed.unwrap_or(args.seed),
+            args.data_options.read_options(),
+        )?,
         (None, count) if count > 0 => bail_input!("--shots {count} needs --shots-from FILE"),
         _ => Vec::new(),
     };
@@ -184,6 +196,7 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
         "sampling": sampling,
         "batch_size": args.batch_size,
         "stop_ids": stops,
+        "skipped_rows": test.skipped,
         "amthal_version": env!("CARGO_PKG_VERSION"),
     });
     let sidecar_path = out.with_extension("json");

@@ -14,7 +14,11 @@ use crate::prompt::PromptBuilder;
 use crate::runtime::load_model;
 
 pub fn run(args: &LossArgs) -> Result<()> {
-    let dataset = read_examples(&args.data, References::Required)?;
+    let dataset = read_examples(
+        &args.data,
+        References::Required,
+        args.data_options.read_options(),
+    )?;
     let loaded = load_model(
         args.model.model.as_deref(),
         args.adapter.as_deref(),
@@ -56,6 +60,7 @@ pub fn run(args: &LossArgs) -> Result<()> {
         "answer_tokens": tokens,
         "examples": encoded.len(),
         "skipped": skipped,
+        "skipped_rows": dataset.skipped,
         "model": loaded.source.display(),
         "adapter": args.adapter.as_ref().map(|a| a.display().to_string()),
         "prompt_format": prompts.format(),

@@ -7,6 +7,7 @@ use anyhow::Result;
 
 use crate::bail_input;
 use crate::cli::ReportArgs;
+use crate::data::TextEncoding;
 use crate::predictions::read_prediction_table;
 use crate::report::{REPORT_ENTRIES, REPORT_MARKER, Run, TrainLog, read_train_log, write_report};
 use crate::score::scorer::{ScoreOptions, Scores};
@@ -70,6 +71,7 @@ pub fn report(
     samples: usize,
     out: &Path,
     options: &ScoreOptions,
+    encoding: TextEncoding,
 ) -> Result<Vec<Run>> {
     let names: Vec<String> = if names.is_empty() {
         paths.iter().map(|p| default_name(p)).collect()
@@ -86,7 +88,7 @@ pub fn report(
     check_out(out)?;
     let mut runs = Vec::new();
     for (path, name) in paths.iter().zip(names) {
-        let table = read_prediction_table(path)?;
+        let table = read_prediction_table(path, encoding)?;
         if table.is_empty() {
             bail_input!("{}: no rows", path.display());
         }
@@ -125,6 +127,7 @@ pub fn run(args: &ReportArgs) -> Result<()> {
         args.samples,
         &args.out,
         &options,
+        args.encoding,
     )?;
     let scores: Vec<(&str, &Scores)> = runs.iter().map(|r| (r.name.as_str(), &r.scores)).collect();
     println!("{}", comparison_markdown(&scores));

@@ -211,7 +211,7 @@ pub fn run(args: &ScoreArgs) -> Result<()> {
             out.display()
         );
     }
-    let table = read_prediction_table(&args.pred)?;
+    let table = read_prediction_table(&args.pred, args.encoding)?;
     if table.is_empty() {
         bail_input!("{}: no rows to score", args.pred.display());
     }

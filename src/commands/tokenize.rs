@@ -12,7 +12,11 @@ use crate::prompt::PromptBuilder;
 use crate::tokenizer::ModelTokenizer;
 
 pub fn run(args: &TokenizeArgs) -> Result<()> {
-    let dataset = read_examples(&args.data, References::Optional)?;
+    let dataset = read_examples(
+        &args.data,
+        References::Optional,
+        args.data_options.read_options(),
+    )?;
     let source = ModelSource::resolve(args.model.model.as_deref())?;
     let tokenizer = source.tokenizer()?;
     let prompts = PromptBuilder::new(args.prompt_format, &tokenizer)?;

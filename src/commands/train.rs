@@ -41,7 +41,8 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
         logging_steps,
         prompt_format,
         previews,
-        data_order
+        data_order,
+        encoding
     );
     if args.model.is_some() {
         c.model = args.model.clone();
@@ -58,6 +59,7 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     c.lora |= args.lora;
     c.rslora |= args.rslora;
     c.gradient_checkpointing |= args.gradient_checkpointing;
+    c.skip_invalid_rows |= args.skip_invalid_rows;
     if args.fp16 {
         c.precision = Precision::F16;
     }

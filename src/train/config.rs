@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::optim::Schedule;
 use crate::bail_input;
+use crate::data::{ReadOptions, TextEncoding};
 use crate::device::Precision;
 use crate::error::bad_input;
 use crate::prompt::PromptFormat;
@@ -64,6 +65,10 @@ pub struct TrainConfig {
     /// grouped (shuffled, then grouped by length like HF's group_by_length), shuffled, or file order.
     pub data_order: DataOrder,
     pub previews: usize,
+    /// Text encoding of the data files (auto: a byte-order mark decides, else UTF-8).
+    pub encoding: TextEncoding,
+    /// Train on the valid rows and report the invalid ones instead of refusing the file.
+    pub skip_invalid_rows: bool,
 }
 
 impl Default for TrainConfig {
@@ -103,6 +108,8 @@ impl Default for TrainConfig {
             prompt_format: PromptFormat::Auto,
             data_order: DataOrder::Grouped,
             previews: 3,
+            encoding: TextEncoding::Auto,
+            skip_invalid_rows: false,
         }
     }
 }
@@ -132,6 +139,14 @@ impl TrainConfig {
             bail_input!("--epochs must be positive (or give --max-steps)");
         }
         Ok(())
+    }
+
+    /// How the data files are read.
+    pub fn read_options(&self) -> ReadOptions {
+        ReadOptions {
+            encoding: self.encoding,
+            skip_invalid_rows: self.skip_invalid_rows,
+        }
     }
 
     /// As TOML, for OUT/training_config.toml and the start-up printout.

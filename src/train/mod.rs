@@ -56,6 +56,15 @@ pub struct TrainSummary {
     pub tokens_per_second: f64,
     pub peak_rss_bytes: u64,
     pub previews: Vec<(String, String)>,
+    /// Rows left out under --skip-invalid-rows, per split.
+    pub skipped_rows: SkippedRows,
+}
+
+/// The rows `--skip-invalid-rows` left out of each split.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SkippedRows {
+    pub train: Vec<crate::data::InvalidRow>,
+    pub validation: Vec<crate::data::InvalidRow>,
 }
 
 /// Where to resume from: the latest checkpoint in the output dir, or a named one.
@@ -196,10 +205,21 @@ pub fn micro_step(
 pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary> {
     config.validate()?;
     let out = &config.output_dir;
-    let train_set = read_split(&config.data_dir, Split::Train)?;
+    let train_set = read_split(&config.data_dir, Split::Train, config.read_options())?;
     let validation_set = match config.eval_strategy {
         EvalStrategy::No => None,
-        _ => Some(read_split(&config.data_dir, Split::Validation)?),
+        _ => Some(read_split(
+            &config.data_dir,
+            Split::Validation,
+            config.read_options(),
+        )?),
+    };
+    let skipped_rows = SkippedRows {
+        train: train_set.skipped.clone(),
+        validation: validation_set
+            .as_ref()
+            .map(|set| set.skipped.clone())
+            .unwrap_or_default(),
     };
     let resume_dir = match resume {
         Some(which) => Some(find_checkpoint(out, which)?),
@@ -556,6 +576,7 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
         tokens_per_second: (state.input_tokens - tokens_at_start) as f64 / seconds.max(1e-9),
         peak_rss_bytes: peak_rss_bytes(),
         previews,
+        skipped_rows,
     };
     write_file(
         &out.join("train_summary.json"),
@@ -566,7 +587,7 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
 
 /// A resumed run must use the settings that decide the computation.
 fn check_resumable(saved: &TrainConfig, now: &TrainConfig) -> Result<()> {
-    let fields: [(&str, String, String); 9] = [
+    let fields: [(&str, String, String); 11] = [
         ("lora", saved.lora.to_string(), now.lora.to_string()),
         ("lora_r", saved.lora_r.to_string(), now.lora_r.to_string()),
         (
@@ -595,6 +616,16 @@ fn check_resumable(saved: &TrainConfig, now: &TrainConfig) -> Result<()> {
             "prompt_format",
             format!("{:?}", saved.prompt_format),
             format!("{:?}", now.prompt_format),
+        ),
+        (
+            "encoding",
+            format!("{:?}", saved.encoding),
+            format!("{:?}", now.encoding),
+        ),
+        (
+            "skip_invalid_rows",
+            saved.skip_invalid_rows.to_string(),
+            now.skip_invalid_rows.to_string(),
         ),
     ];
     for (name, before, after) in fields {

@@ -24,16 +24,12 @@ pub fn golden(name: &str) -> serde_json::Value {
     serde_json::from_str(&text).expect("golden file is JSON")
 }
 
-/// The public benchmark splits beside the repo (../shared/data/yemeni-proverbs).
+/// The public benchmark splits, carried in the repo (data/, CC BY 4.0).
 pub fn benchmark_dir() -> PathBuf {
-    let dir = repo_root()
-        .join("..")
-        .join("shared")
-        .join("data")
-        .join("yemeni-proverbs");
+    let dir = repo_root().join("data");
     assert!(
         dir.join("Train_data.csv").is_file(),
-        "benchmark data not found at {}; the tests need ../shared next to the repo",
+        "benchmark data not found at {}",
         dir.display()
     );
     dir

@@ -1,19 +1,30 @@
 //! Reading proverb data: CSV, JSON arrays and JSONL into `Example`s.
 //!
+//! bytes --(text: encoding)--> text --(csv_reader / json_reader)--> Table of cells
+//! --(row checks)--> Dataset of Examples, plus the rows skipped as invalid.
+//!
 //! Columns are matched case-insensitively through aliases, so the benchmark files
 //! (`Proverbs`, `Explanation`), the seed's predictions CSV (`Proverb`,
-//! `Reference_Explanation`) and hand-made JSONL (`text`, `reference`) all read the same.
-//! Every problem is a `BadInput` naming the file, the row and what is wrong; nothing is
-//! ever written by this module.
+//! `Reference_Explanation`) and hand-made JSONL (`text`, `reference`) all read the same;
+//! other columns are ignored whatever they hold. Structural problems (a broken quote, a
+//! row with the wrong number of fields, bytes that are not text) are errors naming the
+//! line. Rows whose proverb (or, for training and validation, reference) is empty, null
+//! or not text are listed together in one error, or skipped and reported with
+//! `--skip-invalid-rows`. Every problem is a `BadInput`; nothing is ever written here.
 
-use std::collections::HashMap;
+pub mod csv_reader;
+mod json_reader;
+pub mod text;
+
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use serde::Serialize;
+
+pub use text::TextEncoding;
 
 use crate::bail_input;
-use crate::error::bad_input;
 
 /// Column names (lower-case) accepted for the proverb.
 pub const PROVERB_COLUMNS: [&str; 3] = ["proverb", "proverbs", "text"];
@@ -66,6 +77,35 @@ pub struct Dataset {
     pub examples: Vec<Example>,
     /// Rows that repeat an earlier row exactly (kept, but worth a warning).
     pub duplicate_rows: usize,
+    /// Rows left out under `--skip-invalid-rows` (empty otherwise: invalid rows are
+    /// then an error). `examples.len() + skipped.len()` is the file's record count.
+    pub skipped: Vec<InvalidRow>,
+}
+
+/// A row whose proverb or reference is unusable, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InvalidRow {
+    /// "row 12 (line 14)", "item 3", "line 7": as `Location` shows it.
+    pub row: String,
+    /// The column as the file names it.
+    pub field: String,
+    /// "is empty", "is null", "is missing", "is a number (5), not text".
+    pub problem: String,
+}
+
+impl fmt::Display for InvalidRow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: '{}' {}", self.row, self.field, self.problem)
+    }
+}
+
+/// How to read a data file: `--encoding` and `--skip-invalid-rows`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadOptions {
+    pub encoding: TextEncoding,
+    /// Leave out rows with an empty/null/non-text proverb or (required) reference,
+    /// instead of refusing the file.
+    pub skip_invalid_rows: bool,
 }
 
 /// The seed's data-dir convention: DIR/Train_data.csv, DIR/Validation_data.csv,
@@ -129,21 +169,26 @@ pub fn split_path(dir: &Path, split: Split) -> Result<PathBuf> {
 }
 
 /// Reads one split of a data dir with that split's reference rule.
-pub fn read_split(dir: &Path, split: Split) -> Result<Dataset> {
-    read_examples(&split_path(dir, split)?, split.references())
+pub fn read_split(dir: &Path, split: Split, options: ReadOptions) -> Result<Dataset> {
+    read_examples(&split_path(dir, split)?, split.references(), options)
 }
 
 /// Reads a CSV, JSON-array or JSONL file of proverbs. The format comes from the
 /// extension (.csv, .json, .jsonl/.ndjson), or from the first character otherwise.
-pub fn read_examples(path: &Path, references: References) -> Result<Dataset> {
-    let bytes = match std::fs::read(path) {
-        Ok(bytes) => bytes,
+pub fn read_examples(path: &Path, references: References, options: ReadOptions) -> Result<Dataset> {
+    let bytes = read_file(path)?;
+    read_examples_from_bytes(path, &bytes, references, options)
+}
+
+/// A data file's bytes; a missing file is bad input, other failures are I/O errors.
+pub fn read_file(path: &Path) -> Result<Vec<u8>> {
+    match std::fs::read(path) {
+        Ok(bytes) => Ok(bytes),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             bail_input!("{}: file not found", path.display())
         }
-        Err(e) => return Err(e).with_context(|| format!("{}: cannot read", path.display())),
-    };
-    read_examples_from_bytes(path, &bytes, references)
+        Err(e) => Err(e).with_context(|| format!("{}: cannot read", path.display())),
+    }
 }
 
 /// Reads examples from bytes already in memory; `path` names them in messages and
@@ -152,14 +197,15 @@ pub fn read_examples_from_bytes(
     path: &Path,
     bytes: &[u8],
     references: References,
+    options: ReadOptions,
 ) -> Result<Dataset> {
-    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
-    let table = match detect_format(path, bytes) {
-        Format::Csv => read_csv_table(path, bytes)?,
-        Format::Json => read_json_table(path, bytes)?,
-        Format::Jsonl => read_jsonl_table(path, bytes)?,
+    let text = text::decode(path, bytes, options.encoding)?;
+    let table = match detect_format(path, &text) {
+        Format::Csv => csv_table(path, &text)?,
+        Format::Json => json_reader::read_json_table(path, &text)?,
+        Format::Jsonl => json_reader::read_jsonl_table(path, &text)?,
     };
-    table_to_dataset(path, table, references)
+    table_to_dataset(path, table, references, options.skip_invalid_rows)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,7 +215,7 @@ enum Format {
     Jsonl,
 }
 
-fn detect_format(path: &Path, bytes: &[u8]) -> Format {
+fn detect_format(path: &Path, text: &str) -> Format {
     let extension = path
         .extension()
         .map(|e| e.to_string_lossy().to_ascii_lowercase());
@@ -177,160 +223,53 @@ fn detect_format(path: &Path, bytes: &[u8]) -> Format {
         Some("csv") => Format::Csv,
         Some("json") => Format::Json,
         Some("jsonl") | Some("ndjson") => Format::Jsonl,
-        _ => match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
-            Some(b'[') => Format::Json,
-            Some(b'{') => Format::Jsonl,
+        _ => match text.trim_start().chars().next() {
+            Some('[') => Format::Json,
+            Some('{') => Format::Jsonl,
             _ => Format::Csv,
         },
     }
 }
 
-/// A file read into columns and rows of optional strings, before column matching.
+/// One value of a table, as the file held it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Cell {
+    Text(String),
+    /// JSON `null`.
+    Null,
+    /// The key is absent from this JSON object.
+    Missing,
+    /// Any other JSON value, described for messages ("a number (5)").
+    Other(String),
+}
+
+/// A file read into columns and rows of cells, before column matching.
 struct Table {
     columns: Vec<String>,
-    rows: Vec<(Location, Vec<Option<String>>)>,
+    rows: Vec<(Location, Vec<Cell>)>,
 }
 
-fn read_csv_table(path: &Path, bytes: &[u8]) -> Result<Table> {
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(true)
-        .flexible(true)
-        .from_reader(bytes);
-    let headers = reader
-        .byte_headers()
-        .map_err(|e| {
-            bad_input(format!(
-                "{}: cannot read the CSV header: {e}",
-                path.display()
-            ))
-        })?
-        .clone();
-    let mut columns = Vec::with_capacity(headers.len());
-    for field in headers.iter() {
-        let name = std::str::from_utf8(field).map_err(|_| {
-            bad_input(format!(
-                "{}: header (line 1): invalid UTF-8",
-                path.display()
-            ))
-        })?;
-        columns.push(name.to_string());
-    }
-    let mut rows = Vec::new();
-    let mut record = csv::ByteRecord::new();
-    loop {
-        let row = rows.len() + 1;
-        match reader.read_byte_record(&mut record) {
-            Ok(false) => break,
-            Ok(true) => {}
-            Err(e) => bail_input!("{}: row {row}: malformed CSV: {e}", path.display()),
-        }
-        let line = record.position().map(|p| p.line()).unwrap_or(0);
-        let location = Location::CsvRow { row, line };
-        if record.len() > columns.len() {
-            bail_input!(
-                "{}: {location}: {} fields but the header has {} columns (an unquoted comma?)",
-                path.display(),
-                record.len(),
-                columns.len()
-            );
-        }
-        let mut values = Vec::with_capacity(columns.len());
-        for (index, field) in record.iter().enumerate() {
-            let text = std::str::from_utf8(field).map_err(|_| {
-                bad_input(format!(
-                    "{}: {location}: invalid UTF-8 in column '{}' (save the file as UTF-8)",
-                    path.display(),
-                    columns[index]
-                ))
-            })?;
-            values.push(Some(text.to_string()));
-        }
-        values.resize(columns.len(), None);
-        rows.push((location, values));
-    }
-    Ok(Table { columns, rows })
-}
-
-fn read_json_table(path: &Path, bytes: &[u8]) -> Result<Table> {
-    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
-        bad_input(format!(
-            "{}: invalid JSON at line {} column {}: {e}",
-            path.display(),
-            e.line(),
-            e.column()
-        ))
-    })?;
-    let serde_json::Value::Array(items) = value else {
-        bail_input!(
-            "{}: expected a JSON array of objects (or use .jsonl for one object per line)",
-            path.display()
-        );
-    };
-    let objects = items
+fn csv_table(path: &Path, text: &str) -> Result<Table> {
+    let csv = csv_reader::parse_csv(path, text)?;
+    let rows = csv
+        .records
         .into_iter()
         .enumerate()
-        .map(|(index, item)| (Location::JsonItem(index + 1), item));
-    objects_to_table(path, objects)
-}
-
-fn read_jsonl_table(path: &Path, bytes: &[u8]) -> Result<Table> {
-    let mut objects = Vec::new();
-    for (index, line) in bytes.split(|&b| b == b'\n').enumerate() {
-        let location = Location::JsonlLine(index + 1);
-        if line.iter().all(|b| b.is_ascii_whitespace()) {
-            continue;
-        }
-        if std::str::from_utf8(line).is_err() {
-            bail_input!("{}: {location}: invalid UTF-8", path.display());
-        }
-        let value: serde_json::Value = serde_json::from_slice(line)
-            .map_err(|e| bad_input(format!("{}: {location}: invalid JSON: {e}", path.display())))?;
-        objects.push((location, value));
-    }
-    objects_to_table(path, objects)
-}
-
-/// Turns JSON objects into a table whose columns are the keys in order of first use.
-fn objects_to_table(
-    path: &Path,
-    objects: impl IntoIterator<Item = (Location, serde_json::Value)>,
-) -> Result<Table> {
-    let mut columns: Vec<String> = Vec::new();
-    let mut index_of: HashMap<String, usize> = HashMap::new();
-    let mut keyed_rows = Vec::new();
-    for (location, value) in objects {
-        let serde_json::Value::Object(object) = value else {
-            bail_input!("{}: {location}: expected a JSON object", path.display());
-        };
-        let mut row = Vec::new();
-        for (key, value) in object {
-            let text = match value {
-                serde_json::Value::String(s) => Some(s),
-                serde_json::Value::Null => None,
-                other => bail_input!(
-                    "{}: {location}: field '{key}' must be a string, found {other}",
-                    path.display()
-                ),
+        .map(|(index, record)| {
+            let location = Location::CsvRow {
+                row: index + 1,
+                line: record.line,
             };
-            let column = *index_of.entry(key.clone()).or_insert_with(|| {
-                columns.push(key);
-                columns.len() - 1
-            });
-            row.push((column, text));
-        }
-        keyed_rows.push((location, row));
-    }
-    let rows = keyed_rows
-        .into_iter()
-        .map(|(location, row)| {
-            let mut values = vec![None; columns.len()];
-            for (column, text) in row {
-                values[column] = text;
-            }
-            (location, values)
+            (
+                location,
+                record.fields.into_iter().map(Cell::Text).collect(),
+            )
         })
         .collect();
-    Ok(Table { columns, rows })
+    Ok(Table {
+        columns: csv.header,
+        rows,
+    })
 }
 
 /// Index of the one column whose name matches an alias; an error if two match.
@@ -368,7 +307,26 @@ fn describe_columns(columns: &[String]) -> String {
     }
 }
 
-fn table_to_dataset(path: &Path, table: Table, references: References) -> Result<Dataset> {
+/// The usable text of a cell, or what is wrong with it.
+fn cell_text(cell: &Cell) -> std::result::Result<&str, String> {
+    match cell {
+        Cell::Text(text) if !text.trim().is_empty() => Ok(text.trim()),
+        Cell::Text(_) => Err("is empty".into()),
+        Cell::Null => Err("is null".into()),
+        Cell::Missing => Err("is missing".into()),
+        Cell::Other(what) => Err(format!("is {what}, not text")),
+    }
+}
+
+/// How many invalid rows an error message lists before "and N more".
+const INVALID_ROWS_LISTED: usize = 10;
+
+fn table_to_dataset(
+    path: &Path,
+    table: Table,
+    references: References,
+    skip_invalid_rows: bool,
+) -> Result<Dataset> {
     let Some(proverb_column) = find_column(path, &table.columns, &PROVERB_COLUMNS)? else {
         bail_input!(
             "{}: no proverb column; found columns {}; accepted names (any case): {}",
@@ -392,32 +350,93 @@ fn table_to_dataset(path: &Path, table: Table, references: References) -> Result
     }
 
     let mut examples = Vec::with_capacity(table.rows.len());
+    let mut invalid = Vec::new();
     let mut seen = std::collections::HashSet::new();
     let mut duplicate_rows = 0;
-    for (location, values) in table.rows {
-        let proverb = values[proverb_column].as_deref().unwrap_or("").trim();
-        if proverb.is_empty() {
-            bail_input!("{}: {location}: empty proverb", path.display());
-        }
-        let reference = reference_column
-            .and_then(|c| values[c].as_deref())
-            .map(str::trim)
-            .filter(|r| !r.is_empty());
-        if reference.is_none() && references == References::Required {
-            bail_input!(
-                "{}: {location}: empty reference explanation (training and validation rows need one)",
-                path.display()
-            );
-        }
+    for (location, cells) in &table.rows {
+        let invalid_row = |column: usize, problem: String| InvalidRow {
+            row: location.to_string(),
+            field: table.columns[column].clone(),
+            problem,
+        };
+        let proverb = match cell_text(&cells[proverb_column]) {
+            Ok(text) => text,
+            Err(problem) => {
+                invalid.push(invalid_row(proverb_column, problem));
+                continue;
+            }
+        };
+        let reference = match (reference_column, references) {
+            (None, _) => None,
+            (Some(column), References::Required) => match cell_text(&cells[column]) {
+                Ok(text) => Some(text),
+                Err(problem) => {
+                    invalid.push(invalid_row(column, problem));
+                    continue;
+                }
+            },
+            // A test file may leave a reference empty or null, but not put a number there.
+            (Some(column), References::Optional) => match &cells[column] {
+                Cell::Other(what) => {
+                    invalid.push(invalid_row(column, format!("is {what}, not text")));
+                    continue;
+                }
+                cell => cell_text(cell).ok(),
+            },
+        };
         let example = Example {
             proverb: proverb.to_string(),
             reference: reference.map(str::to_string),
-            location,
+            location: *location,
         };
         if !seen.insert((example.proverb.clone(), example.reference.clone())) {
             duplicate_rows += 1;
         }
         examples.push(example);
+    }
+    if !invalid.is_empty() {
+        let needs = match references {
+            References::Required => {
+                "training and validation rows need a proverb and a reference explanation, as text"
+            }
+            References::Optional => "every row needs a proverb, as text",
+        };
+        if !skip_invalid_rows {
+            let mut listed: Vec<String> = invalid
+                .iter()
+                .take(INVALID_ROWS_LISTED)
+                .map(|row| format!("  {row}"))
+                .collect();
+            if invalid.len() > INVALID_ROWS_LISTED {
+                listed.push(format!(
+                    "  ... and {} more",
+                    invalid.len() - INVALID_ROWS_LISTED
+                ));
+            }
+            bail_input!(
+                "{}: {} invalid row(s) ({needs}):\n{}\nFix them, or pass --skip-invalid-rows to use the other rows",
+                path.display(),
+                invalid.len(),
+                listed.join("\n")
+            );
+        }
+        tracing::warn!(
+            "{}: skipped {} invalid row(s) (--skip-invalid-rows): {}",
+            path.display(),
+            invalid.len(),
+            invalid
+                .iter()
+                .map(|row| row.row.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        if examples.is_empty() {
+            bail_input!(
+                "{}: every row is invalid ({needs}); the first: {}",
+                path.display(),
+                invalid[0]
+            );
+        }
     }
     if duplicate_rows > 0 {
         tracing::warn!(
@@ -429,5 +448,6 @@ fn table_to_dataset(path: &Path, table: Table, references: References) -> Result
         path: path.to_path_buf(),
         examples,
         duplicate_rows,
+        skipped: invalid,
     })
 }
