@@ -1,18 +1,72 @@
-//! Bakes an rpath to the libtorch that torch-sys linked against into every binary
-//! (the CLI, tests, benches), so `amthal` runs with no LD_LIBRARY_PATH.
-//! The path is canonicalized: `.cache/libtorch` in the clone is a symlink into the
-//! shared cache (see scripts/setup), and the libs' own RUNPATH ($ORIGIN/../../nvidia/...)
-//! only resolves from their real location.
-use std::path::PathBuf;
+//! Two jobs:
+//! 1. Bakes an rpath to the libtorch that torch-sys linked against into every binary
+//!    (the CLI, tests, benches), so `amthal` runs with no LD_LIBRARY_PATH. The path is
+//!    canonicalized: `.cache/libtorch` in the clone is a symlink into the shared cache
+//!    (see scripts/setup), and the libs' own RUNPATH ($ORIGIN/../../nvidia/...) only
+//!    resolves from their real location.
+//! 2. Compiles the C++ shim in csrc/ (libtorch's CUDA APIs that tch does not wrap)
+//!    into `$OUT_DIR/libamthal_cuda.so`, which src/cuda/shim.rs embeds and loads at run
+//!    time after libtorch_cuda.so. It needs only headers (torch's, and the CUDA
+//!    runtime's that scripts/setup unpacks) and links libc10_cuda.so from the torch
+//!    wheel, so a CPU machine builds it too.
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=csrc");
     let Some(libtorch) = std::env::var_os("LIBTORCH") else {
         println!("cargo:warning=LIBTORCH is not set: run scripts/setup first");
         return;
     };
-    let lib = PathBuf::from(libtorch).join("lib");
+    let libtorch = PathBuf::from(libtorch);
+    let libtorch = libtorch.canonicalize().unwrap_or(libtorch);
+    let lib = libtorch.join("lib");
     let lib = lib.canonicalize().unwrap_or(lib);
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+
+    let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    build_cuda_shim(&libtorch, &out.join("libamthal_cuda.so"));
+}
+
+/// site/ in scripts/setup's cache: the CPU view (LIBTORCH) sits at site/libtorch-cpu.
+fn build_cuda_shim(libtorch: &Path, target: &Path) {
+    let site = libtorch.parent().expect("LIBTORCH has a parent");
+    let torch = site.join("torch");
+    let cuda_include = site.join("nvidia/cu13/include");
+    let cuda_lib = site.join("nvidia/cu13/lib");
+    for needed in [
+        torch.join("include/c10/cuda/CUDACachingAllocator.h"),
+        torch.join("lib/libc10_cuda.so"),
+        cuda_include.join("cuda_runtime_api.h"),
+        cuda_include.join("crt/host_config.h"),
+    ] {
+        if !needed.exists() {
+            panic!(
+                "{} is missing: run scripts/setup (it unpacks the headers the CUDA shim needs)",
+                needed.display()
+            );
+        }
+    }
+    let compiler = cc::Build::new().cpp(true).get_compiler();
+    let mut command = Command::new(compiler.path());
+    command
+        .args(["-std=c++17", "-O1", "-shared", "-fPIC", "-w"])
+        // torch 2.11 wheels use the C++11 ABI.
+        .arg("-D_GLIBCXX_USE_CXX11_ABI=1")
+        .arg(format!("-I{}", torch.join("include").display()))
+        .arg(format!("-I{}", cuda_include.display()))
+        .arg("csrc/cuda_memory.cpp")
+        .arg(format!("-L{}", torch.join("lib").display()))
+        .arg(format!("-L{}", cuda_lib.display()))
+        .args(["-lc10_cuda", "-lc10", "-l:libcudart.so.13"])
+        .arg("-o")
+        .arg(target);
+    let status = command
+        .status()
+        .unwrap_or_else(|e| panic!("running {:?}: {e}", compiler.path()));
+    if !status.success() {
+        panic!("compiling csrc/cuda_memory.cpp failed: {command:?}");
+    }
 }

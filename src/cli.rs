@@ -43,6 +43,16 @@ pub enum Command {
     Score(ScoreArgs),
     /// Compare several prediction files in one Markdown + HTML report with charts.
     Report(ReportArgs),
+    /// What this machine gives amthal: libtorch version and file, CPU, CUDA devices
+    /// (name, memory), and what --device/--precision auto resolve to.
+    Env(EnvArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct EnvArgs {
+    /// Print one JSON object.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Which metrics to compute and with which models (shared by `score` and `report`).
@@ -449,6 +459,9 @@ pub struct TrainArgs {
     /// Train on the valid rows and report the others (default: invalid rows are an error).
     #[arg(long, visible_alias = "skip_invalid_rows")]
     pub skip_invalid_rows: bool,
+    /// With --fp16: the initial dynamic loss scale (GradScaler's init_scale, 65536).
+    #[arg(long, value_name = "S")]
+    pub loss_scale_init: Option<f64>,
     /// Continue from the latest checkpoint in --output-dir, or from the one named.
     #[arg(long, num_args = 0..=1, default_missing_value = "latest", value_name = "checkpoint-N")]
     pub resume: Option<String>,

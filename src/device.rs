@@ -1,12 +1,5 @@
-//! `--device` and `--precision`, shared by every command that runs a model.
-//!
-//! amthal links the CPU part of libtorch. For `--device cuda`, libtorch_cuda.so is
-//! loaded at start-up (dlopen with RTLD_GLOBAL, so its CUDA kernels register with
-//! libtorch) from `$AMTHAL_LIBTORCH_CUDA` (a file or a torch/lib folder, e.g. a
-//! PyTorch 2.11 install's), or from the torch wheel that scripts/setup unpacked
-//! (which needs the NVIDIA runtime wheels: `scripts/setup --cuda`).
-
-use std::path::PathBuf;
+//! `--device` and `--precision`, shared by every command that runs a model. How
+//! CUDA is found and loaded is `crate::cuda`'s job.
 
 use anyhow::Result;
 use tch::{Device, Kind};
@@ -57,85 +50,29 @@ pub fn parse_device(spec: &str) -> Result<Device> {
 }
 
 fn require_cuda(index: usize) -> Result<Device> {
-    if !cuda_available() {
-        bail_input!(
-            "--device cuda: no CUDA device is usable. amthal looked for libtorch_cuda.so in {} \
-             (set AMTHAL_LIBTORCH_CUDA to a PyTorch 2.11 torch/lib folder, or run scripts/setup --cuda)",
-            cuda_library_candidates()
+    let runtime = match crate::cuda::runtime() {
+        Ok(runtime) => runtime,
+        Err(why) => bail_input!(
+            "--device cuda: no CUDA device is usable: {why}. amthal looks for libtorch_cuda.so in {}",
+            crate::cuda::library_candidates()
                 .iter()
                 .map(|p| p.display().to_string())
                 .collect::<Vec<_>>()
                 .join(", ")
+        ),
+    };
+    if index >= runtime.device_count {
+        bail_input!(
+            "--device cuda:{index}: only {} CUDA device(s)",
+            runtime.device_count
         );
-    }
-    let count = tch::Cuda::device_count() as usize;
-    if index >= count {
-        bail_input!("--device cuda:{index}: only {count} CUDA device(s)");
     }
     Ok(Device::Cuda(index))
 }
 
-fn cuda_library_candidates() -> Vec<PathBuf> {
-    let mut candidates = Vec::new();
-    if let Some(path) = std::env::var_os("AMTHAL_LIBTORCH_CUDA").map(PathBuf::from) {
-        candidates.push(if path.is_dir() {
-            path.join("libtorch_cuda.so")
-        } else {
-            path
-        });
-    }
-    candidates.push(
-        crate::model_source::cache_dir()
-            .join("site")
-            .join("torch")
-            .join("lib")
-            .join("libtorch_cuda.so"),
-    );
-    candidates
-}
-
-/// Whether CUDA works, loading libtorch_cuda.so once if needed.
+/// Whether CUDA works (loading libtorch_cuda.so first, see `crate::cuda`).
 pub fn cuda_available() -> bool {
-    static LOADED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *LOADED.get_or_init(|| {
-        if tch::Cuda::is_available() {
-            return true;
-        }
-        // Without an NVIDIA driver there is nothing to load libtorch_cuda.so for.
-        let driver = std::path::Path::new("/proc/driver/nvidia/version").exists()
-            || std::path::Path::new("/dev/nvidiactl").exists();
-        if !driver {
-            return false;
-        }
-        for candidate in cuda_library_candidates() {
-            if !candidate.is_file() {
-                continue;
-            }
-            let Ok(path) = std::ffi::CString::new(candidate.to_string_lossy().as_bytes()) else {
-                continue;
-            };
-            // SAFETY: dlopen of a shared library by path; the handle is kept for the
-            // life of the process (never dlclosed) since libtorch keeps pointers into it.
-            let handle = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
-            if handle.is_null() {
-                // SAFETY: dlerror returns a thread-local C string or null.
-                let message = unsafe {
-                    let e = libc::dlerror();
-                    if e.is_null() {
-                        String::new()
-                    } else {
-                        std::ffi::CStr::from_ptr(e).to_string_lossy().into_owned()
-                    }
-                };
-                tracing::warn!("could not load {}: {message}", candidate.display());
-                continue;
-            }
-            if tch::Cuda::is_available() {
-                return true;
-            }
-        }
-        false
-    })
+    crate::cuda::is_available()
 }
 
 /// Whether this CPU multiplies bf16 natively (AMX or AVX512-BF16).

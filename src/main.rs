@@ -14,6 +14,9 @@ fn main() {
         .with_target(false)
         .init();
     let cli = amthal::cli::Cli::parse();
+    // Before anything can ask libtorch about CUDA (see amthal::cuda): loads
+    // libtorch_cuda.so when an NVIDIA driver is present, costs a stat() otherwise.
+    amthal::cuda::init();
     if let Err(error) = amthal::commands::run(cli) {
         eprintln!("error: {error:#}");
         std::process::exit(amthal::error::exit_code(&error));

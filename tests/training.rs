@@ -479,3 +479,75 @@ fn gradient_checkpointing_gives_the_same_gradients() {
         assert!(plain.iter().all(|(_, g)| g.defined()));
     }
 }
+
+/// The seed's --fp16: f16 compute with torch.amp.GradScaler's dynamic loss scaling.
+/// A scale so large that every gradient overflows skips each step (the adapter's B
+/// stays zero) and halves the scale; the default scale (65536) trains.
+#[test]
+fn fp16_loss_scaling_skips_overflowing_steps_and_halves_the_scale() {
+    let dir = temp_dir("fp16");
+    let data = sample_data();
+    let run = |name: &str, extra: &[&str]| -> (Vec<serde_json::Value>, PathBuf) {
+        let out = dir.join(name);
+        // Not train_command: its --precision f32 would conflict with --fp16.
+        let output = Command::new(env!("CARGO_BIN_EXE_amthal"))
+            .args([
+                "train",
+                "--model",
+                &tiny(),
+                "--device",
+                "cpu",
+                "--fp16",
+                "--lora",
+            ])
+            .args(["--output-dir", out.to_str().unwrap(), "--data-dir", &data])
+            .args(["--lr", "1e-2", "--max-steps", "3", "--eval-strategy", "no"])
+            .args(["--previews", "0"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        (log_of(&out), out)
+    };
+    let (log, out) = run(
+        "overflow",
+        &["--loss-scale-init", "1267650600228229401496703205376"],
+    ); // 2^100
+    let scales: Vec<f64> = log
+        .iter()
+        .map(|e| e["loss_scale"].as_f64().unwrap())
+        .collect();
+    assert_eq!(scales, [2f64.powi(99), 2f64.powi(98), 2f64.powi(97)]);
+    assert!(
+        log.iter()
+            .all(|e| e["step_skipped"] == true && e["grad_norm"].is_null())
+    );
+    let b_norm: f64 = tensors(&out.join("final/adapter_model.safetensors"))
+        .iter()
+        .filter(|(name, _)| name.contains("lora_B"))
+        .map(|(_, t)| t.abs().sum(Kind::Double).double_value(&[]))
+        .sum();
+    assert_eq!(b_norm, 0.0, "no step was applied, so B is still zero");
+
+    let (log, out) = run("default", &[]);
+    assert!(
+        log.iter()
+            .all(|e| e["step_skipped"] == false && e["loss_scale"] == 65536.0)
+    );
+    let b_norm: f64 = tensors(&out.join("final/adapter_model.safetensors"))
+        .iter()
+        .filter(|(name, _)| name.contains("lora_B"))
+        .map(|(_, t)| t.abs().sum(Kind::Double).double_value(&[]))
+        .sum();
+    assert!(b_norm > 0.0, "the default scale trains");
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("checkpoint-3/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["loss_scaler"]["scale"], 65536.0);
+    assert_eq!(state["loss_scaler"]["growth_tracker"], 3);
+}

@@ -23,6 +23,7 @@ use crate::error::bad_input;
 use crate::generate::{
     GenerationRequest, SamplingConfig, completion_text, generate_batch, stop_ids,
 };
+use crate::memory::MemoryReport;
 use crate::predictions::{PredictionRow, read_predictions, write_predictions};
 use crate::prompt::PromptBuilder;
 use crate::runtime::load_model;
@@ -182,7 +183,7 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
         repetition_penalty: args.repetition_penalty,
         seed: args.seed,
     };
-    let sidecar = json!({
+    let mut sidecar = json!({
         "predictions": out.display().to_string(),
         "test_path": args.test_path.display().to_string(),
         "model": loaded.source.display(),
@@ -200,7 +201,6 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
         "amthal_version": env!("CARGO_PKG_VERSION"),
     });
     let sidecar_path = out.with_extension("json");
-    let sidecar = serde_json::to_string_pretty(&sidecar)?;
     eprintln!(
         "evaluate: {} on {} rows ({} done), {} prompts{}, {}",
         loaded.describe(),
@@ -250,7 +250,12 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
             });
         }
         write_predictions(&out, &rows)?;
-        write_file(&sidecar_path, sidecar.as_bytes())?;
+        // Peak host and GPU memory so far, next to the settings.
+        sidecar["memory"] = serde_json::to_value(MemoryReport::now(loaded.model.device))?;
+        write_file(
+            &sidecar_path,
+            serde_json::to_string_pretty(&sidecar)?.as_bytes(),
+        )?;
         let seconds = started.elapsed().as_secs_f64();
         progress.set_position(rows.len() as u64);
         progress.set_message(format!(
@@ -261,10 +266,11 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
     progress.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
     eprintln!(
-        "wrote {} ({} rows; {new_tokens} new tokens in {seconds:.1}s, {:.1} tokens/s)",
+        "wrote {} ({} rows; {new_tokens} new tokens in {seconds:.1}s, {:.1} tokens/s; {})",
         out.display(),
         rows.len(),
-        new_tokens as f64 / seconds.max(1e-9)
+        new_tokens as f64 / seconds.max(1e-9),
+        MemoryReport::now(loaded.model.device).short()
     );
     Ok(())
 }

@@ -61,6 +61,7 @@ pub fn run(args: &LossArgs) -> Result<()> {
         "examples": encoded.len(),
         "skipped": skipped,
         "skipped_rows": dataset.skipped,
+        "memory": crate::memory::MemoryReport::now(loaded.model.device),
         "model": loaded.source.display(),
         "adapter": args.adapter.as_ref().map(|a| a.display().to_string()),
         "prompt_format": prompts.format(),

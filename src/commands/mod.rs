@@ -1,6 +1,7 @@
 //! One module per CLI command; each takes its parsed arguments and does the job.
 
 pub mod demo;
+pub mod env;
 pub mod evaluate;
 pub mod loss;
 pub mod merge;
@@ -24,5 +25,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(args) => train::run(&args),
         Command::Score(args) => score::run(&args),
         Command::Report(args) => report::run(&args),
+        Command::Env(args) => env::run(&args),
     }
 }

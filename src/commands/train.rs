@@ -42,7 +42,8 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
         prompt_format,
         previews,
         data_order,
-        encoding
+        encoding,
+        loss_scale_init
     );
     if args.model.is_some() {
         c.model = args.model.clone();
@@ -73,11 +74,15 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let config = resolve_config(args)?;
     let summary = train(&config, args.resume.as_deref())?;
     println!(
-        "\ntraining done: {} optimizer steps in {:.1}s, {:.0} tokens/s, peak memory {:.2} GB",
+        "\ntraining done: {} optimizer steps in {:.1}s, {:.0} tokens/s, memory: {}",
         summary.steps,
         summary.seconds,
         summary.tokens_per_second,
-        summary.peak_rss_bytes as f64 / 1e9
+        crate::memory::MemoryReport {
+            peak_rss_bytes: summary.peak_rss_bytes,
+            gpu: summary.gpu_memory,
+        }
+        .short()
     );
     match (summary.best_eval_loss, summary.best_step) {
         (Some(loss), Some(step)) => println!(

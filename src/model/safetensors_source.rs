@@ -116,7 +116,29 @@ impl SafetensorsSource {
                 path.display()
             ),
         };
-        let tensor = Tensor::from_data_size(view.data(), shape, stored);
-        Ok(Some(tensor.to_kind(kind).to_device(device)))
+        let bytes = view.data();
+        let tensor = Tensor::from_data_size(bytes, shape, stored);
+        // To the device first, then convert there: the host holds one tensor's copy at
+        // a time, and the GPU does the conversion.
+        let tensor = tensor.to_device(device).to_kind(kind);
+        release_pages(mmap, bytes);
+        Ok(Some(tensor))
+    }
+}
+
+/// Drops the mapped pages of bytes already copied out of `mmap` from this process's
+/// resident set (madvise DONTNEED; they stay in the page cache, and a later read
+/// faults them back in). Without it a 14 GB model read through the mapping counts
+/// 14 GB of host RSS after it went to the GPU.
+pub fn release_pages(mmap: &Mmap, bytes: &[u8]) {
+    let offset = bytes.as_ptr() as usize - mmap.as_ptr() as usize;
+    // SAFETY: DONTNEED on a read-only file mapping only discards this process's view
+    // of pages it can fault back in; nothing borrowed from the range is read later
+    // without going through the mapping again.
+    let result = unsafe {
+        mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, bytes.len())
+    };
+    if let Err(error) = result {
+        tracing::debug!("madvise(DONTNEED) failed: {error}");
     }
 }

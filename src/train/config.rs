@@ -69,6 +69,8 @@ pub struct TrainConfig {
     pub encoding: TextEncoding,
     /// Train on the valid rows and report the invalid ones instead of refusing the file.
     pub skip_invalid_rows: bool,
+    /// f16 only: the initial dynamic loss scale (torch.amp.GradScaler's init_scale).
+    pub loss_scale_init: f64,
 }
 
 impl Default for TrainConfig {
@@ -110,6 +112,7 @@ impl Default for TrainConfig {
             previews: 3,
             encoding: TextEncoding::Auto,
             skip_invalid_rows: false,
+            loss_scale_init: super::loss_scale::INIT_SCALE,
         }
     }
 }
@@ -134,6 +137,9 @@ impl TrainConfig {
         }
         if self.eval_strategy == EvalStrategy::Steps && self.eval_steps == 0 {
             bail_input!("--eval-strategy steps needs --eval-steps > 0");
+        }
+        if !(self.loss_scale_init.is_finite() && self.loss_scale_init > 0.0) {
+            bail_input!("--loss-scale-init must be a positive number");
         }
         if self.epochs <= 0.0 && self.max_steps.is_none() {
             bail_input!("--epochs must be positive (or give --max-steps)");

@@ -11,6 +11,7 @@
 
 pub mod config;
 pub mod data_order;
+pub mod loss_scale;
 pub mod optim;
 pub mod plot;
 pub mod state;
@@ -55,6 +56,8 @@ pub struct TrainSummary {
     pub seconds: f64,
     pub tokens_per_second: f64,
     pub peak_rss_bytes: u64,
+    /// libtorch's caching-allocator peaks on the training device (None on CPU).
+    pub gpu_memory: Option<crate::cuda::GpuMemory>,
     pub previews: Vec<(String, String)>,
     /// Rows left out under --skip-invalid-rows, per split.
     pub skipped_rows: SkippedRows,
@@ -115,19 +118,6 @@ fn checkpoints(output_dir: &Path) -> Vec<(i64, PathBuf)> {
         .unwrap_or_default();
     found.sort();
     found
-}
-
-fn peak_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map(|kb| kb * 1024)
-        .unwrap_or(0)
 }
 
 /// Token-weighted mean answer-token loss over a set (no gradients).
@@ -308,6 +298,10 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
         );
     }
 
+    // f16 needs dynamic loss scaling (GradScaler); a resumed run keeps its scaler.
+    if kind == Kind::Half && state.loss_scaler.is_none() {
+        state.loss_scaler = Some(loss_scale::LossScaler::new(config.loss_scale_init));
+    }
     std::fs::create_dir_all(out)
         .map_err(|e| bad_input(format!("{}: cannot create: {e}", out.display())))?;
     write_file(
@@ -371,6 +365,8 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
                 .map(|&i| train_examples[i].trained_tokens() as i64)
                 .sum();
             let mut window_loss = 0.0;
+            let loss_scale = state.loss_scaler.map_or(1.0, |s| s.scale);
+            let mut nonfinite_loss = false;
             for micro in window {
                 let rows: Vec<&Encoded> = micro.iter().map(|&i| &train_examples[i]).collect();
                 let batch = Batch::from_encoded(&rows, device);
@@ -378,12 +374,15 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
                 let value = micro_step(
                     &model,
                     &batch,
-                    1.0 / window_tokens.max(1) as f64,
+                    loss_scale / window_tokens.max(1) as f64,
                     (config.seed, state.micro_steps),
                     config.gradient_checkpointing,
                     full,
                 )?;
-                if !value.is_finite() {
+                if !value.is_finite() && state.loss_scaler.is_some() {
+                    // f16 overflow in the forward pass: GradScaler skips such a step.
+                    nonfinite_loss = true;
+                } else if !value.is_finite() {
                     progress.abandon();
                     anyhow::bail!(
                         "the loss became {value} at step {}; stopping. The last good checkpoint is {}",
@@ -393,7 +392,9 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
                             .unwrap_or_else(|| "none (no checkpoint was saved yet)".into())
                     );
                 }
-                window_loss += value;
+                if value.is_finite() {
+                    window_loss += value;
+                }
                 state.micro_steps += 1;
                 state.input_tokens += rows.iter().map(|r| r.input_ids.len() as i64).sum::<i64>();
             }
@@ -402,7 +403,14 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
                 state.global_step + 1,
                 started.elapsed().as_secs_f64()
             );
-            let grad_norm = optimizer.clip_grad_norm(config.max_grad_norm);
+            // f16: unscale, and skip the step (halving the scale) on inf/NaN gradients.
+            let apply_step = match &mut state.loss_scaler {
+                Some(scaler) => {
+                    let finite = optimizer.unscale_grads(1.0 / loss_scale);
+                    scaler.update(nonfinite_loss || !finite)
+                }
+                None => true,
+            };
             let lr = learning_rate(
                 config.lr_scheduler,
                 config.lr,
@@ -410,7 +418,18 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
                 warmup,
                 total_steps,
             );
-            optimizer.step(lr);
+            let grad_norm = if apply_step {
+                let norm = optimizer.clip_grad_norm(config.max_grad_norm);
+                optimizer.step(lr);
+                Some(norm)
+            } else {
+                progress.println(format!(
+                    "step {}: inf/NaN gradients in f16, step skipped; loss scale now {}",
+                    state.global_step + 1,
+                    state.loss_scaler.map_or(1.0, |s| s.scale)
+                ));
+                None
+            };
             optimizer.zero_grad();
             state.global_step += 1;
             state.windows_done_in_epoch += 1;
@@ -425,7 +444,8 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
             let step_loss = window_loss / window_tokens.max(1) as f64;
             progress.set_position(state.global_step as u64);
             progress.set_message(format!(
-                "epoch {epoch_position:.2} loss {step_loss:.4} lr {lr:.2e} {tokens_per_second:.0} tok/s"
+                "epoch {epoch_position:.2} loss {step_loss:.4} lr {lr:.2e} {tokens_per_second:.0} tok/s, {}",
+                crate::memory::MemoryReport::now(device).short()
             ));
             if (state.global_step as usize).is_multiple_of(config.logging_steps.max(1))
                 || state.global_step == total_steps
@@ -435,11 +455,13 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
                     epoch: epoch_position,
                     loss: Some(interval_loss / interval_tokens.max(1) as f64),
                     learning_rate: Some(lr),
-                    grad_norm: Some(grad_norm),
+                    grad_norm,
                     tokens_per_second: Some(tokens_per_second),
                     eval_loss: None,
                     elapsed_seconds: Some(elapsed),
                     input_tokens: Some(state.input_tokens),
+                    loss_scale: state.loss_scaler.map(|s| s.scale),
+                    step_skipped: state.loss_scaler.map(|_| !apply_step),
                 });
                 (interval_loss, interval_tokens) = (0.0, 0);
                 write_log(out, &state.log_history)?;
@@ -467,6 +489,8 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
                     eval_loss: Some(eval_loss),
                     elapsed_seconds: None,
                     input_tokens: None,
+                    loss_scale: None,
+                    step_skipped: None,
                 });
                 write_log(out, &state.log_history)?;
                 progress.println(format!(
@@ -566,6 +590,7 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
             .unwrap_or(&train_set.examples[..]),
         config.previews,
     )?;
+    let memory = crate::memory::MemoryReport::now(device);
     let summary = TrainSummary {
         output_dir: out.clone(),
         steps: state.global_step,
@@ -574,7 +599,8 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
         final_eval_loss: final_eval,
         seconds,
         tokens_per_second: (state.input_tokens - tokens_at_start) as f64 / seconds.max(1e-9),
-        peak_rss_bytes: peak_rss_bytes(),
+        peak_rss_bytes: memory.peak_rss_bytes,
+        gpu_memory: memory.gpu,
         previews,
         skipped_rows,
     };

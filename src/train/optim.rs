@@ -70,6 +70,24 @@ impl AdamW {
 
     /// Global L2 norm of the gradients, and clips them to `max_norm` (torch's
     /// clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is below 1).
+    /// Multiplies every gradient by `factor` (1 / the loss scale); returns whether all
+    /// of them are finite (GradScaler.unscale_'s inf/NaN check).
+    pub fn unscale_grads(&mut self, factor: f64) -> bool {
+        let mut norms = Vec::new();
+        for p in &self.params {
+            let mut grad = p.param.grad();
+            if grad.defined() {
+                let _ = grad.g_mul_scalar_(factor);
+                norms.push(grad.to_kind(Kind::Float).norm());
+            }
+        }
+        norms.is_empty()
+            || Tensor::stack(&norms, 0)
+                .norm()
+                .double_value(&[])
+                .is_finite()
+    }
+
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
         let norms: Vec<Tensor> = self
             .params

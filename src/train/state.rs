@@ -25,6 +25,12 @@ pub struct LogEntry {
     pub elapsed_seconds: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub input_tokens: Option<i64>,
+    /// f16 only: the loss scale after this step, and whether an inf/NaN gradient made
+    /// the step skip the optimizer (see `loss_scale`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub loss_scale: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub step_skipped: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -46,4 +52,7 @@ pub struct TrainerState {
     pub trained_tokens: i64,
     pub input_tokens: i64,
     pub log_history: Vec<LogEntry>,
+    /// The f16 loss scaler, carried across a resume (None in bf16/f32).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scaler: Option<super::loss_scale::LossScaler>,
 }

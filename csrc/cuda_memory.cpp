@@ -1,0 +1,95 @@
+// amthal's window into libtorch's CUDA side, for what tch does not wrap: the caching
+// allocator's statistics (what torch.cuda.max_memory_allocated/reserved report) and
+// the devices' names and memory. Built by build.rs into libamthal_cuda.so, which the
+// binary embeds and loads (src/cuda/shim.rs) only after libtorch_cuda.so is loaded:
+// the CPU build never needs a GPU, and this library's only dependencies (libc10_cuda,
+// libcudart) are then already in the process.
+//
+// Every function returns 0 on success and 1 on failure, never throws across the C
+// boundary; amthal_cuda_last_error() gives the message of the last failure.
+
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <string>
+
+namespace {
+thread_local std::string last_error;
+
+template <typename F>
+int guarded(F&& body) {
+  try {
+    body();
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+  } catch (...) {
+    last_error = "unknown C++ exception";
+  }
+  return 1;
+}
+
+int cuda_status(cudaError_t status) {
+  if (status == cudaSuccess) return 0;
+  last_error = cudaGetErrorString(status);
+  return 1;
+}
+}  // namespace
+
+extern "C" {
+
+// Bumped when a signature changes; src/cuda/shim.rs checks it.
+int amthal_cuda_shim_version() { return 1; }
+
+const char* amthal_cuda_last_error() { return last_error.c_str(); }
+
+// out[0..4]: allocated bytes now, allocated peak, reserved bytes now, reserved peak,
+// for all pools (the AGGREGATE stat, as torch.cuda.memory_stats reports it).
+int amthal_cuda_memory_stats(int device, int64_t* out) {
+  return guarded([&] {
+    auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(
+        static_cast<c10::DeviceIndex>(device));
+    const auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+    out[0] = stats.allocated_bytes[all].current;
+    out[1] = stats.allocated_bytes[all].peak;
+    out[2] = stats.reserved_bytes[all].current;
+    out[3] = stats.reserved_bytes[all].peak;
+  });
+}
+
+// torch.cuda.reset_peak_memory_stats(device)
+int amthal_cuda_reset_peak(int device) {
+  return guarded([&] {
+    c10::cuda::CUDACachingAllocator::resetPeakStats(static_cast<c10::DeviceIndex>(device));
+  });
+}
+
+// The device's name (NUL-terminated, cut to name_len), total memory and compute capability.
+int amthal_cuda_device_info(int device, char* name, int name_len, int64_t* total_bytes,
+                            int* major, int* minor) {
+  cudaDeviceProp props;
+  if (cuda_status(cudaGetDeviceProperties(&props, device)) != 0) return 1;
+  std::strncpy(name, props.name, static_cast<size_t>(name_len));
+  if (name_len > 0) name[name_len - 1] = '\0';
+  *total_bytes = static_cast<int64_t>(props.totalGlobalMem);
+  *major = props.major;
+  *minor = props.minor;
+  return 0;
+}
+
+// Free and total bytes on the device, as the driver sees them (cudaMemGetInfo).
+int amthal_cuda_mem_get_info(int device, int64_t* free_bytes, int64_t* total_bytes) {
+  int previous = 0;
+  if (cuda_status(cudaGetDevice(&previous)) != 0) return 1;
+  if (cuda_status(cudaSetDevice(device)) != 0) return 1;
+  size_t free_now = 0, total = 0;
+  int status = cuda_status(cudaMemGetInfo(&free_now, &total));
+  cudaSetDevice(previous);
+  *free_bytes = static_cast<int64_t>(free_now);
+  *total_bytes = static_cast<int64_t>(total);
+  return status;
+}
+}

@@ -1,0 +1,196 @@
+//! The C++ shim (csrc/cuda_memory.cpp, compiled by build.rs) as a safe Rust wrapper.
+//!
+//! The library is embedded in the binary, so a binary carried to a GPU machine alone
+//! still has it. It is loaded from memory (memfd_create + dlopen of /proc/self/fd/N),
+//! and only after libtorch_cuda.so: its dependencies (libc10_cuda, libcudart) are then
+//! already in the process, and on a CPU machine it is never loaded at all.
+
+use std::ffi::{CStr, c_char, c_int};
+
+/// The compiled shim (see build.rs).
+pub const LIBRARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libamthal_cuda.so"));
+
+/// The interface version csrc/cuda_memory.cpp reports; a mismatch refuses the shim.
+const VERSION: c_int = 1;
+
+/// The exported functions, by name (a test checks the embedded library has each).
+pub const SYMBOLS: [&str; 6] = [
+    "amthal_cuda_shim_version",
+    "amthal_cuda_last_error",
+    "amthal_cuda_memory_stats",
+    "amthal_cuda_reset_peak",
+    "amthal_cuda_device_info",
+    "amthal_cuda_mem_get_info",
+];
+
+type VersionFn = unsafe extern "C" fn() -> c_int;
+type LastErrorFn = unsafe extern "C" fn() -> *const c_char;
+type MemoryStatsFn = unsafe extern "C" fn(c_int, *mut i64) -> c_int;
+type ResetPeakFn = unsafe extern "C" fn(c_int) -> c_int;
+type DeviceInfoFn =
+    unsafe extern "C" fn(c_int, *mut c_char, c_int, *mut i64, *mut c_int, *mut c_int) -> c_int;
+type MemGetInfoFn = unsafe extern "C" fn(c_int, *mut i64, *mut i64) -> c_int;
+
+/// Function pointers into the loaded shim (kept loaded for the life of the process).
+#[derive(Debug)]
+pub struct Shim {
+    last_error: LastErrorFn,
+    memory_stats: MemoryStatsFn,
+    reset_peak: ResetPeakFn,
+    device_info: DeviceInfoFn,
+    mem_get_info: MemGetInfoFn,
+}
+
+/// The thread's last dlopen/dlsym error message.
+pub fn dlerror() -> String {
+    // SAFETY: dlerror returns a thread-local C string or null.
+    unsafe {
+        let e = libc::dlerror();
+        if e.is_null() {
+            "unknown dlopen error".to_string()
+        } else {
+            CStr::from_ptr(e).to_string_lossy().into_owned()
+        }
+    }
+}
+
+impl Shim {
+    /// Loads the embedded library. Call only after libtorch_cuda.so is loaded.
+    pub fn load() -> Result<Shim, String> {
+        // SAFETY: memfd_create with a static NUL-terminated name; the fd is ours.
+        let fd = unsafe { libc::memfd_create(c"amthal_cuda".as_ptr(), 0) };
+        if fd < 0 {
+            return Err(format!("memfd_create: {}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: fd is a fresh file descriptor we own; File closes it on drop.
+        let mut file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        std::io::Write::write_all(&mut file, LIBRARY).map_err(|e| format!("memfd write: {e}"))?;
+        let path = std::ffi::CString::new(format!("/proc/self/fd/{fd}")).expect("no NUL");
+        // SAFETY: dlopen of the library just written; the mapping outlives the fd, and
+        // the handle is never closed since function pointers into it are kept.
+        let handle = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+        drop(file);
+        if handle.is_null() {
+            return Err(dlerror());
+        }
+        let symbol = |name: &str| -> Result<*mut libc::c_void, String> {
+            let c_name = std::ffi::CString::new(name).expect("no NUL");
+            // SAFETY: dlsym on a valid handle with a NUL-terminated name.
+            let address = unsafe { libc::dlsym(handle, c_name.as_ptr()) };
+            if address.is_null() {
+                Err(format!("{name}: {}", dlerror()))
+            } else {
+                Ok(address)
+            }
+        };
+        // SAFETY (all transmutes): each symbol is the extern "C" function of that name in
+        // csrc/cuda_memory.cpp, whose signature the type alias repeats.
+        unsafe {
+            let version: VersionFn = std::mem::transmute(symbol(SYMBOLS[0])?);
+            if version() != VERSION {
+                return Err(format!(
+                    "the embedded shim reports interface {} but amthal expects {VERSION}",
+                    version()
+                ));
+            }
+            Ok(Shim {
+                last_error: std::mem::transmute::<*mut libc::c_void, LastErrorFn>(symbol(
+                    SYMBOLS[1],
+                )?),
+                memory_stats: std::mem::transmute::<*mut libc::c_void, MemoryStatsFn>(symbol(
+                    SYMBOLS[2],
+                )?),
+                reset_peak: std::mem::transmute::<*mut libc::c_void, ResetPeakFn>(symbol(
+                    SYMBOLS[3],
+                )?),
+                device_info: std::mem::transmute::<*mut libc::c_void, DeviceInfoFn>(symbol(
+                    SYMBOLS[4],
+                )?),
+                mem_get_info: std::mem::transmute::<*mut libc::c_void, MemGetInfoFn>(symbol(
+                    SYMBOLS[5],
+                )?),
+            })
+        }
+    }
+
+    /// Turns the shim's 0/1 status into a Result with its message.
+    fn check(&self, status: c_int) -> Result<(), String> {
+        if status == 0 {
+            return Ok(());
+        }
+        // SAFETY: last_error returns a pointer to a thread-local std::string's buffer.
+        Err(unsafe { CStr::from_ptr((self.last_error)()) }
+            .to_string_lossy()
+            .into_owned())
+    }
+
+    pub fn memory_stats(&self, device: usize) -> Result<super::GpuMemory, String> {
+        let mut out = [0i64; 4];
+        // SAFETY: out has the 4 slots the function writes.
+        self.check(unsafe { (self.memory_stats)(device as c_int, out.as_mut_ptr()) })?;
+        Ok(super::GpuMemory {
+            device,
+            allocated_bytes: out[0],
+            peak_allocated_bytes: out[1],
+            reserved_bytes: out[2],
+            peak_reserved_bytes: out[3],
+        })
+    }
+
+    pub fn reset_peak(&self, device: usize) -> Result<(), String> {
+        // SAFETY: plain call with an int.
+        self.check(unsafe { (self.reset_peak)(device as c_int) })
+    }
+
+    /// (name, total bytes, (major, minor) compute capability)
+    pub fn device_info(&self, device: usize) -> Result<(String, i64, (i32, i32)), String> {
+        let mut name = [0 as c_char; 256];
+        let (mut total, mut major, mut minor) = (0i64, 0, 0);
+        // SAFETY: every out-pointer is valid and name holds name.len() bytes.
+        self.check(unsafe {
+            (self.device_info)(
+                device as c_int,
+                name.as_mut_ptr(),
+                name.len() as c_int,
+                &mut total,
+                &mut major,
+                &mut minor,
+            )
+        })?;
+        // SAFETY: the shim NUL-terminates name within its length.
+        let name = unsafe { CStr::from_ptr(name.as_ptr()) }
+            .to_string_lossy()
+            .into_owned();
+        Ok((name, total, (major, minor)))
+    }
+
+    /// (free, total) bytes as the driver reports them.
+    pub fn mem_get_info(&self, device: usize) -> Result<(i64, i64), String> {
+        let (mut free, mut total) = (0i64, 0i64);
+        // SAFETY: both out-pointers are valid.
+        self.check(unsafe { (self.mem_get_info)(device as c_int, &mut free, &mut total) })?;
+        Ok((free, total))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The embedded library is a shared object that exports every symbol the loader
+    /// asks for (it cannot be loaded without libtorch_cuda.so, so this is checked on
+    /// its bytes: the ELF magic and the dynamic symbol names).
+    #[test]
+    fn the_embedded_shim_exports_what_the_loader_asks_for() {
+        assert!(LIBRARY.starts_with(b"\x7FELF"), "not an ELF file");
+        for name in SYMBOLS {
+            let needle = format!("\0{name}\0");
+            assert!(
+                LIBRARY
+                    .windows(needle.len())
+                    .any(|w| w == needle.as_bytes()),
+                "{name} is not in the embedded shim"
+            );
+        }
+    }
+}
