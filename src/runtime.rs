@@ -18,6 +18,8 @@ pub struct LoadedModel {
     pub model: Llama,
     pub tokenizer: ModelTokenizer,
     pub adapter: Option<LoraConfig>,
+    /// Seconds spent reading the weights onto the device (adapter included).
+    pub load_seconds: f64,
 }
 
 impl LoadedModel {
@@ -46,6 +48,7 @@ pub fn load_model(
     let device: Device = parse_device(device)?;
     let kind: Kind = resolve_precision(precision, device);
     let tokenizer = source.tokenizer()?;
+    let started = std::time::Instant::now();
     let mut llama = load_llama(&source, LoadOptions { device, kind })
         .with_context(|| format!("loading {}", source.display()))?;
     let adapter = match adapter {
@@ -55,10 +58,14 @@ pub fn load_model(
         ),
         None => None,
     };
+    if let Device::Cuda(index) = device {
+        crate::cuda::synchronize(index);
+    }
     Ok(LoadedModel {
         source,
         model: llama,
         tokenizer,
         adapter,
+        load_seconds: started.elapsed().as_secs_f64(),
     })
 }

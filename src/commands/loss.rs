@@ -62,6 +62,7 @@ pub fn run(args: &LossArgs) -> Result<()> {
         "skipped": skipped,
         "skipped_rows": dataset.skipped,
         "memory": crate::memory::MemoryReport::now(loaded.model.device),
+        "load_seconds": loaded.load_seconds,
         "model": loaded.source.display(),
         "adapter": args.adapter.as_ref().map(|a| a.display().to_string()),
         "prompt_format": prompts.format(),

@@ -2,6 +2,7 @@
 //! memory-mapped so only the tensor being converted is paged in.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -15,8 +16,10 @@ use crate::error::bad_input;
 /// The tensors of one or more safetensors files, by name.
 pub struct SafetensorsSource {
     files: Vec<(PathBuf, Mmap)>,
-    /// Tensor name -> (file index, shape).
-    index: BTreeMap<String, (usize, Vec<i64>)>,
+    /// Tensor name -> (file index, shape, byte range of its data in the file).
+    index: BTreeMap<String, (usize, Vec<i64>, Range<usize>)>,
+    /// Per file, the tensors' byte ranges in file order (for read-ahead).
+    file_order: Vec<Vec<Range<usize>>>,
 }
 
 impl SafetensorsSource {
@@ -65,6 +68,7 @@ impl SafetensorsSource {
     pub fn open_files(paths: &[PathBuf]) -> Result<SafetensorsSource> {
         let mut files = Vec::new();
         let mut index = BTreeMap::new();
+        let mut file_order = Vec::new();
         for (file_index, path) in paths.iter().enumerate() {
             let file = std::fs::File::open(path)
                 .map_err(|e| bad_input(format!("{}: cannot open: {e}", path.display())))?;
@@ -78,13 +82,23 @@ impl SafetensorsSource {
                     path.display()
                 ))
             })?;
+            let mut ranges = Vec::new();
             for (name, view) in tensors.tensors() {
                 let shape = view.shape().iter().map(|&d| d as i64).collect();
-                index.insert(name, (file_index, shape));
+                let start = view.data().as_ptr() as usize - mmap.as_ptr() as usize;
+                let range = start..start + view.data().len();
+                ranges.push(range.clone());
+                index.insert(name, (file_index, shape, range));
             }
+            ranges.sort_by_key(|r| r.start);
+            file_order.push(ranges);
             files.push((path.clone(), mmap));
         }
-        Ok(SafetensorsSource { files, index })
+        Ok(SafetensorsSource {
+            files,
+            index,
+            file_order,
+        })
     }
 
     pub fn names(&self) -> impl Iterator<Item = &String> {
@@ -92,15 +106,25 @@ impl SafetensorsSource {
     }
 
     pub fn shape(&self, name: &str) -> Option<&[i64]> {
-        self.index.get(name).map(|(_, s)| s.as_slice())
+        self.index.get(name).map(|(_, s, _)| s.as_slice())
     }
 
     /// Loads one tensor converted to `kind` on `device`; `None` if absent.
     pub fn load(&self, name: &str, kind: Kind, device: Device) -> Result<Option<Tensor>> {
-        let Some((file_index, shape)) = self.index.get(name) else {
+        let Some((file_index, shape, range)) = self.index.get(name) else {
             return Ok(None);
         };
         let (path, mmap) = &self.files[*file_index];
+        // Read-ahead: ask the kernel for this tensor's bytes in one request, and for the
+        // next tensor's in file order, so the disk works while this one is copied to
+        // the device (page faults alone read 128 KB at a time).
+        let order = &self.file_order[*file_index];
+        let next = order
+            .partition_point(|r| r.start <= range.start)
+            .min(order.len() - 1);
+        for r in [range, &order[next]] {
+            let _ = mmap.advise_range(memmap2::Advice::WillNeed, r.start, r.len());
+        }
         let tensors = SafeTensors::deserialize(mmap)
             .map_err(|e| bad_input(format!("{}: {e}", path.display())))?;
         let view = tensors
