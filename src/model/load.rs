@@ -2,7 +2,8 @@
 //! its HF name, checked against the config's shapes. Missing, unexpected or
 //! mis-shaped tensors are errors naming the tensor (and both shapes).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::Result;
 use tch::{Device, Kind, Tensor};
@@ -58,6 +59,36 @@ impl WeightSource {
         match self {
             WeightSource::Safetensors(s) => s.load(name, options.kind, options.device),
             WeightSource::Gguf(s) => s.load(name, options.kind, options.device),
+        }
+    }
+
+    /// Loads `names` in order; safetensors files are read ahead on a second thread, so
+    /// the disk stays busy while each tensor is copied to the device.
+    fn load_all(&self, names: &[&str], options: LoadOptions) -> Result<HashMap<String, Tensor>> {
+        let consumed = AtomicUsize::new(0);
+        let load_one = |index: usize, name: &str| -> Result<(String, Tensor)> {
+            let tensor = self.load(name, options)?.expect("presence checked before");
+            consumed.store(index + 1, Ordering::Release);
+            Ok((name.to_string(), tensor))
+        };
+        match self {
+            WeightSource::Safetensors(source) => std::thread::scope(|scope| {
+                let reader = scope.spawn(|| source.read_ahead(names, &consumed));
+                let loaded = names
+                    .iter()
+                    .enumerate()
+                    .map(|(i, name)| load_one(i, name))
+                    .collect::<Result<HashMap<_, _>>>();
+                // Let the reader finish (it stops early once everything is consumed).
+                consumed.store(names.len(), Ordering::Release);
+                let _ = reader.join();
+                loaded
+            }),
+            WeightSource::Gguf(_) => names
+                .iter()
+                .enumerate()
+                .map(|(i, name)| load_one(i, name))
+                .collect(),
         }
     }
 }
@@ -165,10 +196,13 @@ fn build_llama(
             Some(_) => {}
         }
     }
+    let names: Vec<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+    let loaded = std::cell::RefCell::new(weights.load_all(&names, options)?);
     let take = |name: &str| -> Result<Tensor> {
-        Ok(weights
-            .load(name, options)?
-            .expect("presence checked above"))
+        Ok(loaded
+            .borrow_mut()
+            .remove(name)
+            .expect("every expected tensor was loaded"))
     };
     let linear = |prefix: &str, bias: bool| -> Result<Linear> {
         let weight = take(&format!("{prefix}.weight"))?;

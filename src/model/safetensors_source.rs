@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{Context, Result};
 use memmap2::Mmap;
@@ -18,8 +19,6 @@ pub struct SafetensorsSource {
     files: Vec<(PathBuf, Mmap)>,
     /// Tensor name -> (file index, shape, byte range of its data in the file).
     index: BTreeMap<String, (usize, Vec<i64>, Range<usize>)>,
-    /// Per file, the tensors' byte ranges in file order (for read-ahead).
-    file_order: Vec<Vec<Range<usize>>>,
 }
 
 impl SafetensorsSource {
@@ -68,7 +67,7 @@ impl SafetensorsSource {
     pub fn open_files(paths: &[PathBuf]) -> Result<SafetensorsSource> {
         let mut files = Vec::new();
         let mut index = BTreeMap::new();
-        let mut file_order = Vec::new();
+
         for (file_index, path) in paths.iter().enumerate() {
             let file = std::fs::File::open(path)
                 .map_err(|e| bad_input(format!("{}: cannot open: {e}", path.display())))?;
@@ -82,23 +81,15 @@ impl SafetensorsSource {
                     path.display()
                 ))
             })?;
-            let mut ranges = Vec::new();
             for (name, view) in tensors.tensors() {
                 let shape = view.shape().iter().map(|&d| d as i64).collect();
                 let start = view.data().as_ptr() as usize - mmap.as_ptr() as usize;
                 let range = start..start + view.data().len();
-                ranges.push(range.clone());
                 index.insert(name, (file_index, shape, range));
             }
-            ranges.sort_by_key(|r| r.start);
-            file_order.push(ranges);
             files.push((path.clone(), mmap));
         }
-        Ok(SafetensorsSource {
-            files,
-            index,
-            file_order,
-        })
+        Ok(SafetensorsSource { files, index })
     }
 
     pub fn names(&self) -> impl Iterator<Item = &String> {
@@ -115,16 +106,9 @@ impl SafetensorsSource {
             return Ok(None);
         };
         let (path, mmap) = &self.files[*file_index];
-        // Read-ahead: ask the kernel for this tensor's bytes in one request, and for the
-        // next tensor's in file order, so the disk works while this one is copied to
-        // the device (page faults alone read 128 KB at a time).
-        let order = &self.file_order[*file_index];
-        let next = order
-            .partition_point(|r| r.start <= range.start)
-            .min(order.len() - 1);
-        for r in [range, &order[next]] {
-            let _ = mmap.advise_range(memmap2::Advice::WillNeed, r.start, r.len());
-        }
+        // One read-ahead request for the whole tensor (page faults alone read 128 KB at
+        // a time); `read_ahead` usually has it in the page cache already.
+        let _ = mmap.advise_range(memmap2::Advice::WillNeed, range.start, range.len());
         let tensors = SafeTensors::deserialize(mmap)
             .map_err(|e| bad_input(format!("{}: {e}", path.display())))?;
         let view = tensors
@@ -141,12 +125,66 @@ impl SafetensorsSource {
             ),
         };
         let bytes = view.data();
-        let tensor = Tensor::from_data_size(bytes, shape, stored);
-        // To the device first, then convert there: the host holds one tensor's copy at
-        // a time, and the GPU does the conversion.
-        let tensor = tensor.to_device(device).to_kind(kind);
+        let tensor = match device {
+            // Straight from the mapped file to the device (no host copy), then converted
+            // there. The blob tensor borrows the mapping only until to_device returns.
+            Device::Cuda(_) => {
+                // SAFETY: `bytes` is the tensor's data in the mapping (safetensors checked
+                // its length against the shape and dtype; data offsets are 8-byte
+                // aligned), it outlives the temporary, which is only read by the copy.
+                let view =
+                    unsafe { Tensor::from_blob(bytes.as_ptr(), shape, &[], stored, Device::Cpu) };
+                view.to_device(device).to_kind(kind)
+            }
+            // On the CPU the tensor must own its memory: the mapping goes away.
+            _ => Tensor::from_data_size(bytes, shape, stored).to_kind(kind),
+        };
         release_pages(mmap, bytes);
         Ok(Some(tensor))
+    }
+
+    /// Reads tensors into the page cache in the order `names` will be loaded, at most
+    /// `READ_AHEAD_BYTES` ahead of the loader (`consumed`: how many it has loaded), so
+    /// the disk works while the loader copies to the device. Touches one byte per page.
+    pub fn read_ahead(&self, names: &[&str], consumed: &AtomicUsize) {
+        const READ_AHEAD_BYTES: usize = 256 << 20;
+        let sizes: Vec<usize> = names
+            .iter()
+            .map(|n| self.index.get(*n).map_or(0, |(_, _, r)| r.len()))
+            .collect();
+        let mut in_flight = 0usize; // bytes read ahead and not yet loaded
+        let mut read = vec![false; names.len()];
+        let mut done = 0usize;
+        for (i, name) in names.iter().enumerate() {
+            loop {
+                let now = consumed.load(Ordering::Acquire);
+                while done < now.min(i) {
+                    if read[done] {
+                        in_flight -= sizes[done];
+                    }
+                    done += 1;
+                }
+                if now > i || in_flight == 0 || in_flight + sizes[i] <= READ_AHEAD_BYTES {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+            if consumed.load(Ordering::Acquire) > i {
+                continue; // the loader got there first
+            }
+            let Some((file, _, range)) = self.index.get(*name) else {
+                continue;
+            };
+            let mmap = &self.files[*file].1;
+            let _ = mmap.advise_range(memmap2::Advice::WillNeed, range.start, range.len());
+            let mut sum = 0u8;
+            for offset in range.clone().step_by(4096) {
+                sum = sum.wrapping_add(mmap[offset]);
+            }
+            std::hint::black_box(sum);
+            in_flight += sizes[i];
+            read[i] = true;
+        }
     }
 }
 
