@@ -462,6 +462,14 @@ pub struct TrainArgs {
     /// With --fp16: the initial dynamic loss scale (GradScaler's init_scale, 65536).
     #[arg(long, value_name = "S")]
     pub loss_scale_init: Option<f64>,
+    /// AdamW's state: adamw (f32 moments and master weights), adamw-bf16 (bf16 weights
+    /// and moments, stochastic rounding), adamw-8bit (bitsandbytes-style 8-bit moments).
+    /// HF's names (adamw_torch, adamw_8bit, ...) are accepted.
+    #[arg(long, value_enum)]
+    pub optim: Option<crate::train::moments::OptimKind>,
+    /// Checkpoints without optimizer state (HF's save_only_model).
+    #[arg(long, visible_alias = "save_only_model")]
+    pub save_only_model: bool,
     /// Continue from the latest checkpoint in --output-dir, or from the one named.
     #[arg(long, num_args = 0..=1, default_missing_value = "latest", value_name = "checkpoint-N")]
     pub resume: Option<String>,

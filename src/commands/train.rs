@@ -43,7 +43,8 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
         previews,
         data_order,
         encoding,
-        loss_scale_init
+        loss_scale_init,
+        optim
     );
     if args.model.is_some() {
         c.model = args.model.clone();
@@ -61,6 +62,7 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     c.rslora |= args.rslora;
     c.gradient_checkpointing |= args.gradient_checkpointing;
     c.skip_invalid_rows |= args.skip_invalid_rows;
+    c.save_only_model |= args.save_only_model;
     if args.fp16 {
         c.precision = Precision::F16;
     }

@@ -15,12 +15,13 @@ pub struct TensorBytes {
 }
 
 impl TensorBytes {
-    /// Copies a tensor to host bytes in its own dtype (f32, bf16 or f16; others as f32).
+    /// Copies a tensor to host bytes in its own dtype (f32, bf16, f16 or u8; others as f32).
     pub fn from_tensor(tensor: &Tensor) -> TensorBytes {
         let tensor = tensor.detach().to_device(tch::Device::Cpu);
         let (tensor, dtype) = match tensor.kind() {
             Kind::BFloat16 => (tensor, Dtype::BF16),
             Kind::Half => (tensor, Dtype::F16),
+            Kind::Uint8 => (tensor, Dtype::U8),
             _ => (tensor.to_kind(Kind::Float), Dtype::F32),
         };
         let tensor = tensor.contiguous();

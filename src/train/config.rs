@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
+use super::moments::OptimKind;
 use super::optim::Schedule;
 use crate::bail_input;
 use crate::data::{ReadOptions, TextEncoding};
@@ -71,6 +72,11 @@ pub struct TrainConfig {
     pub skip_invalid_rows: bool,
     /// f16 only: the initial dynamic loss scale (torch.amp.GradScaler's init_scale).
     pub loss_scale_init: f64,
+    /// AdamW's state layout: adamw (f32), adamw-bf16, adamw-8bit.
+    pub optim: OptimKind,
+    /// Checkpoints hold the model and the trainer state but no optimizer state
+    /// (HF's save_only_model): smaller and faster, resumable only with fresh moments.
+    pub save_only_model: bool,
 }
 
 impl Default for TrainConfig {
@@ -113,6 +119,8 @@ impl Default for TrainConfig {
             encoding: TextEncoding::Auto,
             skip_invalid_rows: false,
             loss_scale_init: super::loss_scale::INIT_SCALE,
+            optim: OptimKind::AdamW,
+            save_only_model: false,
         }
     }
 }

@@ -12,6 +12,8 @@
 pub mod config;
 pub mod data_order;
 pub mod loss_scale;
+pub mod memory_estimate;
+pub mod moments;
 pub mod optim;
 pub mod plot;
 pub mod state;
@@ -245,6 +247,7 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
         None => (Vec::new(), None),
     };
 
+    check_fits_the_device(config, &source, device, kind)?;
     let mut model = load_llama(&source, LoadOptions { device, kind })
         .with_context(|| format!("loading {}", source.display()))?;
     tch::manual_seed(config.seed as i64);
@@ -262,7 +265,11 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
         unfreeze_all(&model);
         Mode::Full
     };
-    let mut optimizer = AdamW::new(trainable_tensors(&model, &mode), config.weight_decay);
+    let mut optimizer = AdamW::with_kind(
+        trainable_tensors(&model, &mode),
+        config.weight_decay,
+        config.optim,
+    );
     let base_name = source.display();
 
     let lengths: Vec<usize> = train_examples.iter().map(|e| e.input_ids.len()).collect();
@@ -285,12 +292,21 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
         let saved = TrainConfig::from_toml(&dir.join("training_config.toml"))?;
         check_resumable(&saved, config)?;
         restore_trained(&model, &mode, dir)?;
-        let tensors: BTreeMap<String, Tensor> =
-            Tensor::read_safetensors(dir.join("optimizer.safetensors"))?
+        let optimizer_file = dir.join("optimizer.safetensors");
+        if optimizer_file.is_file() {
+            let tensors: BTreeMap<String, Tensor> = Tensor::read_safetensors(optimizer_file)?
                 .into_iter()
                 .map(|(k, v)| (k, v.to_device(device)))
                 .collect();
-        optimizer.load_state(&tensors, state.global_step)?;
+            optimizer.load_state(&tensors, state.global_step)?;
+        } else {
+            // A --save-only-model checkpoint: the weights and the position are restored,
+            // AdamW starts with fresh moments (so the run is no longer bit-exact).
+            tracing::warn!(
+                "{} has no optimizer state (--save-only-model): resuming with fresh AdamW moments",
+                dir.display()
+            );
+        }
         eprintln!(
             "resuming from {} (step {})",
             dir.display(),
@@ -611,9 +627,96 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
     Ok(summary)
 }
 
+/// On CUDA, refuses a setup whose estimated memory exceeds the device's free memory,
+/// before loading anything, naming the estimate and the first flag that would fit.
+fn check_fits_the_device(
+    config: &TrainConfig,
+    source: &ModelSource,
+    device: Device,
+    kind: Kind,
+) -> Result<()> {
+    use memory_estimate::{Setup, estimate};
+    use moments::OptimKind;
+    let Device::Cuda(index) = device else {
+        return Ok(());
+    };
+    let Some(free) = crate::cuda::devices()
+        .get(index)
+        .map(|d| d.free_bytes)
+        .filter(|&f| f > 0)
+    else {
+        return Ok(());
+    };
+    let (model_config, _) = crate::model::load::open_model(source)?;
+    let setup = Setup {
+        config: &model_config,
+        kind,
+        lora: config
+            .lora
+            .then_some((config.lora_r, config.lora_targets.as_slice())),
+        optim: config.optim,
+        batch_size: config.batch_size,
+        tokens_per_row: config.cutoff_len,
+        gradient_checkpointing: config.gradient_checkpointing,
+    };
+    let needed = estimate(&setup);
+    eprintln!(
+        "estimated GPU memory: {} of {:.1} GB free on cuda:{index}",
+        needed.describe(),
+        free as f64 / 1e9
+    );
+    if needed.total() <= free as u64 {
+        return Ok(());
+    }
+    let alternatives = [
+        (
+            "--optim adamw-bf16",
+            Setup {
+                optim: OptimKind::AdamWBf16,
+                ..setup.clone()
+            },
+        ),
+        (
+            "--optim adamw-8bit",
+            Setup {
+                optim: OptimKind::AdamW8bit,
+                ..setup.clone()
+            },
+        ),
+        (
+            "--optim adamw-8bit --gradient-checkpointing",
+            Setup {
+                optim: OptimKind::AdamW8bit,
+                gradient_checkpointing: true,
+                ..setup.clone()
+            },
+        ),
+        (
+            "--lora --gradient-checkpointing",
+            Setup {
+                lora: Some((config.lora_r, config.lora_targets.as_slice())),
+                gradient_checkpointing: true,
+                ..setup.clone()
+            },
+        ),
+    ];
+    let hint = alternatives
+        .iter()
+        .find(|(_, alternative)| estimate(alternative).total() <= free as u64)
+        .map_or(
+            "a smaller --batch-size or --cutoff-len".to_string(),
+            |(flags, alternative)| format!("{flags} ({})", estimate(alternative).describe()),
+        );
+    bail_input!(
+        "this setup needs {} but cuda:{index} has {:.1} GB free; what would fit: {hint}",
+        needed.describe(),
+        free as f64 / 1e9
+    )
+}
+
 /// A resumed run must use the settings that decide the computation.
 fn check_resumable(saved: &TrainConfig, now: &TrainConfig) -> Result<()> {
-    let fields: [(&str, String, String); 11] = [
+    let fields: [(&str, String, String); 12] = [
         ("lora", saved.lora.to_string(), now.lora.to_string()),
         ("lora_r", saved.lora_r.to_string(), now.lora_r.to_string()),
         (
@@ -653,6 +756,11 @@ fn check_resumable(saved: &TrainConfig, now: &TrainConfig) -> Result<()> {
             saved.skip_invalid_rows.to_string(),
             now.skip_invalid_rows.to_string(),
         ),
+        (
+            "optim",
+            format!("{:?}", saved.optim),
+            format!("{:?}", now.optim),
+        ),
     ];
     for (name, before, after) in fields {
         if before != after {
@@ -691,17 +799,22 @@ fn save_checkpoint(
             std::fs::rename(&file, tmp.join(file.file_name().expect("a file name")))?;
         }
         std::fs::remove_dir_all(tmp.join("model"))?;
-        let tensors: Vec<(String, crate::model::tensor_io::TensorBytes)> = optimizer
-            .state_tensors()
-            .iter()
-            .map(|(name, t)| {
-                (
-                    name.clone(),
-                    crate::model::tensor_io::TensorBytes::from_tensor(t),
-                )
-            })
-            .collect();
-        crate::model::tensor_io::write_safetensors(&tmp.join("optimizer.safetensors"), &tensors)?;
+        if !config.save_only_model {
+            let tensors: Vec<(String, crate::model::tensor_io::TensorBytes)> = optimizer
+                .state_tensors()
+                .iter()
+                .map(|(name, t)| {
+                    (
+                        name.clone(),
+                        crate::model::tensor_io::TensorBytes::from_tensor(t),
+                    )
+                })
+                .collect();
+            crate::model::tensor_io::write_safetensors(
+                &tmp.join("optimizer.safetensors"),
+                &tensors,
+            )?;
+        }
         write_file(
             &tmp.join("training_config.toml"),
             config.to_toml().as_bytes(),

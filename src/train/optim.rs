@@ -2,22 +2,31 @@
 //! torch.optim.AdamW and transformers' schedulers, so a run here and a run with HF
 //! Trainer take the same steps.
 //!
-//! Parameters that are not f32 (a full fine-tune computing in bf16) get f32 master
-//! copies here: gradients are applied to the master and the result is cast back.
+//! How the state is stored (`--optim adamw | adamw-bf16 | adamw-8bit`) is
+//! `moments.rs`'s job; the update itself is the same for all three. With `adamw`,
+//! parameters that are not f32 (a full fine-tune computing in bf16) get f32 master
+//! copies: gradients are applied to the master and the result is cast back. The other
+//! two update bf16 weights directly, with Kahan compensation (a bf16 buffer holding
+//! what rounding to bf16 lost, added back at the next update).
 
 use std::collections::BTreeMap;
 
 use tch::{Kind, Tensor};
+
+use super::moments::{Moment, OptimKind};
 
 /// One trainable tensor and its optimizer state.
 pub struct ParamState {
     pub name: String,
     /// The tensor the model computes with (updated in place).
     pub param: Tensor,
-    /// f32 master copy when `param` is not f32.
+    /// f32 master copy when `param` is not f32 and the optimizer is `adamw`.
     pub master: Option<Tensor>,
-    pub exp_avg: Tensor,
-    pub exp_avg_sq: Tensor,
+    /// bf16 weights under adamw-bf16/adamw-8bit: what rounding to bf16 lost in earlier
+    /// updates (Kahan compensation), added back to the next update.
+    pub compensation: Option<Tensor>,
+    pub exp_avg: Moment,
+    pub exp_avg_sq: Moment,
     pub weight_decay: bool,
 }
 
@@ -27,6 +36,7 @@ pub struct AdamW {
     pub beta2: f64,
     pub eps: f64,
     pub weight_decay: f64,
+    pub kind: OptimKind,
     /// Optimizer steps taken.
     pub step: i64,
 }
@@ -34,19 +44,31 @@ pub struct AdamW {
 impl AdamW {
     /// `params`: (name, tensor, whether weight decay applies).
     pub fn new(params: Vec<(String, Tensor, bool)>, weight_decay: f64) -> AdamW {
+        Self::with_kind(params, weight_decay, OptimKind::AdamW)
+    }
+
+    /// AdamW with the state layout `kind`.
+    pub fn with_kind(
+        params: Vec<(String, Tensor, bool)>,
+        weight_decay: f64,
+        kind: OptimKind,
+    ) -> AdamW {
         let params = params
             .into_iter()
             .map(|(name, param, weight_decay)| {
-                let master =
-                    (param.kind() != Kind::Float).then(|| param.detach().to_kind(Kind::Float));
+                let master = (kind == OptimKind::AdamW && param.kind() != Kind::Float)
+                    .then(|| param.detach().to_kind(Kind::Float));
+                let compensation = (kind != OptimKind::AdamW && param.kind() == Kind::BFloat16)
+                    .then(|| param.zeros_like());
                 let shape = param.size();
                 let device = param.device();
                 ParamState {
                     name,
-                    exp_avg: Tensor::zeros(shape.as_slice(), (Kind::Float, device)),
-                    exp_avg_sq: Tensor::zeros(shape.as_slice(), (Kind::Float, device)),
+                    exp_avg: Moment::zeros(kind, &shape, device, true),
+                    exp_avg_sq: Moment::zeros(kind, &shape, device, false),
                     param,
                     master,
+                    compensation,
                     weight_decay,
                 }
             })
@@ -57,6 +79,7 @@ impl AdamW {
             beta2: 0.999,
             eps: 1e-8,
             weight_decay,
+            kind,
             step: 0,
         }
     }
@@ -68,8 +91,6 @@ impl AdamW {
         }
     }
 
-    /// Global L2 norm of the gradients, and clips them to `max_norm` (torch's
-    /// clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is below 1).
     /// Multiplies every gradient by `factor` (1 / the loss scale); returns whether all
     /// of them are finite (GradScaler.unscale_'s inf/NaN check).
     pub fn unscale_grads(&mut self, factor: f64) -> bool {
@@ -88,6 +109,8 @@ impl AdamW {
                 .is_finite()
     }
 
+    /// Global L2 norm of the gradients, and clips them to `max_norm` (torch's
+    /// clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is below 1).
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
         let norms: Vec<Tensor> = self
             .params
@@ -126,16 +149,23 @@ impl AdamW {
                     continue;
                 }
                 let grad = grad.to_kind(Kind::Float);
+                // The f32 values to update: the master, the f32 weight itself, or an f32
+                // copy of a bf16 weight (written back with stochastic rounding).
                 let mut target = match &p.master {
                     Some(master) => master.shallow_clone(),
-                    None => p.param.shallow_clone(),
+                    None if p.param.kind() == Kind::Float => p.param.shallow_clone(),
+                    None => p.param.to_kind(Kind::Float),
                 };
                 if p.weight_decay && self.weight_decay != 0.0 {
                     let _ = target.g_mul_scalar_(1.0 - lr * self.weight_decay);
                 }
                 // m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2  (as lerps: one pass each)
-                let _ = p.exp_avg.lerp_(&grad, 1.0 - self.beta1);
-                let _ = p.exp_avg_sq.lerp_(&grad.square(), 1.0 - self.beta2);
+                let mut exp_avg = p.exp_avg.get();
+                let mut exp_avg_sq = p.exp_avg_sq.get();
+                let _ = exp_avg.lerp_(&grad, 1.0 - self.beta1);
+                let _ = exp_avg_sq.lerp_(&grad.square(), 1.0 - self.beta2);
+                p.exp_avg.set(&exp_avg);
+                p.exp_avg_sq.set(&exp_avg_sq);
                 // p -= step_size * m / (sqrt(v) / bc2 + eps), folded into one addcdiv:
                 // the denominator is pre-scaled by -1 / step_size (fewer passes over memory).
                 if step_size == 0.0 {
@@ -143,12 +173,23 @@ impl AdamW {
                     continue;
                 }
                 let scale = -1.0 / step_size;
-                let mut denom = p.exp_avg_sq.sqrt();
+                let mut denom = exp_avg_sq.sqrt();
                 let _ = denom.g_mul_scalar_(scale / bias_correction2_sqrt);
                 let _ = denom.g_add_scalar_(self.eps * scale);
-                let _ = target.addcdiv_(&p.exp_avg, &denom);
-                if p.master.is_some() {
-                    p.param.copy_(&target.to_kind(p.param.kind()));
+                let _ = target.addcdiv_(&exp_avg, &denom);
+                if p.param.data_ptr() == target.data_ptr() {
+                    continue;
+                }
+                match &mut p.compensation {
+                    // Kahan: apply this update plus what rounding lost before, and keep
+                    // what rounding loses now.
+                    Some(compensation) => {
+                        let exact = &target + compensation.to_kind(Kind::Float);
+                        let rounded = exact.to_kind(Kind::BFloat16);
+                        compensation.copy_(&(&exact - rounded.to_kind(Kind::Float)));
+                        p.param.copy_(&rounded);
+                    }
+                    None => p.param.copy_(&target.to_kind(p.param.kind())),
                 }
             }
         });
@@ -158,13 +199,17 @@ impl AdamW {
     pub fn state_tensors(&self) -> BTreeMap<String, Tensor> {
         let mut state = BTreeMap::new();
         for p in &self.params {
-            state.insert(format!("exp_avg.{}", p.name), p.exp_avg.shallow_clone());
-            state.insert(
-                format!("exp_avg_sq.{}", p.name),
-                p.exp_avg_sq.shallow_clone(),
-            );
+            p.exp_avg.state(&format!("exp_avg.{}", p.name), &mut state);
+            p.exp_avg_sq
+                .state(&format!("exp_avg_sq.{}", p.name), &mut state);
             if let Some(master) = &p.master {
                 state.insert(format!("master.{}", p.name), master.shallow_clone());
+            }
+            if let Some(compensation) = &p.compensation {
+                state.insert(
+                    format!("compensation.{}", p.name),
+                    compensation.shallow_clone(),
+                );
             }
         }
         state
@@ -178,15 +223,20 @@ impl AdamW {
     ) -> anyhow::Result<()> {
         tch::no_grad(|| -> anyhow::Result<()> {
             for p in &mut self.params {
-                let get = |key: String| {
-                    state
-                        .get(&key)
-                        .ok_or_else(|| anyhow::anyhow!("optimizer state has no {key}"))
-                };
-                p.exp_avg.copy_(get(format!("exp_avg.{}", p.name))?);
-                p.exp_avg_sq.copy_(get(format!("exp_avg_sq.{}", p.name))?);
-                if let Some(master) = &mut p.master {
-                    master.copy_(get(format!("master.{}", p.name))?);
+                p.exp_avg.restore(&format!("exp_avg.{}", p.name), state)?;
+                p.exp_avg_sq
+                    .restore(&format!("exp_avg_sq.{}", p.name), state)?;
+                for (prefix, tensor) in [
+                    ("master", &mut p.master),
+                    ("compensation", &mut p.compensation),
+                ] {
+                    if let Some(tensor) = tensor {
+                        let key = format!("{prefix}.{}", p.name);
+                        let saved = state
+                            .get(&key)
+                            .ok_or_else(|| anyhow::anyhow!("optimizer state has no {key}"))?;
+                        tensor.copy_(saved);
+                    }
                 }
             }
             Ok(())

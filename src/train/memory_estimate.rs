@@ -1,0 +1,193 @@
+//! How much GPU memory a training setup needs, estimated from the config before any
+//! weight is loaded, so a setup that cannot fit the card is refused at once with the
+//! estimate and the flag that would fit (instead of an out-of-memory error minutes
+//! in). Weights, gradients and optimizer state are counted exactly from the shapes;
+//! activations roughly (layer inputs kept under gradient checkpointing, or about 34
+//! hidden-sized values per token and layer without it, plus one layer's working set
+//! and the f32 logits of the answer tokens). It is a guide, not a promise: the
+//! caching allocator's fragmentation comes on top.
+
+use tch::Kind;
+
+use super::moments::OptimKind;
+use crate::model::config::LlamaConfig;
+use crate::model::load::expected_tensors;
+
+/// What training holds on the device, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Estimate {
+    pub weights: u64,
+    pub gradients: u64,
+    pub optimizer: u64,
+    pub activations: u64,
+}
+
+impl Estimate {
+    pub fn total(&self) -> u64 {
+        self.weights + self.gradients + self.optimizer + self.activations
+    }
+
+    pub fn describe(&self) -> String {
+        let gb = |b: u64| b as f64 / 1e9;
+        format!(
+            "~{:.1} GB (weights {:.1}, gradients {:.1}, optimizer {:.1}, activations ~{:.1})",
+            gb(self.total()),
+            gb(self.weights),
+            gb(self.gradients),
+            gb(self.optimizer),
+            gb(self.activations)
+        )
+    }
+}
+
+/// The training setup the estimate is for.
+#[derive(Debug, Clone)]
+pub struct Setup<'a> {
+    pub config: &'a LlamaConfig,
+    /// Compute dtype of the weights.
+    pub kind: Kind,
+    /// LoRA rank and target projections, or None for a full fine-tune.
+    pub lora: Option<(i64, &'a [String])>,
+    pub optim: OptimKind,
+    pub batch_size: usize,
+    pub tokens_per_row: usize,
+    pub gradient_checkpointing: bool,
+}
+
+/// Optimizer bytes per trained parameter (beyond the parameter and its gradient).
+fn optimizer_bytes_per_parameter(optim: OptimKind, kind: Kind) -> f64 {
+    let master = if kind == Kind::Float { 0.0 } else { 4.0 };
+    let compensation = if kind == Kind::BFloat16 { 2.0 } else { 0.0 };
+    match optim {
+        OptimKind::AdamW => 8.0 + master,
+        OptimKind::AdamWBf16 => 4.0 + compensation,
+        // Two 8-bit codes and one f32 absmax per 256 values each.
+        OptimKind::AdamW8bit => 2.0 + 8.0 / 256.0 + compensation,
+    }
+}
+
+pub fn estimate(setup: &Setup) -> Estimate {
+    let config = setup.config;
+    let element = setup.kind.elt_size_in_bytes() as u64;
+    let parameters: u64 = expected_tensors(config)
+        .iter()
+        .map(|(_, shape)| shape.iter().product::<i64>() as u64)
+        .sum();
+    let weights = parameters * element;
+    let (trained, trained_element) = match setup.lora {
+        None => (parameters, element),
+        Some((rank, targets)) => {
+            let h = config.hidden_size as u64;
+            let i = config.intermediate_size as u64;
+            let q = (config.num_attention_heads * config.head_dim) as u64;
+            let kv = (config.num_key_value_heads * config.head_dim) as u64;
+            let per_layer: u64 = targets
+                .iter()
+                .map(|t| match t.as_str() {
+                    "q_proj" => h + q,
+                    "k_proj" | "v_proj" => h + kv,
+                    "o_proj" => q + h,
+                    _ => h + i,
+                })
+                .sum();
+            // LoRA matrices are kept in f32.
+            (per_layer * rank as u64 * config.num_hidden_layers as u64, 4)
+        }
+    };
+    let trained_kind = if trained_element == 4 {
+        Kind::Float
+    } else {
+        setup.kind
+    };
+    let gradients = trained * trained_element;
+    let optimizer =
+        (trained as f64 * optimizer_bytes_per_parameter(setup.optim, trained_kind)) as u64;
+
+    let tokens = (setup.batch_size * setup.tokens_per_row) as u64;
+    let h = config.hidden_size as u64;
+    let layers = config.num_hidden_layers as u64;
+    let working_layer = tokens * (10 * h + 3 * config.intermediate_size as u64) * element;
+    let kept = if setup.gradient_checkpointing {
+        layers * tokens * h * element
+    } else {
+        layers * tokens * (34 * h) * element / 2
+    };
+    let logits = tokens * config.vocab_size as u64 * 4;
+    Estimate {
+        weights,
+        gradients,
+        optimizer,
+        activations: kept + working_layer + logits,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// ALLaM-7B's shape (vocab as the random test model's: 49152).
+    fn allam7b() -> LlamaConfig {
+        let json = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 49152,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 4096,
+            "tie_word_embeddings": false, "bos_token_id": 1, "eos_token_id": 2
+        });
+        LlamaConfig::from_hf_json(&json).unwrap()
+    }
+
+    #[test]
+    fn full_fine_tune_memory_by_optimizer() {
+        let config = allam7b();
+        let setup = |optim| Setup {
+            config: &config,
+            kind: Kind::BFloat16,
+            lora: None,
+            optim,
+            batch_size: 2,
+            tokens_per_row: 1024,
+            gradient_checkpointing: true,
+        };
+        let adamw = estimate(&setup(OptimKind::AdamW));
+        let bf16 = estimate(&setup(OptimKind::AdamWBf16));
+        let eight = estimate(&setup(OptimKind::AdamW8bit));
+        // 6.74 B parameters: 13.5 GB of bf16 weights, as many of gradients.
+        assert!(
+            (13.0e9..14.0e9).contains(&(adamw.weights as f64)),
+            "{adamw:?}"
+        );
+        assert_eq!(adamw.gradients, adamw.weights);
+        // f32 master + two f32 moments: 12 bytes per parameter, the 114 GB run measured.
+        assert_eq!(adamw.optimizer, adamw.weights * 6);
+        assert!(adamw.total() > 100_000_000_000);
+        // bf16 moments + Kahan compensation: 6 bytes; fits 80 GB.
+        assert_eq!(bf16.optimizer, bf16.weights * 3);
+        assert!(bf16.total() < 80_000_000_000, "{}", bf16.describe());
+        assert!(eight.total() < bf16.total());
+    }
+
+    #[test]
+    fn lora_trains_a_small_fraction() {
+        let config = allam7b();
+        let targets: Vec<String> = crate::model::llama::PROJECTIONS
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let lora = estimate(&Setup {
+            config: &config,
+            kind: Kind::BFloat16,
+            lora: Some((16, &targets)),
+            optim: OptimKind::AdamW,
+            batch_size: 2,
+            tokens_per_row: 1024,
+            gradient_checkpointing: false,
+        });
+        // r16 on 7 projections of 32 layers: 40 M f32 parameters.
+        assert_eq!(
+            lora.gradients / 4,
+            16 * 32 * (4 * (4096 + 4096) + 3 * (4096 + 11008))
+        );
+        assert!(lora.total() < 40_000_000_000, "{}", lora.describe());
+    }
+}
