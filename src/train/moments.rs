@@ -222,11 +222,16 @@ pub fn quantize_blockwise(value: &Tensor, map: &Tensor) -> (Tensor, Tensor) {
         .view([blocks, BLOCK]);
     let absmax = flat.abs().amax([1], false);
     let normalized = (&flat / absmax.clamp_min(f32::MIN_POSITIVE as f64).unsqueeze(1)).view([-1]);
-    // The nearest map value: the number of midpoints between neighbouring map values
-    // that lie below x (one search, no second comparison pass).
-    let midpoints = (map.narrow(0, 0, 255) + map.narrow(0, 1, 255)) / 2.0;
-    // tch's searchsorted is values-first: normalized.searchsorted(sorted midpoints).
-    let codes = normalized.searchsorted(&midpoints, false, false, "left", None::<Tensor>);
+    // The nearest of the two map values around each position.
+    // tch's searchsorted is values-first: normalized.searchsorted(sorted map).
+    let upper = normalized
+        .searchsorted(map, false, false, "left", None::<Tensor>)
+        .clamp(0, 255);
+    let lower = (&upper - 1).clamp_min(0);
+    let distance_upper = (map.index_select(0, &upper) - &normalized).abs();
+    let distance_lower = (map.index_select(0, &lower) - &normalized).abs();
+    // torch.where(lower is nearer, lower, upper); tch's where_self is self-first.
+    let codes = lower.where_self(&distance_lower.le_tensor(&distance_upper), &upper);
     (codes.to_kind(Kind::Uint8), absmax)
 }
 
