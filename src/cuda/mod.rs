@@ -178,15 +178,6 @@ pub fn memory(device: usize) -> Option<GpuMemory> {
     }
 }
 
-/// Starts the peak counters afresh (torch.cuda.reset_peak_memory_stats).
-pub fn reset_peak_memory(device: usize) {
-    if let Some(shim) = runtime().ok().and_then(|r| r.shim.as_ref().ok())
-        && let Err(message) = shim.reset_peak(device)
-    {
-        tracing::warn!("cuda:{device}: resetting peak memory statistics: {message}");
-    }
-}
-
 /// A CUDA device as `amthal env` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct DeviceInfo {

@@ -17,8 +17,17 @@ use crate::error::bad_input;
 /// The tensors of one or more safetensors files, by name.
 pub struct SafetensorsSource {
     files: Vec<(PathBuf, Mmap)>,
-    /// Tensor name -> (file index, shape, byte range of its data in the file).
-    index: BTreeMap<String, (usize, Vec<i64>, Range<usize>)>,
+    /// Tensor name -> where and what it is, read once from the headers at open.
+    index: BTreeMap<String, Entry>,
+}
+
+/// One tensor of a safetensors file.
+struct Entry {
+    file: usize,
+    shape: Vec<i64>,
+    dtype: Dtype,
+    /// Byte range of its data in the file (safetensors checked it against shape and dtype).
+    range: Range<usize>,
 }
 
 impl SafetensorsSource {
@@ -67,7 +76,6 @@ impl SafetensorsSource {
     pub fn open_files(paths: &[PathBuf]) -> Result<SafetensorsSource> {
         let mut files = Vec::new();
         let mut index = BTreeMap::new();
-
         for (file_index, path) in paths.iter().enumerate() {
             let file = std::fs::File::open(path)
                 .map_err(|e| bad_input(format!("{}: cannot open: {e}", path.display())))?;
@@ -84,8 +92,13 @@ impl SafetensorsSource {
             for (name, view) in tensors.tensors() {
                 let shape = view.shape().iter().map(|&d| d as i64).collect();
                 let start = view.data().as_ptr() as usize - mmap.as_ptr() as usize;
-                let range = start..start + view.data().len();
-                index.insert(name, (file_index, shape, range));
+                let entry = Entry {
+                    file: file_index,
+                    shape,
+                    dtype: view.dtype(),
+                    range: start..start + view.data().len(),
+                };
+                index.insert(name, entry);
             }
             files.push((path.clone(), mmap));
         }
@@ -97,24 +110,25 @@ impl SafetensorsSource {
     }
 
     pub fn shape(&self, name: &str) -> Option<&[i64]> {
-        self.index.get(name).map(|(_, s, _)| s.as_slice())
+        self.index.get(name).map(|e| e.shape.as_slice())
     }
 
     /// Loads one tensor converted to `kind` on `device`; `None` if absent.
     pub fn load(&self, name: &str, kind: Kind, device: Device) -> Result<Option<Tensor>> {
-        let Some((file_index, shape, range)) = self.index.get(name) else {
+        let Some(Entry {
+            file,
+            shape,
+            dtype,
+            range,
+        }) = self.index.get(name)
+        else {
             return Ok(None);
         };
-        let (path, mmap) = &self.files[*file_index];
+        let (path, mmap) = &self.files[*file];
         // One read-ahead request for the whole tensor (page faults alone read 128 KB at
         // a time); `read_ahead` usually has it in the page cache already.
         let _ = mmap.advise_range(memmap2::Advice::WillNeed, range.start, range.len());
-        let tensors = SafeTensors::deserialize(mmap)
-            .map_err(|e| bad_input(format!("{}: {e}", path.display())))?;
-        let view = tensors
-            .tensor(name)
-            .map_err(|e| bad_input(format!("{}: tensor {name}: {e}", path.display())))?;
-        let stored = match view.dtype() {
+        let stored = match dtype {
             Dtype::F32 => Kind::Float,
             Dtype::F16 => Kind::Half,
             Dtype::BF16 => Kind::BFloat16,
@@ -124,7 +138,7 @@ impl SafetensorsSource {
                 path.display()
             ),
         };
-        let bytes = view.data();
+        let bytes = &mmap[range.clone()];
         let tensor = match device {
             // Straight from the mapped file to the device (no host copy), then converted
             // there. The blob tensor borrows the mapping only until to_device returns.
@@ -150,7 +164,7 @@ impl SafetensorsSource {
         const READ_AHEAD_BYTES: usize = 256 << 20;
         let sizes: Vec<usize> = names
             .iter()
-            .map(|n| self.index.get(*n).map_or(0, |(_, _, r)| r.len()))
+            .map(|n| self.index.get(*n).map_or(0, |e| e.range.len()))
             .collect();
         let mut in_flight = 0usize; // bytes read ahead and not yet loaded
         let mut read = vec![false; names.len()];
@@ -172,7 +186,7 @@ impl SafetensorsSource {
             if consumed.load(Ordering::Acquire) > i {
                 continue; // the loader got there first
             }
-            let Some((file, _, range)) = self.index.get(*name) else {
+            let Some(Entry { file, range, .. }) = self.index.get(*name) else {
                 continue;
             };
             let mmap = &self.files[*file].1;
