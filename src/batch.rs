@@ -2,6 +2,11 @@
 //! first, then pad id 0 with label -100 (the pad id never reaches the loss, so it does
 //! not matter that it may equal EOS). No attention mask is needed: with right padding,
 //! causal attention is exact for every real token (see `loss::answer_token_losses`).
+//!
+//! `--packing` builds a padding-free batch instead (as transformers'
+//! DataCollatorWithFlattening): the rows one after another in a single row, positions
+//! restarting at 0 for each document, and the documents' spans recorded so attention
+//! runs per document. No position is spent on padding.
 
 use tch::{Device, Kind, Tensor};
 
@@ -15,6 +20,8 @@ pub struct Batch {
     pub positions: Tensor,
     /// [B, T] int64, -100 on prompt and padding
     pub labels: Tensor,
+    /// Packed batches: each document's (start, length) in the single row.
+    pub segments: Option<Vec<(i64, i64)>>,
 }
 
 impl Batch {
@@ -38,6 +45,80 @@ impl Batch {
             input_ids: Tensor::from_slice(&ids).view(shape).to_device(device),
             positions: positions.to_device(device),
             labels: Tensor::from_slice(&labels).view(shape).to_device(device),
+            segments: None,
         }
+    }
+
+    /// The rows packed into one row [1, sum of lengths], no padding.
+    pub fn packed(rows: &[&Encoded], device: Device) -> Batch {
+        let total: usize = rows.iter().map(|r| r.input_ids.len()).sum();
+        let mut ids = Vec::with_capacity(total);
+        let mut labels = Vec::with_capacity(total);
+        let mut positions = Vec::with_capacity(total);
+        let mut segments = Vec::with_capacity(rows.len());
+        for row in rows {
+            segments.push((ids.len() as i64, row.input_ids.len() as i64));
+            ids.extend(row.input_ids.iter().map(|&i| i as i64));
+            positions.extend(0..row.input_ids.len() as i64);
+            // The last token of one document must not be trained to predict the first
+            // of the next: its first label is always ignored (prompts are never
+            // trained anyway, but this does not depend on it).
+            labels.push(IGNORE_INDEX);
+            labels.extend(row.labels.iter().skip(1).copied());
+        }
+        let shape = [1, total as i64];
+        Batch {
+            input_ids: Tensor::from_slice(&ids).view(shape).to_device(device),
+            positions: Tensor::from_slice(&positions).view(shape).to_device(device),
+            labels: Tensor::from_slice(&labels).view(shape).to_device(device),
+            segments: Some(segments),
+        }
+    }
+
+    /// A padded batch, or a packed one when `packing`.
+    pub fn build(rows: &[&Encoded], device: Device, packing: bool) -> Batch {
+        if packing {
+            Batch::packed(rows, device)
+        } else {
+            Batch::from_encoded(rows, device)
+        }
+    }
+
+    /// Positions the model computes (padding included).
+    pub fn positions_computed(&self) -> i64 {
+        self.input_ids.numel() as i64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded(ids: &[u32], labels: &[i64]) -> Encoded {
+        Encoded {
+            input_ids: ids.to_vec(),
+            labels: labels.to_vec(),
+            prompt_len: labels.iter().take_while(|&&l| l == IGNORE_INDEX).count(),
+            truncated: false,
+        }
+    }
+
+    #[test]
+    fn packing_restarts_positions_and_never_trains_across_documents() {
+        let a = encoded(&[5, 6, 7], &[IGNORE_INDEX, 6, 7]);
+        let b = encoded(&[8, 9], &[8, 9]);
+        let batch = Batch::packed(&[&a, &b], Device::Cpu);
+        let values = |t: &Tensor| Vec::<i64>::try_from(t.view([-1])).unwrap();
+        assert_eq!(values(&batch.input_ids), vec![5, 6, 7, 8, 9]);
+        assert_eq!(values(&batch.positions), vec![0, 1, 2, 0, 1]);
+        // b's first label (8) would make a's last token predict b's first: ignored.
+        assert_eq!(
+            values(&batch.labels),
+            vec![IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]
+        );
+        assert_eq!(batch.segments, Some(vec![(0, 3), (3, 2)]));
+        assert_eq!(batch.positions_computed(), 5);
+        let padded = Batch::from_encoded(&[&a, &b], Device::Cpu);
+        assert_eq!(padded.positions_computed(), 6);
     }
 }

@@ -463,13 +463,23 @@ pub struct TrainArgs {
     #[arg(long, value_name = "S")]
     pub loss_scale_init: Option<f64>,
     /// AdamW's state: adamw (f32 moments and master weights), adamw-bf16 (bf16 weights
-    /// and moments, stochastic rounding), adamw-8bit (bitsandbytes-style 8-bit moments).
+    /// and moments, Kahan-compensated updates), adamw-8bit (bitsandbytes-style 8-bit
+    /// moments).
     /// HF's names (adamw_torch, adamw_8bit, ...) are accepted.
     #[arg(long, value_enum)]
     pub optim: Option<crate::train::moments::OptimKind>,
     /// Checkpoints without optimizer state (HF's save_only_model).
     #[arg(long, visible_alias = "save_only_model")]
     pub save_only_model: bool,
+    /// Update each tensor inside the backward pass, as soon as its gradient is complete,
+    /// and free that gradient (only one layer's gradients in memory). Implies
+    /// --gradient-checkpointing; clipping or --fp16 costs a second backward pass.
+    #[arg(long, visible_alias = "optim_in_backward")]
+    pub optim_in_backward: bool,
+    /// Padding-free batches: a micro-batch's examples packed into one row with
+    /// per-document positions and attention (TRL's padding_free).
+    #[arg(long, visible_alias = "padding_free")]
+    pub packing: bool,
     /// Continue from the latest checkpoint in --output-dir, or from the one named.
     #[arg(long, num_args = 0..=1, default_missing_value = "latest", value_name = "checkpoint-N")]
     pub resume: Option<String>,

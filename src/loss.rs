@@ -50,9 +50,19 @@ impl TokenLosses {
 /// (a real token only sees earlier positions, all real); no mask is passed, which lets
 /// libtorch use its flash-attention kernel instead of materialising [B, H, T, T]
 /// scores. Pad positions compute garbage that no loss reads.
+/// A packed batch runs attention per document (see `Batch::packed`).
 pub fn answer_token_losses(model: &Llama, batch: &Batch, train: bool) -> TokenLosses {
-    let hidden = model.forward_hidden(&batch.input_ids, &batch.positions, None, None, train);
+    let context = batch_context(model, batch);
+    let hidden = model.forward_hidden_in(&batch.input_ids, &context, train);
     losses_from_hidden(model, &hidden, &batch.labels)
+}
+
+/// What every layer shares for a right-padded or packed training batch: no mask
+/// (right padding needs none), the documents' spans when packed.
+pub fn batch_context(model: &Llama, batch: &Batch) -> crate::model::llama::LayerContext {
+    model
+        .context(&batch.input_ids, &batch.positions, None, None)
+        .with_segments(batch.segments.clone())
 }
 
 /// The answer tokens' losses from final hidden states [B, T, H] and labels [B, T].

@@ -63,6 +63,8 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     c.gradient_checkpointing |= args.gradient_checkpointing;
     c.skip_invalid_rows |= args.skip_invalid_rows;
     c.save_only_model |= args.save_only_model;
+    c.optim_in_backward |= args.optim_in_backward;
+    c.packing |= args.packing;
     if args.fp16 {
         c.precision = Precision::F16;
     }

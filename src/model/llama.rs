@@ -52,6 +52,17 @@ pub struct LayerContext {
     pub sin: Tensor,
     pub mask: Option<Tensor>,
     pub past: i64,
+    /// A packed batch (one row holding several documents): each document's (start,
+    /// length). Attention then runs per document, so no token sees another document.
+    pub segments: Option<Vec<(i64, i64)>>,
+}
+
+impl LayerContext {
+    /// The same context for a packed row of documents.
+    pub fn with_segments(mut self, segments: Option<Vec<(i64, i64)>>) -> LayerContext {
+        self.segments = segments;
+        self
+    }
 }
 
 /// Keys and values of every layer for the tokens seen so far.
@@ -110,6 +121,21 @@ impl Llama {
         self.final_norm(&hidden)
     }
 
+    /// Hidden states after the final norm for a prepared context (no cache): how
+    /// training runs packed batches.
+    pub fn forward_hidden_in(
+        &self,
+        input_ids: &Tensor,
+        context: &LayerContext,
+        train: bool,
+    ) -> Tensor {
+        let mut hidden = self.embed(input_ids);
+        for index in 0..self.layers.len() {
+            hidden = self.layer_forward(index, &hidden, context, None, train);
+        }
+        self.final_norm(&hidden)
+    }
+
     /// Token embeddings [B, T, hidden].
     pub fn embed(&self, input_ids: &Tensor) -> Tensor {
         Tensor::embedding(&self.embed_tokens, input_ids, -1, false, false)
@@ -146,6 +172,7 @@ impl Llama {
             sin,
             mask: attention_mask(key_mask, batch, steps, past, self.device),
             past,
+            segments: None,
         }
     }
 
@@ -190,17 +217,44 @@ impl Llama {
             v = Tensor::cat(&[past_v, &v], 2);
             cache.layers[index] = (k.shallow_clone(), v.shallow_clone());
         }
-        let causal_without_mask = context.mask.is_none() && context.past == 0 && steps > 1;
-        let out = Tensor::scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            context.mask.as_ref(),
-            0.0,
-            causal_without_mask,
-            Some((head_dim as f64).powf(-0.5)),
-            heads != kv_heads,
-        );
+        let scale = Some((head_dim as f64).powf(-0.5));
+        let grouped = heads != kv_heads;
+        let out = match &context.segments {
+            // Packed documents: causal attention inside each one, nothing across.
+            // Slicing the time axis keeps every call maskless, so flash attention
+            // stays usable (a block-diagonal mask would rule it out).
+            Some(segments) => {
+                let parts: Vec<Tensor> = segments
+                    .iter()
+                    .map(|&(start, length)| {
+                        Tensor::scaled_dot_product_attention(
+                            &q.narrow(2, start, length),
+                            &k.narrow(2, start, length),
+                            &v.narrow(2, start, length),
+                            None::<&Tensor>,
+                            0.0,
+                            length > 1,
+                            scale,
+                            grouped,
+                        )
+                    })
+                    .collect();
+                Tensor::cat(&parts, 2)
+            }
+            None => {
+                let causal_without_mask = context.mask.is_none() && context.past == 0 && steps > 1;
+                Tensor::scaled_dot_product_attention(
+                    &q,
+                    &k,
+                    &v,
+                    context.mask.as_ref(),
+                    0.0,
+                    causal_without_mask,
+                    scale,
+                    grouped,
+                )
+            }
+        };
         let out = out
             .transpose(1, 2)
             .reshape([batch, steps, heads * head_dim]);

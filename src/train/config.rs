@@ -77,6 +77,12 @@ pub struct TrainConfig {
     /// Checkpoints hold the model and the trainer state but no optimizer state
     /// (HF's save_only_model): smaller and faster, resumable only with fresh moments.
     pub save_only_model: bool,
+    /// Update each tensor inside the backward pass and free its gradient (see
+    /// `step.rs`); runs the backward pass layer by layer, so it implies
+    /// gradient checkpointing.
+    pub optim_in_backward: bool,
+    /// Padding-free micro-batches (see `batch.rs`).
+    pub packing: bool,
 }
 
 impl Default for TrainConfig {
@@ -121,6 +127,8 @@ impl Default for TrainConfig {
             loss_scale_init: super::loss_scale::INIT_SCALE,
             optim: OptimKind::AdamW,
             save_only_model: false,
+            optim_in_backward: false,
+            packing: false,
         }
     }
 }

@@ -52,6 +52,10 @@ pub struct Setup<'a> {
     pub batch_size: usize,
     pub tokens_per_row: usize,
     pub gradient_checkpointing: bool,
+    /// `--optim-in-backward`: one layer's gradients at a time, and every micro-batch
+    /// of the accumulation window keeps its layer inputs.
+    pub optim_in_backward: bool,
+    pub grad_accum: usize,
 }
 
 /// Optimizer bytes per trained parameter (beyond the parameter and its gradient).
@@ -61,8 +65,9 @@ fn optimizer_bytes_per_parameter(optim: OptimKind, kind: Kind) -> f64 {
     match optim {
         OptimKind::AdamW => 8.0 + master,
         OptimKind::AdamWBf16 => 4.0 + compensation,
-        // Two 8-bit codes and one f32 absmax per 256 values each.
-        OptimKind::AdamW8bit => 2.0 + 8.0 / 256.0 + compensation,
+        // Two 8-bit codes and one f32 absmax per 256 values each; bf16 weights are
+        // rounded stochastically (no compensation buffer).
+        OptimKind::AdamW8bit => 2.0 + 8.0 / 256.0,
     }
 }
 
@@ -99,7 +104,19 @@ pub fn estimate(setup: &Setup) -> Estimate {
     } else {
         setup.kind
     };
-    let gradients = trained * trained_element;
+    let gradients = if setup.optim_in_backward {
+        // f32 sums of the largest stage: one decoder layer, or the (tied) embedding.
+        let embedding = (config.vocab_size * config.hidden_size) as u64;
+        let per_layer = trained / config.num_hidden_layers as u64;
+        let largest = if setup.lora.is_some() {
+            per_layer
+        } else {
+            per_layer.max(embedding)
+        };
+        largest * 4
+    } else {
+        trained * trained_element
+    };
     let optimizer =
         (trained as f64 * optimizer_bytes_per_parameter(setup.optim, trained_kind)) as u64;
 
@@ -107,7 +124,10 @@ pub fn estimate(setup: &Setup) -> Estimate {
     let h = config.hidden_size as u64;
     let layers = config.num_hidden_layers as u64;
     let working_layer = tokens * (10 * h + 3 * config.intermediate_size as u64) * element;
-    let kept = if setup.gradient_checkpointing {
+    let kept = if setup.optim_in_backward {
+        // Every micro-batch's layer inputs, and its gradient at the current layer.
+        (layers + 1) * tokens * h * element * setup.grad_accum.max(1) as u64
+    } else if setup.gradient_checkpointing {
         layers * tokens * h * element
     } else {
         layers * tokens * (34 * h) * element / 2
@@ -148,6 +168,8 @@ mod tests {
             batch_size: 2,
             tokens_per_row: 1024,
             gradient_checkpointing: true,
+            optim_in_backward: false,
+            grad_accum: 8,
         };
         let adamw = estimate(&setup(OptimKind::AdamW));
         let bf16 = estimate(&setup(OptimKind::AdamWBf16));
@@ -165,6 +187,22 @@ mod tests {
         assert_eq!(bf16.optimizer, bf16.weights * 3);
         assert!(bf16.total() < 80_000_000_000, "{}", bf16.describe());
         assert!(eight.total() < bf16.total());
+        // The seed's command (bsz 2 x accumulation 8, cutoff 1024) with 8-bit moments
+        // and the update in the backward pass: one layer's gradients, under 40 GB.
+        let in_backward = estimate(&Setup {
+            optim_in_backward: true,
+            ..setup(OptimKind::AdamW8bit)
+        });
+        assert!(
+            in_backward.gradients < 2_000_000_000,
+            "{}",
+            in_backward.describe()
+        );
+        assert!(
+            in_backward.total() < 40_000_000_000,
+            "{}",
+            in_backward.describe()
+        );
     }
 
     #[test]
@@ -182,6 +220,8 @@ mod tests {
             batch_size: 2,
             tokens_per_row: 1024,
             gradient_checkpointing: false,
+            optim_in_backward: false,
+            grad_accum: 1,
         });
         // r16 on 7 projections of 32 layers: 40 M f32 parameters.
         assert_eq!(

@@ -6,8 +6,11 @@
 //! `moments.rs`'s job; the update itself is the same for all three. With `adamw`,
 //! parameters that are not f32 (a full fine-tune computing in bf16) get f32 master
 //! copies: gradients are applied to the master and the result is cast back. The other
-//! two update bf16 weights directly, with Kahan compensation (a bf16 buffer holding
-//! what rounding to bf16 lost, added back at the next update).
+//! two update bf16 weights directly: `adamw-bf16` with Kahan compensation (a bf16
+//! buffer holding what rounding to bf16 lost, added back at the next update),
+//! `adamw-8bit` with stochastic rounding (no buffer: it is the smallest-memory
+//! choice, 4 bytes per parameter with its moments). The rounding noise is seeded from
+//! (step, tensor), so a resumed run rounds exactly as the uninterrupted one.
 
 use std::collections::BTreeMap;
 
@@ -25,9 +28,20 @@ pub struct ParamState {
     /// bf16 weights under adamw-bf16/adamw-8bit: what rounding to bf16 lost in earlier
     /// updates (Kahan compensation), added back to the next update.
     pub compensation: Option<Tensor>,
+    /// bf16 weights under adamw-8bit: the update is rounded to bf16 stochastically.
+    pub stochastic_rounding: bool,
     pub exp_avg: Moment,
     pub exp_avg_sq: Moment,
     pub weight_decay: bool,
+}
+
+/// What every parameter's update in one optimizer step shares.
+pub struct StepConstants {
+    pub lr: f64,
+    /// lr / (1 - beta1^t)
+    pub step_size: f64,
+    /// sqrt(1 - beta2^t)
+    pub bias_correction2_sqrt: f64,
 }
 
 pub struct AdamW {
@@ -58,8 +72,10 @@ impl AdamW {
             .map(|(name, param, weight_decay)| {
                 let master = (kind == OptimKind::AdamW && param.kind() != Kind::Float)
                     .then(|| param.detach().to_kind(Kind::Float));
-                let compensation = (kind != OptimKind::AdamW && param.kind() == Kind::BFloat16)
-                    .then(|| param.zeros_like());
+                let bf16 = param.kind() == Kind::BFloat16;
+                let compensation =
+                    (kind == OptimKind::AdamWBf16 && bf16).then(|| param.zeros_like());
+                let stochastic_rounding = kind == OptimKind::AdamW8bit && bf16;
                 let shape = param.size();
                 let device = param.device();
                 ParamState {
@@ -69,6 +85,7 @@ impl AdamW {
                     param,
                     master,
                     compensation,
+                    stochastic_rounding,
                     weight_decay,
                 }
             })
@@ -136,61 +153,88 @@ impl AdamW {
         total
     }
 
-    /// One AdamW step at learning rate `lr` (torch.optim.AdamW, decoupled weight decay).
+    /// One AdamW step at learning rate `lr` (torch.optim.AdamW, decoupled weight decay)
+    /// with the gradients in each parameter's `.grad`.
     pub fn step(&mut self, lr: f64) {
+        let step = self.begin_step(lr);
+        for index in 0..self.params.len() {
+            let grad = self.params[index].param.grad();
+            if grad.defined() {
+                self.update(index, &grad, &step);
+            }
+        }
+    }
+
+    /// Starts optimizer step `self.step + 1`: what every parameter's update shares.
+    /// The updates themselves may then come one parameter at a time (`update`), as
+    /// `--optim-in-backward` does while the backward pass is still running.
+    pub fn begin_step(&mut self, lr: f64) -> StepConstants {
         self.step += 1;
-        let bias_correction1 = 1.0 - self.beta1.powi(self.step as i32);
-        let bias_correction2_sqrt = (1.0 - self.beta2.powi(self.step as i32)).sqrt();
-        let step_size = lr / bias_correction1;
+        StepConstants {
+            lr,
+            step_size: lr / (1.0 - self.beta1.powi(self.step as i32)),
+            bias_correction2_sqrt: (1.0 - self.beta2.powi(self.step as i32)).sqrt(),
+        }
+    }
+
+    /// Index of each parameter by name.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.params.iter().position(|p| p.name == name)
+    }
+
+    /// Applies AdamW to parameter `index` with gradient `grad` (any float dtype).
+    pub fn update(&mut self, index: usize, grad: &Tensor, step: &StepConstants) {
+        let (beta1, beta2, eps, weight_decay) =
+            (self.beta1, self.beta2, self.eps, self.weight_decay);
+        let rounding_seed = (self.step * 1_000_003 + index as i64) & 0x7FFF_FFFF_FFFF;
+        let p = &mut self.params[index];
         tch::no_grad(|| {
-            for p in &mut self.params {
-                let grad = p.param.grad();
-                if !grad.defined() {
-                    continue;
+            let grad = grad.to_kind(Kind::Float);
+            // The f32 values to update: the master, the f32 weight itself, or an f32
+            // copy of a bf16 weight (written back with Kahan compensation).
+            let mut target = match &p.master {
+                Some(master) => master.shallow_clone(),
+                None if p.param.kind() == Kind::Float => p.param.shallow_clone(),
+                None => p.param.to_kind(Kind::Float),
+            };
+            if p.weight_decay && weight_decay != 0.0 {
+                let _ = target.g_mul_scalar_(1.0 - step.lr * weight_decay);
+            }
+            // m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2  (as lerps: one pass each)
+            let mut exp_avg = p.exp_avg.get();
+            let mut exp_avg_sq = p.exp_avg_sq.get();
+            let _ = exp_avg.lerp_(&grad, 1.0 - beta1);
+            let _ = exp_avg_sq.lerp_(&grad.square(), 1.0 - beta2);
+            p.exp_avg.set(&exp_avg);
+            p.exp_avg_sq.set(&exp_avg_sq);
+            // p -= step_size * m / (sqrt(v) / bc2 + eps), folded into one addcdiv:
+            // the denominator is pre-scaled by -1 / step_size (fewer passes over memory).
+            if step.step_size == 0.0 {
+                // lr 0 (the first warmup step): moments move, the weights do not.
+                return;
+            }
+            let scale = -1.0 / step.step_size;
+            let mut denom = exp_avg_sq.sqrt();
+            let _ = denom.g_mul_scalar_(scale / step.bias_correction2_sqrt);
+            let _ = denom.g_add_scalar_(eps * scale);
+            let _ = target.addcdiv_(&exp_avg, &denom);
+            if p.param.data_ptr() == target.data_ptr() {
+                return;
+            }
+            match &mut p.compensation {
+                // Kahan: apply this update plus what rounding lost before, and keep
+                // what rounding loses now.
+                Some(compensation) => {
+                    let exact = &target + compensation.to_kind(Kind::Float);
+                    let rounded = exact.to_kind(Kind::BFloat16);
+                    compensation.copy_(&(&exact - rounded.to_kind(Kind::Float)));
+                    p.param.copy_(&rounded);
                 }
-                let grad = grad.to_kind(Kind::Float);
-                // The f32 values to update: the master, the f32 weight itself, or an f32
-                // copy of a bf16 weight (written back with stochastic rounding).
-                let mut target = match &p.master {
-                    Some(master) => master.shallow_clone(),
-                    None if p.param.kind() == Kind::Float => p.param.shallow_clone(),
-                    None => p.param.to_kind(Kind::Float),
-                };
-                if p.weight_decay && self.weight_decay != 0.0 {
-                    let _ = target.g_mul_scalar_(1.0 - lr * self.weight_decay);
+                None if p.stochastic_rounding => {
+                    tch::manual_seed(rounding_seed);
+                    p.param.copy_(&round_stochastically_to_bf16(&target));
                 }
-                // m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2  (as lerps: one pass each)
-                let mut exp_avg = p.exp_avg.get();
-                let mut exp_avg_sq = p.exp_avg_sq.get();
-                let _ = exp_avg.lerp_(&grad, 1.0 - self.beta1);
-                let _ = exp_avg_sq.lerp_(&grad.square(), 1.0 - self.beta2);
-                p.exp_avg.set(&exp_avg);
-                p.exp_avg_sq.set(&exp_avg_sq);
-                // p -= step_size * m / (sqrt(v) / bc2 + eps), folded into one addcdiv:
-                // the denominator is pre-scaled by -1 / step_size (fewer passes over memory).
-                if step_size == 0.0 {
-                    // lr 0 (the first warmup step): moments move, the weights do not.
-                    continue;
-                }
-                let scale = -1.0 / step_size;
-                let mut denom = exp_avg_sq.sqrt();
-                let _ = denom.g_mul_scalar_(scale / bias_correction2_sqrt);
-                let _ = denom.g_add_scalar_(self.eps * scale);
-                let _ = target.addcdiv_(&exp_avg, &denom);
-                if p.param.data_ptr() == target.data_ptr() {
-                    continue;
-                }
-                match &mut p.compensation {
-                    // Kahan: apply this update plus what rounding lost before, and keep
-                    // what rounding loses now.
-                    Some(compensation) => {
-                        let exact = &target + compensation.to_kind(Kind::Float);
-                        let rounded = exact.to_kind(Kind::BFloat16);
-                        compensation.copy_(&(&exact - rounded.to_kind(Kind::Float)));
-                        p.param.copy_(&rounded);
-                    }
-                    None => p.param.copy_(&target.to_kind(p.param.kind())),
-                }
+                None => p.param.copy_(&target.to_kind(p.param.kind())),
             }
         });
     }
@@ -244,6 +288,19 @@ impl AdamW {
         self.step = step;
         Ok(())
     }
+}
+
+/// Rounds f32 values to bf16 up or down with probability proportional to the
+/// distance (unbiased on average): uniform noise below bf16's last bit is added to the
+/// f32 bit pattern, then the low 16 bits are dropped.
+pub fn round_stochastically_to_bf16(values: &Tensor) -> Tensor {
+    let bits = values.contiguous().view_dtype(Kind::Int);
+    let noise = Tensor::randint_low(0, 1 << 16, values.size(), (Kind::Int, values.device()));
+    // 0xFFFF0000 as an i32.
+    (bits + noise)
+        .bitwise_and(-65536i64)
+        .view_dtype(Kind::Float)
+        .to_kind(Kind::BFloat16)
 }
 
 /// transformers' learning-rate schedules.
@@ -304,6 +361,36 @@ mod tests {
         assert_eq!(Vec::<f32>::try_from(&p).unwrap(), vec![1.0, -2.0]);
         optim.step(0.1);
         assert!(p.isfinite().all().int64_value(&[]) == 1);
+    }
+
+    #[test]
+    fn stochastic_rounding_is_unbiased_and_lands_on_a_neighbour() {
+        // 1 + 2^-9 lies a quarter of the way from bf16's 1.0 to its next value 1 + 2^-7.
+        let value = 1.0f32 + 2f32.powi(-9);
+        tch::manual_seed(3);
+        let rounded = round_stochastically_to_bf16(&Tensor::full(
+            [100_000],
+            value as f64,
+            (Kind::Float, tch::Device::Cpu),
+        ))
+        .to_kind(Kind::Float);
+        let up = rounded
+            .gt(1.0)
+            .to_kind(Kind::Float)
+            .mean(Kind::Float)
+            .double_value(&[]);
+        assert!((up - 0.25).abs() < 0.01, "rounded up {up} of the time");
+        let low_or_high = rounded.eq(1.0).logical_or(&rounded.eq(1.0 + 2f64.powi(-7)));
+        assert!(low_or_high.all().int64_value(&[]) == 1);
+        // Negative values round the same way by magnitude, and the mean is unbiased.
+        let negative = round_stochastically_to_bf16(&Tensor::full(
+            [100_000],
+            -(value as f64),
+            (Kind::Float, tch::Device::Cpu),
+        ))
+        .to_kind(Kind::Float);
+        let mean = negative.mean(Kind::Float).double_value(&[]);
+        assert!((mean + value as f64).abs() < 1e-4, "{mean}");
     }
 
     #[test]

@@ -1,0 +1,275 @@
+//! Checkpoints: OUT/checkpoint-N folders written atomically (model files, optimizer
+//! state unless --save-only-model, the effective configuration, trainer_state.json),
+//! found again for --resume, restored exactly, pruned by --save-total-limit, and the
+//! best and final models published at the end of a run.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use tch::{Device, Tensor};
+
+use super::config::TrainConfig;
+use super::optim::AdamW;
+use super::state::TrainerState;
+use super::trainables::{self, Mode, restore_trained, save_trained};
+use crate::atomic::{write_dir_with, write_file};
+use crate::bail_input;
+use crate::error::bad_input;
+use crate::model::Llama;
+use crate::tokenizer::ModelTokenizer;
+
+/// Where to resume from: the latest checkpoint in the output dir, or a named one.
+pub fn find_checkpoint(output_dir: &Path, which: &str) -> Result<PathBuf> {
+    if which != "latest" {
+        let named = Path::new(which);
+        let dir = if named.is_absolute() || named.exists() {
+            named.to_path_buf()
+        } else {
+            output_dir.join(which)
+        };
+        if !dir.join("trainer_state.json").is_file() {
+            bail_input!(
+                "--resume {which}: {} is not a checkpoint (no trainer_state.json)",
+                dir.display()
+            );
+        }
+        return Ok(dir);
+    }
+    checkpoints(output_dir)
+        .into_iter()
+        .last()
+        .map(|(_, dir)| dir)
+        .ok_or_else(|| {
+            bad_input(format!(
+                "--resume: no checkpoint-N folder in {}",
+                output_dir.display()
+            ))
+        })
+}
+
+/// OUT/checkpoint-N folders, oldest first.
+pub fn checkpoints(output_dir: &Path) -> Vec<(i64, PathBuf)> {
+    let mut found: Vec<(i64, PathBuf)> = std::fs::read_dir(output_dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let step = name.strip_prefix("checkpoint-")?.parse::<i64>().ok()?;
+                    e.path()
+                        .join("trainer_state.json")
+                        .is_file()
+                        .then(|| (step, e.path()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found
+}
+
+/// Restores a checkpoint into the model and optimizer; returns its trainer state.
+pub fn restore(
+    dir: &Path,
+    config: &TrainConfig,
+    model: &Llama,
+    mode: &Mode,
+    optimizer: &mut AdamW,
+    device: Device,
+) -> Result<TrainerState> {
+    let text = std::fs::read_to_string(dir.join("trainer_state.json"))?;
+    let state: TrainerState =
+        serde_json::from_str(&text).map_err(|e| bad_input(format!("{}: {e}", dir.display())))?;
+    let saved = TrainConfig::from_toml(&dir.join("training_config.toml"))?;
+    check_resumable(&saved, config)?;
+    restore_trained(model, mode, dir)?;
+    let optimizer_file = dir.join("optimizer.safetensors");
+    if optimizer_file.is_file() {
+        let tensors: BTreeMap<String, Tensor> = Tensor::read_safetensors(optimizer_file)?
+            .into_iter()
+            .map(|(k, v)| (k, v.to_device(device)))
+            .collect();
+        optimizer.load_state(&tensors, state.global_step)?;
+    } else {
+        // A --save-only-model checkpoint: the weights and the position are restored,
+        // AdamW starts with fresh moments (so the run is no longer bit-exact).
+        tracing::warn!(
+            "{} has no optimizer state (--save-only-model): resuming with fresh AdamW moments",
+            dir.display()
+        );
+    }
+    eprintln!(
+        "resuming from {} (step {})",
+        dir.display(),
+        state.global_step
+    );
+    Ok(state)
+}
+
+/// A resumed run must use the settings that decide the computation.
+pub fn check_resumable(saved: &TrainConfig, now: &TrainConfig) -> Result<()> {
+    let fields: [(&str, String, String); 12] = [
+        ("lora", saved.lora.to_string(), now.lora.to_string()),
+        ("lora_r", saved.lora_r.to_string(), now.lora_r.to_string()),
+        (
+            "batch_size",
+            saved.batch_size.to_string(),
+            now.batch_size.to_string(),
+        ),
+        (
+            "grad_accum",
+            saved.grad_accum.to_string(),
+            now.grad_accum.to_string(),
+        ),
+        ("seed", saved.seed.to_string(), now.seed.to_string()),
+        (
+            "cutoff_len",
+            saved.cutoff_len.to_string(),
+            now.cutoff_len.to_string(),
+        ),
+        ("lr", saved.lr.to_string(), now.lr.to_string()),
+        (
+            "data_dir",
+            saved.data_dir.display().to_string(),
+            now.data_dir.display().to_string(),
+        ),
+        (
+            "prompt_format",
+            format!("{:?}", saved.prompt_format),
+            format!("{:?}", now.prompt_format),
+        ),
+        (
+            "encoding",
+            format!("{:?}", saved.encoding),
+            format!("{:?}", now.encoding),
+        ),
+        (
+            "skip_invalid_rows",
+            saved.skip_invalid_rows.to_string(),
+            now.skip_invalid_rows.to_string(),
+        ),
+        (
+            "optim",
+            format!("{:?}", saved.optim),
+            format!("{:?}", now.optim),
+        ),
+    ];
+    for (name, before, after) in fields {
+        if before != after {
+            bail_input!(
+                "--resume: the checkpoint was trained with {name} = {before}, this run has {after}"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn save_checkpoint(
+    out: &Path,
+    model: &Llama,
+    mode: &Mode,
+    tokenizer: &ModelTokenizer,
+    base: &str,
+    optimizer: &AdamW,
+    state: &TrainerState,
+    config: &TrainConfig,
+) -> Result<()> {
+    let dir = out.join(format!("checkpoint-{}", state.global_step));
+    write_dir_with(&dir, |tmp| {
+        save_trained(model, mode, tokenizer, base, &tmp.join("model"))?;
+        for file in trainables::model_files(&tmp.join("model")) {
+            std::fs::rename(&file, tmp.join(file.file_name().expect("a file name")))?;
+        }
+        std::fs::remove_dir_all(tmp.join("model"))?;
+        if !config.save_only_model {
+            let tensors: Vec<(String, crate::model::tensor_io::TensorBytes)> = optimizer
+                .state_tensors()
+                .iter()
+                .map(|(name, t)| {
+                    (
+                        name.clone(),
+                        crate::model::tensor_io::TensorBytes::from_tensor(t),
+                    )
+                })
+                .collect();
+            crate::model::tensor_io::write_safetensors(
+                &tmp.join("optimizer.safetensors"),
+                &tensors,
+            )?;
+        }
+        write_file(
+            &tmp.join("training_config.toml"),
+            config.to_toml().as_bytes(),
+        )?;
+        write_file(
+            &tmp.join("trainer_state.json"),
+            serde_json::to_string_pretty(state)?.as_bytes(),
+        )
+    })?;
+    // save_total_limit: never the best, never this one.
+    prune_checkpoints(
+        out,
+        config.save_total_limit,
+        state.best_step,
+        state.global_step,
+    )
+}
+
+/// Keeps at most `limit` checkpoints, never deleting the best or the latest.
+fn prune_checkpoints(
+    out: &Path,
+    limit: Option<usize>,
+    best: Option<i64>,
+    latest: i64,
+) -> Result<()> {
+    let Some(limit) = limit else {
+        return Ok(());
+    };
+    let all = checkpoints(out);
+    let mut excess = all.len().saturating_sub(limit.max(1));
+    for (step, dir) in all {
+        if excess == 0 {
+            break;
+        }
+        if Some(step) == best || step == latest {
+            continue;
+        }
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        excess -= 1;
+    }
+    Ok(())
+}
+
+fn copy_model_files(from: &Path, to: &Path) -> Result<()> {
+    write_dir_with(to, |tmp| {
+        for file in trainables::model_files(from) {
+            std::fs::copy(&file, tmp.join(file.file_name().expect("a file name")))?;
+        }
+        Ok(())
+    })
+}
+
+/// At the end of a run: OUT/final holds the last model, OUT itself the best one by
+/// eval loss (or the last), and OUT/trainer_state.json the whole history. Returns the
+/// best model's folder.
+pub fn publish_models(out: &Path, state: &TrainerState) -> Result<PathBuf> {
+    let final_dir = out.join(format!("checkpoint-{}", state.global_step));
+    copy_model_files(&final_dir, &out.join("final"))?;
+    let best_dir = state
+        .best_model_checkpoint
+        .as_ref()
+        .map(|name| out.join(name))
+        .filter(|d| d.is_dir())
+        .unwrap_or(final_dir);
+    for file in trainables::model_files(&best_dir) {
+        let bytes = std::fs::read(&file)?;
+        write_file(&out.join(file.file_name().expect("a file name")), &bytes)?;
+    }
+    write_file(
+        &out.join("trainer_state.json"),
+        serde_json::to_string_pretty(state)?.as_bytes(),
+    )?;
+    Ok(best_dir)
+}

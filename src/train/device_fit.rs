@@ -1,0 +1,107 @@
+//! Before loading anything on a GPU: does the chosen setup fit the card? If not, say
+//! so with the estimate and the first flag that would fit (`memory_estimate.rs`).
+
+use anyhow::Result;
+use tch::{Device, Kind};
+
+use super::config::TrainConfig;
+use crate::bail_input;
+use crate::model_source::ModelSource;
+
+/// On CUDA, refuses a setup whose estimated memory exceeds the device's free memory,
+/// before loading anything, naming the estimate and the first flag that would fit.
+pub fn check_fits_the_device(
+    config: &TrainConfig,
+    source: &ModelSource,
+    device: Device,
+    kind: Kind,
+) -> Result<()> {
+    use super::memory_estimate::{Setup, estimate};
+    use super::moments::OptimKind;
+    let Device::Cuda(index) = device else {
+        return Ok(());
+    };
+    let Some(free) = crate::cuda::devices()
+        .get(index)
+        .map(|d| d.free_bytes)
+        .filter(|&f| f > 0)
+    else {
+        return Ok(());
+    };
+    let (model_config, _) = crate::model::load::open_model(source)?;
+    let setup = Setup {
+        config: &model_config,
+        kind,
+        lora: config
+            .lora
+            .then_some((config.lora_r, config.lora_targets.as_slice())),
+        optim: config.optim,
+        batch_size: config.batch_size,
+        tokens_per_row: config.cutoff_len,
+        gradient_checkpointing: config.gradient_checkpointing || config.optim_in_backward,
+        optim_in_backward: config.optim_in_backward,
+        grad_accum: config.grad_accum,
+    };
+    let needed = estimate(&setup);
+    eprintln!(
+        "estimated GPU memory: {} of {:.1} GB free on cuda:{index}",
+        needed.describe(),
+        free as f64 / 1e9
+    );
+    if needed.total() <= free as u64 {
+        return Ok(());
+    }
+    let alternatives = [
+        (
+            "--optim adamw-bf16",
+            Setup {
+                optim: OptimKind::AdamWBf16,
+                ..setup.clone()
+            },
+        ),
+        (
+            "--optim adamw-8bit",
+            Setup {
+                optim: OptimKind::AdamW8bit,
+                ..setup.clone()
+            },
+        ),
+        (
+            "--optim adamw-8bit --gradient-checkpointing",
+            Setup {
+                optim: OptimKind::AdamW8bit,
+                gradient_checkpointing: true,
+                ..setup.clone()
+            },
+        ),
+        (
+            "--optim adamw-8bit --optim-in-backward",
+            Setup {
+                optim: OptimKind::AdamW8bit,
+                gradient_checkpointing: true,
+                optim_in_backward: true,
+                ..setup.clone()
+            },
+        ),
+        (
+            "--lora --gradient-checkpointing",
+            Setup {
+                lora: Some((config.lora_r, config.lora_targets.as_slice())),
+                gradient_checkpointing: true,
+                ..setup.clone()
+            },
+        ),
+    ];
+    let hint = alternatives
+        .iter()
+        .find(|(_, alternative)| estimate(alternative).total() <= free as u64)
+        .map_or(
+            "a smaller --batch-size or --cutoff-len".to_string(),
+            |(flags, alternative)| format!("{flags} ({})", estimate(alternative).describe()),
+        );
+    bail_input!(
+        "this setup needs {} but cuda:{index} has {:.1} GB free; what would fit: {hint}",
+        needed.describe(),
+        free as f64 / 1e9
+    )
+}

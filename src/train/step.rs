@@ -1,0 +1,503 @@
+//! One optimizer step: forward, answer-token loss and backward over the window's
+//! micro-batches (gradient accumulation), then the AdamW update (unscale for f16,
+//! clip, step). This is the part of training that should read like nanoGPT's loop;
+//! everything around it (evaluation, checkpoints, logs) lives in its own module.
+//!
+//! Two ways to place the update:
+//! - **after the backward pass** (HF Trainer's way, the default): every trainable
+//!   tensor's gradient accumulates in `.grad` over the window, then one update. The
+//!   gradients of the whole model are in memory at once.
+//! - **inside the backward pass** (`--optim-in-backward`, as torch's "optimizer step in
+//!   backward" recipe and LOMO): the backward pass runs one stage at a time (loss and
+//!   final norm, each decoder layer from the top, the embedding), each stage over all
+//!   the window's micro-batches, and a tensor is updated, and its gradient freed, as
+//!   soon as no later stage adds to it. Only one layer's gradients exist at a time.
+//!   Clipping by the global norm needs that norm before the first update, so a step
+//!   that clips (or unscales f16 gradients) runs the backward pass twice: once to
+//!   measure, once to update (LOMO's two passes). `--max-grad-norm 0` (bf16 or f32)
+//!   skips the measuring pass.
+
+use std::collections::HashMap;
+
+use anyhow::Result;
+use tch::{Kind, Tensor};
+
+use super::loss_scale::LossScaler;
+use super::optim::{AdamW, StepConstants};
+use crate::batch::Batch;
+use crate::loss::{answer_token_losses, batch_context, losses_from_hidden};
+use crate::model::Llama;
+use crate::model::llama::LayerContext;
+
+/// How one optimizer step runs.
+#[derive(Debug, Clone, Copy)]
+pub struct StepSettings {
+    pub seed: u64,
+    /// Micro-batches trained before this window (dropout seeds derive from it).
+    pub first_micro: u64,
+    pub checkpointing: bool,
+    /// Full fine-tune (the embedding is trained) rather than LoRA.
+    pub full: bool,
+    pub in_backward: bool,
+    /// 0: no clipping.
+    pub max_grad_norm: f64,
+    pub lr: f64,
+    /// 1 / the window's answer tokens: the loss is a token-weighted mean over the
+    /// whole window, as HF Trainer's `num_items_in_batch` makes it.
+    pub token_scale: f64,
+}
+
+/// What a step did.
+#[derive(Debug, Clone, Default)]
+pub struct StepOutcome {
+    /// Sum of the micro-batches' finite losses (over answer tokens).
+    pub loss_sum: f64,
+    /// A micro-batch's loss that was inf or NaN (the step is then not taken).
+    pub nonfinite_loss: Option<f64>,
+    /// The gradients' global norm before clipping; `None` when the update was skipped.
+    pub grad_norm: Option<f64>,
+}
+
+/// Dropout seed for a micro-batch and layer: a pure function of the position.
+fn dropout_seed(seed: u64, micro_step: u64, layer: usize) -> i64 {
+    (seed
+        .wrapping_mul(1_000_003)
+        .wrapping_add(micro_step.wrapping_mul(1009))
+        .wrapping_add(layer as u64)
+        & 0x7FFF_FFFF_FFFF) as i64
+}
+
+/// Forward, backward and update for one window of micro-batches.
+pub fn optimizer_step(
+    model: &Llama,
+    optimizer: &mut AdamW,
+    batches: &[Batch],
+    settings: &StepSettings,
+    scaler: Option<&mut LossScaler>,
+) -> Result<StepOutcome> {
+    if settings.in_backward {
+        step_in_backward(model, optimizer, batches, settings, scaler)
+    } else {
+        step_after_backward(model, optimizer, batches, settings, scaler)
+    }
+}
+
+fn step_after_backward(
+    model: &Llama,
+    optimizer: &mut AdamW,
+    batches: &[Batch],
+    settings: &StepSettings,
+    scaler: Option<&mut LossScaler>,
+) -> Result<StepOutcome> {
+    let loss_scale = scaler.as_ref().map_or(1.0, |s| s.scale);
+    let mut outcome = StepOutcome::default();
+    for (index, batch) in batches.iter().enumerate() {
+        let seeds = (settings.seed, settings.first_micro + index as u64);
+        let value = micro_step(
+            model,
+            batch,
+            loss_scale * settings.token_scale,
+            seeds,
+            settings.checkpointing,
+            settings.full,
+        )?;
+        if value.is_finite() {
+            outcome.loss_sum += value;
+        } else {
+            outcome.nonfinite_loss = Some(value);
+            if scaler.is_none() {
+                return Ok(outcome);
+            }
+        }
+    }
+    // f16: unscale, and skip the step (halving the scale) on inf/NaN gradients.
+    let apply = match scaler {
+        Some(scaler) => {
+            let finite = optimizer.unscale_grads(1.0 / loss_scale);
+            scaler.update(outcome.nonfinite_loss.is_some() || !finite)
+        }
+        None => true,
+    };
+    if apply {
+        outcome.grad_norm = Some(optimizer.clip_grad_norm(settings.max_grad_norm));
+        optimizer.step(settings.lr);
+    }
+    optimizer.zero_grad();
+    Ok(outcome)
+}
+
+/// Forward + backward of one micro-batch, gradients (into `.grad`) scaled by `scale`
+/// (1 / the optimizer step's answer tokens). Returns the unscaled loss sum; a
+/// non-finite loss is returned without a backward pass.
+pub fn micro_step(
+    model: &Llama,
+    batch: &Batch,
+    scale: f64,
+    seeds: (u64, u64),
+    checkpointing: bool,
+    full: bool,
+) -> Result<f64> {
+    let (seed, micro) = seeds;
+    if !checkpointing {
+        tch::manual_seed(dropout_seed(seed, micro, 0));
+        let losses = answer_token_losses(model, batch, true);
+        let sum = losses.sum();
+        let value = sum.double_value(&[]);
+        if value.is_finite() {
+            (sum * scale).backward();
+        }
+        return Ok(value);
+    }
+    // Gradient checkpointing per decoder layer: a forward pass without a graph keeps
+    // only each layer's input; the backward pass recomputes one layer at a time (with
+    // the same dropout seed) and pushes the gradient through it.
+    let kept = forward_keeping_layer_inputs(model, batch, seed, micro);
+    let top = kept.top.detach().set_requires_grad(true);
+    let losses = losses_from_hidden(model, &model.final_norm(&top), &batch.labels);
+    let sum = losses.sum();
+    let value = sum.double_value(&[]);
+    if !value.is_finite() {
+        return Ok(value);
+    }
+    (sum * scale).backward();
+    let mut grad = top.grad();
+    for layer in (0..model.layers.len()).rev() {
+        let input = kept.inputs[layer].detach().set_requires_grad(true);
+        tch::manual_seed(dropout_seed(seed, micro, layer));
+        let output = model.layer_forward(layer, &input, &kept.context, None, true);
+        (output * &grad).sum(Kind::Float).backward();
+        grad = input.grad();
+    }
+    if full {
+        (model.embed(&batch.input_ids) * &grad)
+            .sum(Kind::Float)
+            .backward();
+    }
+    Ok(value)
+}
+
+/// What a forward pass without a graph keeps of one micro-batch: every decoder
+/// layer's input and the last layer's output (gradient checkpointing).
+struct KeptForward {
+    context: LayerContext,
+    inputs: Vec<Tensor>,
+    top: Tensor,
+}
+
+fn forward_keeping_layer_inputs(
+    model: &Llama,
+    batch: &Batch,
+    seed: u64,
+    micro: u64,
+) -> KeptForward {
+    let context = batch_context(model, batch);
+    let mut inputs = Vec::with_capacity(model.layers.len());
+    let mut hidden = tch::no_grad(|| model.embed(&batch.input_ids));
+    for layer in 0..model.layers.len() {
+        inputs.push(hidden.shallow_clone());
+        tch::manual_seed(dropout_seed(seed, micro, layer));
+        hidden = tch::no_grad(|| model.layer_forward(layer, &hidden, &context, None, true));
+    }
+    KeptForward {
+        context,
+        inputs,
+        top: hidden,
+    }
+}
+
+/// The optimizer's tensors by the stage of the backward pass that completes their
+/// gradient.
+struct Stages {
+    /// Final norm and lm_head (full fine-tune).
+    top: Vec<usize>,
+    /// Each decoder layer's weights, norms or adapters.
+    layers: Vec<Vec<usize>>,
+    /// The input embedding (full fine-tune), completed at the bottom.
+    embed: Option<usize>,
+    /// A tied lm_head: the embedding also gets a gradient at the top.
+    embed_at_top: bool,
+}
+
+impl Stages {
+    fn new(optimizer: &AdamW, model: &Llama) -> Stages {
+        let mut stages = Stages {
+            top: Vec::new(),
+            layers: vec![Vec::new(); model.layers.len()],
+            embed: None,
+            embed_at_top: false,
+        };
+        for (index, p) in optimizer.params.iter().enumerate() {
+            if p.name == "model.embed_tokens.weight" {
+                stages.embed = Some(index);
+            } else if let Some(layer) = layer_of(&p.name).filter(|&l| l < model.layers.len()) {
+                stages.layers[layer].push(index);
+            } else {
+                stages.top.push(index);
+            }
+        }
+        stages.embed_at_top = stages.embed.is_some() && model.lm_head.is_none();
+        stages
+    }
+}
+
+/// The decoder layer a tensor name belongs to ("...layers.12.mlp..." -> 12).
+fn layer_of(name: &str) -> Option<usize> {
+    let rest = &name[name.find("layers.")? + "layers.".len()..];
+    rest.split('.').next()?.parse().ok()
+}
+
+/// Gradients summed over the window's micro-batches, in f32, until handed out.
+#[derive(Default)]
+struct GradientSums(HashMap<usize, Tensor>);
+
+impl GradientSums {
+    fn add(&mut self, indices: &[usize], grads: &[Tensor]) {
+        for (&index, grad) in indices.iter().zip(grads) {
+            if !grad.defined() {
+                continue;
+            }
+            let grad = grad.to_kind(Kind::Float);
+            match self.0.get_mut(&index) {
+                Some(sum) => *sum += grad,
+                None => {
+                    self.0.insert(index, grad);
+                }
+            }
+        }
+    }
+
+    fn hand_out(&mut self, indices: &[usize], complete: &mut dyn FnMut(usize, Tensor)) {
+        for index in indices {
+            if let Some(sum) = self.0.remove(index) {
+                complete(*index, sum);
+            }
+        }
+    }
+}
+
+/// A window whose forward pass has run, ready for its backward pass by stage.
+struct KeptWindow<'a> {
+    model: &'a Llama,
+    kept: Vec<KeptForward>,
+    batches: &'a [Batch],
+    settings: &'a StepSettings,
+    /// Loss scale x 1 / the window's answer tokens.
+    scale: f64,
+    stages: Stages,
+    /// The optimizer's tensors, by optimizer index.
+    params: Vec<Tensor>,
+}
+
+/// Runs the window's backward pass stage by stage (loss and final norm, each layer
+/// from the top, the embedding), each stage over every micro-batch, and hands each
+/// trainable tensor's gradient, summed over the window, to `complete` as soon as no
+/// later stage adds to it. Returns the micro-batches' loss sums; when one of them is
+/// not finite it returns before handing out anything.
+fn backward_by_stage(window: &KeptWindow, complete: &mut dyn FnMut(usize, Tensor)) -> Vec<f64> {
+    let KeptWindow {
+        model,
+        kept,
+        batches,
+        settings,
+        scale,
+        stages,
+        params,
+    } = window;
+    let scale = *scale;
+    let with_params = |first: Tensor, indices: &[usize]| -> Vec<Tensor> {
+        std::iter::once(first)
+            .chain(indices.iter().map(|&i| params[i].shallow_clone()))
+            .collect()
+    };
+    let mut sums = GradientSums::default();
+
+    // The loss, the final norm and lm_head, for every micro-batch before any update.
+    let mut top_indices = stages.top.clone();
+    if stages.embed_at_top {
+        top_indices.extend(stages.embed);
+    }
+    let mut losses = Vec::with_capacity(kept.len());
+    let mut hidden_grads = Vec::with_capacity(kept.len());
+    for (forward, batch) in kept.iter().zip(batches.iter()) {
+        let top = forward.top.detach().set_requires_grad(true);
+        let sum = losses_from_hidden(model, &model.final_norm(&top), &batch.labels).sum();
+        losses.push(sum.double_value(&[]));
+        if !losses.last().is_some_and(|l| l.is_finite()) {
+            return losses;
+        }
+        let grads = Tensor::run_backward(
+            &[sum * scale],
+            &with_params(top, &top_indices),
+            false,
+            false,
+        );
+        sums.add(&top_indices, &grads[1..]);
+        hidden_grads.push(grads[0].shallow_clone());
+    }
+    sums.hand_out(&stages.top, complete);
+
+    // Each decoder layer, recomputed from its kept input with the forward's dropout.
+    let embed: Vec<usize> = stages.embed.into_iter().collect();
+    for layer in (0..model.layers.len()).rev() {
+        let indices = &stages.layers[layer];
+        let input_grad_needed = layer > 0 || !embed.is_empty();
+        if indices.is_empty() && !input_grad_needed {
+            continue;
+        }
+        for (micro, forward) in kept.iter().enumerate() {
+            let input = forward.inputs[layer]
+                .detach()
+                .set_requires_grad(input_grad_needed);
+            tch::manual_seed(dropout_seed(
+                settings.seed,
+                settings.first_micro + micro as u64,
+                layer,
+            ));
+            let output = model.layer_forward(layer, &input, &forward.context, None, true);
+            let objective = (output * &hidden_grads[micro]).sum(Kind::Float);
+            let wrt: Vec<Tensor> = if input_grad_needed {
+                with_params(input, indices)
+            } else {
+                indices.iter().map(|&i| params[i].shallow_clone()).collect()
+            };
+            let grads = Tensor::run_backward(&[objective], &wrt, false, false);
+            if input_grad_needed {
+                sums.add(indices, &grads[1..]);
+                hidden_grads[micro] = grads[0].shallow_clone();
+            } else {
+                sums.add(indices, &grads);
+            }
+        }
+        sums.hand_out(indices, complete);
+    }
+
+    // The input embedding (full fine-tune).
+    if let Some(&index) = embed.first() {
+        for (batch, grad) in batches.iter().zip(hidden_grads.iter()) {
+            let objective = (model.embed(&batch.input_ids) * grad).sum(Kind::Float);
+            let grads =
+                Tensor::run_backward(&[objective], &[params[index].shallow_clone()], false, false);
+            sums.add(&embed, &grads);
+        }
+        sums.hand_out(&embed, complete);
+    }
+    losses
+}
+
+/// (sum of the finite losses, the first non-finite one).
+fn summarize(losses: &[f64]) -> (f64, Option<f64>) {
+    (
+        losses.iter().filter(|l| l.is_finite()).sum(),
+        losses.iter().copied().find(|l| !l.is_finite()),
+    )
+}
+
+fn step_in_backward(
+    model: &Llama,
+    optimizer: &mut AdamW,
+    batches: &[Batch],
+    settings: &StepSettings,
+    scaler: Option<&mut LossScaler>,
+) -> Result<StepOutcome> {
+    let kept: Vec<KeptForward> = batches
+        .iter()
+        .enumerate()
+        .map(|(micro, batch)| {
+            forward_keeping_layer_inputs(
+                model,
+                batch,
+                settings.seed,
+                settings.first_micro + micro as u64,
+            )
+        })
+        .collect();
+    let loss_scale = scaler.as_ref().map_or(1.0, |s| s.scale);
+    let window = KeptWindow {
+        model,
+        kept,
+        batches,
+        settings,
+        scale: loss_scale * settings.token_scale,
+        stages: Stages::new(optimizer, model),
+        params: optimizer
+            .params
+            .iter()
+            .map(|p| p.param.shallow_clone())
+            .collect(),
+    };
+    let device = model.device;
+
+    // The measuring pass: the global norm (and, in f16, whether every gradient is
+    // finite) must be known before the first tensor is updated.
+    let mut factor = 1.0 / loss_scale;
+    let mut measured_norm = None;
+    if settings.max_grad_norm > 0.0 || scaler.is_some() {
+        let mut squares = Tensor::zeros([], (Kind::Float, device));
+        let unscale = factor;
+        let losses = backward_by_stage(&window, &mut |_, grad| {
+            squares += (grad * unscale).square().sum(Kind::Float)
+        });
+        let (loss_sum, nonfinite_loss) = summarize(&losses);
+        let norm = squares.sqrt().double_value(&[]);
+        let apply = match scaler {
+            Some(scaler) => scaler.update(nonfinite_loss.is_some() || !norm.is_finite()),
+            None => nonfinite_loss.is_none(),
+        };
+        if !apply {
+            return Ok(StepOutcome {
+                loss_sum,
+                nonfinite_loss,
+                grad_norm: None,
+            });
+        }
+        if settings.max_grad_norm > 0.0 {
+            let coefficient = settings.max_grad_norm / (norm + 1e-6);
+            if coefficient < 1.0 {
+                factor *= coefficient;
+            }
+        }
+        measured_norm = Some(norm);
+    }
+
+    // The updating pass: each tensor is updated as its gradient completes, and the
+    // gradient is dropped right after.
+    let mut constants: Option<StepConstants> = None;
+    let mut squares = Tensor::zeros([], (Kind::Float, device));
+    let losses = backward_by_stage(&window, &mut |index, mut grad| {
+        if factor != 1.0 {
+            grad *= factor;
+        }
+        if measured_norm.is_none() {
+            squares += grad.square().sum(Kind::Float);
+        }
+        let constants = constants.get_or_insert_with(|| optimizer.begin_step(settings.lr));
+        optimizer.update(index, &grad, constants);
+    });
+    let (loss_sum, nonfinite_loss) = summarize(&losses);
+    let grad_norm = match (nonfinite_loss, measured_norm) {
+        (Some(_), _) => None,
+        (None, Some(norm)) => Some(norm),
+        (None, None) => Some(squares.sqrt().double_value(&[])),
+    };
+    Ok(StepOutcome {
+        loss_sum,
+        nonfinite_loss,
+        grad_norm,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_numbers_come_from_hf_and_peft_names() {
+        assert_eq!(layer_of("model.layers.12.mlp.up_proj.weight"), Some(12));
+        assert_eq!(
+            layer_of("base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight"),
+            Some(3)
+        );
+        assert_eq!(layer_of("model.norm.weight"), None);
+        assert_eq!(layer_of("lm_head.weight"), None);
+    }
+}

@@ -1,0 +1,293 @@
+//! The optimizer step's variants against their references, on the tiny random Llama
+//! in f32: a packed (padding-free) batch gives the padded batch's losses and
+//! gradients; the update inside the backward pass takes the same steps as the update
+//! after it, for every optimizer, with and without clipping, with gradient
+//! accumulation, a loss scaler, and a tied or untied lm_head; and a run that uses both
+//! resumes exactly.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use amthal::batch::Batch;
+use amthal::encode::{Encoded, Encoder};
+use amthal::model::lora::{LoraConfig, load_adapter};
+use amthal::model::{Llama, LoadOptions, load_llama};
+use amthal::model_source::ModelSource;
+use amthal::prompt::{PromptBuilder, PromptFormat};
+use amthal::train::loss_scale::LossScaler;
+use amthal::train::micro_step;
+use amthal::train::moments::OptimKind;
+use amthal::train::optim::AdamW;
+use amthal::train::step::{StepSettings, optimizer_step};
+use amthal::train::trainables::{Mode, trainable_tensors, unfreeze_all};
+use common::*;
+use tch::{Device, Tensor};
+
+/// The sample training rows, encoded for the tiny model (lengths differ).
+fn encoded_rows() -> Vec<Encoded> {
+    let source = ModelSource::HfFolder(fixture("tiny-llama"));
+    let tokenizer = source.tokenizer().unwrap();
+    let prompts = PromptBuilder::new(PromptFormat::Plain, &tokenizer).unwrap();
+    let encoder = Encoder::new(&tokenizer, &prompts).unwrap();
+    let examples = amthal::sample_data::sample_split(amthal::data::Split::Train)
+        .unwrap()
+        .examples;
+    encoder.encode_all(&examples[..8], None).unwrap().0
+}
+
+/// The tiny model set up for a full fine-tune (tied or untied lm_head) or with the
+/// fixture adapter (LoRA).
+fn model_for(full: bool, tied: bool) -> (Llama, Mode) {
+    let source = ModelSource::HfFolder(fixture("tiny-llama"));
+    let mut model = load_llama(&source, LoadOptions::default()).unwrap();
+    if !tied {
+        model.lm_head = Some(model.embed_tokens.copy());
+    }
+    if full {
+        unfreeze_all(&model);
+        return (model, Mode::Full);
+    }
+    load_adapter(&mut model, &fixture("tiny-llama-adapter")).unwrap();
+    let config = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: vec![],
+        rslora: false,
+    };
+    (model, Mode::Lora(config))
+}
+
+fn max_difference(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}
+
+#[test]
+fn packed_batches_give_the_padded_losses_and_gradients() {
+    let rows = encoded_rows();
+    let rows: Vec<&Encoded> = rows.iter().take(4).collect();
+    let lengths: Vec<usize> = rows.iter().map(|r| r.input_ids.len()).collect();
+    assert!(lengths.iter().any(|&l| l != lengths[0]), "{lengths:?}");
+    let tokens: i64 = rows.iter().map(|r| r.trained_tokens() as i64).sum();
+    let padded = Batch::from_encoded(&rows, Device::Cpu);
+    let packed = Batch::packed(&rows, Device::Cpu);
+    assert!(packed.positions_computed() < padded.positions_computed());
+    for full in [false, true] {
+        for checkpointing in [false, true] {
+            let (model, mode) = model_for(full, true);
+            let trainable = trainable_tensors(&model, &mode);
+            let run = |batch: &Batch| -> (f64, Vec<Tensor>) {
+                for (_, tensor, _) in &trainable {
+                    tensor.shallow_clone().zero_grad();
+                }
+                let loss = micro_step(
+                    &model,
+                    batch,
+                    1.0 / tokens as f64,
+                    (5, 0),
+                    checkpointing,
+                    full,
+                )
+                .unwrap();
+                let grads = trainable.iter().map(|(_, t, _)| t.grad().copy()).collect();
+                (loss / tokens as f64, grads)
+            };
+            let (padded_loss, padded_grads) = run(&padded);
+            let (packed_loss, packed_grads) = run(&packed);
+            assert!(
+                (padded_loss - packed_loss).abs() < 1e-5,
+                "full={full} checkpointing={checkpointing}: {padded_loss} vs {packed_loss}"
+            );
+            for ((name, _, _), (a, b)) in
+                trainable.iter().zip(padded_grads.iter().zip(&packed_grads))
+            {
+                assert!(a.defined() && b.defined(), "{name}");
+                let difference = max_difference(a, b);
+                assert!(
+                    difference < 1e-5,
+                    "full={full} checkpointing={checkpointing} {name}: {difference}"
+                );
+            }
+            assert!(
+                padded_grads
+                    .iter()
+                    .any(|g| g.abs().max().double_value(&[]) > 1e-4)
+            );
+        }
+    }
+}
+
+/// Trains three optimizer steps of two micro-batches each; returns the trained
+/// tensors and the reported gradient norms.
+fn three_steps(
+    full: bool,
+    tied: bool,
+    optim: OptimKind,
+    max_grad_norm: f64,
+    scaled: bool,
+    in_backward: bool,
+) -> (Vec<(String, Tensor)>, Vec<f64>) {
+    let rows = encoded_rows();
+    let (model, mode) = model_for(full, tied);
+    let mut optimizer = AdamW::with_kind(trainable_tensors(&model, &mode), 0.01, optim);
+    let mut scaler = scaled.then(|| LossScaler::new(1024.0));
+    let mut norms = Vec::new();
+    for step in 0..3u64 {
+        let window: Vec<Vec<&Encoded>> = (0..2)
+            .map(|micro| {
+                let first = (step as usize * 2 + micro) * 2 % rows.len();
+                vec![&rows[first], &rows[(first + 1) % rows.len()]]
+            })
+            .collect();
+        let tokens: i64 = window
+            .iter()
+            .flatten()
+            .map(|r| r.trained_tokens() as i64)
+            .sum();
+        let batches: Vec<Batch> = window
+            .iter()
+            .map(|micro| Batch::from_encoded(micro, Device::Cpu))
+            .collect();
+        let settings = StepSettings {
+            seed: 7,
+            first_micro: step * 2,
+            checkpointing: true,
+            full,
+            in_backward,
+            max_grad_norm,
+            lr: 1e-3,
+            token_scale: 1.0 / tokens as f64,
+        };
+        let outcome =
+            optimizer_step(&model, &mut optimizer, &batches, &settings, scaler.as_mut()).unwrap();
+        assert!(outcome.nonfinite_loss.is_none());
+        norms.push(outcome.grad_norm.expect("the step was taken"));
+    }
+    let trained = optimizer
+        .params
+        .iter()
+        .map(|p| (p.name.clone(), p.param.copy()))
+        .collect();
+    (trained, norms)
+}
+
+#[test]
+fn the_update_inside_the_backward_pass_takes_the_same_steps() {
+    let cases = [
+        // (full, tied lm_head, optimizer, max_grad_norm, loss scaler)
+        (false, true, OptimKind::AdamW, 0.0, false),
+        (false, true, OptimKind::AdamW, 0.05, false),
+        (true, true, OptimKind::AdamW, 0.0, false),
+        (true, true, OptimKind::AdamW, 0.05, false),
+        (true, false, OptimKind::AdamW, 0.05, false),
+        (true, false, OptimKind::AdamW, 0.0, true),
+        (true, true, OptimKind::AdamWBf16, 0.05, false),
+        (true, false, OptimKind::AdamW8bit, 0.05, false),
+        (false, true, OptimKind::AdamW8bit, 0.0, false),
+    ];
+    for (full, tied, optim, max_grad_norm, scaled) in cases {
+        let case =
+            format!("full={full} tied={tied} {optim:?} clip={max_grad_norm} scaled={scaled}");
+        let (after, after_norms) = three_steps(full, tied, optim, max_grad_norm, scaled, false);
+        let (inside, inside_norms) = three_steps(full, tied, optim, max_grad_norm, scaled, true);
+        for (a, b) in after_norms.iter().zip(&inside_norms) {
+            assert!(
+                (a - b).abs() <= 1e-5 * a,
+                "{case}: gradient norms {a} vs {b}"
+            );
+        }
+        if max_grad_norm > 0.0 {
+            assert!(
+                after_norms.iter().all(|&n| n > max_grad_norm),
+                "{case}: clipping engaged"
+            );
+        }
+        // f32 moments: the same steps up to summation order. bf16 and 8-bit moments:
+        // a gradient summed in another order can round a moment to the neighbouring
+        // code, so compare the mean difference with how far the weights moved.
+        let (source_model, source_mode) = model_for(full, tied);
+        let before = trainable_tensors(&source_model, &source_mode);
+        for (((name, a), (_, b)), (_, start, _)) in after.iter().zip(&inside).zip(&before) {
+            let moved = (a - start).abs().mean(tch::Kind::Float).double_value(&[]);
+            assert!(moved > 1e-6, "{case} {name}: the weights moved ({moved})");
+            if optim == OptimKind::AdamW {
+                let difference = max_difference(a, b);
+                assert!(difference < 1e-6, "{case} {name}: {difference}");
+            } else {
+                let difference = (a - b).abs().mean(tch::Kind::Float).double_value(&[]);
+                assert!(
+                    difference < 0.01 * moved,
+                    "{case} {name}: mean difference {difference}, moved {moved}"
+                );
+            }
+        }
+    }
+}
+
+fn train_tiny(out: &Path, extra: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_amthal"))
+        .args(["train", "--model"])
+        .arg(fixture("tiny-llama"))
+        .args(["--device", "cpu", "--precision", "bf16", "--output-dir"])
+        .arg(out)
+        .arg("--data-dir")
+        .arg(repo_root().join("examples/data"))
+        .args([
+            "--lr",
+            "1e-3",
+            "--max-steps",
+            "6",
+            "--eval-strategy",
+            "steps",
+        ])
+        .args(["--eval-steps", "3", "--previews", "0", "--batch-size", "2"])
+        .args(["--grad-accum", "2", "--optim-in-backward", "--packing"])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// The whole command with both: the log reports gradient norms and the clipping
+/// pass, and a run resumed from checkpoint-3 ends bit-identical to the whole run.
+#[test]
+fn an_in_backward_packed_run_resumes_exactly() {
+    let dir = temp_dir("in-backward");
+    for optim in ["adamw-bf16", "adamw-8bit"] {
+        let whole = dir.join(format!("{optim}-whole"));
+        let output = train_tiny(&whole, &["--optim", optim]);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let config = std::fs::read_to_string(whole.join("training_config.toml")).unwrap();
+        assert!(config.contains("optim_in_backward = true") && config.contains("packing = true"));
+        let resumed = dir.join(format!("{optim}-resumed"));
+        std::fs::create_dir_all(&resumed).unwrap();
+        let copied = Command::new("cp")
+            .arg("-r")
+            .arg(whole.join("checkpoint-3"))
+            .arg(&resumed)
+            .status()
+            .unwrap();
+        assert!(copied.success());
+        let output = train_tiny(&resumed, &["--optim", optim, "--resume"]);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(
+            std::fs::read(resumed.join("final/model.safetensors")).unwrap(),
+            std::fs::read(whole.join("final/model.safetensors")).unwrap(),
+            "{optim}: the same final weights"
+        );
+        let log = std::fs::read_to_string(whole.join("log.jsonl")).unwrap();
+        assert!(
+            log.lines().filter(|l| l.contains("\"grad_norm\"")).count() == 6,
+            "{log}"
+        );
+    }
+}
