@@ -22,6 +22,42 @@ pub struct Batch {
     pub labels: Tensor,
     /// Packed batches: each document's (start, length) in the single row.
     pub segments: Option<Vec<(i64, i64)>>,
+    /// Where the loss is computed, found on the host so the training step needs no
+    /// device-to-host sync for it: the flat positions (row x width + t) whose next
+    /// token is trained, each one's row, and that next token.
+    pub answers: Answers,
+}
+
+/// The trained positions of a batch (see `Batch::answers`).
+pub struct Answers {
+    /// [N] int64 indices into the batch flattened to [B x T].
+    pub positions: Tensor,
+    /// [N] int64 row of each.
+    pub rows: Tensor,
+    /// [N] int64 the token each position is trained to predict.
+    pub targets: Tensor,
+}
+
+impl Answers {
+    /// From labels [rows x width] (row-major): position t is trained on label t + 1.
+    fn from_labels(labels: &[i64], width: usize, device: Device) -> Answers {
+        let (mut positions, mut rows, mut targets) = (Vec::new(), Vec::new(), Vec::new());
+        for (row, row_labels) in labels.chunks(width.max(1)).enumerate() {
+            for (t, &label) in row_labels.iter().enumerate().skip(1) {
+                if label != IGNORE_INDEX {
+                    positions.push((row * width + t - 1) as i64);
+                    rows.push(row as i64);
+                    targets.push(label);
+                }
+            }
+        }
+        let tensor = |values: &[i64]| Tensor::from_slice(values).to_device(device);
+        Answers {
+            positions: tensor(&positions),
+            rows: tensor(&rows),
+            targets: tensor(&targets),
+        }
+    }
 }
 
 impl Batch {
@@ -46,6 +82,7 @@ impl Batch {
             positions: positions.to_device(device),
             labels: Tensor::from_slice(&labels).view(shape).to_device(device),
             segments: None,
+            answers: Answers::from_labels(&labels, width, device),
         }
     }
 
@@ -72,6 +109,7 @@ impl Batch {
             positions: Tensor::from_slice(&positions).view(shape).to_device(device),
             labels: Tensor::from_slice(&labels).view(shape).to_device(device),
             segments: Some(segments),
+            answers: Answers::from_labels(&labels, total, device),
         }
     }
 
@@ -117,8 +155,15 @@ mod tests {
             vec![IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]
         );
         assert_eq!(batch.segments, Some(vec![(0, 3), (3, 2)]));
+        // Positions 0 and 1 predict 6 and 7; position 3 predicts 9; never position 2.
+        assert_eq!(values(&batch.answers.positions), vec![0, 1, 3]);
+        assert_eq!(values(&batch.answers.targets), vec![6, 7, 9]);
         assert_eq!(batch.positions_computed(), 5);
         let padded = Batch::from_encoded(&[&a, &b], Device::Cpu);
         assert_eq!(padded.positions_computed(), 6);
+        // Rows of width 3: a's positions 0, 1; b's position 0 (flat 3) predicts 9.
+        assert_eq!(values(&padded.answers.positions), vec![0, 1, 3]);
+        assert_eq!(values(&padded.answers.rows), vec![0, 0, 1]);
+        assert_eq!(values(&padded.answers.targets), vec![6, 7, 9]);
     }
 }

@@ -151,6 +151,10 @@ pub struct EvaluateArgs {
     /// A LoRA adapter (PEFT format, amthal's or Python's) on top of the base model.
     #[arg(long, visible_aliases = ["adapter_dir", "adapter"], value_name = "DIR")]
     pub adapter_dir: Option<PathBuf>,
+    /// Keep the adapter beside the base weights instead of folding it into them
+    /// (folding, PEFT's merge_and_unload in memory, is the default: faster decoding).
+    #[arg(long, visible_alias = "no_merge_adapter")]
+    pub no_merge_adapter: bool,
     /// The test file (CSV/JSON/JSONL); a reference column is optional.
     #[arg(
         long,
@@ -187,6 +191,15 @@ pub struct EvaluateArgs {
     pub top_k: usize,
     #[arg(long, visible_alias = "repetition_penalty", default_value_t = 1.0)]
     pub repetition_penalty: f64,
+    /// No n-gram of this size may occur twice in prompt + answer (HF's
+    /// no_repeat_ngram_size; 0 = off).
+    #[arg(
+        long,
+        visible_alias = "no_repeat_ngram_size",
+        default_value_t = 0,
+        value_name = "N"
+    )]
+    pub no_repeat_ngram_size: usize,
     /// Seeds sampling (per row, so outputs do not depend on the batch size) and shot choice.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,

@@ -31,6 +31,9 @@ pub struct SamplingConfig {
     pub top_k: usize,
     /// 1.0 = off; HF semantics (divide positive logits, multiply negative ones).
     pub repetition_penalty: f64,
+    /// 0 = off; else no n-gram of this size occurs twice in prompt + answer (HF's
+    /// no_repeat_ngram_size).
+    pub no_repeat_ngram_size: usize,
     pub seed: u64,
 }
 
@@ -43,6 +46,7 @@ impl Default for SamplingConfig {
             top_p: 1.0,
             top_k: 0,
             repetition_penalty: 1.0,
+            no_repeat_ngram_size: 0,
             seed: 42,
         }
     }
@@ -51,6 +55,12 @@ impl Default for SamplingConfig {
 impl SamplingConfig {
     pub fn is_greedy(&self) -> bool {
         self.temperature <= 0.0
+    }
+
+    /// Whether a token is the plain argmax of the logits (no processor needs the
+    /// sequence so far), so it can be picked on the device.
+    fn is_plain_argmax(&self) -> bool {
+        self.is_greedy() && self.repetition_penalty == 1.0 && self.no_repeat_ngram_size == 0
     }
 }
 
@@ -200,7 +210,7 @@ fn generate_batch_inner(
         if step < config.min_new_tokens && !stop_ids.is_empty() {
             let _ = logits.index_fill_(1, &stop_tensor, f64::NEG_INFINITY);
         }
-        let chosen: Vec<u32> = if config.is_greedy() && config.repetition_penalty == 1.0 {
+        let chosen: Vec<u32> = if config.is_plain_argmax() {
             Vec::<i64>::try_from(logits.argmax(-1, false).to_device(Device::Cpu))?
                 .into_iter()
                 .map(|t| t as u32)
@@ -273,15 +283,24 @@ fn generate_batch_inner(
 }
 
 /// Picks one token from one row's logits with HF's processors in HF's order:
-/// repetition penalty, temperature, top-k, top-p, then a draw (or argmax if greedy).
+/// repetition penalty, no-repeat n-grams, temperature, top-k, top-p, then a draw (or
+/// argmax if greedy). `seen`: the prompt and the tokens generated so far, in order.
 pub fn pick_token<'a>(
     logits: &mut [f32],
     seen: impl Iterator<Item = &'a u32>,
     config: &SamplingConfig,
     rng: &mut ChaCha8Rng,
 ) -> u32 {
+    let sequence: Vec<u32> = seen.copied().collect();
+    if config.no_repeat_ngram_size > 0 {
+        for id in repeated_ngram_endings(&sequence, config.no_repeat_ngram_size) {
+            if let Some(value) = logits.get_mut(id as usize) {
+                *value = f32::NEG_INFINITY;
+            }
+        }
+    }
     if config.repetition_penalty != 1.0 {
-        let mut seen: Vec<u32> = seen.copied().collect();
+        let mut seen = sequence;
         seen.sort_unstable();
         seen.dedup();
         let penalty = config.repetition_penalty as f32;
@@ -341,6 +360,24 @@ pub fn pick_token<'a>(
     order[keep - 1] as u32
 }
 
+/// The tokens that would complete an n-gram already in `sequence`: those that
+/// followed an earlier occurrence of its last n - 1 tokens (HF's
+/// NoRepeatNGramLogitsProcessor; nothing until the sequence holds n - 1 tokens).
+pub fn repeated_ngram_endings(sequence: &[u32], n: usize) -> Vec<u32> {
+    if n == 0 || sequence.len() + 1 < n {
+        return Vec::new();
+    }
+    let prefix = &sequence[sequence.len() + 1 - n..];
+    let mut banned: Vec<u32> = sequence
+        .windows(n)
+        .filter(|gram| gram[..n - 1] == *prefix)
+        .map(|gram| gram[n - 1])
+        .collect();
+    banned.sort_unstable();
+    banned.dedup();
+    banned
+}
+
 fn argmax(values: &[f32]) -> u32 {
     let mut best = 0;
     for (i, v) in values.iter().enumerate() {
@@ -389,6 +426,18 @@ mod tests {
             sampled(&all, 4, &logits),
             "same seed, same draws"
         );
+    }
+
+    #[test]
+    fn no_repeat_ngrams_ban_what_followed_the_last_tokens() {
+        // 5 7 5 7 5: the bigrams starting with 5 were (5, 7): 7 is banned.
+        assert_eq!(repeated_ngram_endings(&[5, 7, 5, 7, 5], 2), vec![7]);
+        // Trigrams ending with (7, 5) were (7, 5, 7): 7 is banned.
+        assert_eq!(repeated_ngram_endings(&[5, 7, 5, 7, 5], 3), vec![7]);
+        assert_eq!(repeated_ngram_endings(&[1, 2, 3], 2), Vec::<u32>::new());
+        // n = 1 bans every token seen (HF's behaviour for size 1).
+        assert_eq!(repeated_ngram_endings(&[4, 2, 4], 1), vec![2, 4]);
+        assert!(repeated_ngram_endings(&[1], 3).is_empty());
     }
 
     #[test]

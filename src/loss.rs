@@ -4,7 +4,7 @@
 
 use tch::{Kind, Reduction, Tensor};
 
-use crate::batch::Batch;
+use crate::batch::{Answers, Batch};
 use crate::encode::Encoded;
 use crate::encode::IGNORE_INDEX;
 use crate::model::Llama;
@@ -54,7 +54,7 @@ impl TokenLosses {
 pub fn answer_token_losses(model: &Llama, batch: &Batch, train: bool) -> TokenLosses {
     let context = batch_context(model, batch);
     let hidden = model.forward_hidden_in(&batch.input_ids, &context, train);
-    losses_from_hidden(model, &hidden, &batch.labels)
+    losses_from_hidden(model, &hidden, &batch.answers)
 }
 
 /// What every layer shares for a right-padded or packed training batch: no mask
@@ -65,27 +65,24 @@ pub fn batch_context(model: &Llama, batch: &Batch) -> crate::model::llama::Layer
         .with_segments(batch.segments.clone())
 }
 
-/// The answer tokens' losses from final hidden states [B, T, H] and labels [B, T].
-pub fn losses_from_hidden(model: &Llama, hidden: &Tensor, labels: &Tensor) -> TokenLosses {
-    let (rows, width) = labels.size2().expect("labels are [B, T]");
+/// The answer tokens' losses from final hidden states [B, T, H], at the positions
+/// the batch lists (found on the host, so no `nonzero` sync on the device).
+pub fn losses_from_hidden(model: &Llama, hidden: &Tensor, answers: &Answers) -> TokenLosses {
     let hidden_size = hidden.size()[2];
-    // Targets are the labels shifted left; the last position predicts nothing.
-    let targets = labels.narrow(1, 1, width - 1);
-    let selected = targets.ne(IGNORE_INDEX).nonzero(); // [N, 2]: (row, position)
-    let row_index = selected.select(1, 0);
-    let flat = &row_index * width + selected.select(1, 1);
     let chosen = hidden
-        .reshape([rows * width, hidden_size])
-        .index_select(0, &flat);
+        .reshape([-1, hidden_size])
+        .index_select(0, &answers.positions);
     let logits = model.logits(&chosen).to_kind(Kind::Float);
-    let target_ids = targets
-        .reshape([-1])
-        .index_select(0, &(&row_index * (width - 1) + selected.select(1, 1)));
-    let nll =
-        logits.cross_entropy_loss::<Tensor>(&target_ids, None, Reduction::None, IGNORE_INDEX, 0.0);
+    let nll = logits.cross_entropy_loss::<Tensor>(
+        &answers.targets,
+        None,
+        Reduction::None,
+        IGNORE_INDEX,
+        0.0,
+    );
     TokenLosses {
         nll,
-        rows: row_index,
+        rows: answers.rows.shallow_clone(),
     }
 }
 

@@ -380,3 +380,133 @@ fn bad_input_exits_2_and_leaves_no_file() {
         stderr(&output)
     );
 }
+
+/// Folding the adapter into the weights (evaluate's default, PEFT's merge_and_unload)
+/// computes what the unfolded adapter computes: logits within 1e-5 in f32, the same
+/// greedy tokens; `--no-merge-adapter` keeps it beside the weights.
+#[test]
+fn a_folded_adapter_gives_the_unfolded_logits_and_tokens() {
+    use amthal::model::lora::{fold_adapters, load_adapter};
+    let source = ModelSource::HfFolder(fixture("tiny-llama"));
+    let base = load_llama(&source, LoadOptions::default()).unwrap();
+    let mut unfolded = load_llama(&source, LoadOptions::default()).unwrap();
+    load_adapter(&mut unfolded, &fixture("tiny-llama-adapter")).unwrap();
+    let mut folded = load_llama(&source, LoadOptions::default()).unwrap();
+    load_adapter(&mut folded, &fixture("tiny-llama-adapter")).unwrap();
+    let count = fold_adapters(&mut folded);
+    assert!(count > 0);
+    assert!(
+        folded
+            .layers
+            .iter()
+            .all(|l| l.linears().iter().all(|(_, linear)| linear.lora.is_none()))
+    );
+    let ids = tch::Tensor::from_slice(&[1i64, 17, 250, 33, 91, 5, 64, 120]).view([1, 8]);
+    let positions = tch::Tensor::arange(8, (tch::Kind::Int64, tch::Device::Cpu)).view([1, 8]);
+    let logits = |m: &amthal::model::Llama| tch::no_grad(|| m.forward(&ids, &positions, None));
+    let (u, f, b) = (logits(&unfolded), logits(&folded), logits(&base));
+    let difference = (&u - &f).abs().max().double_value(&[]);
+    assert!(difference < 1e-5, "folded vs unfolded: {difference}");
+    let adapter_effect = (&u - &b).abs().max().double_value(&[]);
+    assert!(
+        adapter_effect > 1e-3,
+        "the adapter changes the logits ({adapter_effect})"
+    );
+
+    let requests = vec![GenerationRequest {
+        prompt_ids: vec![1, 17, 250, 33],
+        row_number: 0,
+    }];
+    let config = SamplingConfig {
+        max_new_tokens: 12,
+        ..SamplingConfig::default()
+    };
+    assert_eq!(
+        generate_batch(&folded, &requests, &[2], &config).unwrap(),
+        generate_batch(&unfolded, &requests, &[2], &config).unwrap()
+    );
+
+    let dir = temp_dir("folded");
+    let adapter = fixture("tiny-llama-adapter");
+    let mut texts = Vec::new();
+    for (name, extra) in [("folded", None), ("beside", Some("--no-merge-adapter"))] {
+        let out = dir.join(format!("{name}.csv"));
+        let mut args = vec!["--adapter-dir", adapter.to_str().unwrap(), "--limit", "3"];
+        args.extend(extra);
+        let output = evaluate(&out, &args);
+        assert!(output.status.success(), "{}", stderr(&output));
+        let sidecar: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.with_extension("json")).unwrap())
+                .unwrap();
+        assert_eq!(sidecar["adapter_folded"], extra.is_none(), "{name}");
+        texts.push(generated(&out));
+    }
+    assert_eq!(texts[0], texts[1]);
+}
+
+/// `--no-repeat-ngram-size` and `--repetition-penalty` as transformers applies them
+/// (goldens from scripts/golden/make_ngram_golden.py): the banned ids of random
+/// sequences, and greedy generations of the tiny Llama, alone and batched.
+#[test]
+fn no_repeat_ngrams_and_repetition_penalty_match_transformers() {
+    use amthal::generate::repeated_ngram_endings;
+    let golden = golden("no_repeat_ngram.json");
+    for case in golden["bans"].as_array().unwrap() {
+        let sequence = ids(&case["sequence"]);
+        let n = case["n"].as_u64().unwrap() as usize;
+        assert_eq!(
+            repeated_ngram_endings(&sequence, n),
+            ids(&case["banned"]),
+            "{sequence:?} n={n}"
+        );
+    }
+    let model = load_llama(
+        &ModelSource::HfFolder(fixture("tiny-llama")),
+        LoadOptions::default(),
+    )
+    .unwrap();
+    let cases = golden["generations"].as_array().unwrap();
+    let config_of = |case: &serde_json::Value| SamplingConfig {
+        max_new_tokens: golden["max_new_tokens"].as_u64().unwrap() as usize,
+        no_repeat_ngram_size: case["no_repeat_ngram_size"].as_u64().unwrap() as usize,
+        repetition_penalty: case["repetition_penalty"].as_f64().unwrap(),
+        ..SamplingConfig::default()
+    };
+    let mut changed_by_the_rule = 0;
+    for (i, case) in cases.iter().enumerate() {
+        let request = GenerationRequest {
+            prompt_ids: ids(&case["prompt_ids"]),
+            row_number: i as u64,
+        };
+        let config = config_of(case);
+        let ours = generate_batch(&model, std::slice::from_ref(&request), &[2], &config).unwrap();
+        assert_same_greedy(&ours[0].tokens, case, &format!("case {i}"));
+        let plain = SamplingConfig {
+            max_new_tokens: config.max_new_tokens,
+            ..SamplingConfig::default()
+        };
+        let without = generate_batch(&model, std::slice::from_ref(&request), &[2], &plain).unwrap();
+        changed_by_the_rule += usize::from(without[0].tokens != ours[0].tokens);
+    }
+    assert!(
+        changed_by_the_rule > 0,
+        "the goldens exercise the processors"
+    );
+    // Batched (left-padded prompts of different lengths) equals one by one.
+    let same_config: Vec<&serde_json::Value> = cases
+        .iter()
+        .filter(|c| c["no_repeat_ngram_size"] == 2 && c["repetition_penalty"] == 1.0)
+        .collect();
+    let requests: Vec<GenerationRequest> = same_config
+        .iter()
+        .enumerate()
+        .map(|(i, c)| GenerationRequest {
+            prompt_ids: ids(&c["prompt_ids"]),
+            row_number: i as u64,
+        })
+        .collect();
+    let batched = generate_batch(&model, &requests, &[2], &config_of(same_config[0])).unwrap();
+    for (case, generation) in same_config.iter().zip(&batched) {
+        assert_same_greedy(&generation.tokens, case, "batched");
+    }
+}

@@ -146,12 +146,15 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
         .map_err(|e| bad_input(format!("{}: cannot write here: {e}", out.display())))?;
     let _ = std::fs::remove_file(&probe);
 
-    let loaded = load_model(
+    let mut loaded = load_model(
         model.as_deref(),
         adapter.as_deref(),
         &args.runtime.device,
         args.runtime.precision,
     )?;
+    let adapter_folded = loaded.adapter.is_some()
+        && !args.no_merge_adapter
+        && crate::model::lora::fold_adapters(&mut loaded.model) > 0;
     let prompts = PromptBuilder::new(args.prompt_format, &loaded.tokenizer)?;
     let encoder = Encoder::new(&loaded.tokenizer, &prompts)?;
     let shots = match (&args.shots_from, args.shots) {
@@ -181,6 +184,7 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
         top_p: args.top_p,
         top_k: args.top_k,
         repetition_penalty: args.repetition_penalty,
+        no_repeat_ngram_size: args.no_repeat_ngram_size,
         seed: args.seed,
     };
     let mut sidecar = json!({
@@ -188,6 +192,7 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
         "test_path": args.test_path.display().to_string(),
         "model": loaded.source.display(),
         "adapter": adapter.as_ref().map(|a| a.display().to_string()),
+        "adapter_folded": adapter_folded,
         "precision": crate::device::kind_name(loaded.model.kind),
         "device": format!("{:?}", loaded.model.device),
         "prompt_format": prompts.format(),

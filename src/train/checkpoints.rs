@@ -13,7 +13,7 @@ use super::config::TrainConfig;
 use super::optim::AdamW;
 use super::state::TrainerState;
 use super::trainables::{self, Mode, restore_trained, save_trained};
-use crate::atomic::{write_dir_with, write_file};
+use crate::atomic::{link_or_copy, write_dir_with, write_file};
 use crate::bail_input;
 use crate::error::bad_input;
 use crate::model::Llama;
@@ -245,7 +245,7 @@ fn prune_checkpoints(
 fn copy_model_files(from: &Path, to: &Path) -> Result<()> {
     write_dir_with(to, |tmp| {
         for file in trainables::model_files(from) {
-            std::fs::copy(&file, tmp.join(file.file_name().expect("a file name")))?;
+            link_or_copy(&file, &tmp.join(file.file_name().expect("a file name")))?;
         }
         Ok(())
     })
@@ -264,8 +264,7 @@ pub fn publish_models(out: &Path, state: &TrainerState) -> Result<PathBuf> {
         .filter(|d| d.is_dir())
         .unwrap_or(final_dir);
     for file in trainables::model_files(&best_dir) {
-        let bytes = std::fs::read(&file)?;
-        write_file(&out.join(file.file_name().expect("a file name")), &bytes)?;
+        link_or_copy(&file, &out.join(file.file_name().expect("a file name")))?;
     }
     write_file(
         &out.join("trainer_state.json"),

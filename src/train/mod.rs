@@ -14,6 +14,7 @@
 //! `checkpoints.rs` and `logging.rs` are what happens between steps.
 
 pub mod checkpoints;
+pub mod compensation;
 pub mod config;
 pub mod data_order;
 pub mod device_fit;
@@ -69,6 +70,8 @@ pub struct TrainSummary {
     /// libtorch's caching-allocator peaks on the training device (None on CPU).
     pub gpu_memory: Option<crate::cuda::GpuMemory>,
     pub previews: Vec<(String, String)>,
+    /// The longest a checkpoint took to write (model, optimizer state, trainer state).
+    pub slowest_checkpoint_seconds: f64,
     /// Rows left out under --skip-invalid-rows, per split.
     pub skipped_rows: SkippedRows,
 }
@@ -124,6 +127,7 @@ struct Run<'a> {
     /// Loss and answer tokens since the last logged step.
     interval: (f64, i64),
     last_checkpoint_step: Option<i64>,
+    slowest_checkpoint_seconds: f64,
 }
 
 /// What the loop does after a step.
@@ -240,6 +244,7 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
         state,
         started: Instant::now(),
         interval: (0.0, 0),
+        slowest_checkpoint_seconds: 0.0,
     };
     run.train_loop()?;
     run.finish(
@@ -497,11 +502,7 @@ impl Run<'_> {
     }
 
     fn save(&mut self) -> Result<()> {
-        tracing::info!(
-            "saving checkpoint-{} at {:.2}s",
-            self.state.global_step,
-            self.started.elapsed().as_secs_f64()
-        );
+        let saving = Instant::now();
         save_checkpoint(
             &self.config.output_dir,
             &self.model,
@@ -513,6 +514,12 @@ impl Run<'_> {
             self.config,
         )?;
         self.last_checkpoint_step = Some(self.state.global_step);
+        let seconds = saving.elapsed().as_secs_f64();
+        tracing::info!(
+            "checkpoint-{} written in {seconds:.2}s",
+            self.state.global_step
+        );
+        self.slowest_checkpoint_seconds = self.slowest_checkpoint_seconds.max(seconds);
         Ok(())
     }
 
@@ -564,6 +571,7 @@ impl Run<'_> {
             peak_rss_bytes: memory.peak_rss_bytes,
             gpu_memory: memory.gpu,
             previews,
+            slowest_checkpoint_seconds: self.slowest_checkpoint_seconds,
             skipped_rows,
         };
         write_file(

@@ -6,16 +6,14 @@
 //! `moments.rs`'s job; the update itself is the same for all three. With `adamw`,
 //! parameters that are not f32 (a full fine-tune computing in bf16) get f32 master
 //! copies: gradients are applied to the master and the result is cast back. The other
-//! two update bf16 weights directly: `adamw-bf16` with Kahan compensation (a bf16
-//! buffer holding what rounding to bf16 lost, added back at the next update),
-//! `adamw-8bit` with stochastic rounding (no buffer: it is the smallest-memory
-//! choice, 4 bytes per parameter with its moments). The rounding noise is seeded from
-//! (step, tensor), so a resumed run rounds exactly as the uninterrupted one.
+//! two update bf16 weights directly, with Kahan compensation (what rounding to bf16
+//! lost, added back at the next update; `compensation.rs`).
 
 use std::collections::BTreeMap;
 
 use tch::{Kind, Tensor};
 
+use super::compensation::Compensation;
 use super::moments::{Moment, OptimKind};
 
 /// One trainable tensor and its optimizer state.
@@ -27,9 +25,7 @@ pub struct ParamState {
     pub master: Option<Tensor>,
     /// bf16 weights under adamw-bf16/adamw-8bit: what rounding to bf16 lost in earlier
     /// updates (Kahan compensation), added back to the next update.
-    pub compensation: Option<Tensor>,
-    /// bf16 weights under adamw-8bit: the update is rounded to bf16 stochastically.
-    pub stochastic_rounding: bool,
+    pub compensation: Option<Compensation>,
     pub exp_avg: Moment,
     pub exp_avg_sq: Moment,
     pub weight_decay: bool,
@@ -72,10 +68,7 @@ impl AdamW {
             .map(|(name, param, weight_decay)| {
                 let master = (kind == OptimKind::AdamW && param.kind() != Kind::Float)
                     .then(|| param.detach().to_kind(Kind::Float));
-                let bf16 = param.kind() == Kind::BFloat16;
-                let compensation =
-                    (kind == OptimKind::AdamWBf16 && bf16).then(|| param.zeros_like());
-                let stochastic_rounding = kind == OptimKind::AdamW8bit && bf16;
+                let compensation = Compensation::for_weight(kind, &param);
                 let shape = param.size();
                 let device = param.device();
                 ParamState {
@@ -85,7 +78,6 @@ impl AdamW {
                     param,
                     master,
                     compensation,
-                    stochastic_rounding,
                     weight_decay,
                 }
             })
@@ -186,7 +178,6 @@ impl AdamW {
     pub fn update(&mut self, index: usize, grad: &Tensor, step: &StepConstants) {
         let (beta1, beta2, eps, weight_decay) =
             (self.beta1, self.beta2, self.eps, self.weight_decay);
-        let rounding_seed = (self.step * 1_000_003 + index as i64) & 0x7FFF_FFFF_FFFF;
         let p = &mut self.params[index];
         tch::no_grad(|| {
             let grad = grad.to_kind(Kind::Float);
@@ -222,18 +213,7 @@ impl AdamW {
                 return;
             }
             match &mut p.compensation {
-                // Kahan: apply this update plus what rounding lost before, and keep
-                // what rounding loses now.
-                Some(compensation) => {
-                    let exact = &target + compensation.to_kind(Kind::Float);
-                    let rounded = exact.to_kind(Kind::BFloat16);
-                    compensation.copy_(&(&exact - rounded.to_kind(Kind::Float)));
-                    p.param.copy_(&rounded);
-                }
-                None if p.stochastic_rounding => {
-                    tch::manual_seed(rounding_seed);
-                    p.param.copy_(&round_stochastically_to_bf16(&target));
-                }
+                Some(compensation) => compensation.round_into(&target, &mut p.param),
                 None => p.param.copy_(&target.to_kind(p.param.kind())),
             }
         });
@@ -250,10 +230,7 @@ impl AdamW {
                 state.insert(format!("master.{}", p.name), master.shallow_clone());
             }
             if let Some(compensation) = &p.compensation {
-                state.insert(
-                    format!("compensation.{}", p.name),
-                    compensation.shallow_clone(),
-                );
+                compensation.state(&p.name, &mut state);
             }
         }
         state
@@ -270,17 +247,15 @@ impl AdamW {
                 p.exp_avg.restore(&format!("exp_avg.{}", p.name), state)?;
                 p.exp_avg_sq
                     .restore(&format!("exp_avg_sq.{}", p.name), state)?;
-                for (prefix, tensor) in [
-                    ("master", &mut p.master),
-                    ("compensation", &mut p.compensation),
-                ] {
-                    if let Some(tensor) = tensor {
-                        let key = format!("{prefix}.{}", p.name);
-                        let saved = state
-                            .get(&key)
-                            .ok_or_else(|| anyhow::anyhow!("optimizer state has no {key}"))?;
-                        tensor.copy_(saved);
-                    }
+                if let Some(master) = &mut p.master {
+                    let key = format!("master.{}", p.name);
+                    let saved = state
+                        .get(&key)
+                        .ok_or_else(|| anyhow::anyhow!("optimizer state has no {key}"))?;
+                    master.copy_(saved);
+                }
+                if let Some(compensation) = &mut p.compensation {
+                    compensation.restore(&p.name, state)?;
                 }
             }
             Ok(())
@@ -288,19 +263,6 @@ impl AdamW {
         self.step = step;
         Ok(())
     }
-}
-
-/// Rounds f32 values to bf16 up or down with probability proportional to the
-/// distance (unbiased on average): uniform noise below bf16's last bit is added to the
-/// f32 bit pattern, then the low 16 bits are dropped.
-pub fn round_stochastically_to_bf16(values: &Tensor) -> Tensor {
-    let bits = values.contiguous().view_dtype(Kind::Int);
-    let noise = Tensor::randint_low(0, 1 << 16, values.size(), (Kind::Int, values.device()));
-    // 0xFFFF0000 as an i32.
-    (bits + noise)
-        .bitwise_and(-65536i64)
-        .view_dtype(Kind::Float)
-        .to_kind(Kind::BFloat16)
 }
 
 /// transformers' learning-rate schedules.
@@ -361,36 +323,6 @@ mod tests {
         assert_eq!(Vec::<f32>::try_from(&p).unwrap(), vec![1.0, -2.0]);
         optim.step(0.1);
         assert!(p.isfinite().all().int64_value(&[]) == 1);
-    }
-
-    #[test]
-    fn stochastic_rounding_is_unbiased_and_lands_on_a_neighbour() {
-        // 1 + 2^-9 lies a quarter of the way from bf16's 1.0 to its next value 1 + 2^-7.
-        let value = 1.0f32 + 2f32.powi(-9);
-        tch::manual_seed(3);
-        let rounded = round_stochastically_to_bf16(&Tensor::full(
-            [100_000],
-            value as f64,
-            (Kind::Float, tch::Device::Cpu),
-        ))
-        .to_kind(Kind::Float);
-        let up = rounded
-            .gt(1.0)
-            .to_kind(Kind::Float)
-            .mean(Kind::Float)
-            .double_value(&[]);
-        assert!((up - 0.25).abs() < 0.01, "rounded up {up} of the time");
-        let low_or_high = rounded.eq(1.0).logical_or(&rounded.eq(1.0 + 2f64.powi(-7)));
-        assert!(low_or_high.all().int64_value(&[]) == 1);
-        // Negative values round the same way by magnitude, and the mean is unbiased.
-        let negative = round_stochastically_to_bf16(&Tensor::full(
-            [100_000],
-            -(value as f64),
-            (Kind::Float, tch::Device::Cpu),
-        ))
-        .to_kind(Kind::Float);
-        let mean = negative.mean(Kind::Float).double_value(&[]);
-        assert!((mean + value as f64).abs() < 1e-4, "{mean}");
     }
 
     #[test]

@@ -153,7 +153,7 @@ pub fn micro_step(
     // the same dropout seed) and pushes the gradient through it.
     let kept = forward_keeping_layer_inputs(model, batch, seed, micro);
     let top = kept.top.detach().set_requires_grad(true);
-    let losses = losses_from_hidden(model, &model.final_norm(&top), &batch.labels);
+    let losses = losses_from_hidden(model, &model.final_norm(&top), &batch.answers);
     let sum = losses.sum();
     let value = sum.double_value(&[]);
     if !value.is_finite() {
@@ -320,7 +320,7 @@ fn backward_by_stage(window: &KeptWindow, complete: &mut dyn FnMut(usize, Tensor
     let mut hidden_grads = Vec::with_capacity(kept.len());
     for (forward, batch) in kept.iter().zip(batches.iter()) {
         let top = forward.top.detach().set_requires_grad(true);
-        let sum = losses_from_hidden(model, &model.final_norm(&top), &batch.labels).sum();
+        let sum = losses_from_hidden(model, &model.final_norm(&top), &batch.answers).sum();
         losses.push(sum.double_value(&[]));
         if !losses.last().is_some_and(|l| l.is_finite()) {
             return losses;
