@@ -1,4 +1,5 @@
-//! Batched decoding with a KV cache.
+//! Batched decoding with a static KV cache (allocated once for prompt + max new
+//! tokens, written in place).
 //!
 //! Prompts are left-padded into one batch with per-row positions and a key mask, the
 //! batch is prefilled once, then each step feeds one token per unfinished row. A row
@@ -180,7 +181,8 @@ fn generate_batch_inner(
     let shape = [batch as i64, width as i64];
     let mut key_mask = Tensor::from_slice(&mask).view(shape).to_device(device);
     let padded = requests.iter().any(|r| r.prompt_ids.len() != width);
-    let mut cache = KvCache::default();
+    // Static: every position the batch can reach, allocated once and written in place.
+    let mut cache = KvCache::with_capacity((width + config.max_new_tokens) as i64);
     let hidden = model.forward_hidden(
         &Tensor::from_slice(&ids).view(shape).to_device(device),
         &Tensor::from_slice(&positions).view(shape).to_device(device),

@@ -186,30 +186,46 @@ fn padded_batches_equal_rows_one_by_one() {
     }
 }
 
+/// Prefill + one token at a time through the cache equals a full forward, with the
+/// growing cache and with the static one (preallocated, written in place), and the two
+/// caches give identical logits.
 #[test]
 fn kv_cache_decoding_equals_a_full_forward() {
     let model = load_tiny();
     let row = &sequences()[2];
     let full = row_logits(&model, row);
-    let mut cache = amthal::model::KvCache::default();
     let split = 7;
-    let prefill_ids = Tensor::from_slice(&row[..split]).unsqueeze(0);
-    let prefill_pos = Tensor::arange(split as i64, (Kind::Int64, Device::Cpu)).unsqueeze(0);
-    tch::no_grad(|| {
-        let hidden =
-            model.forward_hidden(&prefill_ids, &prefill_pos, None, Some(&mut cache), false);
-        let logits = model.logits(&hidden).squeeze_dim(0);
-        assert!(max_abs_diff(&logits, &full.narrow(0, 0, split as i64)) < 1e-5);
-        for (t, &token) in row.iter().enumerate().skip(split) {
-            let ids = Tensor::from_slice(&[token]).unsqueeze(0);
-            let pos = Tensor::from_slice(&[t as i64]).unsqueeze(0);
-            let hidden = model.forward_hidden(&ids, &pos, None, Some(&mut cache), false);
-            let step = model.logits(&hidden).squeeze_dim(0).squeeze_dim(0);
-            let diff = max_abs_diff(&step, &full.get(t as i64));
-            assert!(diff < 1e-5, "step {t}: {diff:e}");
-        }
-    });
-    assert_eq!(cache.len(), row.len() as i64);
+    let mut per_cache = Vec::new();
+    for mut cache in [
+        amthal::model::KvCache::default(),
+        amthal::model::KvCache::with_capacity(row.len() as i64 + 3),
+    ] {
+        let prefill_ids = Tensor::from_slice(&row[..split]).unsqueeze(0);
+        let prefill_pos = Tensor::arange(split as i64, (Kind::Int64, Device::Cpu)).unsqueeze(0);
+        let mut steps = Vec::new();
+        tch::no_grad(|| {
+            let hidden =
+                model.forward_hidden(&prefill_ids, &prefill_pos, None, Some(&mut cache), false);
+            let logits = model.logits(&hidden).squeeze_dim(0);
+            assert!(max_abs_diff(&logits, &full.narrow(0, 0, split as i64)) < 1e-5);
+            for (t, &token) in row.iter().enumerate().skip(split) {
+                let ids = Tensor::from_slice(&[token]).unsqueeze(0);
+                let pos = Tensor::from_slice(&[t as i64]).unsqueeze(0);
+                let hidden = model.forward_hidden(&ids, &pos, None, Some(&mut cache), false);
+                let step = model.logits(&hidden).squeeze_dim(0).squeeze_dim(0);
+                let diff = max_abs_diff(&step, &full.get(t as i64));
+                assert!(
+                    diff < 1e-5,
+                    "static={} step {t}: {diff:e}",
+                    cache.is_static()
+                );
+                steps.push(step);
+            }
+        });
+        assert_eq!(cache.len(), row.len() as i64);
+        per_cache.push(Tensor::stack(&steps, 0));
+    }
+    assert_eq!(max_abs_diff(&per_cache[0], &per_cache[1]), 0.0);
 }
 
 /// A copy of the tiny model folder with another config.json.

@@ -66,19 +66,42 @@ impl LayerContext {
 }
 
 /// Keys and values of every layer for the tokens seen so far.
+///
+/// A static cache (`with_capacity`, what generation uses) allocates every layer's
+/// [B, kv_heads, capacity, head_dim] buffers once, at the prefill, and each forward
+/// writes its keys and values in place at the next positions: no `cat` per token, and
+/// buffers whose addresses do not change (what CUDA graphs need). `default()` is a
+/// growing cache (a `cat` per forward), for callers that cannot know the length.
 #[derive(Default)]
 pub struct KvCache {
     layers: Vec<(Tensor, Tensor)>,
+    /// Positions written so far.
+    len: i64,
+    /// 0: a growing cache.
+    capacity: i64,
 }
 
 impl KvCache {
+    /// A static cache for up to `capacity` positions per row.
+    pub fn with_capacity(capacity: i64) -> KvCache {
+        KvCache {
+            capacity,
+            ..KvCache::default()
+        }
+    }
+
     /// Number of cached positions.
     pub fn len(&self) -> i64 {
-        self.layers.first().map(|(k, _)| k.size()[2]).unwrap_or(0)
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len == 0
+    }
+
+    /// Whether the buffers are preallocated and written in place.
+    pub fn is_static(&self) -> bool {
+        self.capacity > 0
     }
 
     /// Keeps only the given batch rows (finished rows stop costing compute).
@@ -87,6 +110,37 @@ impl KvCache {
             *k = k.index_select(0, rows);
             *v = v.index_select(0, rows);
         }
+    }
+
+    /// Reserves `steps` more positions; returns where they start.
+    fn advance(&mut self, steps: i64) -> i64 {
+        let start = self.len;
+        assert!(
+            self.capacity == 0 || start + steps <= self.capacity,
+            "the KV cache holds {} positions; {} more were asked after {start}",
+            self.capacity,
+            steps
+        );
+        self.len += steps;
+        start
+    }
+
+    /// Stores one layer's new keys and values [B, kv_heads, T, head_dim] at `start`
+    /// and returns all of that layer's keys and values so far.
+    fn store(&mut self, layer: usize, start: i64, k: &Tensor, v: &Tensor) -> (Tensor, Tensor) {
+        let (cached_k, cached_v) = &mut self.layers[layer];
+        let steps = k.size()[2];
+        if self.capacity == 0 {
+            *cached_k = Tensor::cat(&[&*cached_k, k], 2);
+            *cached_v = Tensor::cat(&[&*cached_v, v], 2);
+            return (cached_k.shallow_clone(), cached_v.shallow_clone());
+        }
+        cached_k.narrow(2, start, steps).copy_(k);
+        cached_v.narrow(2, start, steps).copy_(v);
+        (
+            cached_k.narrow(2, 0, start + steps),
+            cached_v.narrow(2, 0, start + steps),
+        )
     }
 }
 
@@ -155,16 +209,24 @@ impl Llama {
         cache: Option<&mut KvCache>,
     ) -> LayerContext {
         let (batch, steps) = input_ids.size2().expect("input_ids is [B, T]");
-        let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        let mut past = 0;
         if let Some(cache) = cache {
             let (kv_heads, head_dim) = (
                 self.config.num_key_value_heads as i64,
                 self.config.head_dim as i64,
             );
+            let length = cache.capacity;
             cache.layers.resize_with(self.layers.len(), || {
-                let empty = Tensor::zeros([batch, kv_heads, 0, head_dim], (self.kind, self.device));
-                (empty.shallow_clone(), empty)
+                let buffer = || {
+                    Tensor::zeros(
+                        [batch, kv_heads, length, head_dim],
+                        (self.kind, self.device),
+                    )
+                };
+                (buffer(), buffer())
             });
+            // The layers of this forward write at `past`.
+            past = cache.advance(steps);
         }
         let (cos, sin) = self.rope.cos_sin(positions, self.kind);
         LayerContext {
@@ -212,10 +274,7 @@ impl Llama {
         let mut k = apply_rotary(&k, &context.cos, &context.sin);
         let mut v = v;
         if let Some(cache) = cache {
-            let (past_k, past_v) = &cache.layers[index];
-            k = Tensor::cat(&[past_k, &k], 2);
-            v = Tensor::cat(&[past_v, &v], 2);
-            cache.layers[index] = (k.shallow_clone(), v.shallow_clone());
+            (k, v) = cache.store(index, context.past, &k, &v);
         }
         let scale = Some((head_dim as f64).powf(-0.5));
         let grouped = heads != kv_heads;
