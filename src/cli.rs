@@ -203,13 +203,15 @@ pub struct EvaluateArgs {
     /// Seeds sampling (per row, so outputs do not depend on the batch size) and shot choice.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// Rows decoding at once (continuous batching slots), or `auto`: on CUDA as many as
+    /// the card's free memory holds (KV cache and logits per row), on CPU 8.
     #[arg(
         long,
         visible_alias = "batch_size",
-        default_value_t = 8,
-        value_name = "N"
+        default_value = "8",
+        value_name = "N|auto"
     )]
-    pub batch_size: usize,
+    pub batch_size: crate::generate::BatchSize,
     #[arg(long, value_enum, default_value_t = PromptFormat::Auto)]
     pub prompt_format: PromptFormat,
     /// Few-shot: put K worked examples before each proverb (needs --shots-from).

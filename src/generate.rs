@@ -115,6 +115,81 @@ pub fn completion_text(
     Ok(text.trim().to_string())
 }
 
+/// `--batch-size N|auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchSize {
+    Auto,
+    Fixed(usize),
+}
+
+impl std::str::FromStr for BatchSize {
+    type Err = String;
+    fn from_str(text: &str) -> Result<BatchSize, String> {
+        match text {
+            "auto" => Ok(BatchSize::Auto),
+            _ => match text.parse::<usize>() {
+                Ok(n) if n > 0 => Ok(BatchSize::Fixed(n)),
+                _ => Err(format!("'{text}' is not a positive number or 'auto'")),
+            },
+        }
+    }
+}
+
+/// Bytes one decoding slot needs: its row of the KV cache (every layer's keys and
+/// values for `positions`) and its f32 logits, with the prefill's working set of one
+/// prompt counted once on top by the caller's margin.
+pub fn bytes_per_slot(model: &Llama, positions: usize) -> u64 {
+    let config = &model.config;
+    let element = model.kind.elt_size_in_bytes() as u64;
+    let cache = 2
+        * config.num_hidden_layers as u64
+        * config.num_key_value_heads as u64
+        * config.head_dim as u64
+        * positions as u64
+        * element;
+    let logits = config.vocab_size as u64 * 4;
+    cache + 2 * logits
+}
+
+/// How many slots `--batch-size auto` uses: what 90 % of the free memory holds after a
+/// reserve for one prompt's prefill, at least 1, at most the number of prompts (and
+/// 256, beyond which a step's latency grows with no gain in a memory-bound decode).
+pub fn slots_that_fit(
+    free_bytes: u64,
+    per_slot: u64,
+    prefill_reserve: u64,
+    prompts: usize,
+) -> usize {
+    let usable = (free_bytes as f64 * 0.9) as u64;
+    let fit = usable.saturating_sub(prefill_reserve) / per_slot.max(1);
+    (fit as usize).clamp(1, prompts.clamp(1, 256))
+}
+
+impl BatchSize {
+    /// The number of slots for `prompts` prompts of at most `positions` positions each
+    /// (prompt + new tokens) on the model's device.
+    pub fn resolve(self, model: &Llama, prompts: usize, positions: usize) -> usize {
+        match self {
+            BatchSize::Fixed(n) => n,
+            BatchSize::Auto => match model.device {
+                Device::Cuda(index) => {
+                    let free = crate::cuda::devices()
+                        .get(index)
+                        .map_or(0, |d| d.free_bytes.max(0) as u64);
+                    // One prompt's prefill: its hidden states and MLP activations per
+                    // position, a few times over.
+                    let c = &model.config;
+                    let prefill = positions as u64
+                        * (8 * c.hidden_size as u64 + 4 * c.intermediate_size as u64)
+                        * 4;
+                    slots_that_fit(free, bytes_per_slot(model, positions), prefill, prompts)
+                }
+                _ => 8.min(prompts.max(1)),
+            },
+        }
+    }
+}
+
 /// One prompt to continue, with the number that seeds its sampler.
 pub struct GenerationRequest {
     pub prompt_ids: Vec<u32>,
@@ -123,7 +198,7 @@ pub struct GenerationRequest {
 }
 
 /// What came out for one row.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Generation {
     /// Generated ids, without the stop token.
     pub tokens: Vec<u32>,
@@ -196,11 +271,7 @@ fn generate_batch_inner(
 
     let mut rngs: Vec<ChaCha8Rng> = requests
         .iter()
-        .map(|r| {
-            ChaCha8Rng::seed_from_u64(
-                config.seed ^ r.row_number.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-            )
-        })
+        .map(|r| row_rng(config.seed, r.row_number))
         .collect();
     let mut next_position: Vec<i64> = requests.iter().map(|r| r.prompt_ids.len() as i64).collect();
     // Rows still generating, as indices into `requests`.
@@ -212,27 +283,19 @@ fn generate_batch_inner(
         if step < config.min_new_tokens && !stop_ids.is_empty() {
             let _ = logits.index_fill_(1, &stop_tensor, f64::NEG_INFINITY);
         }
-        let chosen: Vec<u32> = if config.is_plain_argmax() {
-            Vec::<i64>::try_from(logits.argmax(-1, false).to_device(Device::Cpu))?
-                .into_iter()
-                .map(|t| t as u32)
-                .collect()
-        } else {
-            let host = logits.to_device(Device::Cpu);
-            active
-                .iter()
-                .enumerate()
-                .map(|(slot, &row)| {
-                    let mut row_logits =
-                        Vec::<f32>::try_from(host.get(slot as i64)).expect("f32 logits");
-                    let seen = requests[row]
-                        .prompt_ids
-                        .iter()
-                        .chain(outputs[row].tokens.iter());
-                    pick_token(&mut row_logits, seen, config, &mut rngs[row])
-                })
-                .collect()
-        };
+        let rows: Vec<(&[u32], &[u32], &mut ChaCha8Rng)> = rngs
+            .iter_mut()
+            .enumerate()
+            .filter(|(row, _)| active.contains(row))
+            .map(|(row, rng)| {
+                (
+                    requests[row].prompt_ids.as_slice(),
+                    outputs[row].tokens.as_slice(),
+                    rng,
+                )
+            })
+            .collect();
+        let chosen = next_tokens(&logits, rows, config)?;
         let mut keep = Vec::with_capacity(active.len());
         for (slot, &row) in active.iter().enumerate() {
             let token = chosen[slot];
@@ -282,6 +345,214 @@ fn generate_batch_inner(
         logits = model.logits(&hidden.select(1, 0)).to_kind(Kind::Float);
     }
     Ok(outputs)
+}
+
+/// The next token of each row of `logits` [R, V]: the argmax on the device when no
+/// processor needs the sequence so far (only the ids come back to the host), else
+/// HF's processors on the host. `rows[r]`: row r's prompt, its tokens so far, its
+/// sampler.
+fn next_tokens(
+    logits: &Tensor,
+    rows: Vec<(&[u32], &[u32], &mut ChaCha8Rng)>,
+    config: &SamplingConfig,
+) -> Result<Vec<u32>> {
+    if config.is_plain_argmax() {
+        return Ok(
+            Vec::<i64>::try_from(logits.argmax(-1, false).to_device(Device::Cpu))?
+                .into_iter()
+                .map(|t| t as u32)
+                .collect(),
+        );
+    }
+    let host = logits.to_device(Device::Cpu);
+    rows.into_iter()
+        .enumerate()
+        .map(|(r, (prompt, tokens, rng))| {
+            let mut row_logits = Vec::<f32>::try_from(host.get(r as i64))?;
+            Ok(pick_token(
+                &mut row_logits,
+                prompt.iter().chain(tokens),
+                config,
+                rng,
+            ))
+        })
+        .collect()
+}
+
+/// A row's sampler: seeded from (seed, row number), so the draws do not depend on the
+/// batch or on the order rows are decoded in.
+fn row_rng(seed: u64, row_number: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed ^ row_number.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
+/// One prompt in a decoding slot.
+struct Slot {
+    request: usize,
+    generation: Generation,
+    /// Where the last chosen token goes in the slot's cache row (= its position).
+    position: i64,
+    rng: ChaCha8Rng,
+}
+
+impl Slot {
+    /// Takes a chosen token; returns whether the row is finished.
+    fn take(&mut self, token: u32, stop_ids: &[u32], config: &SamplingConfig) -> bool {
+        if stop_ids.contains(&token) {
+            self.generation.stopped = true;
+            return true;
+        }
+        self.generation.tokens.push(token);
+        self.generation.tokens.len() >= config.max_new_tokens
+    }
+}
+
+/// Generates continuations for any number of prompts with `slots` rows decoding at
+/// once (continuous batching): when a row finishes, the next waiting prompt is
+/// prefilled alone into its slot of a per-row KV cache (`KvCache::slots`), instead of
+/// the batch shrinking until its longest row is done. Each row has its own length, so
+/// no row is padded. `finished(index, generation)` is called as each row ends, in
+/// whatever order they end; the outputs equal `generate_batch` on one prompt at a time.
+pub fn generate_continuous(
+    model: &Llama,
+    requests: &[GenerationRequest],
+    stop_ids: &[u32],
+    config: &SamplingConfig,
+    slots: usize,
+    finished: &mut dyn FnMut(usize, Generation) -> Result<()>,
+) -> Result<()> {
+    tch::no_grad(|| continuous_inner(model, requests, stop_ids, config, slots, finished))
+}
+
+fn continuous_inner(
+    model: &Llama,
+    requests: &[GenerationRequest],
+    stop_ids: &[u32],
+    config: &SamplingConfig,
+    slots: usize,
+    finished: &mut dyn FnMut(usize, Generation) -> Result<()>,
+) -> Result<()> {
+    let device = model.device;
+    let Some(longest) = requests.iter().map(|r| r.prompt_ids.len()).max() else {
+        return Ok(());
+    };
+    anyhow::ensure!(
+        requests.iter().all(|r| !r.prompt_ids.is_empty()),
+        "empty prompt"
+    );
+    if config.max_new_tokens == 0 {
+        for index in 0..requests.len() {
+            finished(index, Generation::default())?;
+        }
+        return Ok(());
+    }
+    let slots = slots.clamp(1, requests.len());
+    let mut cache = KvCache::slots(
+        model,
+        slots as i64,
+        (longest + config.max_new_tokens) as i64,
+    );
+    let stop_tensor = Tensor::from_slice(&stop_ids.iter().map(|&i| i as i64).collect::<Vec<_>>())
+        .to_device(device);
+    // Stop ids are suppressed in rows that have not reached min_new_tokens.
+    let suppress_stops = |logits: &Tensor, row: i64, generated: usize| {
+        if generated < config.min_new_tokens && !stop_ids.is_empty() {
+            let _ = logits
+                .get(row)
+                .index_fill_(0, &stop_tensor, f64::NEG_INFINITY);
+        }
+    };
+    let mut waiting = 0..requests.len();
+    let mut table: Vec<Option<Slot>> = (0..slots).map(|_| None).collect();
+    loop {
+        // Fill the free slots: prefill the next prompt alone, choose its first token.
+        for (slot_index, slot) in table.iter_mut().enumerate() {
+            while slot.is_none() {
+                let Some(index) = waiting.next() else { break };
+                let request = &requests[index];
+                let length = request.prompt_ids.len() as i64;
+                let ids: Vec<i64> = request.prompt_ids.iter().map(|&i| i as i64).collect();
+                let mut one = KvCache::with_capacity(length);
+                let hidden = model.forward_hidden(
+                    &Tensor::from_slice(&ids).view([1, length]).to_device(device),
+                    &Tensor::arange(length, (Kind::Int64, device)).view([1, length]),
+                    None,
+                    Some(&mut one),
+                    false,
+                );
+                cache.adopt(slot_index as i64, &one);
+                let logits = model
+                    .logits(&hidden.select(1, length - 1))
+                    .to_kind(Kind::Float);
+                suppress_stops(&logits, 0, 0);
+                let mut state = Slot {
+                    request: index,
+                    generation: Generation::default(),
+                    position: length,
+                    rng: row_rng(config.seed, request.row_number),
+                };
+                let token = next_tokens(
+                    &logits,
+                    vec![(&request.prompt_ids, &[], &mut state.rng)],
+                    config,
+                )?[0];
+                if state.take(token, stop_ids, config) {
+                    finished(index, state.generation)?;
+                } else {
+                    *slot = Some(state);
+                }
+            }
+        }
+        if table.iter().all(Option::is_none) {
+            return Ok(());
+        }
+        // One step for every slot (a free one computes a throwaway token at position 0).
+        let last = |s: &Option<Slot>| {
+            s.as_ref()
+                .map_or(0, |s| *s.generation.tokens.last().expect("a token") as i64)
+        };
+        let ids: Vec<i64> = table.iter().map(last).collect();
+        let positions: Vec<i64> = table
+            .iter()
+            .map(|s| s.as_ref().map_or(0, |s| s.position))
+            .collect();
+        let shape = [slots as i64, 1];
+        let hidden = model.decode_slots(
+            &Tensor::from_slice(&ids).view(shape).to_device(device),
+            &Tensor::from_slice(&positions).view(shape).to_device(device),
+            &mut cache,
+        );
+        let logits = model.logits(&hidden.select(1, 0)).to_kind(Kind::Float);
+        let active: Vec<usize> = (0..slots).filter(|&s| table[s].is_some()).collect();
+        let logits = logits.index_select(
+            0,
+            &Tensor::from_slice(&active.iter().map(|&s| s as i64).collect::<Vec<_>>())
+                .to_device(device),
+        );
+        for (row, &s) in active.iter().enumerate() {
+            let generated = table[s].as_ref().map_or(0, |t| t.generation.tokens.len());
+            suppress_stops(&logits, row as i64, generated);
+        }
+        let rows: Vec<(&[u32], &[u32], &mut ChaCha8Rng)> = table
+            .iter_mut()
+            .flatten()
+            .map(|slot| {
+                (
+                    requests[slot.request].prompt_ids.as_slice(),
+                    slot.generation.tokens.as_slice(),
+                    &mut slot.rng,
+                )
+            })
+            .collect();
+        let chosen = next_tokens(&logits, rows, config)?;
+        for (&s, token) in active.iter().zip(chosen) {
+            let slot = table[s].as_mut().expect("an active slot");
+            slot.position += 1;
+            if slot.take(token, stop_ids, config) {
+                let done = table[s].take().expect("an active slot");
+                finished(done.request, done.generation)?;
+            }
+        }
+    }
 }
 
 /// Picks one token from one row's logits with HF's processors in HF's order:
@@ -428,6 +699,22 @@ mod tests {
             sampled(&all, 4, &logits),
             "same seed, same draws"
         );
+    }
+
+    #[test]
+    fn auto_batch_size_fills_the_free_memory() {
+        assert_eq!("auto".parse::<BatchSize>(), Ok(BatchSize::Auto));
+        assert_eq!("16".parse::<BatchSize>(), Ok(BatchSize::Fixed(16)));
+        assert!("0".parse::<BatchSize>().is_err() && "many".parse::<BatchSize>().is_err());
+        // 10 GB free, 100 MB per slot, 1 GB reserved: (9 - 1) GB / 100 MB = 80 slots.
+        assert_eq!(
+            slots_that_fit(10_000_000_000, 100_000_000, 1_000_000_000, 100),
+            80
+        );
+        // Never more than the prompts, never fewer than one.
+        assert_eq!(slots_that_fit(10_000_000_000, 100_000_000, 0, 20), 20);
+        assert_eq!(slots_that_fit(1_000, 100_000_000, 0, 20), 1);
+        assert_eq!(slots_that_fit(u64::MAX / 2, 1, 0, 10_000), 256);
     }
 
     #[test]

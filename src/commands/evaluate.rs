@@ -21,7 +21,7 @@ use crate::data::{Example, ReadOptions, References, read_examples};
 use crate::encode::Encoder;
 use crate::error::bad_input;
 use crate::generate::{
-    GenerationRequest, SamplingConfig, completion_text, generate_batch, stop_ids,
+    GenerationRequest, SamplingConfig, completion_text, generate_continuous, stop_ids,
 };
 use crate::memory::MemoryReport;
 use crate::predictions::{PredictionRow, read_predictions, write_predictions};
@@ -200,7 +200,10 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
         "shots_from": args.shots_from.as_ref().map(|p| p.display().to_string()),
         "shots_seed": args.shots_seed.unwrap_or(args.seed),
         "sampling": sampling,
-        "batch_size": args.batch_size,
+        "batch_size": match args.batch_size {
+            crate::generate::BatchSize::Auto => json!("auto"),
+            crate::generate::BatchSize::Fixed(n) => json!(n),
+        },
         "stop_ids": stops,
         "skipped_rows": test.skipped,
         "amthal_version": env!("CARGO_PKG_VERSION"),
@@ -233,41 +236,69 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
     let started = Instant::now();
     let mut new_tokens = 0usize;
     let start = rows.len();
-    for (chunk_index, chunk) in examples[start..].chunks(args.batch_size.max(1)).enumerate() {
-        let first_row = start + chunk_index * args.batch_size.max(1);
-        let requests = chunk
-            .iter()
-            .enumerate()
-            .map(|(i, example)| {
-                Ok(GenerationRequest {
-                    prompt_ids: encoder.prompt_ids_with_shots(&example.proverb, &shots)?,
-                    row_number: (first_row + i) as u64,
-                })
+    let requests = examples[start..]
+        .iter()
+        .enumerate()
+        .map(|(i, example)| {
+            Ok(GenerationRequest {
+                prompt_ids: encoder.prompt_ids_with_shots(&example.proverb, &shots)?,
+                row_number: (start + i) as u64,
             })
-            .collect::<Result<Vec<_>>>()?;
-        let generations = generate_batch(&loaded.model, &requests, &stops, &sampling)?;
-        for (example, generation) in chunk.iter().zip(generations) {
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let longest_prompt = requests
+        .iter()
+        .map(|r| r.prompt_ids.len())
+        .max()
+        .unwrap_or(0);
+    let slots = args.batch_size.resolve(
+        &loaded.model,
+        requests.len(),
+        longest_prompt + sampling.max_new_tokens,
+    );
+    sidecar["slots"] = json!(slots);
+    // Continuous batching: rows end in any order; the CSV always holds the rows done
+    // so far in input order (what --resume continues from), rewritten every
+    // --batch-size rows.
+    let mut finished: Vec<Option<PredictionRow>> = vec![None; requests.len()];
+    let (mut done, mut last_written) = (0usize, rows.len());
+    generate_continuous(
+        &loaded.model,
+        &requests,
+        &stops,
+        &sampling,
+        slots,
+        &mut |index, generation| {
             new_tokens += generation.tokens.len();
-            rows.push(PredictionRow {
+            let example = &examples[start + index];
+            finished[index] = Some(PredictionRow {
                 proverb: example.proverb.clone(),
                 reference: example.reference.clone().unwrap_or_default(),
                 generated: completion_text(&loaded.tokenizer, &prompts, &generation.tokens)?,
             });
-        }
-        write_predictions(&out, &rows)?;
-        // Peak host and GPU memory so far, next to the settings.
-        sidecar["memory"] = serde_json::to_value(MemoryReport::now(loaded.model.device))?;
-        write_file(
-            &sidecar_path,
-            serde_json::to_string_pretty(&sidecar)?.as_bytes(),
-        )?;
-        let seconds = started.elapsed().as_secs_f64();
-        progress.set_position(rows.len() as u64);
-        progress.set_message(format!(
-            "{:.1} new tokens/s",
-            new_tokens as f64 / seconds.max(1e-9)
-        ));
-    }
+            done += 1;
+            while let Some(row) = finished.get_mut(rows.len() - start).and_then(Option::take) {
+                rows.push(row);
+            }
+            if rows.len() - last_written >= slots || rows.len() == examples.len() {
+                write_predictions(&out, &rows)?;
+                last_written = rows.len();
+                // Peak host and GPU memory so far, next to the settings.
+                sidecar["memory"] = serde_json::to_value(MemoryReport::now(loaded.model.device))?;
+                write_file(
+                    &sidecar_path,
+                    serde_json::to_string_pretty(&sidecar)?.as_bytes(),
+                )?;
+            }
+            let seconds = started.elapsed().as_secs_f64();
+            progress.set_position((start + done) as u64);
+            progress.set_message(format!(
+                "{:.1} new tokens/s",
+                new_tokens as f64 / seconds.max(1e-9)
+            ));
+            Ok(())
+        },
+    )?;
     progress.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
     eprintln!(

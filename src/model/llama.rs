@@ -79,6 +79,9 @@ pub struct KvCache {
     len: i64,
     /// 0: a growing cache.
     capacity: i64,
+    /// Continuous batching (`slots`): where each row writes the current token, [B]
+    /// int64 (each row has its own length); set by `Llama::decode_slots`.
+    write_at: Option<Tensor>,
 }
 
 impl KvCache {
@@ -102,6 +105,41 @@ impl KvCache {
     /// Whether the buffers are preallocated and written in place.
     pub fn is_static(&self) -> bool {
         self.capacity > 0
+    }
+
+    /// A cache for continuous batching: `slots` rows of `capacity` positions, each
+    /// row with its own length. Rows are filled by `adopt` (a prompt prefilled alone)
+    /// and extended by `Llama::decode_slots`.
+    pub fn slots(model: &Llama, slots: i64, capacity: i64) -> KvCache {
+        let shape = [
+            slots,
+            model.config.num_key_value_heads as i64,
+            capacity,
+            model.config.head_dim as i64,
+        ];
+        let buffer = || Tensor::zeros(shape, (model.kind, model.device));
+        KvCache {
+            layers: (0..model.layers.len())
+                .map(|_| (buffer(), buffer()))
+                .collect(),
+            len: 0,
+            capacity,
+            write_at: None,
+        }
+    }
+
+    /// Copies a one-row cache (a prompt prefilled alone) into row `slot`, positions
+    /// 0.. of it; whatever the row held after them is masked from then on.
+    pub fn adopt(&mut self, slot: i64, prefilled: &KvCache) {
+        for ((k, v), (one_k, one_v)) in self.layers.iter_mut().zip(&prefilled.layers) {
+            let length = prefilled.len;
+            k.narrow(0, slot, 1)
+                .narrow(2, 0, length)
+                .copy_(&one_k.narrow(2, 0, length));
+            v.narrow(0, slot, 1)
+                .narrow(2, 0, length)
+                .copy_(&one_v.narrow(2, 0, length));
+        }
     }
 
     /// Keeps only the given batch rows (finished rows stop costing compute).
@@ -130,6 +168,13 @@ impl KvCache {
     fn store(&mut self, layer: usize, start: i64, k: &Tensor, v: &Tensor) -> (Tensor, Tensor) {
         let (cached_k, cached_v) = &mut self.layers[layer];
         let steps = k.size()[2];
+        if let Some(rows_at) = &self.write_at {
+            // One token per row, each at its own position: a scatter along time.
+            let index = rows_at.view([-1, 1, 1, 1]).expand_as(k);
+            let _ = cached_k.scatter_(2, &index, k);
+            let _ = cached_v.scatter_(2, &index, v);
+            return (cached_k.shallow_clone(), cached_v.shallow_clone());
+        }
         if self.capacity == 0 {
             *cached_k = Tensor::cat(&[&*cached_k, k], 2);
             *cached_v = Tensor::cat(&[&*cached_v, v], 2);
@@ -172,6 +217,31 @@ impl Llama {
         for index in 0..self.layers.len() {
             hidden = self.layer_forward(index, &hidden, &context, cache.as_deref_mut(), train);
         }
+        self.final_norm(&hidden)
+    }
+
+    /// One decoding step of continuous batching: `ids` and `positions` [S, 1], one
+    /// token per slot of a `KvCache::slots` cache, each written at its own position
+    /// (its row's length so far) and attending to that row's positions up to it.
+    /// Returns the hidden states after the final norm, [S, 1, hidden].
+    pub fn decode_slots(&self, ids: &Tensor, positions: &Tensor, cache: &mut KvCache) -> Tensor {
+        let capacity = cache.capacity;
+        let keys = Tensor::arange(capacity, (Kind::Int64, self.device)).view([1, capacity]);
+        let allowed = keys.le_tensor(positions); // [S, capacity]
+        let (cos, sin) = self.rope.cos_sin(positions, self.kind);
+        let context = LayerContext {
+            cos,
+            sin,
+            mask: Some(allowed.unsqueeze(1).unsqueeze(1)),
+            past: 0,
+            segments: None,
+        };
+        cache.write_at = Some(positions.view([-1]));
+        let mut hidden = self.embed(ids);
+        for index in 0..self.layers.len() {
+            hidden = self.layer_forward(index, &hidden, &context, Some(&mut *cache), false);
+        }
+        cache.write_at = None;
         self.final_norm(&hidden)
     }
 
