@@ -380,6 +380,10 @@ pub struct DemoArgs {
     /// New tokens per explanation.
     #[arg(long, default_value_t = 64)]
     pub max_new_tokens: usize,
+    /// The demo's generations ban repeated trigrams: a small model fine-tuned for a few
+    /// steps otherwise loops ("يقال لمن يضرب لمن يضرب ..."). 0 turns it off.
+    #[arg(long, default_value_t = 3, value_name = "N")]
+    pub no_repeat_ngram_size: usize,
     #[command(flatten)]
     pub data_options: DataArgs,
 }

@@ -100,6 +100,8 @@ pub fn run(args: &DemoArgs) -> Result<()> {
             path.display().to_string(),
             "--max-new-tokens".into(),
             args.max_new_tokens.to_string(),
+            "--no-repeat-ngram-size".into(),
+            args.no_repeat_ngram_size.to_string(),
             "--overwrite".into(),
         ]);
         words.extend(args.data_options.to_words());

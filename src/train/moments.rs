@@ -9,10 +9,10 @@
 //!   against -0.45 % with round-to-nearest (the README's Training section).
 //! - `adamw-8bit`: moments in 8 bits with bitsandbytes' blockwise dynamic quantization
 //!   (blocks of 256 values, one f32 absmax per block, codes into bnb's dynamic map:
-//!   signed for the first moment, unsigned for the second), bf16 weights with an 8-bit
-//!   Kahan compensation (`compensation.rs`): ~7 bytes per parameter with its gradient,
-//!   ~5 with `--optim-in-backward`. As in bnb, tensors under 4096 values (norms) keep
-//!   f32 moments.
+//!   signed for the first moment, unsigned for the second), bf16 weights with Kahan
+//!   compensation (`compensation.rs`): ~8 bytes per parameter with its gradient, ~6
+//!   with `--optim-in-backward`. As in bnb, tensors under 4096 values (norms) keep f32
+//!   moments.
 //!
 //! Nothing here is random, so a resumed run repeats the same updates.
 

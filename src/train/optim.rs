@@ -178,7 +178,6 @@ impl AdamW {
     pub fn update(&mut self, index: usize, grad: &Tensor, step: &StepConstants) {
         let (beta1, beta2, eps, weight_decay) =
             (self.beta1, self.beta2, self.eps, self.weight_decay);
-        let rounding_seed = (self.step * 1_000_003 + index as i64) & 0x7FFF_FFFF_FFFF;
         let p = &mut self.params[index];
         tch::no_grad(|| {
             let grad = grad.to_kind(Kind::Float);
@@ -214,7 +213,7 @@ impl AdamW {
                 return;
             }
             match &mut p.compensation {
-                Some(compensation) => compensation.round_into(&target, &mut p.param, rounding_seed),
+                Some(compensation) => compensation.round_into(&target, &mut p.param),
                 None => p.param.copy_(&target.to_kind(p.param.kind())),
             }
         });
