@@ -18,8 +18,6 @@ pub struct Batch {
     pub input_ids: Tensor,
     /// [B, T] int64, 0.. per row
     pub positions: Tensor,
-    /// [B, T] int64, -100 on prompt and padding
-    pub labels: Tensor,
     /// Packed batches: each document's (start, length) in the single row.
     pub segments: Option<Vec<(i64, i64)>>,
     /// Where the loss is computed, found on the host so the training step needs no
@@ -80,7 +78,6 @@ impl Batch {
         Batch {
             input_ids: Tensor::from_slice(&ids).view(shape).to_device(device),
             positions: positions.to_device(device),
-            labels: Tensor::from_slice(&labels).view(shape).to_device(device),
             segments: None,
             answers: Answers::from_labels(&labels, width, device),
         }
@@ -107,7 +104,6 @@ impl Batch {
         Batch {
             input_ids: Tensor::from_slice(&ids).view(shape).to_device(device),
             positions: Tensor::from_slice(&positions).view(shape).to_device(device),
-            labels: Tensor::from_slice(&labels).view(shape).to_device(device),
             segments: Some(segments),
             answers: Answers::from_labels(&labels, total, device),
         }
@@ -149,13 +145,9 @@ mod tests {
         let values = |t: &Tensor| Vec::<i64>::try_from(t.view([-1])).unwrap();
         assert_eq!(values(&batch.input_ids), vec![5, 6, 7, 8, 9]);
         assert_eq!(values(&batch.positions), vec![0, 1, 2, 0, 1]);
-        // b's first label (8) would make a's last token predict b's first: ignored.
-        assert_eq!(
-            values(&batch.labels),
-            vec![IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9]
-        );
         assert_eq!(batch.segments, Some(vec![(0, 3), (3, 2)]));
-        // Positions 0 and 1 predict 6 and 7; position 3 predicts 9; never position 2.
+        // Positions 0 and 1 predict 6 and 7; position 3 predicts 9. Never position 2:
+        // b's first label (8) would make a's last token predict b's first.
         assert_eq!(values(&batch.answers.positions), vec![0, 1, 3]);
         assert_eq!(values(&batch.answers.targets), vec![6, 7, 9]);
         assert_eq!(batch.positions_computed(), 5);

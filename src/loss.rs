@@ -53,7 +53,7 @@ impl TokenLosses {
 /// A packed batch runs attention per document (see `Batch::packed`).
 pub fn answer_token_losses(model: &Llama, batch: &Batch, train: bool) -> TokenLosses {
     let context = batch_context(model, batch);
-    let hidden = model.forward_hidden_in(&batch.input_ids, &context, train);
+    let hidden = model.forward_hidden_in(&batch.input_ids, &context, None, train);
     losses_from_hidden(model, &hidden, &batch.answers)
 }
 

@@ -213,11 +213,7 @@ impl Llama {
         train: bool,
     ) -> Tensor {
         let context = self.context(input_ids, positions, key_mask, cache.as_deref_mut());
-        let mut hidden = self.embed(input_ids);
-        for index in 0..self.layers.len() {
-            hidden = self.layer_forward(index, &hidden, &context, cache.as_deref_mut(), train);
-        }
-        self.final_norm(&hidden)
+        self.forward_hidden_in(input_ids, &context, cache, train)
     }
 
     /// One decoding step of continuous batching: `ids` and `positions` [S, 1], one
@@ -237,25 +233,23 @@ impl Llama {
             segments: None,
         };
         cache.write_at = Some(positions.view([-1]));
-        let mut hidden = self.embed(ids);
-        for index in 0..self.layers.len() {
-            hidden = self.layer_forward(index, &hidden, &context, Some(&mut *cache), false);
-        }
+        let hidden = self.forward_hidden_in(ids, &context, Some(&mut *cache), false);
         cache.write_at = None;
-        self.final_norm(&hidden)
+        hidden
     }
 
-    /// Hidden states after the final norm for a prepared context (no cache): how
-    /// training runs packed batches.
+    /// Hidden states after the final norm for a prepared context: embedding, every
+    /// decoder layer (writing to `cache` when given), final norm.
     pub fn forward_hidden_in(
         &self,
         input_ids: &Tensor,
         context: &LayerContext,
+        mut cache: Option<&mut KvCache>,
         train: bool,
     ) -> Tensor {
         let mut hidden = self.embed(input_ids);
         for index in 0..self.layers.len() {
-            hidden = self.layer_forward(index, &hidden, context, None, train);
+            hidden = self.layer_forward(index, &hidden, context, cache.as_deref_mut(), train);
         }
         self.final_norm(&hidden)
     }
