@@ -39,6 +39,7 @@ fn build_cuda_shim(libtorch: &Path, target: &Path) {
     for needed in [
         torch.join("include/c10/cuda/CUDACachingAllocator.h"),
         torch.join("lib/libc10_cuda.so"),
+        torch.join("lib/libtorch_cuda.so"),
         cuda_include.join("cuda_runtime_api.h"),
         cuda_include.join("crt/host_config.h"),
     ] {
@@ -52,21 +53,27 @@ fn build_cuda_shim(libtorch: &Path, target: &Path) {
     let compiler = cc::Build::new().cpp(true).get_compiler();
     let mut command = Command::new(compiler.path());
     command
-        .args(["-std=c++17", "-O1", "-shared", "-fPIC", "-w"])
+        .args(["-std=c++17", "-O2", "-shared", "-fPIC", "-w"])
         // torch 2.11 wheels use the C++11 ABI.
         .arg("-D_GLIBCXX_USE_CXX11_ABI=1")
         .arg(format!("-I{}", torch.join("include").display()))
         .arg(format!("-I{}", cuda_include.display()))
-        .arg("csrc/cuda_memory.cpp")
+        .arg("csrc/cuda_shim.cpp")
         .arg(format!("-L{}", torch.join("lib").display()))
         .arg(format!("-L{}", cuda_lib.display()))
-        .args(["-lc10_cuda", "-lc10", "-l:libcudart.so.13"])
+        .args([
+            "-ltorch_cuda",
+            "-ltorch_cpu",
+            "-lc10_cuda",
+            "-lc10",
+            "-l:libcudart.so.13",
+        ])
         .arg("-o")
         .arg(target);
     let status = command
         .status()
         .unwrap_or_else(|e| panic!("running {:?}: {e}", compiler.path()));
     if !status.success() {
-        panic!("compiling csrc/cuda_memory.cpp failed: {command:?}");
+        panic!("compiling csrc/cuda_shim.cpp failed: {command:?}");
     }
 }

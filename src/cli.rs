@@ -155,6 +155,10 @@ pub struct EvaluateArgs {
     /// (folding, PEFT's merge_and_unload in memory, is the default: faster decoding).
     #[arg(long, visible_alias = "no_merge_adapter")]
     pub no_merge_adapter: bool,
+    /// On CUDA, decode eagerly instead of replaying the decode step from a CUDA graph
+    /// (the graph is recorded once per run; the tokens are the same either way).
+    #[arg(long)]
+    pub no_cuda_graph: bool,
     /// The test file (CSV/JSON/JSONL); a reference column is optional.
     #[arg(
         long,

@@ -15,6 +15,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{Rng, SeedableRng};
 use tch::{Device, Kind, Tensor};
 
+use crate::decode_step::{DecodeMode, DecodeStep};
 use crate::model::{KvCache, Llama};
 use crate::prompt::PromptBuilder;
 use crate::tokenizer::ModelTokenizer;
@@ -418,9 +419,17 @@ pub fn generate_continuous(
     stop_ids: &[u32],
     config: &SamplingConfig,
     slots: usize,
+    mode: DecodeMode,
     finished: &mut dyn FnMut(usize, Generation) -> Result<()>,
-) -> Result<()> {
-    tch::no_grad(|| continuous_inner(model, requests, stop_ids, config, slots, finished))
+) -> Result<ContinuousReport> {
+    tch::no_grad(|| continuous_inner(model, requests, stop_ids, config, slots, mode, finished))
+}
+
+/// How a continuous-batching run decoded.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ContinuousReport {
+    /// The decode step was replayed from a CUDA graph.
+    pub cuda_graph: bool,
 }
 
 fn continuous_inner(
@@ -429,11 +438,13 @@ fn continuous_inner(
     stop_ids: &[u32],
     config: &SamplingConfig,
     slots: usize,
+    mode: DecodeMode,
     finished: &mut dyn FnMut(usize, Generation) -> Result<()>,
-) -> Result<()> {
+) -> Result<ContinuousReport> {
     let device = model.device;
+    let mut decode = DecodeStep::new(mode);
     let Some(longest) = requests.iter().map(|r| r.prompt_ids.len()).max() else {
-        return Ok(());
+        return Ok(ContinuousReport::default());
     };
     anyhow::ensure!(
         requests.iter().all(|r| !r.prompt_ids.is_empty()),
@@ -443,7 +454,7 @@ fn continuous_inner(
         for index in 0..requests.len() {
             finished(index, Generation::default())?;
         }
-        return Ok(());
+        return Ok(ContinuousReport::default());
     }
     let slots = slots.clamp(1, requests.len());
     let mut cache = KvCache::slots(
@@ -503,7 +514,9 @@ fn continuous_inner(
             }
         }
         if table.iter().all(Option::is_none) {
-            return Ok(());
+            return Ok(ContinuousReport {
+                cuda_graph: decode.is_graphed(),
+            });
         }
         // One step for every slot (a free one computes a throwaway token at position 0).
         let last = |s: &Option<Slot>| {
@@ -515,13 +528,7 @@ fn continuous_inner(
             .iter()
             .map(|s| s.as_ref().map_or(0, |s| s.position))
             .collect();
-        let shape = [slots as i64, 1];
-        let hidden = model.decode_slots(
-            &Tensor::from_slice(&ids).view(shape).to_device(device),
-            &Tensor::from_slice(&positions).view(shape).to_device(device),
-            &mut cache,
-        );
-        let logits = model.logits(&hidden.select(1, 0)).to_kind(Kind::Float);
+        let logits = decode.run(model, &mut cache, &ids, &positions)?;
         let active: Vec<usize> = (0..slots).filter(|&s| table[s].is_some()).collect();
         let logits = logits.index_select(
             0,

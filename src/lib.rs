@@ -10,6 +10,7 @@ pub mod cli;
 pub mod commands;
 pub mod cuda;
 pub mod data;
+pub mod decode_step;
 pub mod device;
 pub mod encode;
 pub mod error;

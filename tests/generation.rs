@@ -514,8 +514,12 @@ fn no_repeat_ngrams_and_repetition_penalty_match_transformers() {
 /// Continuous batching (a finished row's slot refilled from the waiting prompts, each
 /// row with its own cache length) gives every prompt what it gets alone: greedy, with
 /// the n-gram rule, seeded sampling, and forced lengths; rows are reported as they end.
+/// Both decode modes: eager, and the graph mode's static input buffers (on the CPU the
+/// recorded step is re-run over the same buffers; a step that held on to its first
+/// inputs would repeat the first step's tokens).
 #[test]
 fn continuous_batching_gives_each_prompt_its_output_alone() {
+    use amthal::decode_step::DecodeMode;
     use amthal::generate::{Generation, generate_continuous};
     let model = load_llama(
         &ModelSource::HfFolder(fixture("tiny-llama")),
@@ -589,21 +593,33 @@ fn continuous_batching_gives_each_prompt_its_output_alone() {
                 "{config:?}: rows end at different steps {lengths:?}"
             );
         }
-        for slots in [1, 3, 8] {
+        for (slots, mode) in [1, 3, 8]
+            .into_iter()
+            .flat_map(|s| [(s, DecodeMode::Eager), (s, DecodeMode::Graph)])
+        {
             let mut order = Vec::new();
             let mut results: Vec<Option<Generation>> = vec![None; requests.len()];
-            generate_continuous(&model, &requests, &stops, config, slots, &mut |i, g| {
-                order.push(i);
-                results[i] = Some(g);
-                Ok(())
-            })
+            let report = generate_continuous(
+                &model,
+                &requests,
+                &stops,
+                config,
+                slots,
+                mode,
+                &mut |i, g| {
+                    order.push(i);
+                    results[i] = Some(g);
+                    Ok(())
+                },
+            )
             .unwrap();
+            assert!(!report.cuda_graph, "no CUDA graph on the CPU");
             assert_eq!(order.len(), requests.len(), "each row reported once");
             for (i, (result, expected)) in results.iter().zip(&alone).enumerate() {
                 assert_eq!(
                     result.as_ref().unwrap(),
                     expected,
-                    "{config:?} slots={slots} row {i}"
+                    "{config:?} slots={slots} {mode:?} row {i}"
                 );
             }
         }

@@ -18,6 +18,7 @@ use crate::atomic::write_file;
 use crate::bail_input;
 use crate::cli::EvaluateArgs;
 use crate::data::{Example, ReadOptions, References, read_examples};
+use crate::decode_step::DecodeMode;
 use crate::encode::Encoder;
 use crate::error::bad_input;
 use crate::generate::{
@@ -262,12 +263,17 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
     // --batch-size rows.
     let mut finished: Vec<Option<PredictionRow>> = vec![None; requests.len()];
     let (mut done, mut last_written) = (0usize, rows.len());
-    generate_continuous(
+    let report = generate_continuous(
         &loaded.model,
         &requests,
         &stops,
         &sampling,
         slots,
+        if args.no_cuda_graph {
+            DecodeMode::Eager
+        } else {
+            DecodeMode::Graph
+        },
         &mut |index, generation| {
             new_tokens += generation.tokens.len();
             let example = &examples[start + index];
@@ -301,11 +307,21 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
     )?;
     progress.finish_and_clear();
     let seconds = started.elapsed().as_secs_f64();
+    sidecar["cuda_graph"] = json!(report.cuda_graph);
+    write_file(
+        &sidecar_path,
+        serde_json::to_string_pretty(&sidecar)?.as_bytes(),
+    )?;
     eprintln!(
-        "wrote {} ({} rows; {new_tokens} new tokens in {seconds:.1}s, {:.1} tokens/s; {})",
+        "wrote {} ({} rows; {new_tokens} new tokens in {seconds:.1}s, {:.1} tokens/s; decode step {}; {})",
         out.display(),
         rows.len(),
         new_tokens as f64 / seconds.max(1e-9),
+        if report.cuda_graph {
+            "replayed from a CUDA graph"
+        } else {
+            "eager"
+        },
         MemoryReport::now(loaded.model.device).short()
     );
     Ok(())

@@ -16,6 +16,7 @@
 //! shim (`shim.rs`, csrc/) adds what tch does not wrap: the caching allocator's memory
 //! statistics and the devices' names and memory.
 
+pub mod graph;
 pub mod shim;
 
 use std::path::{Path, PathBuf};

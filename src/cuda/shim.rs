@@ -1,26 +1,29 @@
-//! The C++ shim (csrc/cuda_memory.cpp, compiled by build.rs) as a safe Rust wrapper.
+//! The C++ shim (csrc/cuda_shim.cpp, compiled by build.rs) as a safe Rust wrapper.
 //!
 //! The library is embedded in the binary, so a binary carried to a GPU machine alone
 //! still has it. It is loaded from memory (memfd_create + dlopen of /proc/self/fd/N),
 //! and only after libtorch_cuda.so: its dependencies (libc10_cuda, libcudart) are then
 //! already in the process, and on a CPU machine it is never loaded at all.
 
-use std::ffi::{CStr, c_char, c_int};
+use std::ffi::{CStr, c_char, c_int, c_void};
 
 /// The compiled shim (see build.rs).
 pub const LIBRARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libamthal_cuda.so"));
 
-/// The interface version csrc/cuda_memory.cpp reports; a mismatch refuses the shim.
-const VERSION: c_int = 1;
+/// The interface version csrc/cuda_shim.cpp reports; a mismatch refuses the shim.
+const VERSION: c_int = 2;
 
 /// The exported functions, by name (a test checks the embedded library has each).
-pub const SYMBOLS: [&str; 6] = [
+pub const SYMBOLS: [&str; 9] = [
     "amthal_cuda_shim_version",
     "amthal_cuda_last_error",
     "amthal_cuda_memory_stats",
     "amthal_cuda_reset_peak",
     "amthal_cuda_device_info",
     "amthal_cuda_mem_get_info",
+    "amthal_cuda_graph_capture",
+    "amthal_cuda_graph_replay",
+    "amthal_cuda_graph_destroy",
 ];
 
 type VersionFn = unsafe extern "C" fn() -> c_int;
@@ -30,6 +33,10 @@ type ResetPeakFn = unsafe extern "C" fn(c_int) -> c_int;
 type DeviceInfoFn =
     unsafe extern "C" fn(c_int, *mut c_char, c_int, *mut i64, *mut c_int, *mut c_int) -> c_int;
 type MemGetInfoFn = unsafe extern "C" fn(c_int, *mut i64, *mut i64) -> c_int;
+/// The work to record: called with the context pointer, returns 0 on success.
+pub type GraphBody = unsafe extern "C" fn(*mut c_void) -> c_int;
+type GraphCaptureFn = unsafe extern "C" fn(GraphBody, *mut c_void, *mut *mut c_void) -> c_int;
+type GraphFn = unsafe extern "C" fn(*mut c_void) -> c_int;
 
 /// Function pointers into the loaded shim (kept loaded for the life of the process).
 #[derive(Debug)]
@@ -39,6 +46,9 @@ pub struct Shim {
     reset_peak: ResetPeakFn,
     device_info: DeviceInfoFn,
     mem_get_info: MemGetInfoFn,
+    graph_capture: GraphCaptureFn,
+    graph_replay: GraphFn,
+    graph_destroy: GraphFn,
 }
 
 /// The thread's last dlopen/dlsym error message.
@@ -84,7 +94,7 @@ impl Shim {
             }
         };
         // SAFETY (all transmutes): each symbol is the extern "C" function of that name in
-        // csrc/cuda_memory.cpp, whose signature the type alias repeats.
+        // csrc/cuda_shim.cpp, whose signature the type alias repeats.
         unsafe {
             let version: VersionFn = std::mem::transmute(symbol(SYMBOLS[0])?);
             if version() != VERSION {
@@ -108,6 +118,15 @@ impl Shim {
                 )?),
                 mem_get_info: std::mem::transmute::<*mut libc::c_void, MemGetInfoFn>(symbol(
                     SYMBOLS[5],
+                )?),
+                graph_capture: std::mem::transmute::<*mut libc::c_void, GraphCaptureFn>(symbol(
+                    SYMBOLS[6],
+                )?),
+                graph_replay: std::mem::transmute::<*mut libc::c_void, GraphFn>(symbol(
+                    SYMBOLS[7],
+                )?),
+                graph_destroy: std::mem::transmute::<*mut libc::c_void, GraphFn>(symbol(
+                    SYMBOLS[8],
                 )?),
             })
         }
@@ -170,6 +189,38 @@ impl Shim {
         // SAFETY: both out-pointers are valid.
         self.check(unsafe { (self.mem_get_info)(device as c_int, &mut free, &mut total) })?;
         Ok((free, total))
+    }
+}
+
+impl Shim {
+    /// Records `body`'s work into a new CUDA graph (after one eager warm-up run of
+    /// it); returns the graph's handle. See `super::graph` for the safe wrapper.
+    ///
+    /// # Safety
+    /// `context` must be what `body` expects, valid for the duration of the call.
+    pub unsafe fn graph_capture(
+        &self,
+        body: GraphBody,
+        context: *mut c_void,
+    ) -> Result<*mut c_void, String> {
+        let mut graph = std::ptr::null_mut();
+        // SAFETY: the caller guarantees body/context; graph is a valid out-pointer.
+        self.check(unsafe { (self.graph_capture)(body, context, &mut graph) })?;
+        Ok(graph)
+    }
+
+    /// # Safety
+    /// `graph` must come from `graph_capture` and not be destroyed yet.
+    pub unsafe fn graph_replay(&self, graph: *mut c_void) -> Result<(), String> {
+        // SAFETY: per the caller's guarantee.
+        self.check(unsafe { (self.graph_replay)(graph) })
+    }
+
+    /// # Safety
+    /// `graph` must come from `graph_capture`; it is invalid afterwards.
+    pub unsafe fn graph_destroy(&self, graph: *mut c_void) -> Result<(), String> {
+        // SAFETY: per the caller's guarantee.
+        self.check(unsafe { (self.graph_destroy)(graph) })
     }
 }
 

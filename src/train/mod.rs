@@ -25,6 +25,7 @@ pub mod memory_estimate;
 pub mod moments;
 pub mod optim;
 pub mod plot;
+pub mod profile;
 pub mod state;
 pub mod step;
 pub mod trainables;
@@ -246,7 +247,11 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
         interval: (0.0, 0),
         slowest_checkpoint_seconds: 0.0,
     };
+    profile::enable_from_env(device);
     run.train_loop()?;
+    if let Some(table) = profile::report() {
+        eprintln!("{table}");
+    }
     run.finish(
         &prompts,
         &encoder,

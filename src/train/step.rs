@@ -24,6 +24,7 @@ use tch::{Kind, Tensor};
 
 use super::loss_scale::LossScaler;
 use super::optim::{AdamW, StepConstants};
+use super::profile;
 use crate::batch::Batch;
 use crate::loss::{answer_token_losses, batch_context, losses_from_hidden};
 use crate::model::Llama;
@@ -75,8 +76,11 @@ pub fn optimizer_step(
     settings: &StepSettings,
     scaler: Option<&mut LossScaler>,
 ) -> Result<StepOutcome> {
+    profile::start();
     if settings.in_backward {
-        step_in_backward(model, optimizer, batches, settings, scaler)
+        let outcome = step_in_backward(model, optimizer, batches, settings, scaler);
+        profile::mark("forward + backward + update (in-backward)");
+        outcome
     } else {
         step_after_backward(model, optimizer, batches, settings, scaler)
     }
@@ -120,9 +124,11 @@ fn step_after_backward(
     };
     if apply {
         outcome.grad_norm = Some(optimizer.clip_grad_norm(settings.max_grad_norm));
+        profile::mark("clip");
         optimizer.step(settings.lr);
     }
     optimizer.zero_grad();
+    profile::mark("optimizer");
     Ok(outcome)
 }
 
@@ -142,10 +148,12 @@ pub fn micro_step(
         tch::manual_seed(dropout_seed(seed, micro, 0));
         let losses = answer_token_losses(model, batch, true);
         let sum = losses.sum();
+        profile::mark("forward");
         let value = sum.double_value(&[]);
         if value.is_finite() {
             (sum * scale).backward();
         }
+        profile::mark("backward");
         return Ok(value);
     }
     // Gradient checkpointing per decoder layer: a forward pass without a graph keeps
@@ -155,6 +163,7 @@ pub fn micro_step(
     let top = kept.top.detach().set_requires_grad(true);
     let losses = losses_from_hidden(model, &model.final_norm(&top), &batch.answers);
     let sum = losses.sum();
+    profile::mark("forward (checkpointed)");
     let value = sum.double_value(&[]);
     if !value.is_finite() {
         return Ok(value);
@@ -173,6 +182,7 @@ pub fn micro_step(
             .sum(Kind::Float)
             .backward();
     }
+    profile::mark("backward (recomputing layers)");
     Ok(value)
 }
 

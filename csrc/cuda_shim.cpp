@@ -1,14 +1,18 @@
 // amthal's window into libtorch's CUDA side, for what tch does not wrap: the caching
-// allocator's statistics (what torch.cuda.max_memory_allocated/reserved report) and
-// the devices' names and memory. Built by build.rs into libamthal_cuda.so, which the
-// binary embeds and loads (src/cuda/shim.rs) only after libtorch_cuda.so is loaded:
-// the CPU build never needs a GPU, and this library's only dependencies (libc10_cuda,
-// libcudart) are then already in the process.
+// allocator's statistics (what torch.cuda.max_memory_allocated/reserved report), the
+// devices' names and memory, and CUDA graphs (at::cuda::CUDAGraph). Built by build.rs
+// into libamthal_cuda.so, which the binary embeds and loads (src/cuda/shim.rs) only
+// after libtorch_cuda.so is loaded: the CPU build never needs a GPU, and this
+// library's dependencies (libtorch_cuda, libc10_cuda, libcudart) are then already in
+// the process. This is the one place amthal reaches past tch into libtorch's C++.
 //
 // Every function returns 0 on success and 1 on failure, never throws across the C
 // boundary; amthal_cuda_last_error() gives the message of the last failure.
 
+#include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
@@ -42,7 +46,7 @@ int cuda_status(cudaError_t status) {
 extern "C" {
 
 // Bumped when a signature changes; src/cuda/shim.rs checks it.
-int amthal_cuda_shim_version() { return 1; }
+int amthal_cuda_shim_version() { return 2; }
 
 const char* amthal_cuda_last_error() { return last_error.c_str(); }
 
@@ -91,5 +95,52 @@ int amthal_cuda_mem_get_info(int device, int64_t* free_bytes, int64_t* total_byt
   *free_bytes = static_cast<int64_t>(free_now);
   *total_bytes = static_cast<int64_t>(total);
   return status;
+}
+
+// CUDA graphs (at::cuda::CUDAGraph, what torch.cuda.graph wraps). `body(context)` is
+// amthal's Rust code issuing the work to record; it returns 0 on success and must not
+// unwind (the Rust side catches panics). Capture needs a stream other than the
+// default one, so the work runs on a stream from the pool: once eagerly (warm-up:
+// cuBLAS handles and workspaces, the allocator's blocks for that stream), then once
+// recorded. Tensors the recorded work allocates live in the graph's private memory
+// pool and keep their addresses, so a replay rewrites the same outputs. On success
+// *graph_out owns the graph (free it with amthal_cuda_graph_destroy).
+int amthal_cuda_graph_capture(int (*body)(void*), void* context, void** graph_out) {
+  *graph_out = nullptr;
+  at::cuda::CUDAGraph* graph = nullptr;
+  int status = guarded([&] {
+    auto side = at::cuda::getStreamFromPool();
+    auto caller = at::cuda::getCurrentCUDAStream();
+    // The side stream starts after what the caller queued (prefill, cache copies).
+    cudaEvent_t ready;
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
+    C10_CUDA_CHECK(cudaEventRecord(ready, caller.stream()));
+    C10_CUDA_CHECK(cudaStreamWaitEvent(side.stream(), ready, 0));
+    C10_CUDA_CHECK(cudaEventDestroy(ready));
+    c10::cuda::CUDAStreamGuard guard(side);
+    if (body(context) != 0) throw std::runtime_error("the warm-up run failed");
+    side.synchronize();
+    graph = new at::cuda::CUDAGraph();
+    graph->capture_begin();
+    int recorded = body(context);
+    graph->capture_end();  // throws if the capture was invalidated
+    if (recorded != 0) throw std::runtime_error("recording the work failed");
+    side.synchronize();
+  });
+  if (status != 0) {
+    delete graph;
+    return 1;
+  }
+  *graph_out = graph;
+  return 0;
+}
+
+// Replays a captured graph on the current stream.
+int amthal_cuda_graph_replay(void* graph) {
+  return guarded([&] { static_cast<at::cuda::CUDAGraph*>(graph)->replay(); });
+}
+
+int amthal_cuda_graph_destroy(void* graph) {
+  return guarded([&] { delete static_cast<at::cuda::CUDAGraph*>(graph); });
 }
 }

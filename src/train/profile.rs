@@ -1,0 +1,92 @@
+//! Where a training step's time goes, for the GPU benchmark (`AMTHAL_PROFILE_STEP=1`).
+//!
+//! At each phase boundary (forward, backward, optimizer) the host time spent issuing
+//! the phase's work is recorded, then the device is synchronized and the time waited
+//! for it is recorded too. A phase whose *issue* time dominates is bound by the host
+//! (kernel launches, dispatcher overhead); one whose *wait* dominates is bound by the
+//! device (math or memory). The synchronizations cost some overlap, so this is off by
+//! default and the benchmark runs it separately from its timed rows.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+#[derive(Default)]
+struct Totals {
+    /// phase -> (issue seconds, wait seconds, times)
+    phases: BTreeMap<&'static str, (f64, f64, u64)>,
+    last: Option<Instant>,
+    device: Option<usize>,
+}
+
+thread_local! {
+    static PROFILE: RefCell<Option<Totals>> = const { RefCell::new(None) };
+}
+
+/// Turns profiling on for this thread when `AMTHAL_PROFILE_STEP` is set.
+pub fn enable_from_env(device: tch::Device) {
+    if std::env::var_os("AMTHAL_PROFILE_STEP").is_none() {
+        return;
+    }
+    let device = match device {
+        tch::Device::Cuda(index) => Some(index),
+        _ => None,
+    };
+    PROFILE.with(|p| {
+        *p.borrow_mut() = Some(Totals {
+            device,
+            ..Totals::default()
+        })
+    });
+}
+
+/// Marks the start of a step's first phase.
+pub fn start() {
+    PROFILE.with(|p| {
+        if let Some(totals) = p.borrow_mut().as_mut() {
+            if let Some(device) = totals.device {
+                crate::cuda::synchronize(device);
+            }
+            totals.last = Some(Instant::now());
+        }
+    });
+}
+
+/// Ends phase `name`: host time since the previous mark, then the wait for the device.
+pub fn mark(name: &'static str) {
+    PROFILE.with(|p| {
+        if let Some(totals) = p.borrow_mut().as_mut() {
+            let Some(last) = totals.last else { return };
+            let issued = last.elapsed().as_secs_f64();
+            let waiting = Instant::now();
+            if let Some(device) = totals.device {
+                crate::cuda::synchronize(device);
+            }
+            let waited = waiting.elapsed().as_secs_f64();
+            let entry = totals.phases.entry(name).or_default();
+            entry.0 += issued;
+            entry.1 += waited;
+            entry.2 += 1;
+            totals.last = Some(Instant::now());
+        }
+    });
+}
+
+/// The per-phase table (milliseconds per occurrence), or None when profiling is off.
+pub fn report() -> Option<String> {
+    PROFILE.with(|p| {
+        let totals = p.borrow();
+        let totals = totals.as_ref()?;
+        let mut lines =
+            vec!["step profile (ms per occurrence): phase, issue, wait, count".to_string()];
+        for (name, (issued, waited, count)) in &totals.phases {
+            let n = (*count).max(1) as f64;
+            lines.push(format!(
+                "  {name}: issue {:.1} ms, wait {:.1} ms, x{count}",
+                issued * 1e3 / n,
+                waited * 1e3 / n
+            ));
+        }
+        Some(lines.join("\n"))
+    })
+}
