@@ -297,6 +297,7 @@ fn generate_batch_inner(
             })
             .collect();
         let chosen = next_tokens(&logits, rows, config)?;
+        crate::profile::mark("sampling");
         let mut keep = Vec::with_capacity(active.len());
         for (slot, &row) in active.iter().enumerate() {
             let token = chosen[slot];
@@ -475,6 +476,7 @@ fn continuous_inner(
     let mut waiting = 0..requests.len();
     let mut table: Vec<Option<Slot>> = (0..slots).map(|_| None).collect();
     loop {
+        crate::profile::start();
         // Fill the free slots: prefill the next prompt alone, choose its first token.
         for (slot_index, slot) in table.iter_mut().enumerate() {
             while slot.is_none() {
@@ -491,6 +493,7 @@ fn continuous_inner(
                     false,
                 );
                 cache.adopt(slot_index as i64, &one);
+                crate::profile::mark("prefill (one prompt)");
                 let logits = model
                     .logits(&hidden.select(1, length - 1))
                     .to_kind(Kind::Float);
@@ -528,7 +531,13 @@ fn continuous_inner(
             .iter()
             .map(|s| s.as_ref().map_or(0, |s| s.position))
             .collect();
+        crate::profile::start();
         let logits = decode.run(model, &mut cache, &ids, &positions)?;
+        crate::profile::mark(if decode.is_graphed() {
+            "decode step (CUDA graph)"
+        } else {
+            "decode step (eager)"
+        });
         let active: Vec<usize> = (0..slots).filter(|&s| table[s].is_some()).collect();
         let logits = logits.index_select(
             0,
@@ -551,6 +560,7 @@ fn continuous_inner(
             })
             .collect();
         let chosen = next_tokens(&logits, rows, config)?;
+        crate::profile::mark("sampling");
         for (&s, token) in active.iter().zip(chosen) {
             let slot = table[s].as_mut().expect("an active slot");
             slot.position += 1;

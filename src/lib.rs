@@ -22,6 +22,7 @@ pub mod memory;
 pub mod model;
 pub mod model_source;
 pub mod predictions;
+pub mod profile;
 pub mod prompt;
 pub mod report;
 pub mod runtime;

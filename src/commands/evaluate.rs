@@ -263,6 +263,7 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
     // --batch-size rows.
     let mut finished: Vec<Option<PredictionRow>> = vec![None; requests.len()];
     let (mut done, mut last_written) = (0usize, rows.len());
+    crate::profile::enable_from_env(loaded.model.device);
     let report = generate_continuous(
         &loaded.model,
         &requests,
@@ -306,6 +307,9 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
         },
     )?;
     progress.finish_and_clear();
+    if let Some(table) = crate::profile::report() {
+        eprintln!("{table}");
+    }
     let seconds = started.elapsed().as_secs_f64();
     sidecar["cuda_graph"] = json!(report.cuda_graph);
     write_file(

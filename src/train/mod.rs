@@ -25,7 +25,6 @@ pub mod memory_estimate;
 pub mod moments;
 pub mod optim;
 pub mod plot;
-pub mod profile;
 pub mod state;
 pub mod step;
 pub mod trainables;
@@ -247,9 +246,9 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
         interval: (0.0, 0),
         slowest_checkpoint_seconds: 0.0,
     };
-    profile::enable_from_env(device);
+    crate::profile::enable_from_env(device);
     run.train_loop()?;
-    if let Some(table) = profile::report() {
+    if let Some(table) = crate::profile::report() {
         eprintln!("{table}");
     }
     run.finish(

@@ -24,11 +24,11 @@ use tch::{Kind, Tensor};
 
 use super::loss_scale::LossScaler;
 use super::optim::{AdamW, StepConstants};
-use super::profile;
 use crate::batch::Batch;
 use crate::loss::{answer_token_losses, batch_context, losses_from_hidden};
 use crate::model::Llama;
 use crate::model::llama::LayerContext;
+use crate::profile;
 
 /// How one optimizer step runs.
 #[derive(Debug, Clone, Copy)]

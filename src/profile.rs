@@ -1,8 +1,9 @@
-//! Where a training step's time goes, for the GPU benchmark (`AMTHAL_PROFILE_STEP=1`).
+//! Where a training or decoding step's time goes, for the GPU benchmark
+//! (`AMTHAL_PROFILE_STEP=1`; `train` and `evaluate` print the table at the end).
 //!
-//! At each phase boundary (forward, backward, optimizer) the host time spent issuing
-//! the phase's work is recorded, then the device is synchronized and the time waited
-//! for it is recorded too. A phase whose *issue* time dominates is bound by the host
+//! At each phase boundary (forward, backward, optimizer; prefill, decode, sampling)
+//! the host time spent issuing the phase's work is recorded, then the device is
+//! synchronized and the time waited for it is recorded too. A phase whose *issue* time dominates is bound by the host
 //! (kernel launches, dispatcher overhead); one whose *wait* dominates is bound by the
 //! device (math or memory). The synchronizations cost some overlap, so this is off by
 //! default and the benchmark runs it separately from its timed rows.
