@@ -433,6 +433,54 @@ pub struct ContinuousReport {
     pub cuda_graph: bool,
 }
 
+/// Prefills `prompts` in one forward pass and copies each one's keys and values into
+/// its slot (`admitted[i].0`) of the continuous-batching cache. The batch is padded on
+/// the right, so plain causal attention is exact: a prompt's tokens never see the
+/// padding after them, and no mask is needed (flash attention stays usable). Returns
+/// the f32 logits of each prompt's last token, [prompts, vocab].
+fn prefill_into_slots(
+    model: &Llama,
+    prompts: &[&[u32]],
+    admitted: &[(usize, usize)],
+    cache: &mut KvCache,
+) -> Tensor {
+    let device = model.device;
+    let (count, longest) = (
+        prompts.len() as i64,
+        prompts.iter().map(|p| p.len()).max().unwrap_or(1) as i64,
+    );
+    let mut ids = vec![0i64; (count * longest) as usize];
+    for (row, prompt) in prompts.iter().enumerate() {
+        for (t, &id) in prompt.iter().enumerate() {
+            ids[row * longest as usize + t] = id as i64;
+        }
+    }
+    let mut prefilled = KvCache::with_capacity(longest);
+    let hidden = model.forward_hidden(
+        &Tensor::from_slice(&ids)
+            .view([count, longest])
+            .to_device(device),
+        &Tensor::arange(longest, (Kind::Int64, device))
+            .view([1, longest])
+            .expand([count, longest], false),
+        None,
+        Some(&mut prefilled),
+        false,
+    );
+    for (row, (&(slot, _), prompt)) in admitted.iter().zip(prompts).enumerate() {
+        cache.adopt(slot as i64, &prefilled, row as i64, prompt.len() as i64);
+    }
+    let last: Vec<i64> = prompts
+        .iter()
+        .enumerate()
+        .map(|(row, p)| row as i64 * longest + p.len() as i64 - 1)
+        .collect();
+    let last_hidden = hidden
+        .view([count * longest, -1])
+        .index_select(0, &Tensor::from_slice(&last).to_device(device));
+    model.logits(&last_hidden).to_kind(Kind::Float)
+}
+
 fn continuous_inner(
     model: &Llama,
     requests: &[GenerationRequest],
@@ -477,42 +525,45 @@ fn continuous_inner(
     let mut table: Vec<Option<Slot>> = (0..slots).map(|_| None).collect();
     loop {
         crate::profile::start();
-        // Fill the free slots: prefill the next prompt alone, choose its first token.
-        for (slot_index, slot) in table.iter_mut().enumerate() {
-            while slot.is_none() {
-                let Some(index) = waiting.next() else { break };
-                let request = &requests[index];
-                let length = request.prompt_ids.len() as i64;
-                let ids: Vec<i64> = request.prompt_ids.iter().map(|&i| i as i64).collect();
-                let mut one = KvCache::with_capacity(length);
-                let hidden = model.forward_hidden(
-                    &Tensor::from_slice(&ids).view([1, length]).to_device(device),
-                    &Tensor::arange(length, (Kind::Int64, device)).view([1, length]),
-                    None,
-                    Some(&mut one),
-                    false,
-                );
-                cache.adopt(slot_index as i64, &one);
-                crate::profile::mark("prefill (one prompt)");
-                let logits = model
-                    .logits(&hidden.select(1, length - 1))
-                    .to_kind(Kind::Float);
-                suppress_stops(&logits, 0, 0);
-                let mut state = Slot {
+        // Fill the free slots: the next waiting prompts, prefilled together, each
+        // choosing its first token. A prompt that stops at once frees its slot again.
+        loop {
+            let free: Vec<usize> = (0..slots).filter(|&s| table[s].is_none()).collect();
+            let admitted: Vec<(usize, usize)> = free.into_iter().zip(waiting.by_ref()).collect();
+            if admitted.is_empty() {
+                break;
+            }
+            let prompts: Vec<&[u32]> = admitted
+                .iter()
+                .map(|&(_, index)| requests[index].prompt_ids.as_slice())
+                .collect();
+            let logits = prefill_into_slots(model, &prompts, &admitted, &mut cache);
+            crate::profile::mark("prefill (the prompts admitted together)");
+            let mut states: Vec<Slot> = admitted
+                .iter()
+                .map(|&(_, index)| Slot {
                     request: index,
                     generation: Generation::default(),
-                    position: length,
-                    rng: row_rng(config.seed, request.row_number),
-                };
-                let token = next_tokens(
-                    &logits,
-                    vec![(&request.prompt_ids, &[], &mut state.rng)],
-                    config,
-                )?[0];
+                    position: requests[index].prompt_ids.len() as i64,
+                    rng: row_rng(config.seed, requests[index].row_number),
+                })
+                .collect();
+            for row in 0..states.len() {
+                suppress_stops(&logits, row as i64, 0);
+            }
+            let rows = states
+                .iter_mut()
+                .map(|state| {
+                    let prompt: &[u32] = &requests[state.request].prompt_ids;
+                    (prompt, &[] as &[u32], &mut state.rng)
+                })
+                .collect();
+            let tokens = next_tokens(&logits, rows, config)?;
+            for ((mut state, token), &(slot, _)) in states.into_iter().zip(tokens).zip(&admitted) {
                 if state.take(token, stop_ids, config) {
-                    finished(index, state.generation)?;
+                    finished(state.request, state.generation)?;
                 } else {
-                    *slot = Some(state);
+                    table[slot] = Some(state);
                 }
             }
         }

@@ -156,6 +156,8 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
     let adapter_folded = loaded.adapter.is_some()
         && !args.no_merge_adapter
         && crate::model::lora::fold_adapters(&mut loaded.model) > 0;
+    // After folding: fused q/k/v and gate/up matmuls (fewer, wider kernels per token).
+    crate::model::fuse::fuse_projections(&mut loaded.model);
     let prompts = PromptBuilder::new(args.prompt_format, &loaded.tokenizer)?;
     let encoder = Encoder::new(&loaded.tokenizer, &prompts)?;
     let shots = match (&args.shots_from, args.shots) {

@@ -9,6 +9,7 @@
 use tch::{Device, Kind, Tensor};
 
 use super::config::LlamaConfig;
+use super::fuse::Fused;
 use super::linear::Linear;
 use super::rope::{Rope, apply_rotary};
 
@@ -17,12 +18,16 @@ pub struct Attention {
     pub k_proj: Linear,
     pub v_proj: Linear,
     pub o_proj: Linear,
+    /// q, k and v in one matmul (generation; `fuse::fuse_projections`).
+    pub qkv: Option<Fused>,
 }
 
 pub struct Mlp {
     pub gate_proj: Linear,
     pub up_proj: Linear,
     pub down_proj: Linear,
+    /// gate and up in one matmul (generation; `fuse::fuse_projections`).
+    pub gate_up: Option<Fused>,
 }
 
 pub struct DecoderLayer {
@@ -128,17 +133,16 @@ impl KvCache {
         }
     }
 
-    /// Copies a one-row cache (a prompt prefilled alone) into row `slot`, positions
-    /// 0.. of it; whatever the row held after them is masked from then on.
-    pub fn adopt(&mut self, slot: i64, prefilled: &KvCache) {
-        for ((k, v), (one_k, one_v)) in self.layers.iter_mut().zip(&prefilled.layers) {
-            let length = prefilled.len;
+    /// Copies row `row` of a prefilled cache (positions 0..length, a prompt's keys and
+    /// values) into row `slot`; whatever the slot held after them is masked from then on.
+    pub fn adopt(&mut self, slot: i64, prefilled: &KvCache, row: i64, length: i64) {
+        for ((k, v), (from_k, from_v)) in self.layers.iter_mut().zip(&prefilled.layers) {
             k.narrow(0, slot, 1)
                 .narrow(2, 0, length)
-                .copy_(&one_k.narrow(2, 0, length));
+                .copy_(&from_k.narrow(0, row, 1).narrow(2, 0, length));
             v.narrow(0, slot, 1)
                 .narrow(2, 0, length)
-                .copy_(&one_v.narrow(2, 0, length));
+                .copy_(&from_v.narrow(0, row, 1).narrow(2, 0, length));
         }
     }
 
@@ -189,13 +193,13 @@ impl KvCache {
     }
 }
 
-/// RMSNorm in f32, then cast back and scaled, exactly as transformers orders it.
+/// RMSNorm: libtorch's `rms_norm`, one fused kernel on CUDA (eight without it). On
+/// the CPU it computes what transformers does, in its order: normalize in f32, cast
+/// back, then scale by the weight. The CUDA kernel scales in f32 before the one cast,
+/// so in bf16 a value can differ from transformers' by one rounding (f32: identical).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
-    let kind = x.kind();
-    let x32 = x.to_kind(Kind::Float);
-    let variance = x32.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
-    let normed = x32 * (variance + eps).rsqrt();
-    weight * normed.to_kind(kind)
+    let hidden = *x.size().last().expect("a hidden dimension");
+    x.rms_norm([hidden], Some(weight), eps)
 }
 
 impl Llama {
@@ -319,21 +323,16 @@ impl Llama {
         let head_dim = config.head_dim as i64;
         let x = rms_norm(hidden, &layer.input_layernorm, config.rms_norm_eps);
         let attn = &layer.self_attn;
-        let q = attn
-            .q_proj
-            .forward(&x, train)
-            .view([batch, steps, heads, head_dim])
-            .transpose(1, 2);
-        let k = attn
-            .k_proj
-            .forward(&x, train)
-            .view([batch, steps, kv_heads, head_dim])
-            .transpose(1, 2);
-        let v = attn
-            .v_proj
-            .forward(&x, train)
-            .view([batch, steps, kv_heads, head_dim])
-            .transpose(1, 2);
+        let [q, k, v] = match &attn.qkv {
+            Some(fused) if fused.is_current(&[&attn.q_proj, &attn.k_proj, &attn.v_proj]) => {
+                let mut parts = fused.forward(&x).into_iter();
+                [(); 3].map(|_| parts.next().expect("three parts"))
+            }
+            _ => [&attn.q_proj, &attn.k_proj, &attn.v_proj].map(|p| p.forward(&x, train)),
+        };
+        let q = q.view([batch, steps, heads, head_dim]).transpose(1, 2);
+        let k = k.view([batch, steps, kv_heads, head_dim]).transpose(1, 2);
+        let v = v.view([batch, steps, kv_heads, head_dim]).transpose(1, 2);
         let q = apply_rotary(&q, &context.cos, &context.sin);
         let mut k = apply_rotary(&k, &context.cos, &context.sin);
         let mut v = v;
@@ -388,7 +387,17 @@ impl Llama {
             config.rms_norm_eps,
         );
         let mlp = &layer.mlp;
-        let gated = mlp.gate_proj.forward(&x, train).silu() * mlp.up_proj.forward(&x, train);
+        let (gate, up) = match &mlp.gate_up {
+            Some(fused) if fused.is_current(&[&mlp.gate_proj, &mlp.up_proj]) => {
+                let parts = fused.forward(&x);
+                (parts[0].shallow_clone(), parts[1].shallow_clone())
+            }
+            _ => (
+                mlp.gate_proj.forward(&x, train),
+                mlp.up_proj.forward(&x, train),
+            ),
+        };
+        let gated = gate.silu() * up;
         hidden + mlp.down_proj.forward(&gated, train)
     }
 

@@ -224,12 +224,14 @@ fn build_llama(
                 k_proj: linear(&format!("{p}.self_attn.k_proj"), ab)?,
                 v_proj: linear(&format!("{p}.self_attn.v_proj"), ab)?,
                 o_proj: linear(&format!("{p}.self_attn.o_proj"), ab)?,
+                qkv: None,
             },
             post_attention_layernorm: take(&format!("{p}.post_attention_layernorm.weight"))?,
             mlp: Mlp {
                 gate_proj: linear(&format!("{p}.mlp.gate_proj"), mb)?,
                 up_proj: linear(&format!("{p}.mlp.up_proj"), mb)?,
                 down_proj: linear(&format!("{p}.mlp.down_proj"), mb)?,
+                gate_up: None,
             },
         });
     }

@@ -5,6 +5,7 @@ pub mod bert;
 pub mod checkpoint;
 pub mod config;
 pub mod dequant;
+pub mod fuse;
 pub mod gguf_source;
 pub mod linear;
 pub mod llama;
