@@ -35,6 +35,11 @@ impl Compensation {
         weight.copy_(&rounded);
     }
 
+    /// Values `start..start + length` of the flattened buffer, as a view.
+    pub fn chunk(&self, start: i64, length: i64) -> Compensation {
+        Compensation(self.0.view([-1]).narrow(0, start, length))
+    }
+
     pub fn state(&self, name: &str, into: &mut BTreeMap<String, Tensor>) {
         into.insert(format!("compensation.{name}"), self.0.shallow_clone());
     }

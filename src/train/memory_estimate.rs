@@ -116,8 +116,26 @@ pub fn estimate(setup: &Setup) -> Estimate {
     } else {
         trained * trained_element
     };
-    let optimizer =
-        (trained as f64 * optimizer_bytes_per_parameter(setup.optim, trained_kind)) as u64;
+    // The update's scratch: ~10 f32 temporaries of the values updated at a time (a
+    // chunk of the largest tensor, `optim::UPDATE_CHUNK`), and for 8-bit moments the
+    // quantization's search (int64 positions and f32 distances, ~40 bytes a value).
+    let largest_trained = match setup.lora {
+        None => expected_tensors(config)
+            .iter()
+            .map(|(_, shape)| shape.iter().product::<i64>() as u64)
+            .max()
+            .unwrap_or(0),
+        Some((rank, _)) => rank as u64 * config.intermediate_size.max(config.hidden_size) as u64,
+    };
+    let scratch_per_value = if setup.optim == OptimKind::AdamW8bit {
+        80
+    } else {
+        40
+    };
+    let update_scratch = largest_trained.min(super::optim::UPDATE_CHUNK as u64) * scratch_per_value;
+    let optimizer = (trained as f64 * optimizer_bytes_per_parameter(setup.optim, trained_kind))
+        as u64
+        + update_scratch;
 
     let tokens = (setup.batch_size * setup.tokens_per_row) as u64;
     let h = config.hidden_size as u64;
@@ -180,16 +198,19 @@ mod tests {
         );
         assert_eq!(adamw.gradients, adamw.weights);
         // f32 master + two f32 moments: 12 bytes per parameter, the 114 GB run measured.
-        assert_eq!(adamw.optimizer, adamw.weights * 6);
+        // (plus the update's scratch for one chunk, under 1.5 GB).
+        let scratch = adamw.optimizer - adamw.weights * 6;
+        assert!(scratch < 1_500_000_000, "{scratch}");
         assert!(adamw.total() > 100_000_000_000);
         // bf16 moments + Kahan compensation: 6 bytes; fits 80 GB.
-        assert_eq!(bf16.optimizer, bf16.weights * 3);
+        assert!(bf16.optimizer - bf16.weights * 3 < 1_500_000_000);
         assert!(bf16.total() < 80_000_000_000, "{}", bf16.describe());
         assert!(eight.total() < bf16.total());
         // The seed's command (bsz 2 x accumulation 8, cutoff 1024) with 8-bit moments
         // and the update in the backward pass: one layer's gradients instead of the
-        // model's, under 48 GB even with every row at the cutoff (the 40 GB
+        // model's, under 50 GB even with every row at the cutoff (the 40 GB
         // needs a cheaper compensation than any that kept quality; compensation.rs).
+        // Measured on an H200 before the update went by chunks: 54.9 GB peak.
         let in_backward = estimate(&Setup {
             optim_in_backward: true,
             ..setup(OptimKind::AdamW8bit)
@@ -200,7 +221,7 @@ mod tests {
             in_backward.describe()
         );
         assert!(
-            in_backward.total() < 48_000_000_000,
+            in_backward.total() < 50_000_000_000,
             "{}",
             in_backward.describe()
         );

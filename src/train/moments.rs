@@ -127,6 +127,27 @@ impl Moment {
         }
     }
 
+    /// Values `start..start + length` of the flattened moment, as views (writes go to
+    /// the whole); `start` must be a multiple of `BLOCK`.
+    pub fn chunk(&self, start: i64, length: i64) -> Moment {
+        match self {
+            Moment::F32(t) => Moment::F32(t.view([-1]).narrow(0, start, length)),
+            Moment::Bf16(t) => Moment::Bf16(t.view([-1]).narrow(0, start, length)),
+            Moment::Blockwise8 {
+                codes, absmax, map, ..
+            } => {
+                assert_eq!(start % BLOCK, 0, "8-bit chunks start on a block");
+                let blocks = (length + BLOCK - 1) / BLOCK;
+                Moment::Blockwise8 {
+                    codes: codes.narrow(0, start, blocks * BLOCK),
+                    absmax: absmax.narrow(0, start / BLOCK, blocks),
+                    map: map.shallow_clone(),
+                    shape: vec![length],
+                }
+            }
+        }
+    }
+
     /// Stores f32 `value` (the parameter's shape) in the moment's format.
     pub fn set(&mut self, value: &Tensor) {
         match self {
