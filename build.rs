@@ -1,4 +1,4 @@
-//! Two jobs:
+//! Three jobs:
 //! 1. Bakes an rpath to the libtorch that torch-sys linked against into every binary
 //!    (the CLI, tests, benches), so `amthal` runs with no LD_LIBRARY_PATH. The path is
 //!    canonicalized: `.cache/libtorch` in the clone is a symlink into the shared cache
@@ -9,6 +9,8 @@
 //!    time after libtorch_cuda.so. It needs only headers (torch's, and the CUDA
 //!    runtime's that scripts/setup unpacks) and links libc10_cuda.so from the torch
 //!    wheel, so a CPU machine builds it too.
+//! 3. Compiles csrc/torch_ops.cpp (multi-tensor AdamW and norms, CPU and CUDA) into
+//!    `$OUT_DIR/libamthal_ops.so`, embedded and loaded by src/torch_ops.rs.
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -28,6 +30,33 @@ fn main() {
 
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     build_cuda_shim(&libtorch, &out.join("libamthal_cuda.so"));
+    build_ops_library(&libtorch, &out.join("libamthal_ops.so"));
+}
+
+/// csrc/torch_ops.cpp (multi-tensor AdamW and norms) against libtorch_cpu alone, so the
+/// CPU build loads it too (src/torch_ops.rs).
+fn build_ops_library(libtorch: &Path, target: &Path) {
+    let torch = libtorch
+        .parent()
+        .expect("LIBTORCH has a parent")
+        .join("torch");
+    let compiler = cc::Build::new().cpp(true).get_compiler();
+    let mut command = Command::new(compiler.path());
+    command
+        .args(["-std=c++17", "-O2", "-shared", "-fPIC", "-w"])
+        .arg("-D_GLIBCXX_USE_CXX11_ABI=1")
+        .arg(format!("-I{}", torch.join("include").display()))
+        .arg("csrc/torch_ops.cpp")
+        .arg(format!("-L{}", torch.join("lib").display()))
+        .args(["-ltorch_cpu", "-lc10"])
+        .arg("-o")
+        .arg(target);
+    let status = command
+        .status()
+        .unwrap_or_else(|e| panic!("running {:?}: {e}", compiler.path()));
+    if !status.success() {
+        panic!("compiling csrc/torch_ops.cpp failed: {command:?}");
+    }
 }
 
 /// site/ in scripts/setup's cache: the CPU view (LIBTORCH) sits at site/libtorch-cpu.

@@ -29,4 +29,5 @@ pub mod runtime;
 pub mod sample_data;
 pub mod score;
 pub mod tokenizer;
+pub mod torch_ops;
 pub mod train;

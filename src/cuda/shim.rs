@@ -51,6 +51,42 @@ pub struct Shim {
     graph_destroy: GraphFn,
 }
 
+/// Loads an embedded shared library from memory (memfd_create + dlopen of
+/// /proc/self/fd/N, never closed) and returns a symbol finder for it. Its undefined
+/// symbols resolve against what the process has loaded already (libtorch).
+pub fn load_embedded(
+    name: &std::ffi::CStr,
+    bytes: &[u8],
+) -> Result<impl Fn(&str) -> Result<*mut libc::c_void, String>, String> {
+    // SAFETY: memfd_create with a NUL-terminated name; the fd is ours.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), 0) };
+    if fd < 0 {
+        return Err(format!("memfd_create: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: fd is a fresh file descriptor we own; File closes it on drop.
+    let mut file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    std::io::Write::write_all(&mut file, bytes).map_err(|e| format!("memfd write: {e}"))?;
+    let path = std::ffi::CString::new(format!("/proc/self/fd/{fd}")).expect("no NUL");
+    // SAFETY: dlopen of the library just written; the mapping outlives the fd, and
+    // the handle is never closed since function pointers into it are kept.
+    let handle = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+    drop(file);
+    if handle.is_null() {
+        return Err(dlerror());
+    }
+    let handle = handle as usize;
+    Ok(move |name: &str| -> Result<*mut libc::c_void, String> {
+        let c_name = std::ffi::CString::new(name).expect("no NUL");
+        // SAFETY: dlsym on a valid, never-closed handle with a NUL-terminated name.
+        let address = unsafe { libc::dlsym(handle as *mut libc::c_void, c_name.as_ptr()) };
+        if address.is_null() {
+            Err(format!("{name}: {}", dlerror()))
+        } else {
+            Ok(address)
+        }
+    })
+}
+
 /// The thread's last dlopen/dlsym error message.
 pub fn dlerror() -> String {
     // SAFETY: dlerror returns a thread-local C string or null.
@@ -67,32 +103,7 @@ pub fn dlerror() -> String {
 impl Shim {
     /// Loads the embedded library. Call only after libtorch_cuda.so is loaded.
     pub fn load() -> Result<Shim, String> {
-        // SAFETY: memfd_create with a static NUL-terminated name; the fd is ours.
-        let fd = unsafe { libc::memfd_create(c"amthal_cuda".as_ptr(), 0) };
-        if fd < 0 {
-            return Err(format!("memfd_create: {}", std::io::Error::last_os_error()));
-        }
-        // SAFETY: fd is a fresh file descriptor we own; File closes it on drop.
-        let mut file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        std::io::Write::write_all(&mut file, LIBRARY).map_err(|e| format!("memfd write: {e}"))?;
-        let path = std::ffi::CString::new(format!("/proc/self/fd/{fd}")).expect("no NUL");
-        // SAFETY: dlopen of the library just written; the mapping outlives the fd, and
-        // the handle is never closed since function pointers into it are kept.
-        let handle = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
-        drop(file);
-        if handle.is_null() {
-            return Err(dlerror());
-        }
-        let symbol = |name: &str| -> Result<*mut libc::c_void, String> {
-            let c_name = std::ffi::CString::new(name).expect("no NUL");
-            // SAFETY: dlsym on a valid handle with a NUL-terminated name.
-            let address = unsafe { libc::dlsym(handle, c_name.as_ptr()) };
-            if address.is_null() {
-                Err(format!("{name}: {}", dlerror()))
-            } else {
-                Ok(address)
-            }
-        };
+        let symbol = load_embedded(c"amthal_cuda", LIBRARY)?;
         // SAFETY (all transmutes): each symbol is the extern "C" function of that name in
         // csrc/cuda_shim.cpp, whose signature the type alias repeats.
         unsafe {

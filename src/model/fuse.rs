@@ -83,9 +83,11 @@ impl Fused {
     }
 }
 
-/// Fuses q/k/v and gate/up in every layer where the projections are plain; returns
-/// how many layers were fused.
+/// Fuses q/k/v and gate/up in every layer where the projections are plain, and turns
+/// on the fused RMSNorm kernel on GPUs (`Llama::fused_norm`); returns how many layers
+/// were fused. For generation only.
 pub fn fuse_projections(model: &mut Llama) -> usize {
+    model.fused_norm = true;
     tch::no_grad(|| {
         let mut fused = 0;
         for layer in model.layers.iter_mut() {

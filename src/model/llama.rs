@@ -49,6 +49,14 @@ pub struct Llama {
     pub device: Device,
     /// The compute dtype of the base weights and activations.
     pub kind: Kind,
+    /// Generation on a GPU: RMSNorm as libtorch's fused `rms_norm`, one kernel instead
+    /// of eight (`fuse::fuse_projections` turns it on). That kernel scales in f32
+    /// before its one cast, so in bf16 a value can differ from transformers' by one
+    /// rounding (f32: the same). Training keeps transformers' order: on the bf16
+    /// quality check (`tests/optimizer_quality.rs`) that one rounding moved
+    /// `adamw-bf16` from -0.45 % to +1.97 % of `adamw`. (libtorch's CPU `rms_norm`
+    /// rounds as its CUDA kernel does, so the CPU never uses it.)
+    pub fused_norm: bool,
 }
 
 /// Per-forward values shared by all layers.
@@ -193,13 +201,14 @@ impl KvCache {
     }
 }
 
-/// RMSNorm: libtorch's `rms_norm`, one fused kernel on CUDA (eight without it). On
-/// the CPU it computes what transformers does, in its order: normalize in f32, cast
-/// back, then scale by the weight. The CUDA kernel scales in f32 before the one cast,
-/// so in bf16 a value can differ from transformers' by one rounding (f32: identical).
+/// RMSNorm as transformers orders it: normalize in f32, cast back, then scale by the
+/// weight.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
-    let hidden = *x.size().last().expect("a hidden dimension");
-    x.rms_norm([hidden], Some(weight), eps)
+    let kind = x.kind();
+    let x32 = x.to_kind(Kind::Float);
+    let variance = x32.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+    let normed = x32 * (variance + eps).rsqrt();
+    weight * normed.to_kind(kind)
 }
 
 impl Llama {
@@ -265,7 +274,16 @@ impl Llama {
 
     /// The final RMSNorm.
     pub fn final_norm(&self, hidden: &Tensor) -> Tensor {
-        rms_norm(hidden, &self.norm, self.config.rms_norm_eps)
+        self.norm(hidden, &self.norm)
+    }
+
+    /// RMSNorm with `weight`: transformers' order, or the fused kernel (`fused_norm`).
+    fn norm(&self, x: &Tensor, weight: &Tensor) -> Tensor {
+        let eps = self.config.rms_norm_eps;
+        if self.fused_norm && x.device() != Device::Cpu {
+            return x.rms_norm([self.config.hidden_size as i64], Some(weight), eps);
+        }
+        rms_norm(x, weight, eps)
     }
 
     /// What every layer of one forward pass shares: rotary cos/sin and the mask.
@@ -321,7 +339,7 @@ impl Llama {
         let heads = config.num_attention_heads as i64;
         let kv_heads = config.num_key_value_heads as i64;
         let head_dim = config.head_dim as i64;
-        let x = rms_norm(hidden, &layer.input_layernorm, config.rms_norm_eps);
+        let x = self.norm(hidden, &layer.input_layernorm);
         let attn = &layer.self_attn;
         let [q, k, v] = match &attn.qkv {
             Some(fused) if fused.is_current(&[&attn.q_proj, &attn.k_proj, &attn.v_proj]) => {
@@ -381,11 +399,7 @@ impl Llama {
             .transpose(1, 2)
             .reshape([batch, steps, heads * head_dim]);
         let hidden = hidden + attn.o_proj.forward(&out, train);
-        let x = rms_norm(
-            &hidden,
-            &layer.post_attention_layernorm,
-            config.rms_norm_eps,
-        );
+        let x = self.norm(&hidden, &layer.post_attention_layernorm);
         let mlp = &layer.mlp;
         let (gate, up) = match &mlp.gate_up {
             Some(fused) if fused.is_current(&[&mlp.gate_proj, &mlp.up_proj]) => {

@@ -248,6 +248,7 @@ fn build_llama(
         rope: Rope::new(&config, options.device),
         device: options.device,
         kind: options.kind,
+        fused_norm: false,
         config,
     })
 }

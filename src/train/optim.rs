@@ -73,6 +73,11 @@ pub struct AdamW {
     /// ~0.8-2 GB each). Every operation is elementwise or within an 8-bit block, so the
     /// result is bit-identical to one pass (tested).
     pub update_chunk: i64,
+    /// The step number as a tensor on the parameters' device (the fused kernel reads it).
+    step_tensor: Option<Tensor>,
+    /// Whether `step` may use the fused multi-tensor kernel (`torch_ops`); tests turn
+    /// it off to compare with the per-tensor code.
+    pub fused: bool,
 }
 
 /// `AdamW::update_chunk`'s default: 2^24 values.
@@ -118,6 +123,10 @@ impl AdamW {
             kind,
             step: 0,
             update_chunk: UPDATE_CHUNK,
+            step_tensor: None,
+            // AMTHAL_FUSED_ADAMW=0 keeps the per-tensor code (for comparing the two,
+            // as scripts/gpu/check does on CUDA).
+            fused: std::env::var("AMTHAL_FUSED_ADAMW").map_or(true, |v| v != "0"),
         }
     }
 
@@ -149,24 +158,34 @@ impl AdamW {
     /// Global L2 norm of the gradients, and clips them to `max_norm` (torch's
     /// clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is below 1).
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
-        let norms: Vec<Tensor> = self
+        let grads: Vec<Tensor> = self
             .params
             .iter()
-            .filter(|p| p.param.grad().defined())
-            .map(|p| p.param.grad().to_kind(Kind::Float).norm())
+            .map(|p| p.param.grad())
+            .filter(Tensor::defined)
             .collect();
-        if norms.is_empty() {
+        if grads.is_empty() {
             return 0.0;
         }
-        let total = Tensor::stack(&norms, 0).norm().double_value(&[]);
+        let refs: Vec<&Tensor> = grads.iter().collect();
+        // One multi-tensor kernel for the norms and one for the scaling when the ops
+        // library is there (`torch_ops`), else tensor by tensor.
+        let ops = crate::torch_ops::ops().filter(|_| self.fused);
+        let total = match ops.map(|ops| ops.total_norm(&refs)) {
+            Some(Ok(norm)) => norm.double_value(&[]),
+            _ => {
+                let norms: Vec<Tensor> = grads
+                    .iter()
+                    .map(|g| g.to_kind(Kind::Float).norm())
+                    .collect();
+                Tensor::stack(&norms, 0).norm().double_value(&[])
+            }
+        };
         if max_norm > 0.0 {
             let coefficient = max_norm / (total + 1e-6);
-            if coefficient < 1.0 {
-                for p in &self.params {
-                    let mut grad = p.param.grad();
-                    if grad.defined() {
-                        let _ = grad.g_mul_scalar_(coefficient);
-                    }
+            if coefficient < 1.0 && ops.is_none_or(|ops| ops.scale(&refs, coefficient).is_err()) {
+                for mut grad in grads {
+                    let _ = grad.g_mul_scalar_(coefficient);
                 }
             }
         }
@@ -177,12 +196,76 @@ impl AdamW {
     /// with the gradients in each parameter's `.grad`.
     pub fn step(&mut self, lr: f64) {
         let step = self.begin_step(lr);
+        if self.fused_step(&step) {
+            return;
+        }
         for index in 0..self.params.len() {
             let grad = self.params[index].param.grad();
             if grad.defined() {
                 self.update(index, &grad, &step);
             }
         }
+    }
+
+    /// The whole step as fused kernels (`torch.optim.AdamW(fused=True)`; one call per
+    /// weight-decay group) when every trained tensor is f32 with f32 moments and no
+    /// master copy (`--optim adamw` on LoRA adapters or an f32 model). Returns false
+    /// when it does not apply.
+    fn fused_step(&mut self, step: &StepConstants) -> bool {
+        let eligible = self.fused
+            && self.kind == OptimKind::AdamW
+            && self.params.iter().all(|p| {
+                p.param.kind() == Kind::Float
+                    && p.master.is_none()
+                    && matches!(p.exp_avg, Moment::F32(_))
+                    && matches!(p.exp_avg_sq, Moment::F32(_))
+            });
+        let Some(ops) = crate::torch_ops::ops().filter(|_| eligible) else {
+            return false;
+        };
+        let Some(first) = self.params.first() else {
+            return true;
+        };
+        let device = first.param.device();
+        let step_tensor = self
+            .step_tensor
+            .get_or_insert_with(|| Tensor::zeros([], (Kind::Float, device)));
+        let _ = step_tensor.fill_(self.step as f64);
+        let mut leftover = Vec::new();
+        for decayed in [true, false] {
+            let group: Vec<usize> = (0..self.params.len())
+                .filter(|&i| {
+                    self.params[i].weight_decay == decayed && self.params[i].param.grad().defined()
+                })
+                .collect();
+            if group.is_empty() {
+                continue;
+            }
+            let settings = crate::torch_ops::AdamWSettings {
+                lr: step.lr,
+                beta1: self.beta1,
+                beta2: self.beta2,
+                weight_decay: if decayed { self.weight_decay } else { 0.0 },
+                eps: self.eps,
+            };
+            let fused = leftover.is_empty()
+                && fused_group(ops, &self.params, &group, step_tensor, settings)
+                    .inspect_err(|message| {
+                        tracing::warn!("fused AdamW failed ({message}); updating tensor by tensor");
+                    })
+                    .is_ok();
+            if !fused {
+                leftover.extend(group);
+            }
+        }
+        if !leftover.is_empty() {
+            self.fused = false;
+            for index in leftover {
+                let grad = self.params[index].param.grad();
+                self.update(index, &grad, step);
+            }
+        }
+        true
     }
 
     /// Starts optimizer step `self.step + 1`: what every parameter's update shares.
@@ -272,6 +355,37 @@ impl AdamW {
         self.step = step;
         Ok(())
     }
+}
+
+/// One fused AdamW call over the parameters `group` (all f32, f32 moments).
+fn fused_group(
+    ops: &crate::torch_ops::Ops,
+    params: &[ParamState],
+    group: &[usize],
+    step_tensor: &Tensor,
+    settings: crate::torch_ops::AdamWSettings,
+) -> Result<(), String> {
+    let f32_moment = |m: &Moment| match m {
+        Moment::F32(t) => t.shallow_clone(),
+        _ => unreachable!("fused_step checks the moments are f32"),
+    };
+    let grads: Vec<Tensor> = group.iter().map(|&i| params[i].param.grad()).collect();
+    let exp_avgs: Vec<Tensor> = group
+        .iter()
+        .map(|&i| f32_moment(&params[i].exp_avg))
+        .collect();
+    let exp_avg_sqs: Vec<Tensor> = group
+        .iter()
+        .map(|&i| f32_moment(&params[i].exp_avg_sq))
+        .collect();
+    ops.fused_adamw(
+        &group.iter().map(|&i| &params[i].param).collect::<Vec<_>>(),
+        &grads.iter().collect::<Vec<_>>(),
+        &exp_avgs.iter().collect::<Vec<_>>(),
+        &exp_avg_sqs.iter().collect::<Vec<_>>(),
+        step_tensor,
+        settings,
+    )
 }
 
 /// AdamW on one parameter (or a chunk of one: `ParamState::chunk`'s views write
@@ -382,6 +496,66 @@ mod tests {
         assert!(p.isfinite().all().int64_value(&[]) == 1);
     }
 
+    /// Deterministic values without the global generator (tests run in parallel).
+    fn wave(shape: [i64; 2], phase: f64) -> Tensor {
+        (Tensor::arange(shape[0] * shape[1], (Kind::Float, tch::Device::Cpu)) * phase)
+            .sin()
+            .view(shape)
+    }
+
+    /// The fused multi-tensor step (`torch_ops`, torch's fused AdamW kernel) takes the
+    /// per-tensor code's steps: weights and moments within 1e-6 over several steps,
+    /// with and without weight decay, clipping included.
+    #[test]
+    fn fused_step_equals_the_per_tensor_step() {
+        let run = |fused: bool| {
+            let shapes = [[16i64, 8], [8, 1], [4, 16]];
+            let params: Vec<Tensor> = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| wave(*s, 0.7 + i as f64).set_requires_grad(true))
+                .collect();
+            let named = params
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (format!("p{i}"), p.shallow_clone(), i != 1))
+                .collect();
+            let mut optim = AdamW::new(named, 0.1);
+            optim.fused = fused;
+            for step in 0..4 {
+                let loss = params
+                    .iter()
+                    .map(|p| (p * p * (step + 1) as f64).sum(Kind::Float))
+                    .fold(
+                        Tensor::zeros([], (Kind::Float, tch::Device::Cpu)),
+                        |a, b| a + b,
+                    );
+                loss.backward();
+                optim.clip_grad_norm(1.0);
+                optim.step(1e-2);
+                optim.zero_grad();
+            }
+            assert_eq!(optim.fused, fused, "no fallback");
+            (params, optim.state_tensors())
+        };
+        let (fused, fused_state) = run(true);
+        let (plain, plain_state) = run(false);
+        for (a, b) in fused.iter().zip(&plain) {
+            let difference = (a - b).abs().max().double_value(&[]);
+            assert!(difference < 1e-6, "weights differ by {difference}");
+            assert!(difference >= 0.0);
+        }
+        for (name, value) in &plain_state {
+            let difference = (value - &fused_state[name]).abs().max().double_value(&[]);
+            assert!(difference < 1e-6, "{name} differs by {difference}");
+        }
+        let moved = (&fused[0] - wave([16, 8], 0.7))
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(moved > 1e-3, "the steps moved the weights ({moved})");
+    }
+
     /// Updating a tensor a chunk at a time (what bounds the update's f32 temporaries)
     /// gives bit-identical weights and state for every optimizer and weight dtype.
     #[test]
@@ -394,16 +568,14 @@ mod tests {
             (OptimKind::AdamW8bit, Kind::BFloat16),
         ] {
             let run = |chunk: i64| {
-                tch::manual_seed(3);
                 // 5000 values: 8-bit moments (>= 4096), chunks of 1024 with a ragged end.
-                let weight = (Tensor::randn([50, 100], (Kind::Float, tch::Device::Cpu)) * 0.1)
-                    .to_kind(dtype);
+                let weight = (wave([50, 100], 0.37) * 0.1).to_kind(dtype);
                 let mut optim =
                     AdamW::with_kind(vec![("w".into(), weight.shallow_clone(), true)], 0.01, kind);
                 optim.update_chunk = chunk;
                 for _ in 0..3 {
                     let step = optim.begin_step(1e-3);
-                    let grad = Tensor::randn([50, 100], (Kind::Float, tch::Device::Cpu));
+                    let grad = wave([50, 100], 1.3 + optim.step as f64);
                     optim.update(0, &grad, &step);
                 }
                 (weight, optim.state_tensors())
@@ -418,9 +590,7 @@ mod tests {
                     "{kind:?} {dtype:?}: {name} differs"
                 );
             }
-            tch::manual_seed(3);
-            let initial =
-                (Tensor::randn([50, 100], (Kind::Float, tch::Device::Cpu)) * 0.1).to_kind(dtype);
+            let initial = (wave([50, 100], 0.37) * 0.1).to_kind(dtype);
             assert!(
                 !whole.equal(&initial),
                 "{kind:?} {dtype:?}: the steps moved the weights"
