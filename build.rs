@@ -40,23 +40,13 @@ fn build_ops_library(libtorch: &Path, target: &Path) {
         .parent()
         .expect("LIBTORCH has a parent")
         .join("torch");
-    let compiler = cc::Build::new().cpp(true).get_compiler();
-    let mut command = Command::new(compiler.path());
-    command
-        .args(["-std=c++17", "-O2", "-shared", "-fPIC", "-w"])
-        .arg("-D_GLIBCXX_USE_CXX11_ABI=1")
-        .arg(format!("-I{}", torch.join("include").display()))
-        .arg("csrc/torch_ops.cpp")
-        .arg(format!("-L{}", torch.join("lib").display()))
-        .args(["-ltorch_cpu", "-lc10"])
-        .arg("-o")
-        .arg(target);
-    let status = command
-        .status()
-        .unwrap_or_else(|e| panic!("running {:?}: {e}", compiler.path()));
-    if !status.success() {
-        panic!("compiling csrc/torch_ops.cpp failed: {command:?}");
-    }
+    compile_library(
+        "csrc/torch_ops.cpp",
+        &[torch.join("include")],
+        &[torch.join("lib")],
+        &["-ltorch_cpu", "-lc10"],
+        target,
+    );
 }
 
 /// site/ in scripts/setup's cache: the CPU view (LIBTORCH) sits at site/libtorch-cpu.
@@ -79,30 +69,50 @@ fn build_cuda_shim(libtorch: &Path, target: &Path) {
             );
         }
     }
+    compile_library(
+        "csrc/cuda_shim.cpp",
+        &[torch.join("include"), cuda_include],
+        &[torch.join("lib"), cuda_lib],
+        &[
+            "-ltorch_cuda",
+            "-ltorch_cpu",
+            "-lc10_cuda",
+            "-lc10",
+            "-l:libcudart.so.13",
+        ],
+        target,
+    );
+}
+
+/// Compiles one C++ source of csrc/ into a shared library against the torch wheel's
+/// headers and libraries.
+fn compile_library(
+    source: &str,
+    includes: &[PathBuf],
+    library_dirs: &[PathBuf],
+    libraries: &[&str],
+    target: &Path,
+) {
     let compiler = cc::Build::new().cpp(true).get_compiler();
     let mut command = Command::new(compiler.path());
     command
         .args(["-std=c++17", "-O2", "-shared", "-fPIC", "-w"])
         // torch 2.11 wheels use the C++11 ABI.
         .arg("-D_GLIBCXX_USE_CXX11_ABI=1")
-        .arg(format!("-I{}", torch.join("include").display()))
-        .arg(format!("-I{}", cuda_include.display()))
-        .arg("csrc/cuda_shim.cpp")
-        .arg(format!("-L{}", torch.join("lib").display()))
-        .arg(format!("-L{}", cuda_lib.display()))
-        .args([
-            "-ltorch_cuda",
-            "-ltorch_cpu",
-            "-lc10_cuda",
-            "-lc10",
-            "-l:libcudart.so.13",
-        ])
+        .args(includes.iter().map(|dir| format!("-I{}", dir.display())))
+        .arg(source)
+        .args(
+            library_dirs
+                .iter()
+                .map(|dir| format!("-L{}", dir.display())),
+        )
+        .args(libraries)
         .arg("-o")
         .arg(target);
     let status = command
         .status()
         .unwrap_or_else(|e| panic!("running {:?}: {e}", compiler.path()));
     if !status.success() {
-        panic!("compiling csrc/cuda_shim.cpp failed: {command:?}");
+        panic!("compiling {source} failed: {command:?}");
     }
 }

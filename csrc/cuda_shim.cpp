@@ -17,24 +17,12 @@
 
 #include <cstdint>
 #include <cstring>
-#include <exception>
-#include <string>
+
+#include "guarded.h"
 
 namespace {
-thread_local std::string last_error;
-
-template <typename F>
-int guarded(F&& body) {
-  try {
-    body();
-    return 0;
-  } catch (const std::exception& e) {
-    last_error = e.what();
-  } catch (...) {
-    last_error = "unknown C++ exception";
-  }
-  return 1;
-}
+using amthal::guarded;
+using amthal::last_error;
 
 int cuda_status(cudaError_t status) {
   if (status == cudaSuccess) return 0;

@@ -14,25 +14,13 @@
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
 
-#include <exception>
-#include <string>
 #include <vector>
 
-namespace {
-thread_local std::string last_error;
+#include "guarded.h"
 
-template <typename F>
-int guarded(F&& body) {
-  try {
-    body();
-    return 0;
-  } catch (const std::exception& e) {
-    last_error = e.what();
-  } catch (...) {
-    last_error = "unknown C++ exception";
-  }
-  return 1;
-}
+namespace {
+using amthal::guarded;
+using amthal::last_error;
 
 std::vector<at::Tensor> list(at::Tensor** tensors, int count) {
   std::vector<at::Tensor> out;

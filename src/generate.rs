@@ -410,8 +410,9 @@ impl Slot {
 
 /// Generates continuations for any number of prompts with `slots` rows decoding at
 /// once (continuous batching): when a row finishes, the next waiting prompt is
-/// prefilled alone into its slot of a per-row KV cache (`KvCache::slots`), instead of
-/// the batch shrinking until its longest row is done. Each row has its own length, so
+/// prefilled (together with any others admitted at the same time) into its slot of a
+/// per-row KV cache (`KvCache::slots`), instead of the batch shrinking until its
+/// longest row is done. Each row has its own length, so
 /// no row is padded. `finished(index, generation)` is called as each row ends, in
 /// whatever order they end; the outputs equal `generate_batch` on one prompt at a time.
 pub fn generate_continuous(

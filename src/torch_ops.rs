@@ -9,12 +9,12 @@
 //! CPU and on CUDA (it needs only libtorch_cpu). If it cannot be loaded the optimizer
 //! falls back to its per-tensor code, with a warning.
 
-use std::ffi::{CStr, c_char, c_int, c_void};
+use std::ffi::{c_char, c_int, c_void};
 use std::sync::OnceLock;
 
 use tch::Tensor;
 
-use crate::cuda::shim::load_embedded;
+use crate::cuda::shim::{load_embedded, status_result};
 
 /// The compiled library (see build.rs).
 const LIBRARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libamthal_ops.so"));
@@ -105,13 +105,7 @@ impl Ops {
     }
 
     fn check(&self, status: c_int) -> Result<(), String> {
-        if status == 0 {
-            return Ok(());
-        }
-        // SAFETY: last_error returns a pointer to a thread-local std::string's buffer.
-        Err(unsafe { CStr::from_ptr((self.last_error)()) }
-            .to_string_lossy()
-            .into_owned())
+        status_result(status, self.last_error)
     }
 
     /// One AdamW step over every parameter at once, in place. All tensors on one

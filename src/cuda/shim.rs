@@ -87,6 +87,21 @@ pub fn load_embedded(
     })
 }
 
+/// A C++ library's 0/1 status as a Result carrying its `*_last_error()` message
+/// (csrc/guarded.h).
+pub fn status_result(
+    status: c_int,
+    last_error: unsafe extern "C" fn() -> *const c_char,
+) -> Result<(), String> {
+    if status == 0 {
+        return Ok(());
+    }
+    // SAFETY: last_error returns a pointer to a thread-local std::string's buffer.
+    Err(unsafe { CStr::from_ptr(last_error()) }
+        .to_string_lossy()
+        .into_owned())
+}
+
 /// The thread's last dlopen/dlsym error message.
 pub fn dlerror() -> String {
     // SAFETY: dlerror returns a thread-local C string or null.
@@ -145,13 +160,7 @@ impl Shim {
 
     /// Turns the shim's 0/1 status into a Result with its message.
     fn check(&self, status: c_int) -> Result<(), String> {
-        if status == 0 {
-            return Ok(());
-        }
-        // SAFETY: last_error returns a pointer to a thread-local std::string's buffer.
-        Err(unsafe { CStr::from_ptr((self.last_error)()) }
-            .to_string_lossy()
-            .into_owned())
+        status_result(status, self.last_error)
     }
 
     pub fn memory_stats(&self, device: usize) -> Result<super::GpuMemory, String> {
