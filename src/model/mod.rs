@@ -2,6 +2,7 @@
 //! and GGUF, LoRA adapters in PEFT format, and HF-folder checkpoints.
 
 pub mod bert;
+pub mod bnb4;
 pub mod checkpoint;
 pub mod config;
 pub mod dequant;
