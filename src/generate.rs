@@ -177,12 +177,15 @@ impl BatchSize {
                     let free = crate::cuda::devices()
                         .get(index)
                         .map_or(0, |d| d.free_bytes.max(0) as u64);
-                    // One prompt's prefill: its hidden states and MLP activations per
-                    // position, a few times over.
+                    // One prefill of up to PREFILL_TOKENS positions (or one prompt's,
+                    // if longer): hidden states and MLP activations per position, a
+                    // few times over, and the keys and values it writes before they
+                    // are copied into their slots.
                     let c = &model.config;
-                    let prefill = positions as u64
-                        * (8 * c.hidden_size as u64 + 4 * c.intermediate_size as u64)
-                        * 4;
+                    let tokens = PREFILL_TOKENS.max(positions) as u64;
+                    let prefill = tokens
+                        * ((8 * c.hidden_size as u64 + 4 * c.intermediate_size as u64) * 4
+                            + bytes_per_slot(model, 1));
                     slots_that_fit(free, bytes_per_slot(model, positions), prefill, prompts)
                 }
                 _ => 8.min(prompts.max(1)),
@@ -434,6 +437,32 @@ pub struct ContinuousReport {
     pub cuda_graph: bool,
 }
 
+/// Positions one batched prefill may hold (prompts x the longest of them): bounds the
+/// prefill's activations and keys/values, which `--batch-size auto` reserves room for.
+pub const PREFILL_TOKENS: usize = 2048;
+
+/// The (slot, prompt) pairs prefilled together next: waiting prompts in order, one per
+/// free slot, while `prompts x longest` stays within `PREFILL_TOKENS` (at least one).
+fn admit(
+    free: &[usize],
+    waiting: &mut std::iter::Peekable<std::ops::Range<usize>>,
+    length: impl Fn(usize) -> usize,
+) -> Vec<(usize, usize)> {
+    let mut admitted = Vec::new();
+    let mut longest = 0;
+    for &slot in free {
+        let Some(&index) = waiting.peek() else { break };
+        let widest = longest.max(length(index));
+        if !admitted.is_empty() && widest * (admitted.len() + 1) > PREFILL_TOKENS {
+            break;
+        }
+        waiting.next();
+        longest = widest;
+        admitted.push((slot, index));
+    }
+    admitted
+}
+
 /// Prefills `prompts` in one forward pass and copies each one's keys and values into
 /// its slot (`admitted[i].0`) of the continuous-batching cache. The batch is padded on
 /// the right, so plain causal attention is exact: a prompt's tokens never see the
@@ -522,7 +551,7 @@ fn continuous_inner(
                 .index_fill_(0, &stop_tensor, f64::NEG_INFINITY);
         }
     };
-    let mut waiting = 0..requests.len();
+    let mut waiting = (0..requests.len()).peekable();
     let mut table: Vec<Option<Slot>> = (0..slots).map(|_| None).collect();
     loop {
         crate::profile::start();
@@ -530,7 +559,7 @@ fn continuous_inner(
         // choosing its first token. A prompt that stops at once frees its slot again.
         loop {
             let free: Vec<usize> = (0..slots).filter(|&s| table[s].is_none()).collect();
-            let admitted: Vec<(usize, usize)> = free.into_iter().zip(waiting.by_ref()).collect();
+            let admitted = admit(&free, &mut waiting, |i| requests[i].prompt_ids.len());
             if admitted.is_empty() {
                 break;
             }
@@ -768,6 +797,29 @@ mod tests {
             sampled(&all, 4, &logits),
             "same seed, same draws"
         );
+    }
+
+    /// Prompts are admitted in order, one per free slot, as many as fit PREFILL_TOKENS
+    /// positions together; a prompt longer than that still goes, alone.
+    #[test]
+    fn admitted_prompts_fit_the_prefill_budget() {
+        let lengths = [100, 100, 1000, 60, 3000, 10];
+        let mut waiting = (0..lengths.len()).peekable();
+        let free = [0, 1, 2, 3, 4, 5, 6, 7];
+        let length = |i: usize| lengths[i];
+        // 100, 100, 1000: 3 x 1000 > 2048, so 1000 waits.
+        assert_eq!(admit(&free, &mut waiting, length), vec![(0, 0), (1, 1)]);
+        // 1000 and 60 (2 x 1000), not 3000.
+        assert_eq!(
+            admit(&free[2..], &mut waiting, length),
+            vec![(2, 2), (3, 3)]
+        );
+        assert_eq!(admit(&free[4..], &mut waiting, length), vec![(4, 4)]);
+        assert_eq!(admit(&free[5..], &mut waiting, length), vec![(5, 5)]);
+        assert!(admit(&free[6..], &mut waiting, length).is_empty());
+        // Fewer free slots than fitting prompts: one per slot.
+        let mut waiting = (0..lengths.len()).peekable();
+        assert_eq!(admit(&[3], &mut waiting, length), vec![(3, 0)]);
     }
 
     #[test]
