@@ -144,7 +144,7 @@ pub fn quantize(x: &Tensor, quant: Quant4, double: bool) -> Quantized4 {
             .bitwise_or_tensor(&pairs.select(1, 1));
         let absmax = if double {
             let offset = absmax.mean(Kind::Float);
-            let map = Tensor::from_slice(&bnb_dynamic_map(true)).to_device(device);
+            let map = Tensor::from_slice(bnb_dynamic_map(true)).to_device(device);
             let (codes, block_absmax) = quantize_blockwise(&(&absmax - &offset), &map);
             let blocks = absmax.numel() as i64;
             Absmax::Double {
@@ -175,7 +175,7 @@ impl Quantized4 {
                 offset,
             } => {
                 let device = codes.device();
-                let map = Tensor::from_slice(&bnb_dynamic_map(true)).to_device(device);
+                let map = Tensor::from_slice(bnb_dynamic_map(true)).to_device(device);
                 let n = codes.numel() as i64;
                 let values = map.index_select(0, &codes.to_kind(Kind::Int64));
                 let padded = (n + ABSMAX_BLOCK - 1) / ABSMAX_BLOCK * ABSMAX_BLOCK;

@@ -239,7 +239,17 @@ pub fn dynamic_map(signed: bool) -> Vec<f32> {
 /// signed map's 256 values; the 8-bit optimizer still uses it because its quality check
 /// (a 1 % bar that tiny differences move) was measured with it. Switching it over is
 /// one line once that check is re-run.
-pub fn bnb_dynamic_map(signed: bool) -> Vec<f32> {
+/// (Computed once per sign: it takes a few dozen tensor operations, and the 4-bit
+/// codec asks for it at every dequantization.)
+pub fn bnb_dynamic_map(signed: bool) -> &'static [f32] {
+    static SIGNED: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
+    static UNSIGNED: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
+    let cell = if signed { &SIGNED } else { &UNSIGNED };
+    cell.get_or_init(|| compute_bnb_dynamic_map(signed))
+}
+
+/// What `bnb_dynamic_map` caches.
+fn compute_bnb_dynamic_map(signed: bool) -> Vec<f32> {
     let mut data: Vec<f32> = Vec::with_capacity(256);
     for i in 0..7 {
         let fraction_items = if signed {
