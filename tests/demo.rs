@@ -8,7 +8,8 @@ use common::*;
 
 #[test]
 fn demo_runs_the_whole_loop() {
-    let out = temp_dir("demo").join("demo");
+    let scratch = temp_dir("demo");
+    let out = scratch.join("demo");
     let output = amthal(&[
         "demo",
         "--model",

@@ -117,7 +117,8 @@ fn generated(out: &Path) -> Vec<String> {
 
 #[test]
 fn predictions_csv_has_the_seed_layout_and_a_sidecar() {
-    let out = temp_dir("layout").join("preds.csv");
+    let scratch = temp_dir("layout");
+    let out = scratch.join("preds.csv");
     let output = evaluate(&out, &["--limit", "3", "--batch-size", "2"]);
     assert!(output.status.success(), "{}", stderr(&output));
     let bytes = std::fs::read(&out).unwrap();

@@ -229,7 +229,7 @@ fn kv_cache_decoding_equals_a_full_forward() {
 }
 
 /// A copy of the tiny model folder with another config.json.
-fn tiny_with_config(name: &str, config: &serde_json::Value) -> PathBuf {
+fn tiny_with_config(name: &str, config: &serde_json::Value) -> TestDir {
     let dir = temp_dir(name);
     for file in [
         "model.safetensors",
@@ -258,7 +258,11 @@ fn every_rope_type_matches_transformers() {
         .collect();
     for (name, config) in golden["rope_variants"].as_object().unwrap() {
         let dir = tiny_with_config(&format!("rope-{name}"), config);
-        let model = load_llama(&ModelSource::HfFolder(dir), LoadOptions::default()).unwrap();
+        let model = load_llama(
+            &ModelSource::HfFolder(dir.to_path_buf()),
+            LoadOptions::default(),
+        )
+        .unwrap();
         let diff = max_abs_diff(&row_logits(&model, &row), &tensors[&format!("rope_{name}")]);
         assert!(
             diff < 1e-4,
@@ -292,9 +296,10 @@ fn adapter_round_trip_and_merge_keep_the_logits() {
     // Saved by amthal, loaded again: the same tensors and logits. AMTHAL_EXPORT_DIR keeps
     // the files for scripts/golden/check_exports.py (PEFT and transformers load them).
     let export = std::env::var_os("AMTHAL_EXPORT_DIR").map(PathBuf::from);
+    let scratch = export.is_none().then(|| temp_dir("adapter-round-trip"));
     let dir = export
         .clone()
-        .unwrap_or_else(|| temp_dir("adapter-round-trip"));
+        .unwrap_or_else(|| scratch.as_ref().unwrap().to_path_buf());
     let adapter_dir = dir.join("adapter");
     let (config, _) =
         amthal::model::lora::read_adapter_config(&fixture("tiny-llama-adapter")).unwrap();
@@ -578,7 +583,8 @@ fn broken_models_and_adapters_are_clear_errors() {
 
 #[test]
 fn cli_merge_writes_a_folder_that_loads_with_the_adapters_logits() {
-    let out = temp_dir("cli-merge").join("merged");
+    let scratch = temp_dir("cli-merge");
+    let out = scratch.join("merged");
     let output = amthal(&[
         "merge",
         "--model",

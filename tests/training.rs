@@ -288,7 +288,8 @@ fn lora_training_leaves_the_base_bit_identical_and_accumulation_equals_a_bigger_
 
 #[test]
 fn the_best_checkpoint_survives_save_total_limit() {
-    let out = temp_dir("best").join("out");
+    let scratch = temp_dir("best");
+    let out = scratch.join("out");
     let output = run_train(
         &out,
         &[
@@ -352,7 +353,8 @@ fn the_best_checkpoint_survives_save_total_limit() {
 
 #[test]
 fn a_diverging_run_stops_on_nan_and_names_the_last_good_checkpoint() {
-    let out = temp_dir("nan").join("out");
+    let scratch = temp_dir("nan");
+    let out = scratch.join("out");
     let output = run_train(
         &out,
         &[

@@ -46,12 +46,45 @@ pub fn smollm2() -> PathBuf {
     path
 }
 
-/// A fresh temp dir for one test.
-pub fn temp_dir(name: &str) -> PathBuf {
+/// A fresh temp dir for one test, removed when the returned guard drops (also when
+/// the test panics), so a full test run leaves nothing behind in the temp folder: a
+/// full fine-tune's checkpoints are gigabytes, and CI once ran out of disk on the
+/// leftovers of earlier runs. Set AMTHAL_KEEP_TEST_DIRS=1 to keep them for debugging.
+pub fn temp_dir(name: &str) -> TestDir {
     let dir = std::env::temp_dir().join(format!("amthal-test-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    TestDir(dir)
+}
+
+/// A test's temp folder; derefs to its path and is deleted on drop.
+pub struct TestDir(PathBuf);
+
+impl std::ops::Deref for TestDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TestDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for TestDir {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.0.as_os_str()
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if std::env::var_os("AMTHAL_KEEP_TEST_DIRS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 }
 
 pub fn write(dir: &Path, name: &str, bytes: impl AsRef<[u8]>) -> PathBuf {
