@@ -148,6 +148,8 @@ pub struct EvaluateArgs {
     pub base_id: Option<String>,
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub quantize: QuantizeArgs,
     /// A LoRA adapter (PEFT format, amthal's or Python's) on top of the base model.
     #[arg(long, visible_aliases = ["adapter_dir", "adapter"], value_name = "DIR")]
     pub adapter_dir: Option<PathBuf>,
@@ -278,6 +280,48 @@ impl DataArgs {
     }
 }
 
+/// `--quantize` and the spellings of transformers' BitsAndBytesConfig: how the frozen
+/// decoder projections are stored (see `model::quantized`).
+#[derive(Debug, Clone, Default, Args)]
+pub struct QuantizeArgs {
+    /// Keep the frozen projections quantized as bitsandbytes does (QLoRA's base): nf4 or
+    /// fp4 (4-bit, blocks of 64) or int8 (LLM.int8's row-wise int8, weights only).
+    /// Embeddings, norms and lm_head stay in the compute dtype.
+    #[arg(long, value_name = "nf4|fp4|int8", value_parser = clap::value_parser!(crate::model::quantized::QuantKind))]
+    pub quantize: Option<crate::model::quantized::QuantKind>,
+    /// 4-bit: keep the block absmaxes in 8 bits too (bnb_4bit_use_double_quant),
+    /// ~0.4 bits per weight less.
+    #[arg(long, visible_alias = "bnb_4bit_use_double_quant")]
+    pub double_quant: bool,
+    /// transformers' load_in_4bit: --quantize nf4 (the QLoRA recipe's type; a bare
+    /// BitsAndBytesConfig would pick fp4, which --quantize fp4 gives).
+    #[arg(long, visible_alias = "load_in_4bit", conflicts_with_all = ["quantize", "load_in_8bit"])]
+    pub load_in_4bit: bool,
+    /// transformers' load_in_8bit: --quantize int8.
+    #[arg(long, visible_alias = "load_in_8bit", conflicts_with = "quantize")]
+    pub load_in_8bit: bool,
+}
+
+impl QuantizeArgs {
+    /// The chosen storage, None for a dense model.
+    pub fn quant_kind(&self) -> Option<crate::model::quantized::QuantKind> {
+        use crate::model::quantized::QuantKind;
+        if self.load_in_4bit {
+            Some(QuantKind::Nf4)
+        } else if self.load_in_8bit {
+            Some(QuantKind::Int8)
+        } else {
+            self.quantize
+        }
+    }
+
+    /// The storage with its double-quantization setting; `--double-quant` without a
+    /// 4-bit type is an error.
+    pub fn resolve(&self) -> anyhow::Result<Option<crate::model::quantized::Quantization>> {
+        crate::model::quantized::Quantization::from_settings(self.quant_kind(), self.double_quant)
+    }
+}
+
 /// Where and in which precision to run; shared by every command that runs a model.
 #[derive(Debug, Clone, Args)]
 pub struct RuntimeArgs {
@@ -293,6 +337,8 @@ pub struct RuntimeArgs {
 pub struct LossArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    #[command(flatten)]
+    pub quantize: QuantizeArgs,
     /// A LoRA adapter folder (PEFT format) to apply to the model.
     #[arg(long, visible_alias = "adapter_dir", value_name = "DIR")]
     pub adapter: Option<PathBuf>,
@@ -503,6 +549,8 @@ pub struct TrainArgs {
     /// per-document positions and attention (TRL's padding_free).
     #[arg(long, visible_alias = "padding_free")]
     pub packing: bool,
+    #[command(flatten)]
+    pub quantize: QuantizeArgs,
     /// Continue from the latest checkpoint in --output-dir, or from the one named.
     #[arg(long, num_args = 0..=1, default_missing_value = "latest", value_name = "checkpoint-N")]
     pub resume: Option<String>,

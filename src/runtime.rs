@@ -8,6 +8,7 @@ use tch::{Device, Kind};
 
 use crate::device::{Precision, kind_name, parse_device, resolve_precision};
 use crate::model::lora::{LoraConfig, load_adapter};
+use crate::model::quantized::Quantization;
 use crate::model::{Llama, LoadOptions, load_llama};
 use crate::model_source::ModelSource;
 use crate::tokenizer::ModelTokenizer;
@@ -25,10 +26,14 @@ pub struct LoadedModel {
 impl LoadedModel {
     pub fn describe(&self) -> String {
         format!(
-            "{} ({} on {:?}{})",
+            "{} ({} on {:?}{}{})",
             self.source.display(),
             kind_name(self.model.kind),
             self.model.device,
+            match self.model.quantization {
+                Some(q) => format!(", projections in {q}"),
+                None => String::new(),
+            },
             match &self.adapter {
                 Some(a) => format!(", LoRA r={} alpha={}", a.r, a.alpha),
                 None => String::new(),
@@ -37,20 +42,27 @@ impl LoadedModel {
     }
 }
 
-/// Loads `--model` (default: the embedded SmolLM2) with an optional `--adapter`.
+/// Loads `--model` (default: the embedded SmolLM2) with an optional `--adapter`,
+/// its projections quantized if `quantize` says so.
 pub fn load_model(
     model: Option<&str>,
     adapter: Option<&Path>,
     device: &str,
     precision: Precision,
+    quantize: Option<Quantization>,
 ) -> Result<LoadedModel> {
     let source = ModelSource::resolve(model)?;
     let device: Device = parse_device(device)?;
     let kind: Kind = resolve_precision(precision, device);
     let tokenizer = source.tokenizer()?;
     let started = std::time::Instant::now();
-    let mut llama = load_llama(&source, LoadOptions { device, kind })
-        .with_context(|| format!("loading {}", source.display()))?;
+    let options = LoadOptions {
+        device,
+        kind,
+        quantize,
+    };
+    let mut llama =
+        load_llama(&source, options).with_context(|| format!("loading {}", source.display()))?;
     let adapter = match adapter {
         Some(dir) => Some(
             load_adapter(&mut llama, dir)

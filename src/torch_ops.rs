@@ -5,6 +5,11 @@
 //! of ~10 kernels per tensor: a LoRA step of a 7B has 448 adapter tensors, and on the
 //! GPU the host issuing their updates one by one took longer than the GPU's work.
 //!
+//! It also holds `recomputed_linear`: a linear layer whose frozen weight is produced by
+//! a function in the forward pass and again in the backward pass instead of being kept
+//! for it (a custom autograd function, which tch cannot define): how a 4-bit base model
+//! trains without holding every dequantized projection until the backward pass.
+//!
 //! The library is embedded in the binary and loaded from memory on first use, on the
 //! CPU and on CUDA (it needs only libtorch_cpu). If it cannot be loaded the optimizer
 //! falls back to its per-tensor code, with a warning.
@@ -18,7 +23,7 @@ use crate::cuda::shim::{load_embedded, status_result};
 
 /// The compiled library (see build.rs).
 const LIBRARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libamthal_ops.so"));
-const VERSION: c_int = 1;
+const VERSION: c_int = 2;
 
 type VersionFn = unsafe extern "C" fn() -> c_int;
 type LastErrorFn = unsafe extern "C" fn() -> *const c_char;
@@ -37,6 +42,11 @@ type FusedAdamwFn = unsafe extern "C" fn(
 ) -> c_int;
 type TotalNormFn = unsafe extern "C" fn(*const *mut c_void, c_int, *mut c_void) -> c_int;
 type MulFn = unsafe extern "C" fn(*const *mut c_void, c_int, f64) -> c_int;
+/// Produces a weight in a dtype (c10::ScalarType as int) from an opaque state: a fresh
+/// `torch::Tensor*` the C++ side takes ownership of, or null on failure.
+pub type WeightFn = unsafe extern "C" fn(*const c_void, c_int) -> *mut c_void;
+type RecomputedLinearFn =
+    unsafe extern "C" fn(*mut c_void, WeightFn, *const c_void, *mut *mut c_void) -> c_int;
 
 /// Function pointers into the loaded library.
 pub struct Ops {
@@ -44,6 +54,7 @@ pub struct Ops {
     fused_adamw: FusedAdamwFn,
     total_norm: TotalNormFn,
     mul: MulFn,
+    recomputed_linear: RecomputedLinearFn,
 }
 
 /// AdamW's hyper-parameters for one step.
@@ -100,6 +111,9 @@ impl Ops {
                     "amthal_foreach_total_norm",
                 )?),
                 mul: std::mem::transmute::<*mut c_void, MulFn>(symbol("amthal_foreach_mul")?),
+                recomputed_linear: std::mem::transmute::<*mut c_void, RecomputedLinearFn>(symbol(
+                    "amthal_recomputed_linear",
+                )?),
             })
         }
     }
@@ -169,6 +183,47 @@ impl Ops {
         // SAFETY: an array of live tensor handles, updated in place.
         self.check(unsafe { (self.mul)(list.as_ptr(), list.len() as c_int, factor) })
     }
+
+    /// `x W^T` where W = `produce(state, x's dtype)`, called in the forward pass and
+    /// again in the backward pass; autograd keeps nothing of W, and only `x` gets a
+    /// gradient.
+    ///
+    /// # Safety
+    /// `state` must stay valid, and `produce` callable with it from any thread (the
+    /// backward pass may run on autograd's device threads), until the returned tensor's
+    /// graph has been backpropagated or dropped.
+    pub unsafe fn recomputed_linear(
+        &self,
+        x: &Tensor,
+        produce: WeightFn,
+        state: *const c_void,
+    ) -> Result<Tensor, String> {
+        let mut out: *mut c_void = std::ptr::null_mut();
+        // SAFETY: a live input handle; `out` receives a new heap tensor on success.
+        self.check(unsafe {
+            (self.recomputed_linear)(x.as_ptr() as *mut c_void, produce, state, &mut out)
+        })?;
+        // SAFETY: `out` is a `new torch::Tensor` from the C++ side, owned from here on.
+        Ok(unsafe { Tensor::from_ptr(out as *mut torch_sys::C_tensor) })
+    }
+}
+
+/// tch's Kind for a c10::ScalarType code, for the float dtypes a weight is made in.
+pub fn float_kind_from_scalar_type(code: c_int) -> Option<tch::Kind> {
+    match code {
+        5 => Some(tch::Kind::Half),
+        6 => Some(tch::Kind::Float),
+        7 => Some(tch::Kind::Double),
+        15 => Some(tch::Kind::BFloat16),
+        _ => None,
+    }
+}
+
+/// Hands a tensor to the C++ side as a `torch::Tensor*` it owns (and deletes).
+pub fn into_raw_handle(mut tensor: Tensor) -> *mut c_void {
+    let handle = tensor.as_mut_ptr() as *mut c_void;
+    std::mem::forget(tensor);
+    handle
 }
 
 #[cfg(test)]

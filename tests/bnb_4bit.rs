@@ -1,24 +1,30 @@
 //! amthal's bitsandbytes 4-bit codec against bitsandbytes 0.50 itself
-//! (tests/golden/bnb_4bit.safetensors, from scripts/golden/make_bnb4_golden.py): NF4
+//! (tests/golden/bnb_4bit.safetensors, from scripts/golden/make_bnb_goldens.py): NF4
 //! and FP4, blocks of 64, with and without double quantization, f32 and bf16 weights,
 //! a ragged last block and zero / constant blocks. Codes, absmaxes (and the double
 //! quantization's codes, absmaxes and offset) and the dequantized weights are equal,
-//! bit for bit.
+//! bit for bit. Also LLM.int8's row-wise weight storage against
+//! tests/golden/bnb_int8.safetensors (`int8_vectorwise_quant` / `_dequant`).
 
 mod common;
 
 use std::collections::HashMap;
 
 use amthal::model::bnb4::{Absmax, Quant4, quantize};
+use amthal::model::int8::quantize_rows;
 use common::*;
 use tch::{Kind, Tensor};
 
 fn goldens() -> HashMap<String, Tensor> {
-    let path = repo_root().join("tests/golden/bnb_4bit.safetensors");
+    golden_file("bnb_4bit.safetensors")
+}
+
+fn golden_file(name: &str) -> HashMap<String, Tensor> {
+    let path = repo_root().join("tests/golden").join(name);
     Tensor::read_safetensors(&path)
         .unwrap_or_else(|e| {
             panic!(
-                "{}: {e} (scripts/golden/make_bnb4_golden.py writes it)",
+                "{}: {e} (scripts/golden/make_bnb_goldens.py writes it)",
                 path.display()
             )
         })
@@ -108,4 +114,34 @@ fn storage_is_about_half_a_byte_per_weight() {
     let values = 4096 * 64;
     assert_eq!(single, values / 2 + values / 64 * 4);
     assert!(double < values / 2 + values / 64 * 2, "{double}");
+}
+
+#[test]
+fn int8_rows_equal_bitsandbytes_bit_for_bit() {
+    let golden = golden_file("bnb_int8.safetensors");
+    let mut checked = 0;
+    for name in ["w", "ragged"] {
+        for dtype in ["f32", "bf16"] {
+            let key = format!("{name}.{dtype}");
+            let input = &golden[&format!("{key}.input")];
+            let q = quantize_rows(input);
+            assert_equal(
+                &format!("{key}.codes"),
+                &q.codes,
+                &golden[&format!("{key}.codes")],
+            );
+            assert_equal(
+                &format!("{key}.row_absmax"),
+                &q.row_absmax,
+                &golden[&format!("{key}.row_absmax")],
+            );
+            assert_equal(
+                &format!("{key}.dequantized"),
+                &q.dequantize(input.kind()),
+                &golden[&format!("{key}.dequantized")],
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 4);
 }

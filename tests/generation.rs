@@ -396,7 +396,7 @@ fn fused_projections_give_the_separate_logits() {
     let attn = &fused.layers[0].self_attn;
     let qkv = attn.qkv.as_ref().unwrap();
     assert_eq!(
-        attn.q_proj.weight.data_ptr(),
+        attn.q_proj.weight.expect_dense().data_ptr(),
         qkv.weight.data_ptr(),
         "q_proj is a view into the fused weight"
     );

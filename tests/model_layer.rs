@@ -395,7 +395,14 @@ fn new_adapters_start_at_the_base_model_and_freeze_the_base() {
     attach_new(&mut model, &config).unwrap();
     assert_eq!(named_adapter_tensors(&model).len(), 2 * 2 * 2);
     assert!(!model.embed_tokens.requires_grad());
-    assert!(!model.layers[0].self_attn.q_proj.weight.requires_grad());
+    assert!(
+        !model.layers[0]
+            .self_attn
+            .q_proj
+            .weight
+            .expect_dense()
+            .requires_grad()
+    );
     let a = &model.layers[0].self_attn.q_proj.lora.as_ref().unwrap().a;
     assert!(a.requires_grad());
     let bound = 1.0 / (64f64).sqrt();
@@ -413,7 +420,15 @@ fn new_adapters_start_at_the_base_model_and_freeze_the_base() {
     loss.backward();
     let b = &model.layers[0].self_attn.q_proj.lora.as_ref().unwrap().b;
     assert!(b.grad().defined() && b.grad().abs().sum(Kind::Float).double_value(&[]) > 0.0);
-    assert!(!model.layers[0].self_attn.q_proj.weight.grad().defined());
+    assert!(
+        !model.layers[0]
+            .self_attn
+            .q_proj
+            .weight
+            .expect_dense()
+            .grad()
+            .defined()
+    );
     let bad = LoraConfig {
         targets: vec!["lm_head".into()],
         ..LoraConfig::default()
@@ -624,6 +639,7 @@ fn bf16_compute_stays_close_to_f32() {
         LoadOptions {
             device: Device::Cpu,
             kind: Kind::BFloat16,
+            quantize: None,
         },
     )
     .unwrap();

@@ -55,7 +55,7 @@ fn validation_loss(
     read_options: crate::data::ReadOptions,
 ) -> Result<f64> {
     let loaded =
-        crate::runtime::load_model(model, adapter, "auto", crate::device::Precision::Auto)?;
+        crate::runtime::load_model(model, adapter, "auto", crate::device::Precision::Auto, None)?;
     let prompts =
         crate::prompt::PromptBuilder::new(crate::prompt::PromptFormat::Auto, &loaded.tokenizer)?;
     let encoder = crate::encode::Encoder::new(&loaded.tokenizer, &prompts)?;

@@ -152,6 +152,7 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
         adapter.as_deref(),
         &args.runtime.device,
         args.runtime.precision,
+        args.quantize.resolve()?,
     )?;
     let adapter_folded = loaded.adapter.is_some()
         && !args.no_merge_adapter
@@ -314,6 +315,7 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
     }
     let seconds = started.elapsed().as_secs_f64();
     sidecar["cuda_graph"] = json!(report.cuda_graph);
+    sidecar["quantize"] = json!(loaded.model.quantization.map(|q| q.to_string()));
     write_file(
         &sidecar_path,
         serde_json::to_string_pretty(&sidecar)?.as_bytes(),

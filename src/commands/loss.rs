@@ -24,6 +24,7 @@ pub fn run(args: &LossArgs) -> Result<()> {
         args.adapter.as_deref(),
         &args.runtime.device,
         args.runtime.precision,
+        args.quantize.resolve()?,
     )?;
     let prompts = PromptBuilder::new(args.prompt_format, &loaded.tokenizer)?;
     let encoder = Encoder::new(&loaded.tokenizer, &prompts)?;

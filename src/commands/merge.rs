@@ -13,6 +13,7 @@ pub fn run(args: &MergeArgs) -> Result<()> {
         Some(&args.adapter),
         &args.runtime.device,
         args.runtime.precision,
+        None,
     )?;
     merge_adapters(&mut loaded.model);
     save_hf_folder(&loaded.model, &loaded.tokenizer, &args.output_dir)?;

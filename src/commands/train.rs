@@ -65,6 +65,10 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     c.save_only_model |= args.save_only_model;
     c.optim_in_backward |= args.optim_in_backward;
     c.packing |= args.packing;
+    if let Some(kind) = args.quantize.quant_kind() {
+        c.quantize = Some(kind);
+    }
+    c.double_quant |= args.quantize.double_quant;
     if args.fp16 {
         c.precision = Precision::F16;
     }

@@ -4,11 +4,15 @@
 //! (`bnb_4bit_use_double_quant`): the absmaxes minus their mean, themselves stored in
 //! 8 bits with the dynamic map in blocks of 256 plus one f32 absmax per block.
 //!
-//! This is the codec only (issue 14's first step): `quantize` and `dequantize` equal
-//! `bitsandbytes.functional.quantize_4bit` / `dequantize_4bit` (0.50, its CPU backend)
-//! on the goldens in tests/golden/bnb_4bit.safetensors (scripts/golden/make_bnb4_golden.py).
-//! A model that keeps its frozen projections this way and dequantizes one at a time
-//! is the next step.
+//! `quantize` and `dequantize` equal `bitsandbytes.functional.quantize_4bit` /
+//! `dequantize_4bit` (0.50, its CPU backend) on the goldens in
+//! tests/golden/bnb_4bit.safetensors (scripts/golden/make_bnb_goldens.py). A model
+//! loaded with `--quantize nf4|fp4` keeps its frozen projections this way
+//! (`super::quantized`) and dequantizes one projection at a time.
+//!
+//! Dequantization reads only tensors already on the weight's device (the code table
+//! as a 256-entry byte -> value-pair table, the dynamic map): nothing is copied from
+//! the host, so a CUDA graph can capture it.
 
 use tch::{Kind, Tensor};
 
@@ -79,6 +83,10 @@ pub struct Quantized4 {
     pub packed: Tensor,
     pub absmax: Absmax,
     pub shape: Vec<i64>,
+    /// Every byte's two code values, [256, 2] f32, on the weight's device.
+    pair_values: Tensor,
+    /// bitsandbytes' signed dynamic map, [256] f32, on the device (double quantization).
+    dynamic_map: Tensor,
 }
 
 /// bitsandbytes' quantize_blockwise: per-block absmax, values scaled into [-1, 1],
@@ -142,9 +150,9 @@ pub fn quantize(x: &Tensor, quant: Quant4, double: bool) -> Quantized4 {
             .select(1, 0)
             .bitwise_left_shift_tensor_scalar(4)
             .bitwise_or_tensor(&pairs.select(1, 1));
+        let map = Tensor::from_slice(bnb_dynamic_map(true)).to_device(device);
         let absmax = if double {
             let offset = absmax.mean(Kind::Float);
-            let map = Tensor::from_slice(bnb_dynamic_map(true)).to_device(device);
             let (codes, block_absmax) = quantize_blockwise(&(&absmax - &offset), &map);
             let blocks = absmax.numel() as i64;
             Absmax::Double {
@@ -160,8 +168,20 @@ pub fn quantize(x: &Tensor, quant: Quant4, double: bool) -> Quantized4 {
             packed,
             absmax,
             shape: x.size(),
+            pair_values: pair_values(quant).to_device(device),
+            dynamic_map: map,
         }
     })
+}
+
+/// The values of a byte's two codes (high nibble, low nibble) for all 256 bytes:
+/// dequantization looks up pairs instead of unpacking nibbles.
+fn pair_values(quant: Quant4) -> Tensor {
+    let code = quant.code();
+    let pairs: Vec<f32> = (0..256usize)
+        .flat_map(|byte| [code[byte >> 4], code[byte & 0x0F]])
+        .collect();
+    Tensor::from_slice(&pairs).view([256, 2])
 }
 
 impl Quantized4 {
@@ -174,10 +194,8 @@ impl Quantized4 {
                 absmax,
                 offset,
             } => {
-                let device = codes.device();
-                let map = Tensor::from_slice(bnb_dynamic_map(true)).to_device(device);
                 let n = codes.numel() as i64;
-                let values = map.index_select(0, &codes.to_kind(Kind::Int64));
+                let values = self.dynamic_map.index_select(0, &codes.to_kind(Kind::Int));
                 let padded = (n + ABSMAX_BLOCK - 1) / ABSMAX_BLOCK * ABSMAX_BLOCK;
                 let scaled = (values
                     .constant_pad_nd([0, padded - n])
@@ -194,23 +212,26 @@ impl Quantized4 {
     /// (bitsandbytes' `dequantize_4bit`).
     pub fn dequantize(&self, kind: Kind) -> Tensor {
         tch::no_grad(|| {
-            let device = self.packed.device();
             let n: i64 = self.shape.iter().product();
-            let high = self.packed.bitwise_right_shift_tensor_scalar(4);
-            let low = self.packed.bitwise_and(0x0F);
-            let codes = Tensor::stack(&[high, low], 1)
+            let values = self
+                .pair_values
+                .index_select(0, &self.packed.to_kind(Kind::Int))
+                .view([-1]);
+            let absmax = self.block_absmax();
+            let blocks = absmax.size()[0];
+            let scaled = if n == blocks * BLOCK {
+                values.view([blocks, BLOCK]) * absmax.unsqueeze(1)
+            } else {
+                // A ragged last block: pad the codes' values to whole blocks.
+                values
+                    .narrow(0, 0, n)
+                    .constant_pad_nd([0, blocks * BLOCK - n])
+                    .view([blocks, BLOCK])
+                    * absmax.unsqueeze(1)
+            };
+            scaled
                 .view([-1])
                 .narrow(0, 0, n)
-                .to_kind(Kind::Int64);
-            let code = Tensor::from_slice(&self.quant.code()).to_device(device);
-            let values = code.index_select(0, &codes);
-            let absmax = self.block_absmax();
-            let per_value = absmax
-                .unsqueeze(1)
-                .expand([absmax.size()[0], BLOCK], false)
-                .reshape([-1])
-                .narrow(0, 0, n);
-            (values * per_value)
                 .to_kind(kind)
                 .view(self.shape.as_slice())
         })

@@ -6,13 +6,13 @@
 //! GPU). The separate projections become views into the fused weight, so nothing is
 //! held twice and every name still reads its own tensor.
 //!
-//! Only for inference with plain projections: an attached (unfolded) LoRA adapter, or a
-//! weight replaced after fusing, makes the forward use the separate projections again
+//! Only for inference with plain dense projections: a quantized one, an attached
+//! (unfolded) LoRA adapter, or a weight replaced after fusing, makes the forward use the separate projections again
 //! (`Fused::is_current`).
 
 use tch::Tensor;
 
-use super::linear::Linear;
+use super::linear::{Linear, Weight};
 use super::llama::Llama;
 
 /// Several projections' weights (and biases) stacked along the output dimension.
@@ -27,12 +27,20 @@ impl Fused {
     /// Stacks `parts` and turns each into a view of the stacked weight. `None` when a
     /// part has an adapter attached or the parts disagree on having a bias.
     fn stack(parts: &mut [&mut Linear]) -> Option<Fused> {
-        if parts.iter().any(|p| p.lora.is_some())
+        if parts
+            .iter()
+            .any(|p| p.lora.is_some() || p.weight.dense().is_none())
             || !(parts.iter().all(|p| p.bias.is_some()) || parts.iter().all(|p| p.bias.is_none()))
         {
             return None;
         }
-        let weight = Tensor::cat(&parts.iter().map(|p| &p.weight).collect::<Vec<_>>(), 0);
+        let weight = Tensor::cat(
+            &parts
+                .iter()
+                .map(|p| p.weight.expect_dense())
+                .collect::<Vec<_>>(),
+            0,
+        );
         let bias = parts[0].bias.is_some().then(|| {
             Tensor::cat(
                 &parts
@@ -45,7 +53,7 @@ impl Fused {
         let rows: Vec<i64> = parts.iter().map(|p| p.weight.size()[0]).collect();
         let mut start = 0;
         for (part, &n) in parts.iter_mut().zip(&rows) {
-            part.weight = weight.narrow(0, start, n);
+            part.weight = Weight::Dense(weight.narrow(0, start, n));
             if let Some(bias) = &bias {
                 part.bias = Some(bias.narrow(0, start, n));
             }
@@ -61,8 +69,11 @@ impl Fused {
         let base = self.weight.data_ptr() as i64;
         let mut start = 0;
         parts.iter().zip(&self.rows).all(|(part, &n)| {
-            let here =
-                part.lora.is_none() && part.weight.data_ptr() as i64 == base + start * element;
+            let here = part.lora.is_none()
+                && part
+                    .weight
+                    .dense()
+                    .is_some_and(|w| w.data_ptr() as i64 == base + start * element);
             start += n;
             here
         })

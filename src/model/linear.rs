@@ -1,12 +1,107 @@
-//! A linear projection with an optional LoRA adapter beside it.
+//! A linear projection with an optional LoRA adapter beside it; its weight dense or
+//! quantized (`--quantize`).
+
+use std::ffi::{c_int, c_void};
 
 use tch::{Kind, Tensor};
 
+use super::quantized::QuantizedWeight;
+use crate::torch_ops::{float_kind_from_scalar_type, into_raw_handle, ops};
+
 /// `y = x W^T + b`, plus `scaling * dropout(x) A^T B^T` when a LoRA adapter is attached.
 pub struct Linear {
-    pub weight: Tensor,
+    pub weight: Weight,
     pub bias: Option<Tensor>,
     pub lora: Option<Lora>,
+}
+
+/// A projection's weight: a tensor in the compute dtype, or frozen quantized storage
+/// dequantized at each use. Boxed so that its address, which a backward pass may hold
+/// (`QuantizedWeight::linear`), never moves.
+pub enum Weight {
+    Dense(Tensor),
+    Quantized(Box<QuantizedWeight>),
+}
+
+impl Weight {
+    /// [out, in].
+    pub fn size(&self) -> Vec<i64> {
+        match self {
+            Weight::Dense(w) => w.size(),
+            Weight::Quantized(q) => q.shape(),
+        }
+    }
+
+    /// The dense tensor; None for a quantized weight.
+    pub fn dense(&self) -> Option<&Tensor> {
+        match self {
+            Weight::Dense(w) => Some(w),
+            Weight::Quantized(_) => None,
+        }
+    }
+
+    /// The dense tensor of a model that is not quantized. Callers reach this only for
+    /// dense models (a quantized base is refused up front where whole weights are
+    /// needed: full fine-tuning, saving an HF folder, merging).
+    pub fn expect_dense(&self) -> &Tensor {
+        self.dense()
+            .expect("a dense weight (quantized models are refused before this point)")
+    }
+
+    /// The weight as a tensor in `kind`: the tensor itself (cast if needed), or a fresh
+    /// dequantization.
+    pub fn to_dense(&self, kind: Kind) -> Tensor {
+        match self {
+            Weight::Dense(w) => w.to_kind(kind),
+            Weight::Quantized(q) => q.dequantize(kind),
+        }
+    }
+}
+
+impl QuantizedWeight {
+    /// `x W^T`, dequantizing W into x's dtype in the forward pass and again in the
+    /// backward pass (never kept by autograd; see `crate::torch_ops`). Falls back to a
+    /// plain matmul on a dequantized copy (which autograd keeps) if the ops library is
+    /// unavailable.
+    pub fn linear(&self, x: &Tensor) -> Tensor {
+        let Some(ops) = ops() else {
+            return x.linear::<&Tensor>(&self.dequantize(x.kind()), None);
+        };
+        let state = self as *const QuantizedWeight as *const c_void;
+        // SAFETY: `state` points into the model's boxed weight, which outlives every
+        // graph built from it (amthal backpropagates or drops each graph within the step
+        // that borrowed the model); `dequantize_for_ops` only reads it.
+        unsafe { ops.recomputed_linear(x, dequantize_for_ops, state) }
+            .unwrap_or_else(|message| panic!("quantized projection: {message}"))
+    }
+}
+
+/// How many times a quantized projection has been dequantized for a matmul on this
+/// thread: a forward pass dequantizes each projection once and its backward pass once
+/// more (a CPU backward runs on the calling thread; tests check that it recomputes the
+/// weight rather than keeps it).
+pub fn dequantization_count() -> usize {
+    DEQUANTIZATIONS.with(|count| count.get())
+}
+
+thread_local! {
+    static DEQUANTIZATIONS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// `WeightFn` for `recomputed_linear`: the weight behind `state` dequantized into the
+/// dtype `scalar_type`. Never unwinds into C++: a panic becomes a null result.
+unsafe extern "C" fn dequantize_for_ops(state: *const c_void, scalar_type: c_int) -> *mut c_void {
+    let made = std::panic::catch_unwind(|| {
+        // SAFETY: `state` is the `&QuantizedWeight` that `QuantizedWeight::linear` passed.
+        let weight = unsafe { &*(state as *const QuantizedWeight) };
+        let kind = float_kind_from_scalar_type(scalar_type)?;
+        DEQUANTIZATIONS.with(|count| count.set(count.get() + 1));
+        Some(weight.dequantize(kind))
+    });
+    match made {
+        Ok(Some(tensor)) => into_raw_handle(tensor),
+        _ => std::ptr::null_mut(),
+    }
 }
 
 /// LoRA matrices for one projection: A [r, in], B [out, r], as PEFT stores them.
@@ -20,14 +115,20 @@ pub struct Lora {
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Linear {
         Linear {
-            weight,
+            weight: Weight::Dense(weight),
             bias,
             lora: None,
         }
     }
 
     pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
-        let y = x.linear(&self.weight, self.bias.as_ref());
+        let y = match &self.weight {
+            Weight::Dense(w) => x.linear(w, self.bias.as_ref()),
+            Weight::Quantized(q) => match &self.bias {
+                Some(bias) => q.linear(x) + bias,
+                None => q.linear(x),
+            },
+        };
         match &self.lora {
             None => y,
             Some(lora) => {
@@ -46,17 +147,19 @@ impl Linear {
         }
     }
 
-    /// The weight with the adapter folded in: W + scaling * B A (computed in f32).
+    /// The dense weight with the adapter folded in: W + scaling * B A (computed in
+    /// f32). Dense weights only (a quantized one cannot hold the sum).
     pub fn merged_weight(&self) -> Tensor {
+        let weight = self.weight.expect_dense();
         match &self.lora {
-            None => self.weight.shallow_clone(),
+            None => weight.shallow_clone(),
             Some(lora) => {
                 let delta = lora
                     .b
                     .to_kind(Kind::Float)
                     .matmul(&lora.a.to_kind(Kind::Float))
                     * lora.scaling;
-                (self.weight.to_kind(Kind::Float) + delta).to_kind(self.weight.kind())
+                (weight.to_kind(Kind::Float) + delta).to_kind(weight.kind())
             }
         }
     }

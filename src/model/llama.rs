@@ -11,6 +11,7 @@ use tch::{Device, Kind, Tensor};
 use super::config::LlamaConfig;
 use super::fuse::Fused;
 use super::linear::Linear;
+use super::quantized::Quantization;
 use super::rope::{Rope, apply_rotary};
 
 pub struct Attention {
@@ -57,6 +58,8 @@ pub struct Llama {
     /// `adamw-bf16` from -0.45 % to +1.97 % of `adamw`. (libtorch's CPU `rms_norm`
     /// rounds as its CUDA kernel does, so the CPU never uses it.)
     pub fused_norm: bool,
+    /// `--quantize`: how the decoder projections are stored (None: dense).
+    pub quantization: Option<Quantization>,
 }
 
 /// Per-forward values shared by all layers.
@@ -432,7 +435,8 @@ impl Llama {
         self.logits(&hidden)
     }
 
-    /// The base weights and norms with their HF names, in checkpoint order.
+    /// The base weights and norms with their HF names, in checkpoint order. A dense
+    /// model only (a quantized projection has no tensor to lend).
     pub fn named_tensors(&self) -> Vec<(String, &Tensor)> {
         let mut named = vec![("model.embed_tokens.weight".to_string(), &self.embed_tokens)];
         for (i, layer) in self.layers.iter().enumerate() {
@@ -446,7 +450,7 @@ impl Llama {
                 &layer.post_attention_layernorm,
             ));
             for (name, linear) in layer.linears() {
-                named.push((format!("{p}.{name}.weight"), &linear.weight));
+                named.push((format!("{p}.{name}.weight"), linear.weight.expect_dense()));
                 if let Some(bias) = &linear.bias {
                     named.push((format!("{p}.{name}.bias"), bias));
                 }

@@ -10,19 +10,24 @@ use tch::{Device, Kind, Tensor};
 
 use super::config::LlamaConfig;
 use super::gguf_source::GgufSource;
-use super::linear::Linear;
-use super::llama::{Attention, DecoderLayer, Llama, Mlp};
+use super::linear::{Linear, Weight};
+use super::llama::{Attention, DecoderLayer, Llama, Mlp, PROJECTIONS};
+use super::quantized::{Quantization, QuantizedWeight};
 use super::rope::Rope;
 use super::safetensors_source::SafetensorsSource;
 use crate::bail_input;
 use crate::gguf::GgufFile;
 use crate::model_source::ModelSource;
 
-/// Where and in which dtype to put the weights.
+/// Where and in which dtype to put the weights, and whether to keep the projections
+/// quantized.
 #[derive(Debug, Clone, Copy)]
 pub struct LoadOptions {
     pub device: Device,
     pub kind: Kind,
+    /// `--quantize`: every decoder projection (q/k/v/o, gate/up/down) is quantized as
+    /// it arrives on the device, so the dense model is never there whole.
+    pub quantize: Option<Quantization>,
 }
 
 impl Default for LoadOptions {
@@ -30,6 +35,7 @@ impl Default for LoadOptions {
         LoadOptions {
             device: Device::Cpu,
             kind: Kind::Float,
+            quantize: None,
         }
     }
 }
@@ -62,14 +68,21 @@ impl WeightSource {
         }
     }
 
-    /// Loads `names` in order; safetensors files are read ahead on a second thread, so
-    /// the disk stays busy while each tensor is copied to the device.
-    fn load_all(&self, names: &[&str], options: LoadOptions) -> Result<HashMap<String, Tensor>> {
+    /// Loads `names` in order, each passed through `keep` as soon as it is on the
+    /// device (where a projection gets quantized); safetensors files are read ahead on
+    /// a second thread, so the disk stays busy while each tensor is copied.
+    fn load_all(
+        &self,
+        names: &[&str],
+        options: LoadOptions,
+        keep: &dyn Fn(&str, Tensor) -> Weight,
+    ) -> Result<HashMap<String, Weight>> {
         let consumed = AtomicUsize::new(0);
-        let load_one = |index: usize, name: &str| -> Result<(String, Tensor)> {
+        let load_one = |index: usize, name: &str| -> Result<(String, Weight)> {
             let tensor = self.load(name, options)?.expect("presence checked before");
+            let kept = keep(name, tensor);
             consumed.store(index + 1, Ordering::Release);
-            Ok((name.to_string(), tensor))
+            Ok((name.to_string(), kept))
         };
         match self {
             WeightSource::Safetensors(source) => std::thread::scope(|scope| {
@@ -155,6 +168,15 @@ pub fn expected_tensors(config: &LlamaConfig) -> Vec<(String, Vec<i64>)> {
     expected
 }
 
+/// Whether `name` is a decoder projection's weight (what `--quantize` stores quantized;
+/// embeddings, norms, biases and lm_head stay dense, as bitsandbytes leaves them).
+pub fn is_projection_weight(name: &str) -> bool {
+    name.starts_with("model.layers.")
+        && PROJECTIONS
+            .iter()
+            .any(|projection| name.ends_with(&format!(".{projection}.weight")))
+}
+
 fn build_llama(
     config: LlamaConfig,
     weights: &WeightSource,
@@ -197,21 +219,39 @@ fn build_llama(
         }
     }
     let names: Vec<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
-    let loaded = std::cell::RefCell::new(weights.load_all(&names, options)?);
-    let take = |name: &str| -> Result<Tensor> {
-        Ok(loaded
+    let keep = |name: &str, tensor: Tensor| -> Weight {
+        match options.quantize {
+            Some(quantization) if is_projection_weight(name) => {
+                Weight::Quantized(Box::new(QuantizedWeight::new(&tensor, quantization)))
+            }
+            _ => Weight::Dense(tensor),
+        }
+    };
+    let loaded = std::cell::RefCell::new(weights.load_all(&names, options, &keep)?);
+    let take_weight = |name: &str| -> Weight {
+        loaded
             .borrow_mut()
             .remove(name)
-            .expect("every expected tensor was loaded"))
+            .expect("every expected tensor was loaded")
+    };
+    let take = |name: &str| -> Result<Tensor> {
+        match take_weight(name) {
+            Weight::Dense(tensor) => Ok(tensor),
+            Weight::Quantized(_) => unreachable!("only projection weights are quantized"),
+        }
     };
     let linear = |prefix: &str, bias: bool| -> Result<Linear> {
-        let weight = take(&format!("{prefix}.weight"))?;
+        let weight = take_weight(&format!("{prefix}.weight"));
         let bias = if bias {
             Some(take(&format!("{prefix}.bias"))?)
         } else {
             None
         };
-        Ok(Linear::new(weight, bias))
+        Ok(Linear {
+            weight,
+            bias,
+            lora: None,
+        })
     };
     let mut layers = Vec::with_capacity(config.num_hidden_layers);
     for layer in 0..config.num_hidden_layers {
@@ -249,6 +289,7 @@ fn build_llama(
         device: options.device,
         kind: options.kind,
         fused_norm: false,
+        quantization: options.quantize,
         config,
     })
 }

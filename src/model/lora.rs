@@ -17,7 +17,7 @@ use anyhow::Result;
 use serde_json::{Value, json};
 use tch::{Kind, Tensor};
 
-use super::linear::Lora;
+use super::linear::{Lora, Weight};
 use super::llama::{Llama, PROJECTIONS};
 use super::safetensors_source::SafetensorsSource;
 use super::tensor_io::{TensorBytes, write_safetensors};
@@ -89,8 +89,10 @@ pub fn fold_adapters(model: &mut Llama) -> usize {
     let mut folded = 0;
     for layer in model.layers.iter_mut() {
         for (_, linear) in layer.linears_mut() {
-            if linear.lora.is_some() {
-                linear.weight = tch::no_grad(|| linear.merged_weight());
+            // A quantized projection keeps its adapter beside it: the sum would not
+            // fit its 4- or 8-bit storage without another rounding.
+            if linear.lora.is_some() && linear.weight.dense().is_some() {
+                linear.weight = Weight::Dense(tch::no_grad(|| linear.merged_weight()));
                 linear.lora = None;
                 folded += 1;
             }
@@ -396,7 +398,7 @@ pub fn merge_adapters(model: &mut Llama) {
         for layer in model.layers.iter_mut() {
             for (_, linear) in layer.linears_mut() {
                 if linear.lora.is_some() {
-                    linear.weight = linear.merged_weight();
+                    linear.weight = Weight::Dense(linear.merged_weight());
                     linear.lora = None;
                 }
             }

@@ -13,6 +13,7 @@ use crate::bail_input;
 use crate::data::{ReadOptions, TextEncoding};
 use crate::device::Precision;
 use crate::error::bad_input;
+use crate::model::quantized::{QuantKind, Quantization};
 use crate::prompt::PromptFormat;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -83,6 +84,10 @@ pub struct TrainConfig {
     pub optim_in_backward: bool,
     /// Padding-free micro-batches (see `batch.rs`).
     pub packing: bool,
+    /// `--quantize`: the frozen base projections in 4- or 8-bit storage (LoRA only).
+    pub quantize: Option<QuantKind>,
+    /// `--double-quant`: 4-bit block absmaxes in 8 bits.
+    pub double_quant: bool,
 }
 
 impl Default for TrainConfig {
@@ -129,6 +134,8 @@ impl Default for TrainConfig {
             save_only_model: false,
             optim_in_backward: false,
             packing: false,
+            quantize: None,
+            double_quant: false,
         }
     }
 }
@@ -160,7 +167,22 @@ impl TrainConfig {
         if self.epochs <= 0.0 && self.max_steps.is_none() {
             bail_input!("--epochs must be positive (or give --max-steps)");
         }
+        if let Some(quantization) = self.quantization()?
+            && !self.lora
+        {
+            bail_input!(
+                "--quantize {} keeps the base weights frozen in {}: it trains a LoRA adapter \
+                 (add --lora), not a full fine-tune",
+                quantization.kind,
+                quantization.kind
+            );
+        }
         Ok(())
+    }
+
+    /// The base model's storage (`--quantize`, `--double-quant`).
+    pub fn quantization(&self) -> Result<Option<Quantization>> {
+        Quantization::from_settings(self.quantize, self.double_quant)
     }
 
     /// How the data files are read.

@@ -41,6 +41,7 @@ pub fn check_fits_the_device(
         gradient_checkpointing: config.gradient_checkpointing || config.optim_in_backward,
         optim_in_backward: config.optim_in_backward,
         grad_accum: config.grad_accum,
+        quantize: config.quantization()?,
     };
     let needed = estimate(&setup);
     eprintln!(
@@ -88,6 +89,18 @@ pub fn check_fits_the_device(
             Setup {
                 lora: Some((config.lora_r, config.lora_targets.as_slice())),
                 gradient_checkpointing: true,
+                ..setup.clone()
+            },
+        ),
+        (
+            "--lora --quantize nf4 --double-quant --gradient-checkpointing",
+            Setup {
+                lora: Some((config.lora_r, config.lora_targets.as_slice())),
+                gradient_checkpointing: true,
+                quantize: Some(crate::model::quantized::Quantization {
+                    kind: crate::model::quantized::QuantKind::Nf4,
+                    double_quant: true,
+                }),
                 ..setup.clone()
             },
         ),

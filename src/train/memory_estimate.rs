@@ -11,7 +11,8 @@ use tch::Kind;
 
 use super::moments::OptimKind;
 use crate::model::config::LlamaConfig;
-use crate::model::load::expected_tensors;
+use crate::model::load::{expected_tensors, is_projection_weight};
+use crate::model::quantized::{QuantKind, Quantization};
 
 /// What training holds on the device, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +57,19 @@ pub struct Setup<'a> {
     /// of the accumulation window keeps its layer inputs.
     pub optim_in_backward: bool,
     pub grad_accum: usize,
+    /// `--quantize`: the decoder projections' storage (LoRA only).
+    pub quantize: Option<Quantization>,
+}
+
+/// Bytes per weight of a quantized projection with `columns` inputs: 4-bit codes and
+/// a block absmax per 64 (f32, or 8 bits plus an f32 per 256 blocks doubly
+/// quantized), or 8-bit codes and an f32 per row.
+fn quantized_bytes_per_weight(quantization: Quantization, columns: u64) -> f64 {
+    match (quantization.kind, quantization.double_quant) {
+        (QuantKind::Int8, _) => 1.0 + 4.0 / columns as f64,
+        (_, false) => 0.5 + 4.0 / 64.0,
+        (_, true) => 0.5 + 1.0 / 64.0 + 4.0 / (64.0 * 256.0),
+    }
 }
 
 /// Optimizer bytes per trained parameter (beyond the parameter and its gradient).
@@ -77,7 +91,21 @@ pub fn estimate(setup: &Setup) -> Estimate {
         .iter()
         .map(|(_, shape)| shape.iter().product::<i64>() as u64)
         .sum();
-    let weights = parameters * element;
+    let weights = match setup.quantize {
+        None => parameters * element,
+        Some(quantization) => expected_tensors(config)
+            .iter()
+            .map(|(name, shape)| {
+                let count = shape.iter().product::<i64>() as u64;
+                if is_projection_weight(name) {
+                    (count as f64 * quantized_bytes_per_weight(quantization, shape[1] as u64))
+                        as u64
+                } else {
+                    count * element
+                }
+            })
+            .sum(),
+    };
     let (trained, trained_element) = match setup.lora {
         None => (parameters, element),
         Some((rank, targets)) => {
@@ -140,7 +168,11 @@ pub fn estimate(setup: &Setup) -> Estimate {
     let tokens = (setup.batch_size * setup.tokens_per_row) as u64;
     let h = config.hidden_size as u64;
     let layers = config.num_hidden_layers as u64;
-    let working_layer = tokens * (10 * h + 3 * config.intermediate_size as u64) * element;
+    let mut working_layer = tokens * (10 * h + 3 * config.intermediate_size as u64) * element;
+    if setup.quantize.is_some() {
+        // One projection dequantized at a time, and its dequantization's f32 scratch.
+        working_layer += h * config.intermediate_size as u64 * (element + 8);
+    }
     let kept = if setup.optim_in_backward {
         // Every micro-batch's layer inputs, and its gradient at the current layer.
         (layers + 1) * tokens * h * element * setup.grad_accum.max(1) as u64
@@ -187,6 +219,7 @@ mod tests {
             gradient_checkpointing: true,
             optim_in_backward: false,
             grad_accum: 8,
+            quantize: None,
         };
         let adamw = estimate(&setup(OptimKind::AdamW));
         let bf16 = estimate(&setup(OptimKind::AdamWBf16));
@@ -246,6 +279,7 @@ mod tests {
             gradient_checkpointing: false,
             optim_in_backward: false,
             grad_accum: 1,
+            quantize: None,
         });
         // r16 on 7 projections of 32 layers: 40 M f32 parameters.
         assert_eq!(
@@ -253,5 +287,51 @@ mod tests {
             16 * 32 * (4 * (4096 + 4096) + 3 * (4096 + 11008))
         );
         assert!(lora.total() < 40_000_000_000, "{}", lora.describe());
+    }
+
+    /// QLoRA on ALLaM-7B's shape (issue 14's setup: r16 on 7 projections, bsz 2,
+    /// cutoff 1024, gradient checkpointing): the estimate is under the 10 GB target, the
+    /// 4-bit projections take ~0.52 bytes a weight, and int8 sits between 4-bit and bf16.
+    #[test]
+    fn quantized_base_fits_a_small_card() {
+        let config = allam7b();
+        let targets: Vec<String> = crate::model::llama::PROJECTIONS
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let setup = |quantize| Setup {
+            config: &config,
+            kind: Kind::BFloat16,
+            lora: Some((16, &targets)),
+            optim: OptimKind::AdamW,
+            batch_size: 2,
+            tokens_per_row: 1024,
+            gradient_checkpointing: true,
+            optim_in_backward: false,
+            grad_accum: 8,
+            quantize,
+        };
+        let nf4 = estimate(&setup(Some(Quantization {
+            kind: QuantKind::Nf4,
+            double_quant: true,
+        })));
+        let int8 = estimate(&setup(Some(Quantization {
+            kind: QuantKind::Int8,
+            double_quant: false,
+        })));
+        let dense = estimate(&setup(None));
+        // 6.48 B projection weights at 0.516 bytes, plus 0.8 GB of bf16 embeddings and
+        // lm_head.
+        let projections = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008) as u64;
+        let rest = 2 * 49152 * 4096 * 2 + (2 * 32 + 1) * 4096 * 2;
+        let expected = projections as f64 * (0.5 + 1.0 / 64.0 + 4.0 / 16384.0) + rest as f64;
+        assert!(
+            (nf4.weights as f64 - expected).abs() < 1e6,
+            "{} vs {expected}",
+            nf4.weights
+        );
+        assert!(nf4.total() < 10_000_000_000, "{}", nf4.describe());
+        assert!(nf4.total() < int8.total() && int8.total() < dense.total());
+        assert_eq!(nf4.gradients, dense.gradients);
     }
 }

@@ -272,8 +272,13 @@ fn load_for_training(
     device: Device,
     kind: Kind,
 ) -> Result<(Llama, Mode)> {
-    let mut model = load_llama(source, LoadOptions { device, kind })
-        .with_context(|| format!("loading {}", source.display()))?;
+    let options = LoadOptions {
+        device,
+        kind,
+        quantize: config.quantization()?,
+    };
+    let mut model =
+        load_llama(source, options).with_context(|| format!("loading {}", source.display()))?;
     tch::manual_seed(config.seed as i64);
     if !config.lora {
         unfreeze_all(&model);

@@ -40,3 +40,19 @@ for name, x in inputs.items():
 dest = os.path.join(root, "tests/golden/bnb_4bit.safetensors")
 save_file(out, dest, metadata={"bitsandbytes": bnb.__version__, "torch": torch.__version__})
 print(f"wrote {dest}: {len(out)} tensors (bitsandbytes {bnb.__version__})")
+
+int8 = {}
+for name in ("w", "ragged"):
+    for dtype_name, dtype in (("f32", torch.float32), ("bf16", torch.bfloat16)):
+        a = inputs[name].to(dtype).contiguous()
+        key = f"{name}.{dtype_name}"
+        int8[f"{key}.input"] = a
+        codes, row_absmax, _ = torch.ops.bitsandbytes.int8_vectorwise_quant.default(a, 0.0)
+        int8[f"{key}.codes"] = codes.contiguous()
+        int8[f"{key}.row_absmax"] = row_absmax.contiguous()
+        int8[f"{key}.dequantized"] = (
+            torch.ops.bitsandbytes.int8_vectorwise_dequant.default(codes, row_absmax).to(dtype).contiguous()
+        )
+dest = os.path.join(root, "tests/golden/bnb_int8.safetensors")
+save_file(int8, dest, metadata={"bitsandbytes": bnb.__version__, "torch": torch.__version__})
+print(f"wrote {dest}: {len(int8)} tensors (bitsandbytes {bnb.__version__})")
