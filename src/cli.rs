@@ -33,6 +33,9 @@ pub enum Command {
     Loss(LossArgs),
     /// Fold a LoRA adapter into its base model and write a merged HF model folder.
     Merge(MergeArgs),
+    /// Write a model (with its adapter folded in) as a GGUF file for llama.cpp and Ollama,
+    /// with an Ollama Modelfile beside it.
+    Export(ExportArgs),
     /// Fine-tune a model (LoRA or full) on a data dir (the seed's train.py).
     Train(Box<TrainArgs>),
     /// Generate explanations for a test file and write the predictions CSV (the seed's evaluate.py).
@@ -320,6 +323,33 @@ impl QuantizeArgs {
     pub fn resolve(&self) -> anyhow::Result<Option<crate::model::quantized::Quantization>> {
         crate::model::quantized::Quantization::from_settings(self.quant_kind(), self.double_quant)
     }
+}
+
+/// The file formats `amthal export` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// llama.cpp's single-file format (also what Ollama imports).
+    Gguf,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// A LoRA adapter (PEFT format) folded into the weights before writing.
+    #[arg(long, visible_aliases = ["adapter_dir", "adapter-dir"], value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
+    /// The file to write (e.g. model.gguf); a Modelfile for Ollama goes beside it.
+    #[arg(long, visible_alias = "out_path", value_name = "FILE")]
+    pub out: PathBuf,
+    #[arg(long, value_enum, default_value_t = ExportFormat::Gguf)]
+    pub format: ExportFormat,
+    /// Weight type: f16, bf16, q8_0 or q4_k_m (llama.cpp's mix; norms stay f32).
+    #[arg(long, value_enum, default_value_t = crate::export::ExportQuant::F16)]
+    pub quant: crate::export::ExportQuant,
+    /// general.name in the file (default: the model's folder or file name).
+    #[arg(long)]
+    pub name: Option<String>,
 }
 
 /// Where and in which precision to run; shared by every command that runs a model.

@@ -14,6 +14,7 @@ pub mod decode_step;
 pub mod device;
 pub mod encode;
 pub mod error;
+pub mod export;
 pub mod generate;
 pub mod gguf;
 pub mod hub;

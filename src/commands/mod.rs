@@ -3,6 +3,7 @@
 pub mod demo;
 pub mod env;
 pub mod evaluate;
+pub mod export;
 pub mod loss;
 pub mod merge;
 pub mod report;
@@ -22,6 +23,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Loss(args) => loss::run(&args),
         Command::Merge(args) => merge::run(&args),
         Command::Evaluate(args) => evaluate::run(&args),
+        Command::Export(args) => export::run(&args),
         Command::Train(args) => train::run(&args),
         Command::Score(args) => score::run(&args),
         Command::Report(args) => report::run(&args),

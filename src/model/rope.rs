@@ -31,6 +31,17 @@ fn default_inv_freq(base: f64, dim: i64) -> Tensor {
     base.pow(&exponents).reciprocal()
 }
 
+/// llama.cpp's `rope_freqs.weight` for llama3 rope scaling (what its converter writes):
+/// the factor each frequency is divided by. None for other rope types.
+pub fn llama3_frequency_factors(config: &LlamaConfig) -> Option<Vec<f32>> {
+    if !matches!(config.rope_scaling, RopeScaling::Llama3 { .. }) {
+        return None;
+    }
+    let scaled = Rope::new(config, Device::Cpu).inv_freq;
+    let factors = default_inv_freq(config.rope_theta, config.head_dim as i64) / scaled;
+    Vec::<f32>::try_from(&factors).ok()
+}
+
 impl Rope {
     pub fn new(config: &LlamaConfig, device: Device) -> Rope {
         let dim = config.head_dim as i64;
