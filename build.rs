@@ -11,6 +11,8 @@
 //!    wheel, so a CPU machine builds it too.
 //! 3. Compiles csrc/torch_ops.cpp (multi-tensor AdamW and norms, CPU and CUDA) into
 //!    `$OUT_DIR/libamthal_ops.so`, embedded and loaded by src/torch_ops.rs.
+//! 4. Compiles csrc/distributed.cpp (c10d's TCPStore and Gloo process group) into
+//!    `$OUT_DIR/libamthal_dist.so`, embedded and loaded by src/distributed/shim.rs.
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -31,6 +33,27 @@ fn main() {
     let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     build_cuda_shim(&libtorch, &out.join("libamthal_cuda.so"));
     build_ops_library(&libtorch, &out.join("libamthal_ops.so"));
+    build_distributed_library(&libtorch, &out.join("libamthal_dist.so"));
+}
+
+/// csrc/distributed.cpp against libtorch_cpu alone (c10d's Gloo backend lives there),
+/// with the stub gloo headers the wheel lacks (csrc/gloo_stub/README.md).
+fn build_distributed_library(libtorch: &Path, target: &Path) {
+    let torch = libtorch
+        .parent()
+        .expect("LIBTORCH has a parent")
+        .join("torch");
+    compile_library(
+        "csrc/distributed.cpp",
+        &[
+            torch.join("include"),
+            torch.join("include/torch/csrc/api/include"),
+            PathBuf::from("csrc/gloo_stub"),
+        ],
+        &[torch.join("lib")],
+        &["-ltorch_cpu", "-lc10"],
+        target,
+    );
 }
 
 /// csrc/torch_ops.cpp (multi-tensor AdamW and norms) against libtorch_cpu alone, so the

@@ -325,6 +325,41 @@ impl QuantizeArgs {
     }
 }
 
+/// Data-parallel training (torchrun's flags): start N workers of this command on this
+/// node; they rendezvous at --master-addr:--master-port through c10d's TCPStore.
+#[derive(Debug, Clone, Default, Args)]
+pub struct LaunchArgs {
+    /// Workers to start on this node (torchrun's --nproc-per-node). A command started by
+    /// torchrun itself (RANK, WORLD_SIZE, ... set) joins without this flag.
+    #[arg(long, visible_alias = "nproc_per_node", value_name = "N")]
+    pub nproc_per_node: Option<usize>,
+    /// Nodes in the run.
+    #[arg(long, default_value_t = 1, requires = "nproc_per_node")]
+    pub nnodes: usize,
+    /// This node's index.
+    #[arg(
+        long,
+        visible_alias = "node_rank",
+        default_value_t = 0,
+        requires = "nproc_per_node"
+    )]
+    pub node_rank: usize,
+    /// Where rank 0 hosts the rendezvous store.
+    #[arg(
+        long,
+        visible_alias = "master_addr",
+        default_value = "127.0.0.1",
+        requires = "nproc_per_node"
+    )]
+    pub master_addr: String,
+    /// Its port (default: a free one, single node only).
+    #[arg(long, visible_alias = "master_port", requires = "nproc_per_node")]
+    pub master_port: Option<u16>,
+    /// gloo (CPU tensors; CUDA tensors through host copies) or nccl (not built yet).
+    #[arg(long, default_value = "gloo")]
+    pub dist_backend: String,
+}
+
 /// The file formats `amthal export` writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ExportFormat {
@@ -581,6 +616,8 @@ pub struct TrainArgs {
     pub packing: bool,
     #[command(flatten)]
     pub quantize: QuantizeArgs,
+    #[command(flatten)]
+    pub launch: LaunchArgs,
     /// Continue from the latest checkpoint in --output-dir, or from the one named.
     #[arg(long, num_args = 0..=1, default_missing_value = "latest", value_name = "checkpoint-N")]
     pub resume: Option<String>,

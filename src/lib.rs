@@ -12,6 +12,7 @@ pub mod cuda;
 pub mod data;
 pub mod decode_step;
 pub mod device;
+pub mod distributed;
 pub mod encode;
 pub mod error;
 pub mod export;

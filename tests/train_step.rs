@@ -159,9 +159,19 @@ fn three_steps(
             max_grad_norm,
             lr: 1e-3,
             token_scale: 1.0 / tokens as f64,
+            micro_offset: 0,
+            micro_stride: 1,
+            padding_only: false,
         };
-        let outcome =
-            optimizer_step(&model, &mut optimizer, &batches, &settings, scaler.as_mut()).unwrap();
+        let outcome = optimizer_step(
+            &model,
+            &mut optimizer,
+            &batches,
+            &settings,
+            scaler.as_mut(),
+            None,
+        )
+        .unwrap();
         assert!(outcome.nonfinite_loss.is_none());
         norms.push(outcome.grad_norm.expect("the step was taken"));
     }

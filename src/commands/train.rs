@@ -5,6 +5,7 @@ use anyhow::Result;
 
 use crate::cli::TrainArgs;
 use crate::device::Precision;
+use crate::distributed::launch::Launch;
 use crate::train::config::TrainConfig;
 use crate::train::train;
 
@@ -79,6 +80,25 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
 }
 
 pub fn run(args: &TrainArgs) -> Result<()> {
+    if args.launch.dist_backend != "gloo" {
+        crate::bail_input!(
+            "--dist-backend {}: only gloo is built so far (NCCL needs the CUDA shim's c10d part)",
+            args.launch.dist_backend
+        );
+    }
+    if let Some(nproc_per_node) = args.launch.nproc_per_node {
+        let config = resolve_config(args)?;
+        config.validate()?;
+        config.validate_distributed()?;
+        let launch = Launch {
+            nproc_per_node,
+            nnodes: args.launch.nnodes,
+            node_rank: args.launch.node_rank,
+            master_addr: args.launch.master_addr.clone(),
+            master_port: args.launch.master_port,
+        };
+        return crate::distributed::launch::launch(&launch, &worker_args());
+    }
     let config = resolve_config(args)?;
     let summary = train(&config, args.resume.as_deref())?;
     println!(
@@ -111,4 +131,63 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         println!("\nProverb: {proverb}\nModel: {explanation}");
     }
     Ok(())
+}
+
+/// This command line without the launcher's flags: what each worker runs.
+fn worker_args() -> Vec<String> {
+    strip_launch_flags(std::env::args().skip(1))
+}
+
+fn strip_launch_flags(args: impl Iterator<Item = String>) -> Vec<String> {
+    const WITH_VALUE: [&str; 10] = [
+        "--nproc-per-node",
+        "--nproc_per_node",
+        "--nnodes",
+        "--node-rank",
+        "--node_rank",
+        "--master-addr",
+        "--master_addr",
+        "--master-port",
+        "--master_port",
+        "--dist-backend",
+    ];
+    let mut out = Vec::new();
+    let mut skip_value = false;
+    for arg in args {
+        if skip_value {
+            skip_value = false;
+            continue;
+        }
+        let name = arg.split('=').next().unwrap_or("");
+        if WITH_VALUE.contains(&name) {
+            skip_value = !arg.contains('=');
+            continue;
+        }
+        out.push(arg);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers_get_the_command_without_the_launcher_flags() {
+        let args = [
+            "train",
+            "--lora",
+            "--nproc-per-node",
+            "2",
+            "--master_port=29400",
+            "--lr",
+            "1e-3",
+            "--nnodes",
+            "1",
+        ];
+        assert_eq!(
+            strip_launch_flags(args.iter().map(|s| s.to_string())),
+            vec!["train", "--lora", "--lr", "1e-3"]
+        );
+    }
 }

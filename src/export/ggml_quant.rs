@@ -2,12 +2,12 @@
 //! and Q6_K, each the inverse of the decoder in `crate::model::dequant` (which follows
 //! ggml's reference code and is checked against the gguf Python package).
 //!
-//! Q8_0 is ggml's `quantize_row_q8_0_ref` exactly. The K-quants use ggml's block
-//! layouts and scale packing with a simpler choice of scales than ggml's
-//! (`make_qkx2_quants` / `make_qx_quants` search several candidate scales per
-//! sub-block to minimise the weighted error): Q4_K takes each sub-block's min and max,
-//! Q6_K its largest magnitude. The files are valid for every reader; their error is a
-//! little larger than llama-quantize's (the round-trip tests report it).
+//! Each follows ggml's reference quantizer (ggml-quants.c, without an importance
+//! matrix): Q8_0 `quantize_row_q8_0_ref`; Q4_K `quantize_row_q4_K_ref`, whose
+//! sub-block scale and min come from `make_qkx2_quants` (a search over 21 candidate
+//! scales for the least weighted squared error); Q6_K `quantize_row_q6_K_ref` with
+//! `make_qx_quants` (19 candidates). ggml rounds K-quant codes with `nearest_int`
+//! (ties to even) and Q8_0's with `roundf` (ties away from zero); so does this.
 
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -46,10 +46,13 @@ fn blocks(values: &[f32], size: usize, bytes: usize, encode: fn(&[f32], &mut [u8
     out
 }
 
-/// ggml's `nearest_int`: round half away from zero.
+/// ggml's `nearest_int` (ties to even).
 fn nearest(x: f32) -> i32 {
-    x.round() as i32
+    x.round_ties_even() as i32
 }
+
+/// ggml's GROUP_MAX_EPS: a sub-block whose largest magnitude is below it is all zero.
+const GROUP_MAX_EPS: f32 = 1e-15;
 
 /// Q8_0: 32 values, an f16 scale (absmax / 127) and 32 int8 codes.
 fn q8_0(x: &[f32], out: &mut [u8]) {
@@ -62,18 +65,128 @@ fn q8_0(x: &[f32], out: &mut [u8]) {
     }
 }
 
+/// ggml's `make_qkx2_quants`: codes in 0..=nmax for `x ~ scale * code - min` (min >= 0
+/// returned), choosing among 21 scales the one with the least weighted squared error.
+/// Returns (scale, min) and writes the codes into `codes`.
+fn make_qkx2_quants(nmax: i32, x: &[f32], weights: &[f32], codes: &mut [u8]) -> (f32, f32) {
+    let (rmin, rdelta, nstep) = (-1.0f32, 0.1f32, 20);
+    let mut min = x[0];
+    let mut max = x[0];
+    let mut sum_w = weights[0];
+    let mut sum_x = sum_w * x[0];
+    for i in 1..x.len() {
+        min = min.min(x[i]);
+        max = max.max(x[i]);
+        sum_w += weights[i];
+        sum_x += weights[i] * x[i];
+    }
+    if min > 0.0 {
+        min = 0.0;
+    }
+    if max == min {
+        codes.fill(0);
+        return (0.0, -min);
+    }
+    let mut iscale = nmax as f32 / (max - min);
+    let mut scale = 1.0 / iscale;
+    let mut best_error = 0f32;
+    for i in 0..x.len() {
+        let l = nearest(iscale * (x[i] - min)).clamp(0, nmax);
+        codes[i] = l as u8;
+        let diff = scale * l as f32 + min - x[i];
+        best_error += weights[i] * diff * diff;
+    }
+    let mut aux = vec![0u8; x.len()];
+    for step in 0..=nstep {
+        iscale = (rmin + rdelta * step as f32 + nmax as f32) / (max - min);
+        let (mut sum_l, mut sum_l2, mut sum_xl) = (0f32, 0f32, 0f32);
+        for i in 0..x.len() {
+            let l = nearest(iscale * (x[i] - min)).clamp(0, nmax);
+            aux[i] = l as u8;
+            let (w, l) = (weights[i], l as f32);
+            sum_l += w * l;
+            sum_l2 += w * l * l;
+            sum_xl += w * l * x[i];
+        }
+        let d = sum_w * sum_l2 - sum_l * sum_l;
+        if d > 0.0 {
+            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / d;
+            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / d;
+            if this_min > 0.0 {
+                this_min = 0.0;
+                this_scale = sum_xl / sum_l2;
+            }
+            let mut error = 0f32;
+            for i in 0..x.len() {
+                let diff = this_scale * aux[i] as f32 + this_min - x[i];
+                error += weights[i] * diff * diff;
+            }
+            if error < best_error {
+                codes.copy_from_slice(&aux);
+                best_error = error;
+                scale = this_scale;
+                min = this_min;
+            }
+        }
+    }
+    (scale, -min)
+}
+
+/// ggml's `make_qx_quants` with rmse_type 1 (weights x^2): a signed scale for codes in
+/// -nmax..nmax-1, chosen among 19 candidates.
+fn make_qx_quants(nmax: i32, x: &[f32]) -> f32 {
+    let (mut max, mut amax) = (0f32, 0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax < GROUP_MAX_EPS {
+        return 0.0;
+    }
+    let sums = |iscale: f32| {
+        let (mut sumlx, mut suml2) = (0f32, 0f32);
+        for &v in x {
+            let l = nearest(iscale * v).clamp(-nmax, nmax - 1) as f32;
+            let w = v * v;
+            sumlx += w * v * l;
+            suml2 += w * l * l;
+        }
+        (sumlx, suml2)
+    };
+    let (sumlx, suml2) = sums(-(nmax as f32) / max);
+    let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
+    let mut best = scale * sumlx;
+    for is in -9..=9 {
+        if is == 0 {
+            continue;
+        }
+        let (sumlx, suml2) = sums(-(nmax as f32 + 0.1 * is as f32) / max);
+        if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
+            scale = sumlx / suml2;
+            best = scale * sumlx;
+        }
+    }
+    scale
+}
+
 /// Q4_K: 256 values in 8 sub-blocks of 32, each `d * sc * q - dmin * m` with 4-bit q
 /// and 6-bit sc, m; d and dmin f16. Layout: d, dmin, 12 packed scale bytes, 128 code
 /// bytes (two sub-blocks share each run of 32 bytes, low and high nibble).
 fn q4_k(x: &[f32], out: &mut [u8]) {
     let mut scales = [0f32; 8];
     let mut mins = [0f32; 8];
+    let mut codes = [0u8; QK_K];
+    let mut weights = [0f32; 32];
     for j in 0..8 {
         let sub = &x[32 * j..32 * j + 32];
-        let min = sub.iter().fold(0f32, |m, &v| m.min(v));
-        let max = sub.iter().fold(f32::MIN, |m, &v| m.max(v));
-        scales[j] = (max - min) / 15.0;
-        mins[j] = -min;
+        let sum_x2: f32 = sub.iter().map(|v| v * v).sum();
+        let av_x = (sum_x2 / 32.0).sqrt();
+        for (w, v) in weights.iter_mut().zip(sub) {
+            *w = av_x + v.abs();
+        }
+        (scales[j], mins[j]) = make_qkx2_quants(15, sub, &weights, &mut codes[32 * j..32 * j + 32]);
     }
     let max_scale = scales.iter().fold(0f32, |m, &v| m.max(v));
     let max_min = mins.iter().fold(0f32, |m, &v| m.max(v));
@@ -87,8 +200,8 @@ fn q4_k(x: &[f32], out: &mut [u8]) {
     let mut ls = [0u8; 8];
     let mut lm = [0u8; 8];
     for j in 0..8 {
-        ls[j] = nearest(inv_scale * scales[j]).clamp(0, 63) as u8;
-        lm[j] = nearest(inv_min * mins[j]).clamp(0, 63) as u8;
+        ls[j] = nearest(inv_scale * scales[j]).min(63) as u8;
+        lm[j] = nearest(inv_min * mins[j]).min(63) as u8;
         if j < 4 {
             packed[j] = ls[j];
             packed[j + 4] = lm[j];
@@ -103,8 +216,8 @@ fn q4_k(x: &[f32], out: &mut [u8]) {
     out[0..2].copy_from_slice(&d.to_le_bytes());
     out[2..4].copy_from_slice(&dmin.to_le_bytes());
     out[4..16].copy_from_slice(&packed);
-    // Codes against the scales as stored (rounded), as ggml does.
-    let mut codes = [0u8; QK_K];
+    // Codes again against the scales as stored (rounded), as ggml does; a sub-block
+    // with a zero scale keeps its codes from the search.
     for j in 0..8 {
         let step = d.to_f32() * ls[j] as f32;
         if step == 0.0 {
@@ -126,36 +239,31 @@ fn q4_k(x: &[f32], out: &mut [u8]) {
 /// Q6_K: 256 values in 16 sub-blocks of 16, each `d * sc * (q - 32)` with 6-bit q and
 /// int8 sc; d f16. Layout: 128 bytes of low nibbles, 64 of high bit pairs, 16 scales, d.
 fn q6_k(x: &[f32], out: &mut [u8]) {
-    // Each sub-block's scale maps its largest magnitude to code -32 (ggml's nmax 32).
     let mut sub_scales = [0f32; 16];
+    let (mut max_scale, mut max_abs_scale) = (0f32, 0f32);
     for (ib, scale) in sub_scales.iter_mut().enumerate() {
-        let sub = &x[16 * ib..16 * ib + 16];
-        let max = sub
-            .iter()
-            .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
-        *scale = if max != 0.0 { max / -32.0 } else { 0.0 };
+        *scale = make_qx_quants(32, &x[16 * ib..16 * ib + 16]);
+        if scale.abs() > max_abs_scale {
+            max_abs_scale = scale.abs();
+            max_scale = *scale;
+        }
     }
-    let max_scale = sub_scales
-        .iter()
-        .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
-    let iscale = if max_scale != 0.0 {
-        -128.0 / max_scale
-    } else {
-        0.0
-    };
-    let d = f16::from_f32(if iscale != 0.0 { 1.0 / iscale } else { 0.0 });
+    out.fill(0);
+    if max_abs_scale < GROUP_MAX_EPS {
+        return;
+    }
+    let iscale = -128.0 / max_scale;
+    let d = f16::from_f32(1.0 / iscale);
     let mut scales = [0i8; 16];
-    let mut codes = [0u8; QK_K];
+    let mut codes = [32u8; QK_K];
     for ib in 0..16 {
-        scales[ib] = nearest(iscale * sub_scales[ib]).clamp(-128, 127) as i8;
+        scales[ib] = nearest(iscale * sub_scales[ib]).min(127) as i8;
         let step = d.to_f32() * scales[ib] as f32;
+        if step == 0.0 {
+            continue;
+        }
         for i in 0..16 {
-            let q = if step != 0.0 {
-                nearest(x[16 * ib + i] / step).clamp(-32, 31)
-            } else {
-                0
-            };
-            codes[16 * ib + i] = (q + 32) as u8;
+            codes[16 * ib + i] = (nearest(x[16 * ib + i] / step).clamp(-32, 31) + 32) as u8;
         }
     }
     let (ql, rest) = out.split_at_mut(128);

@@ -180,6 +180,17 @@ impl TrainConfig {
         Ok(())
     }
 
+    /// What a data-parallel worker cannot do yet (checked before joining the group).
+    pub fn validate_distributed(&self) -> Result<()> {
+        if self.optim_in_backward {
+            bail_input!(
+                "--optim-in-backward updates each tensor inside the backward pass, before the \
+                 ranks could sum its gradient: it does not combine with data parallelism yet"
+            );
+        }
+        Ok(())
+    }
+
     /// The base model's storage (`--quantize`, `--double-quant`).
     pub fn quantization(&self) -> Result<Option<Quantization>> {
         Quantization::from_settings(self.quantize, self.double_quant)

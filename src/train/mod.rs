@@ -40,6 +40,7 @@ use crate::bail_input;
 use crate::batch::Batch;
 use crate::data::{Dataset, Split, read_split};
 use crate::device::{kind_name, parse_device, resolve_precision};
+use crate::distributed::{Distributed, WorkerPlace};
 use crate::encode::{Encoded, Encoder};
 use crate::model::lora::{LoraConfig, attach_new};
 use crate::model::{Llama, LoadOptions, load_llama};
@@ -128,6 +129,8 @@ struct Run<'a> {
     interval: (f64, i64),
     last_checkpoint_step: Option<i64>,
     slowest_checkpoint_seconds: f64,
+    /// Data parallelism (`crate::distributed`): this worker's group; None alone.
+    group: Option<Distributed>,
 }
 
 /// What the loop does after a step.
@@ -141,6 +144,28 @@ enum Next {
 /// Runs a training job. `resume`: "latest" or a checkpoint name/path.
 pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary> {
     config.validate()?;
+    // A worker of a data-parallel run (torchrun's variables): every optimizer step's
+    // window holds grad_accum micro-batches per rank, so the run is scheduled, logged
+    // and checkpointed as one process with grad_accum x world.
+    let group = match WorkerPlace::from_env()? {
+        Some(place) => {
+            config.validate_distributed()?;
+            Some(Distributed::join(place, 600)?)
+        }
+        None => None,
+    };
+    let scaled;
+    let config = match &group {
+        Some(group) => {
+            scaled = TrainConfig {
+                grad_accum: config.grad_accum * group.world(),
+                ..config.clone()
+            };
+            &scaled
+        }
+        None => config,
+    };
+    let main_rank = group.as_ref().is_none_or(|g| g.rank() == 0);
     let out = &config.output_dir;
     let train_set = read_split(&config.data_dir, Split::Train, config.read_options())?;
     let validation_set = match config.eval_strategy {
@@ -203,33 +228,36 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
         state.loss_scaler = Some(loss_scale::LossScaler::new(config.loss_scale_init));
     }
 
-    std::fs::create_dir_all(out)
-        .map_err(|e| crate::error::bad_input(format!("{}: cannot create: {e}", out.display())))?;
-    write_file(
-        &out.join("training_config.toml"),
-        config.to_toml().as_bytes(),
-    )?;
-    eprintln!("effective configuration:\n{}", config.to_toml());
-    eprintln!(
-        "model {} ({} on {device:?}), {} training; train: {train_stats}; {}",
-        source.display(),
-        kind_name(kind),
-        describe_mode(&mode),
-        eval_stats.map_or("no evaluation".into(), |s| format!("validation: {s}"))
-    );
-    eprintln!(
-        "{} optimizer steps ({} per epoch: {} micro-batches of {} x {} accumulation), warmup {}",
-        schedule.total_steps,
-        schedule.windows_per_epoch,
-        schedule.micro_per_epoch,
-        config.batch_size,
-        config.grad_accum,
-        schedule.warmup
-    );
-
+    // Only rank 0 writes (and prints); every rank computes the same steps.
+    if main_rank {
+        std::fs::create_dir_all(out).map_err(|e| {
+            crate::error::bad_input(format!("{}: cannot create: {e}", out.display()))
+        })?;
+        write_file(
+            &out.join("training_config.toml"),
+            config.to_toml().as_bytes(),
+        )?;
+    }
+    if main_rank {
+        print_start(
+            config,
+            &group,
+            &source,
+            kind,
+            device,
+            &mode,
+            &train_stats,
+            eval_stats,
+            &schedule,
+        );
+    }
     let mut run = Run {
         config,
-        progress: logging::progress_bar(schedule.total_steps, state.global_step),
+        progress: if main_rank {
+            logging::progress_bar(schedule.total_steps, state.global_step)
+        } else {
+            indicatif::ProgressBar::hidden()
+        },
         tokens_at_start: state.input_tokens,
         last_checkpoint_step: resume_dir.as_ref().map(|_| state.global_step),
         model,
@@ -245,6 +273,7 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
         started: Instant::now(),
         interval: (0.0, 0),
         slowest_checkpoint_seconds: 0.0,
+        group,
     };
     crate::profile::enable_from_env(device);
     run.train_loop()?;
@@ -263,6 +292,46 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
                 .unwrap_or_default(),
         },
     )
+}
+
+/// The start-up printout (rank 0).
+#[allow(clippy::too_many_arguments)]
+fn print_start(
+    config: &TrainConfig,
+    group: &Option<Distributed>,
+    source: &ModelSource,
+    kind: Kind,
+    device: Device,
+    mode: &Mode,
+    train_stats: &impl std::fmt::Display,
+    eval_stats: Option<String>,
+    schedule: &Schedule,
+) {
+    eprintln!("effective configuration:\n{}", config.to_toml());
+    if let Some(group) = &group {
+        eprintln!(
+            "data parallel: {} ranks over Gloo, {} micro-batches of {} per rank and step",
+            group.world(),
+            config.grad_accum / group.world(),
+            config.batch_size
+        );
+    }
+    eprintln!(
+        "model {} ({} on {device:?}), {} training; train: {train_stats}; {}",
+        source.display(),
+        kind_name(kind),
+        describe_mode(mode),
+        eval_stats.map_or("no evaluation".into(), |s| format!("validation: {s}"))
+    );
+    eprintln!(
+        "{} optimizer steps ({} per epoch: {} micro-batches of {} x {} accumulation), warmup {}",
+        schedule.total_steps,
+        schedule.windows_per_epoch,
+        schedule.micro_per_epoch,
+        config.batch_size,
+        config.grad_accum,
+        schedule.warmup
+    );
 }
 
 /// Loads the model and makes it trainable: a fresh LoRA adapter, or every weight.
@@ -308,6 +377,11 @@ fn describe_mode(mode: &Mode) -> String {
 }
 
 impl Run<'_> {
+    /// Whether this process writes the logs, checkpoints and models (rank 0, or alone).
+    fn is_main(&self) -> bool {
+        self.group.as_ref().is_none_or(|g| g.rank() == 0)
+    }
+
     /// Epochs of accumulation windows until the last step or early stopping.
     fn train_loop(&mut self) -> Result<()> {
         let lengths: Vec<usize> = self
@@ -341,14 +415,25 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// One optimizer step over a window of micro-batches (rows of the train set).
+    /// One optimizer step over a window of micro-batches (rows of the train set). In a
+    /// data-parallel run the window is the whole step's, and this rank trains every
+    /// world-th micro-batch of it.
     fn train_step(&mut self, window: &[Vec<usize>]) -> Result<()> {
         let config = self.config;
+        let (rank, world) = self
+            .group
+            .as_ref()
+            .map_or((0, 1), |g| (g.rank(), g.world()));
         let state = &mut self.state;
         let rows = |micro: &Vec<usize>| -> Vec<&Encoded> {
             micro.iter().map(|&i| &self.train_examples[i]).collect()
         };
-        let batches: Vec<Batch> = window
+        let mine: Vec<&Vec<usize>> = window.iter().skip(rank).step_by(world).collect();
+        // A short last window can leave a rank without a micro-batch: it runs the
+        // window's first one with weight 0, so it still has gradients to sum.
+        let padding_only = mine.is_empty();
+        let mine = if padding_only { vec![&window[0]] } else { mine };
+        let batches: Vec<Batch> = mine
             .iter()
             .map(|micro| Batch::build(&rows(micro), self.device, config.packing))
             .collect();
@@ -373,6 +458,9 @@ impl Run<'_> {
             max_grad_norm: config.max_grad_norm,
             lr,
             token_scale: 1.0 / window_tokens.max(1) as f64,
+            micro_offset: rank as u64,
+            micro_stride: world as u64,
+            padding_only,
         };
         let outcome = optimizer_step(
             &self.model,
@@ -380,6 +468,7 @@ impl Run<'_> {
             &batches,
             &settings,
             state.loss_scaler.as_mut(),
+            self.group.as_ref(),
         )?;
         if let Some(value) = outcome.nonfinite_loss
             && state.loss_scaler.is_none()
@@ -451,7 +540,9 @@ impl Run<'_> {
                 loss_scale: state.loss_scaler.map(|s| s.scale),
                 step_skipped: state.loss_scaler.map(|_| grad_norm.is_none()),
             });
-            logging::write_log(&self.config.output_dir, &state.log_history)?;
+            if self.group.as_ref().is_none_or(|g| g.rank() == 0) {
+                logging::write_log(&self.config.output_dir, &state.log_history)?;
+            }
         }
         Ok(())
     }
@@ -477,7 +568,9 @@ impl Run<'_> {
             self.state
                 .log_history
                 .push(logging::eval_entry(step, epoch, eval_loss));
-            logging::write_log(&config.output_dir, &self.state.log_history)?;
+            if self.is_main() {
+                logging::write_log(&config.output_dir, &self.state.log_history)?;
+            }
             self.progress
                 .println(format!("step {step}: eval_loss {eval_loss:.6}"));
             stop_early = evaluation::record_evaluation(
@@ -498,7 +591,7 @@ impl Run<'_> {
             self.state.epoch += 1;
             self.state.windows_done_in_epoch = 0;
         }
-        if save_now {
+        if save_now && self.is_main() {
             self.save()?;
         }
         Ok(if stop_early {
@@ -508,6 +601,27 @@ impl Run<'_> {
         } else {
             Next::Continue
         })
+    }
+
+    /// What a rank other than 0 reports (it writes nothing).
+    fn worker_summary(&self, skipped_rows: SkippedRows) -> TrainSummary {
+        let seconds = self.started.elapsed().as_secs_f64();
+        let memory = crate::memory::MemoryReport::now(self.device);
+        TrainSummary {
+            output_dir: self.config.output_dir.clone(),
+            steps: self.state.global_step,
+            best_eval_loss: self.state.best_metric,
+            best_step: self.state.best_step,
+            final_eval_loss: None,
+            seconds,
+            tokens_per_second: (self.state.input_tokens - self.tokens_at_start) as f64
+                / seconds.max(1e-9),
+            peak_rss_bytes: memory.peak_rss_bytes,
+            gpu_memory: memory.gpu,
+            previews: Vec::new(),
+            slowest_checkpoint_seconds: 0.0,
+            skipped_rows,
+        }
     }
 
     fn save(&mut self) -> Result<()> {
@@ -541,6 +655,9 @@ impl Run<'_> {
         skipped_rows: SkippedRows,
     ) -> Result<TrainSummary> {
         self.progress.finish_and_clear();
+        if !self.is_main() {
+            return Ok(self.worker_summary(skipped_rows));
+        }
         if self.last_checkpoint_step != Some(self.state.global_step) {
             self.save()?;
         }

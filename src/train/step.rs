@@ -25,6 +25,7 @@ use tch::{Kind, Tensor};
 use super::loss_scale::LossScaler;
 use super::optim::{AdamW, StepConstants};
 use crate::batch::Batch;
+use crate::distributed::Distributed;
 use crate::loss::{answer_token_losses, batch_context, losses_from_hidden};
 use crate::model::Llama;
 use crate::model::llama::LayerContext;
@@ -46,6 +47,21 @@ pub struct StepSettings {
     /// 1 / the window's answer tokens: the loss is a token-weighted mean over the
     /// whole window, as HF Trainer's `num_items_in_batch` makes it.
     pub token_scale: f64,
+    /// Data parallelism: this rank's micro-batches are the window's `offset`,
+    /// `offset + stride`, ... (rank, world size); 0 and 1 in a single process. Dropout
+    /// seeds follow the global position, so results do not depend on the world size.
+    pub micro_offset: u64,
+    pub micro_stride: u64,
+    /// Data parallelism: the window had no micro-batch for this rank, which runs one
+    /// anyway with weight 0 so that every rank holds a gradient for the sum.
+    pub padding_only: bool,
+}
+
+impl StepSettings {
+    /// The global position of this rank's `index`-th micro-batch in the run.
+    fn micro_position(&self, index: usize) -> u64 {
+        self.first_micro + self.micro_offset + index as u64 * self.micro_stride
+    }
 }
 
 /// What a step did.
@@ -69,21 +85,57 @@ fn dropout_seed(seed: u64, micro_step: u64, layer: usize) -> i64 {
 }
 
 /// Forward, backward and update for one window of micro-batches.
+/// `group`: data parallelism (the gradients are summed across ranks before the
+/// update; only with the update after the backward pass).
 pub fn optimizer_step(
     model: &Llama,
     optimizer: &mut AdamW,
     batches: &[Batch],
     settings: &StepSettings,
     scaler: Option<&mut LossScaler>,
+    group: Option<&Distributed>,
 ) -> Result<StepOutcome> {
     profile::start();
     if settings.in_backward {
+        assert!(
+            group.is_none(),
+            "refused by TrainConfig::validate_distributed"
+        );
         let outcome = step_in_backward(model, optimizer, batches, settings, scaler);
         profile::mark("forward + backward + update (in-backward)");
         outcome
     } else {
-        step_after_backward(model, optimizer, batches, settings, scaler)
+        step_after_backward(model, optimizer, batches, settings, scaler, group)
     }
+}
+
+/// Sums every gradient and the step's loss across ranks (in buckets; see
+/// csrc/distributed.cpp). Each rank's gradients are already scaled by 1 / the whole
+/// window's answer tokens, so the sum is the single-process gradient.
+fn sum_across_ranks(
+    group: &Distributed,
+    optimizer: &AdamW,
+    outcome: &mut StepOutcome,
+) -> Result<()> {
+    let grads: Vec<Tensor> = optimizer
+        .params
+        .iter()
+        .map(|p| p.param.grad())
+        .filter(Tensor::defined)
+        .collect();
+    let mut refs: Vec<&Tensor> = grads.iter().collect();
+    let local_loss = outcome.nonfinite_loss.unwrap_or(outcome.loss_sum);
+    let loss = Tensor::from_slice(&[local_loss]);
+    refs.push(&loss);
+    group.allreduce_sum(&refs)?;
+    let total = loss.double_value(&[0]);
+    if total.is_finite() {
+        outcome.loss_sum = total;
+    } else {
+        outcome.nonfinite_loss = Some(total);
+    }
+    profile::mark("all-reduce");
+    Ok(())
 }
 
 fn step_after_backward(
@@ -92,26 +144,36 @@ fn step_after_backward(
     batches: &[Batch],
     settings: &StepSettings,
     scaler: Option<&mut LossScaler>,
+    group: Option<&Distributed>,
 ) -> Result<StepOutcome> {
     let loss_scale = scaler.as_ref().map_or(1.0, |s| s.scale);
+    let weight = if settings.padding_only { 0.0 } else { 1.0 };
     let mut outcome = StepOutcome::default();
     for (index, batch) in batches.iter().enumerate() {
-        let seeds = (settings.seed, settings.first_micro + index as u64);
+        let seeds = (settings.seed, settings.micro_position(index));
         let value = micro_step(
             model,
             batch,
-            loss_scale * settings.token_scale,
+            loss_scale * settings.token_scale * weight,
             seeds,
             settings.checkpointing,
             settings.full,
-        )?;
+        )? * weight;
         if value.is_finite() {
             outcome.loss_sum += value;
         } else {
             outcome.nonfinite_loss = Some(value);
-            if scaler.is_none() {
+            // Every rank must reach the sum below, so only a single process stops here.
+            if scaler.is_none() && group.is_none() {
                 return Ok(outcome);
             }
+        }
+    }
+    if let Some(group) = group {
+        sum_across_ranks(group, optimizer, &mut outcome)?;
+        if outcome.nonfinite_loss.is_some() && scaler.is_none() {
+            optimizer.zero_grad();
+            return Ok(outcome);
         }
     }
     // f16: unscale, and skip the step (halving the scale) on inf/NaN gradients.
@@ -360,7 +422,7 @@ fn backward_by_stage(window: &KeptWindow, complete: &mut dyn FnMut(usize, Tensor
                 .set_requires_grad(input_grad_needed);
             tch::manual_seed(dropout_seed(
                 settings.seed,
-                settings.first_micro + micro as u64,
+                settings.micro_position(micro),
                 layer,
             ));
             let output = model.layer_forward(layer, &input, &forward.context, None, true);
@@ -417,7 +479,7 @@ fn step_in_backward(
                 model,
                 batch,
                 settings.seed,
-                settings.first_micro + micro as u64,
+                settings.micro_position(micro),
             )
         })
         .collect();

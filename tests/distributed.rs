@@ -1,0 +1,187 @@
+//! Data-parallel training over c10d's Gloo process group, two workers on the loopback
+//! address (`amthal train --nproc-per-node 2`): after a few steps the adapter and the
+//! fully fine-tuned weights equal one process's with the same global batch; a worker
+//! killed mid-run stops the run with a message naming it; the checkpoint it left
+//! resumes in a single process and ends where an uninterrupted run ends.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use common::*;
+use tch::Tensor;
+
+fn train_args(out: &Path, extra: &[&str]) -> Vec<String> {
+    let data = repo_root().join("examples/data");
+    let mut args: Vec<String> = [
+        "train",
+        "--model",
+        fixture("tiny-llama").to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--batch-size",
+        "1",
+        "--cutoff-len",
+        "256",
+        "--device",
+        "cpu",
+        "--precision",
+        "f32",
+        "--previews",
+        "0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+fn run(out: &Path, extra: &[&str]) {
+    let args = train_args(out, extra);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let output = amthal(&refs);
+    assert!(output.status.success(), "{extra:?}: {}", stderr(&output));
+}
+
+fn weights(file: &Path) -> HashMap<String, Tensor> {
+    Tensor::read_safetensors(file)
+        .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+        .into_iter()
+        .collect()
+}
+
+/// Largest absolute difference over every tensor of two safetensors files.
+fn max_difference(a: &Path, b: &Path) -> f64 {
+    let (a, b) = (weights(a), weights(b));
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .map(|(name, x)| (x - &b[name]).abs().max().double_value(&[]))
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn two_gloo_workers_train_what_one_process_trains() {
+    let dir = temp_dir("dp-equal");
+    for (mode, flags, file) in [
+        (
+            "lora",
+            &["--lora", "--lora-dropout", "0.1", "--lr", "1e-3"][..],
+            "adapter_model.safetensors",
+        ),
+        ("full", &["--lr", "1e-3"][..], "model.safetensors"),
+    ] {
+        let common = [flags, &["--max-steps", "3", "--eval-strategy", "no"][..]].concat();
+        let single = dir.join(format!("{mode}-single"));
+        run(&single, &[&common[..], &["--grad-accum", "4"]].concat());
+        let two = dir.join(format!("{mode}-two"));
+        run(
+            &two,
+            &[&common[..], &["--grad-accum", "2", "--nproc-per-node", "2"]].concat(),
+        );
+        let difference = max_difference(&single.join(file), &two.join(file));
+        eprintln!("{mode}: 2 workers vs 1 process, max abs weight difference {difference:e}");
+        assert!(difference <= 1e-6, "{mode}: {difference:e}");
+        // Rank 0 wrote the log; its losses are the single process's.
+        let log = |d: &Path| std::fs::read_to_string(d.join("log.jsonl")).unwrap();
+        let losses = |text: String| -> Vec<f64> {
+            text.lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter_map(|v| v["loss"].as_f64())
+                .collect()
+        };
+        let (a, b) = (losses(log(&single)), losses(log(&two)));
+        assert_eq!(a.len(), 3);
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() <= 1e-6 * x.abs(), "{mode}: loss {x} vs {y}");
+        }
+    }
+}
+
+/// The environment of a running process (Linux), to tell the workers apart.
+fn environ(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', "\n"))
+        .unwrap_or_default()
+}
+
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) else {
+        return Vec::new();
+    };
+    text.split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+#[test]
+fn a_killed_worker_stops_the_run_and_its_checkpoint_resumes_in_one_process() {
+    let dir = temp_dir("dp-kill");
+    let flags = [
+        "--lora",
+        "--lora-dropout",
+        "0",
+        "--lr",
+        "1e-2",
+        "--max-steps",
+        "30",
+        "--eval-strategy",
+        "steps",
+        "--eval-steps",
+        "2",
+    ];
+    let killed = dir.join("killed");
+    let args = train_args(
+        &killed,
+        &[&flags[..], &["--grad-accum", "1", "--nproc-per-node", "2"]].concat(),
+    );
+    let launcher = Command::new(env!("CARGO_BIN_EXE_amthal"))
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once the first checkpoint is there, kill rank 1.
+    let mut victim = None;
+    for _ in 0..6000 {
+        if killed.join("checkpoint-2/trainer_state.json").exists() {
+            victim = children(launcher.id())
+                .into_iter()
+                .find(|&pid| environ(pid).lines().any(|l| l == "RANK=1"));
+            if victim.is_some() {
+                break;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let victim = victim.expect("rank 1 running after checkpoint-2");
+    Command::new("kill")
+        .args(["-9", &victim.to_string()])
+        .status()
+        .unwrap();
+    let output = launcher.wait_with_output().unwrap();
+    let message = String::from_utf8_lossy(&output.stderr).to_string();
+    assert!(!output.status.success(), "the run should fail");
+    assert!(
+        message.contains("worker rank 1 was killed by a signal"),
+        "{message}"
+    );
+    assert!(!killed.join("train_summary.json").exists());
+    // One process resumes the two workers' checkpoint (2 x 1 accumulation = 2) and ends
+    // where an uninterrupted single process ends.
+    run(
+        &killed,
+        &[&flags[..], &["--grad-accum", "2", "--resume"]].concat(),
+    );
+    let whole = dir.join("whole");
+    run(&whole, &[&flags[..], &["--grad-accum", "2"]].concat());
+    let difference = max_difference(
+        &whole.join("adapter_model.safetensors"),
+        &killed.join("adapter_model.safetensors"),
+    );
+    assert!(difference <= 1e-6, "{difference:e}");
+}
