@@ -70,7 +70,10 @@ pub fn load_embedded(
     // SAFETY: dlopen of the library just written; the mapping outlives the fd, and
     // the handle is never closed since function pointers into it are kept.
     let handle = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
-    drop(file);
+    // The fd stays open for the life of the process: glibc knows the library by its
+    // path, and a closed fd's number (so its /proc path) would be reused by the next
+    // embedded library, which dlopen would then take for this one already loaded.
+    std::mem::forget(file);
     if handle.is_null() {
         return Err(dlerror());
     }
