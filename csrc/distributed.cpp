@@ -40,13 +40,20 @@ struct Group {
 // collective calls instead of hundreds.
 constexpr int64_t kBucketBytes = 32 << 20;
 
-void allreduce_flat(Group& g, std::vector<at::Tensor>& bucket) {
+// root < 0: all-reduce (sum) the bucket; else broadcast it from rank `root`.
+void collective_flat(Group& g, std::vector<at::Tensor>& bucket, int root) {
   if (bucket.empty()) return;
   std::vector<at::Tensor> flat_views;
   flat_views.reserve(bucket.size());
   for (auto& t : bucket) flat_views.push_back(t.reshape({-1}));
   std::vector<at::Tensor> flat{at::cat(flat_views)};
-  g.group->allreduce(flat)->wait();
+  if (root < 0) {
+    g.group->allreduce(flat)->wait();
+  } else {
+    c10d::BroadcastOptions options;
+    options.rootRank = root;
+    g.group->broadcast(flat, options)->wait();
+  }
   int64_t offset = 0;
   for (auto& t : bucket) {
     int64_t n = t.numel();
@@ -60,7 +67,7 @@ void allreduce_flat(Group& g, std::vector<at::Tensor>& bucket) {
 extern "C" {
 
 // Bumped when a signature changes; src/distributed/shim.rs checks it.
-int amthal_dist_version() { return 1; }
+int amthal_dist_version() { return 2; }
 
 const char* amthal_dist_last_error() { return last_error.c_str(); }
 
@@ -84,9 +91,9 @@ int amthal_dist_init_gloo(const char* host, int port, int rank, int world, int t
   });
 }
 
-// Sums `count` tensors element-wise across ranks, in place (CPU tensors; flattened into
-// buckets per dtype).
-int amthal_dist_allreduce_sum(void* handle, at::Tensor** tensors, int count) {
+// root < 0: sums `count` tensors element-wise across ranks, in place; else every rank
+// receives rank `root`'s values. CPU tensors, flattened into buckets per dtype.
+int amthal_dist_collective(void* handle, at::Tensor** tensors, int count, int root) {
   return guarded([&] {
     c10::NoGradGuard no_grad;
     auto& g = *static_cast<Group*>(handle);
@@ -98,11 +105,11 @@ int amthal_dist_allreduce_sum(void* handle, at::Tensor** tensors, int count) {
       buckets[type].push_back(t);
       bytes[type] += t.numel() * static_cast<int64_t>(t.element_size());
       if (bytes[type] >= kBucketBytes) {
-        allreduce_flat(g, buckets[type]);
+        collective_flat(g, buckets[type], root);
         bytes[type] = 0;
       }
     }
-    for (auto& [type, bucket] : buckets) allreduce_flat(g, bucket);
+    for (auto& [type, bucket] : buckets) collective_flat(g, bucket, root);
   });
 }
 

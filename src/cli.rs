@@ -358,6 +358,11 @@ pub struct LaunchArgs {
     /// gloo (CPU tensors; CUDA tensors through host copies) or nccl (not built yet).
     #[arg(long, default_value = "gloo")]
     pub dist_backend: String,
+    /// ZeRO stage: 1 shards AdamW's state (moments, master weights) across the ranks, so
+    /// each keeps about 1/world of it (DeepSpeed's stage 1, FSDP's SHARD_GRAD_OP for the
+    /// optimizer). 0: every rank keeps all of it.
+    #[arg(long, value_name = "0|1")]
+    pub zero: Option<u8>,
 }
 
 /// The file formats `amthal export` writes.

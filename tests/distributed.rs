@@ -185,3 +185,75 @@ fn a_killed_worker_stops_the_run_and_its_checkpoint_resumes_in_one_process() {
     );
     assert!(difference <= 1e-6, "{difference:e}");
 }
+
+/// `--zero 1`: each rank keeps the optimizer state of about half the tensors; the
+/// weights still equal one process's, the checkpoint holds one shard per rank (which
+/// together are the single process's state), and one process resumes from them.
+#[test]
+fn zero_1_shards_the_optimizer_state_and_trains_what_one_process_trains() {
+    let dir = temp_dir("dp-zero");
+    let flags = [
+        "--lr",
+        "1e-3",
+        "--lr-scheduler",
+        "constant",
+        "--eval-strategy",
+        "steps",
+        "--eval-steps",
+        "2",
+    ];
+    let zero = dir.join("zero");
+    run(
+        &zero,
+        &[
+            &flags[..],
+            &[
+                "--max-steps",
+                "2",
+                "--grad-accum",
+                "1",
+                "--nproc-per-node",
+                "2",
+                "--zero",
+                "1",
+            ],
+        ]
+        .concat(),
+    );
+    let single = dir.join("single");
+    run(
+        &single,
+        &[&flags[..], &["--max-steps", "4", "--grad-accum", "2"]].concat(),
+    );
+    let checkpoint = zero.join("checkpoint-2");
+    assert!(!checkpoint.join("optimizer.safetensors").exists());
+    let shards: Vec<HashMap<String, Tensor>> = (0..2)
+        .map(|rank| weights(&checkpoint.join(format!("optimizer-{rank}-of-2.safetensors"))))
+        .collect();
+    let reference = weights(&single.join("checkpoint-2/optimizer.safetensors"));
+    assert!(!shards[0].is_empty() && !shards[1].is_empty());
+    assert_eq!(shards[0].len() + shards[1].len(), reference.len());
+    for (name, value) in shards.iter().flatten() {
+        let difference = (value - &reference[name]).abs().max().double_value(&[]);
+        assert!(difference <= 1e-6, "{name}: {difference:e}");
+    }
+    let difference = max_difference(
+        &checkpoint.join("model.safetensors"),
+        &single.join("checkpoint-2/model.safetensors"),
+    );
+    assert!(difference <= 1e-6, "after 2 steps: {difference:e}");
+    // One process resumes the two shards and ends where the single run ends.
+    run(
+        &zero,
+        &[
+            &flags[..],
+            &["--max-steps", "4", "--grad-accum", "2", "--resume"],
+        ]
+        .concat(),
+    );
+    let difference = max_difference(
+        &zero.join("model.safetensors"),
+        &single.join("model.safetensors"),
+    );
+    assert!(difference <= 1e-6, "after resuming: {difference:e}");
+}

@@ -70,6 +70,9 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
         c.quantize = Some(kind);
     }
     c.double_quant |= args.quantize.double_quant;
+    if let Some(zero) = args.launch.zero {
+        c.zero = zero;
+    }
     if args.fp16 {
         c.precision = Precision::F16;
     }

@@ -107,6 +107,27 @@ impl Distributed {
     /// Sums the tensors across ranks, in place. CUDA tensors are summed through host
     /// copies (Gloo).
     pub fn allreduce_sum(&self, tensors: &[&Tensor]) -> Result<()> {
+        self.collective(tensors, None)
+    }
+
+    /// ZeRO-1 after an update: every tensor takes its owner's values (`owners[i]` for
+    /// `tensors[i]`), one broadcast per owner.
+    pub fn broadcast_from_owners(&self, tensors: &[&Tensor], owners: &[usize]) -> Result<()> {
+        for root in 0..self.world() {
+            let owned: Vec<&Tensor> = tensors
+                .iter()
+                .zip(owners)
+                .filter(|(_, owner)| **owner == root)
+                .map(|(t, _)| *t)
+                .collect();
+            if !owned.is_empty() {
+                self.collective(&owned, Some(root))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn collective(&self, tensors: &[&Tensor], root: Option<usize>) -> Result<()> {
         let on_host: Vec<Tensor> = tensors
             .iter()
             .map(|t| {
@@ -118,9 +139,11 @@ impl Distributed {
             })
             .collect();
         let refs: Vec<&Tensor> = on_host.iter().collect();
-        self.group
-            .allreduce_sum(&refs)
-            .map_err(|e| anyhow::anyhow!("rank {}: all-reduce: {e}", self.rank()))?;
+        match root {
+            None => self.group.allreduce_sum(&refs),
+            Some(root) => self.group.broadcast(&refs, root),
+        }
+        .map_err(|e| anyhow::anyhow!("rank {}: collective: {e}", self.rank()))?;
         for (target, host) in tensors.iter().zip(&on_host) {
             if target.device() != Device::Cpu {
                 tch::no_grad(|| target.shallow_clone().copy_(host));

@@ -10,20 +10,20 @@ use tch::Tensor;
 use crate::cuda::shim::{load_embedded, status_result};
 
 const LIBRARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libamthal_dist.so"));
-const VERSION: c_int = 1;
+const VERSION: c_int = 2;
 
 type VersionFn = unsafe extern "C" fn() -> c_int;
 type LastErrorFn = unsafe extern "C" fn() -> *const c_char;
 type InitFn =
     unsafe extern "C" fn(*const c_char, c_int, c_int, c_int, c_int, *mut *mut c_void) -> c_int;
-type AllreduceFn = unsafe extern "C" fn(*mut c_void, *const *mut c_void, c_int) -> c_int;
+type CollectiveFn = unsafe extern "C" fn(*mut c_void, *const *mut c_void, c_int, c_int) -> c_int;
 type BarrierFn = unsafe extern "C" fn(*mut c_void) -> c_int;
 type DestroyFn = unsafe extern "C" fn(*mut c_void);
 
 struct Library {
     last_error: LastErrorFn,
     init: InitFn,
-    allreduce: AllreduceFn,
+    collective: CollectiveFn,
     barrier: BarrierFn,
     destroy: DestroyFn,
 }
@@ -50,8 +50,8 @@ fn library() -> Result<&'static Library, String> {
                     init: std::mem::transmute::<*mut c_void, InitFn>(symbol(
                         "amthal_dist_init_gloo",
                     )?),
-                    allreduce: std::mem::transmute::<*mut c_void, AllreduceFn>(symbol(
-                        "amthal_dist_allreduce_sum",
+                    collective: std::mem::transmute::<*mut c_void, CollectiveFn>(symbol(
+                        "amthal_dist_collective",
                     )?),
                     barrier: std::mem::transmute::<*mut c_void, BarrierFn>(symbol(
                         "amthal_dist_barrier",
@@ -108,11 +108,26 @@ impl GlooGroup {
 
     /// Sums the tensors across ranks, in place (CPU tensors).
     pub fn allreduce_sum(&self, tensors: &[&Tensor]) -> Result<(), String> {
+        self.collective(tensors, -1)
+    }
+
+    /// Every rank receives rank `root`'s values of the tensors (CPU tensors).
+    pub fn broadcast(&self, tensors: &[&Tensor], root: usize) -> Result<(), String> {
+        self.collective(tensors, root as c_int)
+    }
+
+    /// root < 0: all-reduce (sum); else broadcast from `root`.
+    fn collective(&self, tensors: &[&Tensor], root: c_int) -> Result<(), String> {
         let handles: Vec<*mut c_void> = tensors.iter().map(|t| t.as_ptr() as *mut c_void).collect();
         // SAFETY: live tensor handles, updated in place.
         status_result(
             unsafe {
-                (self.library.allreduce)(self.handle, handles.as_ptr(), handles.len() as c_int)
+                (self.library.collective)(
+                    self.handle,
+                    handles.as_ptr(),
+                    handles.len() as c_int,
+                    root,
+                )
             },
             self.library.last_error,
         )
@@ -151,6 +166,9 @@ mod tests {
                     let a = Tensor::from_slice(&[1f32, 2.0, 3.0]) * (rank as f64 + 1.0);
                     let b = Tensor::from_slice(&[10f64]) * (rank as f64 + 1.0);
                     group.allreduce_sum(&[&a, &b]).unwrap();
+                    let c = Tensor::from_slice(&[rank as f32; 4]);
+                    group.broadcast(&[&c], 1).unwrap();
+                    assert_eq!(Vec::<f32>::try_from(&c).unwrap(), vec![1.0; 4]);
                     group.barrier().unwrap();
                     (
                         Vec::<f32>::try_from(&a).unwrap(),

@@ -84,12 +84,19 @@ pub fn restore(
     let saved = TrainConfig::from_toml(&dir.join("training_config.toml"))?;
     check_resumable(&saved, config)?;
     restore_trained(model, mode, dir)?;
-    let optimizer_file = dir.join("optimizer.safetensors");
-    if optimizer_file.is_file() {
-        let tensors: BTreeMap<String, Tensor> = Tensor::read_safetensors(optimizer_file)?
-            .into_iter()
-            .map(|(k, v)| (k, v.to_device(device)))
-            .collect();
+    let optimizer_files = optimizer_state_files(dir)?;
+    if !optimizer_files.is_empty() {
+        // One file, or ZeRO-1's shards (any world size reads them all and keeps what it
+        // owns now).
+        let mut tensors: BTreeMap<String, Tensor> = BTreeMap::new();
+        for file in optimizer_files {
+            tensors.extend(
+                Tensor::read_safetensors(&file)
+                    .with_context(|| file.display().to_string())?
+                    .into_iter()
+                    .map(|(k, v)| (k, v.to_device(device))),
+            );
+        }
         optimizer.load_state(&tensors, state.global_step)?;
     } else {
         // A --save-only-model checkpoint: the weights and the position are restored,
@@ -109,7 +116,7 @@ pub fn restore(
 
 /// A resumed run must use the settings that decide the computation.
 pub fn check_resumable(saved: &TrainConfig, now: &TrainConfig) -> Result<()> {
-    let fields: [(&str, String, String); 12] = [
+    let fields: [(&str, String, String); 13] = [
         ("lora", saved.lora.to_string(), now.lora.to_string()),
         ("lora_r", saved.lora_r.to_string(), now.lora_r.to_string()),
         (
@@ -154,6 +161,11 @@ pub fn check_resumable(saved: &TrainConfig, now: &TrainConfig) -> Result<()> {
             format!("{:?}", saved.optim),
             format!("{:?}", now.optim),
         ),
+        (
+            "quantize",
+            format!("{:?} {}", saved.quantize, saved.double_quant),
+            format!("{:?} {}", now.quantize, now.double_quant),
+        ),
     ];
     for (name, before, after) in fields {
         if before != after {
@@ -162,6 +174,51 @@ pub fn check_resumable(saved: &TrainConfig, now: &TrainConfig) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// The optimizer state of a checkpoint: `optimizer.safetensors`, or ZeRO-1's
+/// `optimizer-R-of-W.safetensors` shards (empty without optimizer state).
+fn optimizer_state_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("optimizer.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let mut shards: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("optimizer-") && n.ends_with(".safetensors"))
+        })
+        .collect();
+    shards.sort();
+    Ok(shards)
+}
+
+/// ZeRO-1: this rank's part of the optimizer state, into `dir` (created if needed) as
+/// `optimizer-RANK-of-WORLD.safetensors`, through a temp name.
+pub fn write_optimizer_shard(
+    dir: &Path,
+    optimizer: &AdamW,
+    rank: usize,
+    world: usize,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
+    let tensors: Vec<(String, crate::model::tensor_io::TensorBytes)> = optimizer
+        .state_tensors()
+        .iter()
+        .map(|(name, t)| {
+            (
+                name.clone(),
+                crate::model::tensor_io::TensorBytes::from_tensor(t),
+            )
+        })
+        .collect();
+    let file = dir.join(format!("optimizer-{rank}-of-{world}.safetensors"));
+    let temp = crate::atomic::temp_path_for(&file);
+    crate::model::tensor_io::write_safetensors(&temp, &tensors)?;
+    std::fs::rename(&temp, &file)?;
     Ok(())
 }
 
@@ -175,6 +232,7 @@ pub fn save_checkpoint(
     optimizer: &AdamW,
     state: &TrainerState,
     config: &TrainConfig,
+    optimizer_shards: Option<&Path>,
 ) -> Result<()> {
     let dir = out.join(format!("checkpoint-{}", state.global_step));
     write_dir_with(&dir, |tmp| {
@@ -183,7 +241,14 @@ pub fn save_checkpoint(
             std::fs::rename(&file, tmp.join(file.file_name().expect("a file name")))?;
         }
         std::fs::remove_dir_all(tmp.join("model"))?;
-        if !config.save_only_model {
+        if let Some(shards) = optimizer_shards {
+            // ZeRO-1: every rank's shard of the optimizer state, written beside.
+            for entry in std::fs::read_dir(shards)? {
+                let path = entry?.path();
+                std::fs::rename(&path, tmp.join(path.file_name().expect("a file name")))?;
+            }
+            std::fs::remove_dir(shards)?;
+        } else if !config.save_only_model {
             let tensors: Vec<(String, crate::model::tensor_io::TensorBytes)> = optimizer
                 .state_tensors()
                 .iter()

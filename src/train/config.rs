@@ -88,6 +88,9 @@ pub struct TrainConfig {
     pub quantize: Option<QuantKind>,
     /// `--double-quant`: 4-bit block absmaxes in 8 bits.
     pub double_quant: bool,
+    /// `--zero 1`: data-parallel ranks shard AdamW's state (ZeRO stage 1); 0: each
+    /// rank keeps all of it.
+    pub zero: u8,
 }
 
 impl Default for TrainConfig {
@@ -136,6 +139,7 @@ impl Default for TrainConfig {
             packing: false,
             quantize: None,
             double_quant: false,
+            zero: 0,
         }
     }
 }
@@ -182,6 +186,13 @@ impl TrainConfig {
 
     /// What a data-parallel worker cannot do yet (checked before joining the group).
     pub fn validate_distributed(&self) -> Result<()> {
+        if self.zero > 1 {
+            bail_input!(
+                "--zero {}: only stage 1 (optimizer state sharded) is built; 2 would also shard \
+                 the gradients and 3 the weights",
+                self.zero
+            );
+        }
         if self.optim_in_backward {
             bail_input!(
                 "--optim-in-backward updates each tensor inside the backward pass, before the \

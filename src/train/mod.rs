@@ -217,6 +217,9 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
         config.weight_decay,
         config.optim,
     );
+    if let Some(group) = group.as_ref().filter(|_| config.zero == 1) {
+        optimizer.shard(group.rank(), group.world());
+    }
     let schedule = Schedule::new(config, train_examples.len());
     let mut state = match &resume_dir {
         Some(dir) => checkpoints::restore(dir, config, &model, &mode, &mut optimizer, device)?,
@@ -591,7 +594,7 @@ impl Run<'_> {
             self.state.epoch += 1;
             self.state.windows_done_in_epoch = 0;
         }
-        if save_now && self.is_main() {
+        if save_now {
             self.save()?;
         }
         Ok(if stop_early {
@@ -624,18 +627,42 @@ impl Run<'_> {
         }
     }
 
+    /// A checkpoint: rank 0 (or the only process) writes it. Under ZeRO-1 every rank
+    /// first writes its shard of the optimizer state beside it, and rank 0 moves the
+    /// shards into the checkpoint before publishing it.
     fn save(&mut self) -> Result<()> {
         let saving = Instant::now();
-        save_checkpoint(
-            &self.config.output_dir,
-            &self.model,
-            &self.mode,
-            self.tokenizer,
-            &self.base_name,
-            &self.optimizer,
-            &self.state,
-            self.config,
-        )?;
+        let step = self.state.global_step;
+        let shards = match (&self.group, &self.optimizer.owners) {
+            (Some(group), Some(_)) if !self.config.save_only_model => {
+                let dir = self
+                    .config
+                    .output_dir
+                    .join(format!(".optimizer-shards-{step}"));
+                checkpoints::write_optimizer_shard(
+                    &dir,
+                    &self.optimizer,
+                    group.rank(),
+                    group.world(),
+                )?;
+                group.barrier()?;
+                Some(dir)
+            }
+            _ => None,
+        };
+        if self.is_main() {
+            save_checkpoint(
+                &self.config.output_dir,
+                &self.model,
+                &self.mode,
+                self.tokenizer,
+                &self.base_name,
+                &self.optimizer,
+                &self.state,
+                self.config,
+                shards.as_deref(),
+            )?;
+        }
         self.last_checkpoint_step = Some(self.state.global_step);
         let seconds = saving.elapsed().as_secs_f64();
         tracing::info!(
@@ -655,11 +682,11 @@ impl Run<'_> {
         skipped_rows: SkippedRows,
     ) -> Result<TrainSummary> {
         self.progress.finish_and_clear();
-        if !self.is_main() {
-            return Ok(self.worker_summary(skipped_rows));
-        }
         if self.last_checkpoint_step != Some(self.state.global_step) {
             self.save()?;
+        }
+        if !self.is_main() {
+            return Ok(self.worker_summary(skipped_rows));
         }
         let out = &self.config.output_dir;
         let state = &self.state;

@@ -29,6 +29,9 @@ pub struct ParamState {
     pub exp_avg: Moment,
     pub exp_avg_sq: Moment,
     pub weight_decay: bool,
+    /// ZeRO-1 (`AdamW::shard`): whether this rank keeps the state and updates the
+    /// tensor; another rank's tensors arrive by broadcast after each step.
+    pub owned: bool,
 }
 
 impl ParamState {
@@ -45,6 +48,7 @@ impl ParamState {
             exp_avg: self.exp_avg.chunk(start, length),
             exp_avg_sq: self.exp_avg_sq.chunk(start, length),
             weight_decay: self.weight_decay,
+            owned: self.owned,
         }
     }
 }
@@ -78,6 +82,26 @@ pub struct AdamW {
     /// Whether `step` may use the fused multi-tensor kernel (`torch_ops`); tests turn
     /// it off to compare with the per-tensor code.
     pub fused: bool,
+    /// ZeRO-1 (`shard`): each parameter's owning rank.
+    pub owners: Option<Vec<usize>>,
+}
+
+/// ZeRO-1's partition of the optimizer state: each tensor to the rank that holds the
+/// fewest values so far, largest tensors first (whole tensors, so every update stays
+/// the single-process one; ranks differ by at most the largest tensor).
+pub fn zero_owners(sizes: &[i64], world: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..sizes.len()).collect();
+    order.sort_by_key(|&i| (std::cmp::Reverse(sizes[i]), i));
+    let mut load = vec![0i64; world.max(1)];
+    let mut owners = vec![0; sizes.len()];
+    for i in order {
+        let rank = (0..load.len())
+            .min_by_key(|&r| (load[r], r))
+            .expect("at least one rank");
+        owners[i] = rank;
+        load[rank] += sizes[i];
+    }
+    owners
 }
 
 /// `AdamW::update_chunk`'s default: 2^24 values.
@@ -111,6 +135,7 @@ impl AdamW {
                     master,
                     compensation,
                     weight_decay,
+                    owned: true,
                 }
             })
             .collect();
@@ -127,7 +152,27 @@ impl AdamW {
             // AMTHAL_FUSED_ADAMW=0 keeps the per-tensor code (for comparing the two,
             // as scripts/gpu/check does on CUDA).
             fused: std::env::var("AMTHAL_FUSED_ADAMW").map_or(true, |v| v != "0"),
+            owners: None,
         }
+    }
+
+    /// ZeRO-1: keeps moments, master copies and compensation only for the tensors this
+    /// rank owns (`zero_owners`); `step` updates only those. Gradients and clipping
+    /// still see every tensor (each rank holds the summed gradients).
+    pub fn shard(&mut self, rank: usize, world: usize) {
+        let sizes: Vec<i64> = self.params.iter().map(|p| p.param.numel() as i64).collect();
+        let owners = zero_owners(&sizes, world);
+        for (p, &owner) in self.params.iter_mut().zip(&owners) {
+            if owner != rank {
+                let device = p.param.device();
+                p.owned = false;
+                p.exp_avg = Moment::zeros(self.kind, &[0], device, true);
+                p.exp_avg_sq = Moment::zeros(self.kind, &[0], device, false);
+                p.master = None;
+                p.compensation = None;
+            }
+        }
+        self.owners = Some(owners);
     }
 
     /// Clears gradients.
@@ -201,7 +246,7 @@ impl AdamW {
         }
         for index in 0..self.params.len() {
             let grad = self.params[index].param.grad();
-            if grad.defined() {
+            if grad.defined() && self.params[index].owned {
                 self.update(index, &grad, &step);
             }
         }
@@ -235,7 +280,9 @@ impl AdamW {
         for decayed in [true, false] {
             let group: Vec<usize> = (0..self.params.len())
                 .filter(|&i| {
-                    self.params[i].weight_decay == decayed && self.params[i].param.grad().defined()
+                    self.params[i].weight_decay == decayed
+                        && self.params[i].owned
+                        && self.params[i].param.grad().defined()
                 })
                 .collect();
             if group.is_empty() {
@@ -314,7 +361,7 @@ impl AdamW {
     /// Optimizer state as named tensors (for checkpoints).
     pub fn state_tensors(&self) -> BTreeMap<String, Tensor> {
         let mut state = BTreeMap::new();
-        for p in &self.params {
+        for p in self.params.iter().filter(|p| p.owned) {
             p.exp_avg.state(&format!("exp_avg.{}", p.name), &mut state);
             p.exp_avg_sq
                 .state(&format!("exp_avg_sq.{}", p.name), &mut state);
@@ -335,7 +382,7 @@ impl AdamW {
         step: i64,
     ) -> anyhow::Result<()> {
         tch::no_grad(|| -> anyhow::Result<()> {
-            for p in &mut self.params {
+            for p in self.params.iter_mut().filter(|p| p.owned) {
                 p.exp_avg.restore(&format!("exp_avg.{}", p.name), state)?;
                 p.exp_avg_sq
                     .restore(&format!("exp_avg_sq.{}", p.name), state)?;

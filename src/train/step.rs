@@ -188,6 +188,12 @@ fn step_after_backward(
         outcome.grad_norm = Some(optimizer.clip_grad_norm(settings.max_grad_norm));
         profile::mark("clip");
         optimizer.step(settings.lr);
+        // ZeRO-1: each rank updated the tensors it owns; the others take them from it.
+        if let (Some(group), Some(owners)) = (group, &optimizer.owners) {
+            let params: Vec<&Tensor> = optimizer.params.iter().map(|p| &p.param).collect();
+            group.broadcast_from_owners(&params, owners)?;
+            profile::mark("broadcast");
+        }
     }
     optimizer.zero_grad();
     profile::mark("optimizer");
