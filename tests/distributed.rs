@@ -75,7 +75,18 @@ fn two_gloo_workers_train_what_one_process_trains() {
         ),
         ("full", &["--lr", "1e-3"][..], "model.safetensors"),
     ] {
-        let common = [flags, &["--max-steps", "3", "--eval-strategy", "no"][..]].concat();
+        let common = [
+            flags,
+            &[
+                "--max-steps",
+                "3",
+                "--eval-strategy",
+                "steps",
+                "--eval-steps",
+                "3",
+            ][..],
+        ]
+        .concat();
         let single = dir.join(format!("{mode}-single"));
         run(&single, &[&common[..], &["--grad-accum", "4"]].concat());
         let two = dir.join(format!("{mode}-two"));
@@ -99,6 +110,19 @@ fn two_gloo_workers_train_what_one_process_trains() {
         for (x, y) in a.iter().zip(&b) {
             assert!((x - y).abs() <= 1e-6 * x.abs(), "{mode}: loss {x} vs {y}");
         }
+        // The evaluation, split across the ranks, gives the single process's loss.
+        let eval = |d: &Path| -> f64 {
+            let summary: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(d.join("train_summary.json")).unwrap(),
+            )
+            .unwrap();
+            summary["final_eval_loss"].as_f64().unwrap()
+        };
+        let (x, y) = (eval(&single), eval(&two));
+        assert!(
+            (x - y).abs() <= 1e-6 * x.abs(),
+            "{mode}: eval loss {x} vs {y}"
+        );
     }
 }
 

@@ -18,6 +18,28 @@ pub fn evaluate_loss(model: &Llama, examples: &[Encoded], batch_size: usize) -> 
     crate::loss::mean_loss(model, &examples.iter().collect::<Vec<_>>(), batch_size)
 }
 
+/// `evaluate_loss` split across data-parallel ranks: each rank scores every
+/// world-th example, and the loss sums and token counts are summed across ranks.
+pub fn sharded_eval_loss(
+    model: &Llama,
+    examples: &[Encoded],
+    batch_size: usize,
+    group: &crate::distributed::Distributed,
+) -> Result<f64> {
+    let mine: Vec<&Encoded> = examples
+        .iter()
+        .skip(group.rank())
+        .step_by(group.world())
+        .collect();
+    let results = crate::loss::per_example_losses(model, &mine, batch_size);
+    let sums = tch::Tensor::from_slice(&[
+        results.iter().map(|(s, _)| s).sum::<f64>(),
+        results.iter().map(|(_, c)| *c as f64).sum::<f64>(),
+    ]);
+    group.allreduce_sum(&[&sums])?;
+    Ok(sums.double_value(&[0]) / sums.double_value(&[1]).max(1.0))
+}
+
 /// Records an evaluation: the best metric and checkpoint, and the count of
 /// evaluations without improvement. Returns whether early stopping ends the run.
 pub fn record_evaluation(

@@ -565,7 +565,15 @@ impl Run<'_> {
             evaluate_now || (config.eval_strategy == EvalStrategy::No && (epoch_end || last_step));
         let mut stop_early = false;
         if evaluate_now {
-            let eval_loss = evaluate_loss(&self.model, &self.eval_examples, config.batch_size * 2);
+            let eval_loss = match &self.group {
+                None => evaluate_loss(&self.model, &self.eval_examples, config.batch_size * 2),
+                Some(group) => evaluation::sharded_eval_loss(
+                    &self.model,
+                    &self.eval_examples,
+                    config.batch_size * 2,
+                    group,
+                )?,
+            };
             let epoch = self.state.epoch as f64
                 + self.state.windows_done_in_epoch as f64 / windows_in_epoch as f64;
             self.state
