@@ -188,7 +188,14 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
     }
 
     let source = ModelSource::resolve(config.model.as_deref())?;
-    let device: Device = parse_device(&config.device)?;
+    let mut device: Device = parse_device(&config.device)?;
+    // Data parallel on GPUs: each worker on its node's LOCAL_RANK-th card, unless the
+    // command named a card itself.
+    if let (Some(group), Device::Cuda(_)) = (&group, device)
+        && !config.device.starts_with("cuda:")
+    {
+        device = Device::Cuda(group.place.local_rank);
+    }
     let kind = resolve_precision(config.precision, device);
     let tokenizer = source.tokenizer()?;
     let prompts = PromptBuilder::new(config.prompt_format, &tokenizer)?;
