@@ -17,6 +17,7 @@
 #include <c10/core/GradMode.h>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#include <torch/version.h>
 
 #include <chrono>
 #include <map>
@@ -24,6 +25,16 @@
 #include <vector>
 
 #include "guarded.h"
+
+// The stub gloo headers (csrc/gloo_stub) were checked against torch 2.11's libtorch:
+// the c10d classes the shim allocates must have libtorch's own layout. Another torch
+// needs that check again (see csrc/gloo_stub/README.md) before this compiles.
+#if TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR == 11
+static_assert(sizeof(c10d::ProcessGroupGloo) == 0x1e8, "ProcessGroupGloo layout differs from libtorch's");
+static_assert(sizeof(c10d::ProcessGroupGloo::Options) == 0xb0, "Options layout differs from libtorch's");
+#else
+#error "csrc/gloo_stub was checked against torch 2.11 only: check the layouts for this torch"
+#endif
 
 namespace {
 using amthal::guarded;
@@ -84,8 +95,13 @@ int amthal_dist_init_gloo(const char* host, int port, int rank, int world, int t
     options.timeout = std::chrono::seconds(timeout_s);
     auto store = c10::make_intrusive<c10d::TCPStore>(std::string(host), options);
     auto group_options = c10d::ProcessGroupGloo::Options::create(std::chrono::seconds(timeout_s));
+    // One node (the loopback address): bind there. Several nodes: MASTER_ADDR is rank
+    // 0's machine, not this one, so use gloo's default device (this host's address).
+    std::string address(host);
+    bool loopback = address == "localhost" || address == "::1" || address.rfind("127.", 0) == 0;
     group_options->devices.push_back(
-        c10d::ProcessGroupGloo::createDeviceForHostname(std::string(host)));
+        loopback ? c10d::ProcessGroupGloo::createDeviceForHostname(address)
+                 : c10d::ProcessGroupGloo::createDefaultDevice());
     auto group = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, group_options);
     *out = new Group{store, group};
   });

@@ -111,8 +111,15 @@ pub fn per_example_losses(
 
 /// Token-weighted mean answer-token loss over a set.
 pub fn mean_loss(model: &Llama, examples: &[&Encoded], batch_size: usize) -> f64 {
-    let results = per_example_losses(model, examples, batch_size);
-    let total: f64 = results.iter().map(|(s, _)| s).sum();
-    let tokens: i64 = results.iter().map(|(_, c)| c).sum();
+    let (total, tokens) = loss_sums(model, examples, batch_size);
     total / tokens.max(1) as f64
+}
+
+/// (loss sum, answer tokens) over a set.
+pub fn loss_sums(model: &Llama, examples: &[&Encoded], batch_size: usize) -> (f64, i64) {
+    let results = per_example_losses(model, examples, batch_size);
+    (
+        results.iter().map(|(s, _)| s).sum(),
+        results.iter().map(|(_, c)| c).sum(),
+    )
 }

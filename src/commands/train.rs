@@ -104,6 +104,10 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     }
     let config = resolve_config(args)?;
     let summary = train(&config, args.resume.as_deref())?;
+    // In a data-parallel run only rank 0 reports (the others wrote nothing).
+    if crate::distributed::WorkerPlace::from_env()?.is_some_and(|place| place.rank != 0) {
+        return Ok(());
+    }
     println!(
         "\ntraining done: {} optimizer steps in {:.1}s, {:.0} tokens/s, memory: {}",
         summary.steps,

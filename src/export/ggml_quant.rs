@@ -12,6 +12,7 @@
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use crate::model::dequant::block_layout;
 pub use crate::model::dequant::ggml_type;
 
 /// Values per K-quant super-block.
@@ -29,15 +30,16 @@ pub fn encode(ggml_type: u32, values: &[f32]) -> Vec<u8> {
             .iter()
             .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
             .collect(),
-        ggml_type::Q8_0 => blocks(values, 32, 34, q8_0),
-        ggml_type::Q4_K => blocks(values, QK_K, 144, q4_k),
-        ggml_type::Q6_K => blocks(values, QK_K, 210, q6_k),
+        ggml_type::Q8_0 => blocks(ggml_type, values, q8_0),
+        ggml_type::Q4_K => blocks(ggml_type, values, q4_k),
+        ggml_type::Q6_K => blocks(ggml_type, values, q6_k),
         other => unreachable!("no encoder for ggml type {other}"),
     }
 }
 
-/// Encodes block by block, in parallel.
-fn blocks(values: &[f32], size: usize, bytes: usize, encode: fn(&[f32], &mut [u8])) -> Vec<u8> {
+/// Encodes block by block, in parallel, in the decoder's block layout.
+fn blocks(ggml_type: u32, values: &[f32], encode: fn(&[f32], &mut [u8])) -> Vec<u8> {
+    let (size, bytes) = block_layout(ggml_type).expect("a block type");
     assert_eq!(values.len() % size, 0, "a whole number of blocks");
     let mut out = vec![0u8; values.len() / size * bytes];
     out.par_chunks_mut(bytes)

@@ -41,7 +41,8 @@ pub fn tokenizer_metadata(
     }
     let byte_level = mentions(&json["pre_tokenizer"], "ByteLevel");
     let vocab = tokenizer.tokenizer.get_vocab(true);
-    let mut tokens: Vec<Option<String>> = vec![None; vocab_size.max(vocab.len())];
+    // Exactly one entry per embedding row, as llama.cpp requires.
+    let mut tokens: Vec<Option<String>> = vec![None; vocab_size];
     for (text, &id) in &vocab {
         if let Some(slot) = tokens.get_mut(id as usize) {
             *slot = Some(text.clone());
@@ -108,10 +109,15 @@ pub fn tokenizer_metadata(
         ),
     ];
     if byte_level {
-        out.push((
-            "tokenizer.ggml.pre".to_string(),
-            Value::String(pre_tokenizer_name(&json["pre_tokenizer"]).into()),
-        ));
+        let Some(pre) = pre_tokenizer_name(&json["pre_tokenizer"]) else {
+            bail_input!(
+                "export: this byte-level tokenizer splits text with a pattern amthal cannot name \
+                 for llama.cpp (it knows GPT-2's, Llama 3's and SmolLM's); a wrong name would \
+                 tokenize differently: {}",
+                json["pre_tokenizer"]
+            );
+        };
+        out.push(("tokenizer.ggml.pre".to_string(), Value::String(pre.into())));
     } else {
         out.push(("tokenizer.ggml.scores".to_string(), Value::Array(scores)));
     }
@@ -200,16 +206,21 @@ fn mentions(value: &Json, kind: &str) -> bool {
 }
 
 /// llama.cpp's name for a byte-level pre-tokenizer (`tokenizer.ggml.pre`): its regex
-/// set must match the one the merges were learned with.
-fn pre_tokenizer_name(pre: &Json) -> &'static str {
+/// set must match the one the merges were learned with. None for one not recognised.
+fn pre_tokenizer_name(pre: &Json) -> Option<&'static str> {
     let text = pre.to_string();
+    let splits = mentions(pre, "Split");
     if text.contains(r#"\\p{N}{1,3}"#) {
-        "llama-bpe"
+        Some("llama-bpe")
+    } else if splits {
+        None
     } else if mentions(pre, "Digits") {
         // Digits split one by one, then GPT-2's regex (SmolLM's tokenizer).
-        "smollm"
+        Some("smollm")
+    } else if pre["type"] == "ByteLevel" && pre["use_regex"] != false {
+        Some("gpt-2")
     } else {
-        "gpt-2"
+        None
     }
 }
 
@@ -224,12 +235,16 @@ mod tests {
         let smollm = serde_json::json!({"type": "Sequence", "pretokenizers": [
             {"type": "Digits", "individual_digits": true},
             {"type": "ByteLevel", "add_prefix_space": false, "use_regex": true}]});
-        assert_eq!(pre_tokenizer_name(&smollm), "smollm");
+        assert_eq!(pre_tokenizer_name(&smollm), Some("smollm"));
         let gpt2 = serde_json::json!({"type": "ByteLevel", "use_regex": true});
-        assert_eq!(pre_tokenizer_name(&gpt2), "gpt-2");
+        assert_eq!(pre_tokenizer_name(&gpt2), Some("gpt-2"));
         let llama3 = serde_json::json!({"type": "Sequence", "pretokenizers": [
             {"type": "Split", "pattern": {"Regex": "(?i:'s|'t)|\\p{N}{1,3}"}},
             {"type": "ByteLevel", "use_regex": false}]});
-        assert_eq!(pre_tokenizer_name(&llama3), "llama-bpe");
+        assert_eq!(pre_tokenizer_name(&llama3), Some("llama-bpe"));
+        let qwen2 = serde_json::json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": "(?i:'s|'t)|\\p{N}"}},
+            {"type": "ByteLevel", "use_regex": false}]});
+        assert_eq!(pre_tokenizer_name(&qwen2), None);
     }
 }

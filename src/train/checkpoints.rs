@@ -125,9 +125,10 @@ pub fn check_resumable(saved: &TrainConfig, now: &TrainConfig) -> Result<()> {
             now.batch_size.to_string(),
         ),
         (
-            "grad_accum",
-            saved.grad_accum.to_string(),
-            now.grad_accum.to_string(),
+            // Over all data-parallel ranks: 2 ranks x 4 resume as 1 process x 8.
+            "grad_accum x world size",
+            saved.global_accumulation().to_string(),
+            now.global_accumulation().to_string(),
         ),
         ("seed", saved.seed.to_string(), now.seed.to_string()),
         (
@@ -178,22 +179,40 @@ pub fn check_resumable(saved: &TrainConfig, now: &TrainConfig) -> Result<()> {
 }
 
 /// The optimizer state of a checkpoint: `optimizer.safetensors`, or ZeRO-1's
-/// `optimizer-R-of-W.safetensors` shards (empty without optimizer state).
+/// `optimizer-R-of-W.safetensors` shards, all W of them (empty without optimizer state).
 fn optimizer_state_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let single = dir.join("optimizer.safetensors");
     if single.is_file() {
         return Ok(vec![single]);
     }
-    let mut shards: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("optimizer-") && n.ends_with(".safetensors"))
-        })
-        .collect();
+    let mut shards: Vec<(usize, usize, PathBuf)> = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if let Some((rank, world)) = name
+            .strip_prefix("optimizer-")
+            .and_then(|n| n.strip_suffix(".safetensors"))
+            .and_then(|n| n.split_once("-of-"))
+            .and_then(|(r, w)| Some((r.parse().ok()?, w.parse().ok()?)))
+        {
+            shards.push((rank, world, path));
+        }
+    }
     shards.sort();
-    Ok(shards)
+    let world = shards.first().map_or(0, |s| s.1);
+    let complete = shards.len() == world
+        && shards
+            .iter()
+            .enumerate()
+            .all(|(i, (rank, w, _))| *rank == i && *w == world);
+    if !shards.is_empty() && !complete {
+        bail_input!(
+            "{}: the optimizer shards are incomplete ({} file(s); each of optimizer-R-of-W.safetensors for R < W is needed)",
+            dir.display(),
+            shards.len()
+        );
+    }
+    Ok(shards.into_iter().map(|(_, _, path)| path).collect())
 }
 
 /// ZeRO-1: this rank's part of the optimizer state, into `dir` (created if needed) as
@@ -205,6 +224,15 @@ pub fn write_optimizer_shard(
     world: usize,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
+    let file = dir.join(format!("optimizer-{rank}-of-{world}.safetensors"));
+    let temp = crate::atomic::temp_path_for(&file);
+    write_optimizer_state(&temp, optimizer)?;
+    std::fs::rename(&temp, &file)?;
+    Ok(())
+}
+
+/// The optimizer's state tensors (this rank's, under ZeRO-1) as one safetensors file.
+fn write_optimizer_state(path: &Path, optimizer: &AdamW) -> Result<()> {
     let tensors: Vec<(String, crate::model::tensor_io::TensorBytes)> = optimizer
         .state_tensors()
         .iter()
@@ -215,11 +243,7 @@ pub fn write_optimizer_shard(
             )
         })
         .collect();
-    let file = dir.join(format!("optimizer-{rank}-of-{world}.safetensors"));
-    let temp = crate::atomic::temp_path_for(&file);
-    crate::model::tensor_io::write_safetensors(&temp, &tensors)?;
-    std::fs::rename(&temp, &file)?;
-    Ok(())
+    crate::model::tensor_io::write_safetensors(path, &tensors)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -242,27 +266,19 @@ pub fn save_checkpoint(
         }
         std::fs::remove_dir_all(tmp.join("model"))?;
         if let Some(shards) = optimizer_shards {
-            // ZeRO-1: every rank's shard of the optimizer state, written beside.
+            // ZeRO-1: every rank's shard of the optimizer state, written beside (a stale
+            // file of a crashed save is left out: only this world size's names move).
+            let suffix = format!("-of-{}.safetensors", config.world_size);
             for entry in std::fs::read_dir(shards)? {
                 let path = entry?.path();
-                std::fs::rename(&path, tmp.join(path.file_name().expect("a file name")))?;
+                let name = path.file_name().expect("a file name").to_owned();
+                if name.to_string_lossy().ends_with(&suffix) {
+                    std::fs::rename(&path, tmp.join(name))?;
+                }
             }
-            std::fs::remove_dir(shards)?;
+            std::fs::remove_dir_all(shards)?;
         } else if !config.save_only_model {
-            let tensors: Vec<(String, crate::model::tensor_io::TensorBytes)> = optimizer
-                .state_tensors()
-                .iter()
-                .map(|(name, t)| {
-                    (
-                        name.clone(),
-                        crate::model::tensor_io::TensorBytes::from_tensor(t),
-                    )
-                })
-                .collect();
-            crate::model::tensor_io::write_safetensors(
-                &tmp.join("optimizer.safetensors"),
-                &tensors,
-            )?;
+            write_optimizer_state(&tmp.join("optimizer.safetensors"), optimizer)?;
         }
         write_file(
             &tmp.join("training_config.toml"),

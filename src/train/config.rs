@@ -91,6 +91,10 @@ pub struct TrainConfig {
     /// `--zero 1`: data-parallel ranks shard AdamW's state (ZeRO stage 1); 0: each
     /// rank keeps all of it.
     pub zero: u8,
+    /// Data-parallel ranks the run trains on (set from WORLD_SIZE, not a flag; 1 alone).
+    /// `grad_accum` counts per rank: a step's window is grad_accum x world_size
+    /// micro-batches, and that product is what a resume must keep.
+    pub world_size: usize,
 }
 
 impl Default for TrainConfig {
@@ -140,6 +144,7 @@ impl Default for TrainConfig {
             quantize: None,
             double_quant: false,
             zero: 0,
+            world_size: 1,
         }
     }
 }
@@ -182,6 +187,11 @@ impl TrainConfig {
             );
         }
         Ok(())
+    }
+
+    /// Micro-batches per optimizer step over all ranks.
+    pub fn global_accumulation(&self) -> usize {
+        self.grad_accum * self.world_size.max(1)
     }
 
     /// What a data-parallel worker cannot do yet (checked before joining the group).

@@ -42,6 +42,11 @@ pub fn check_fits_the_device(
         optim_in_backward: config.optim_in_backward,
         grad_accum: config.grad_accum,
         quantize: config.quantization()?,
+        optimizer_shards: if config.zero == 1 {
+            config.world_size
+        } else {
+            1
+        },
     };
     let needed = estimate(&setup);
     eprintln!(

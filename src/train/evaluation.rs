@@ -31,11 +31,8 @@ pub fn sharded_eval_loss(
         .skip(group.rank())
         .step_by(group.world())
         .collect();
-    let results = crate::loss::per_example_losses(model, &mine, batch_size);
-    let sums = tch::Tensor::from_slice(&[
-        results.iter().map(|(s, _)| s).sum::<f64>(),
-        results.iter().map(|(_, c)| *c as f64).sum::<f64>(),
-    ]);
+    let (total, tokens) = crate::loss::loss_sums(model, &mine, batch_size);
+    let sums = tch::Tensor::from_slice(&[total, tokens as f64]);
     group.allreduce_sum(&[&sums])?;
     Ok(sums.double_value(&[0]) / sums.double_value(&[1]).max(1.0))
 }

@@ -59,6 +59,8 @@ pub struct Setup<'a> {
     pub grad_accum: usize,
     /// `--quantize`: the decoder projections' storage (LoRA only).
     pub quantize: Option<Quantization>,
+    /// `--zero 1`: the optimizer state is split over this many ranks (1: not split).
+    pub optimizer_shards: usize,
 }
 
 /// Bytes per weight of a quantized projection with `columns` inputs: 4-bit codes and
@@ -161,8 +163,8 @@ pub fn estimate(setup: &Setup) -> Estimate {
         40
     };
     let update_scratch = largest_trained.min(super::optim::UPDATE_CHUNK as u64) * scratch_per_value;
-    let optimizer = (trained as f64 * optimizer_bytes_per_parameter(setup.optim, trained_kind))
-        as u64
+    let optimizer = (trained as f64 * optimizer_bytes_per_parameter(setup.optim, trained_kind)
+        / setup.optimizer_shards.max(1) as f64) as u64
         + update_scratch;
 
     let tokens = (setup.batch_size * setup.tokens_per_row) as u64;
@@ -220,6 +222,7 @@ mod tests {
             optim_in_backward: false,
             grad_accum: 8,
             quantize: None,
+            optimizer_shards: 1,
         };
         let adamw = estimate(&setup(OptimKind::AdamW));
         let bf16 = estimate(&setup(OptimKind::AdamWBf16));
@@ -280,6 +283,7 @@ mod tests {
             optim_in_backward: false,
             grad_accum: 1,
             quantize: None,
+            optimizer_shards: 1,
         });
         // r16 on 7 projections of 32 layers: 40 M f32 parameters.
         assert_eq!(
@@ -310,6 +314,7 @@ mod tests {
             optim_in_backward: false,
             grad_accum: 8,
             quantize,
+            optimizer_shards: 1,
         };
         let nf4 = estimate(&setup(Some(Quantization {
             kind: QuantKind::Nf4,

@@ -95,7 +95,7 @@ struct Schedule {
 impl Schedule {
     fn new(config: &TrainConfig, examples: usize) -> Schedule {
         let micro_per_epoch = examples.div_ceil(config.batch_size);
-        let windows_per_epoch = micro_per_epoch.div_ceil(config.grad_accum);
+        let windows_per_epoch = micro_per_epoch.div_ceil(config.global_accumulation());
         let total_steps = match config.max_steps {
             Some(steps) => steps as i64,
             None => (config.epochs * windows_per_epoch as f64).ceil() as i64,
@@ -145,26 +145,25 @@ enum Next {
 pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary> {
     config.validate()?;
     // A worker of a data-parallel run (torchrun's variables): every optimizer step's
-    // window holds grad_accum micro-batches per rank, so the run is scheduled, logged
-    // and checkpointed as one process with grad_accum x world.
+    // window holds grad_accum micro-batches per rank (`TrainConfig::world_size`).
     let group = match WorkerPlace::from_env()? {
         Some(place) => {
             config.validate_distributed()?;
-            Some(Distributed::join(place, 600)?)
+            Some(Distributed::join(place, distributed_timeout_seconds())?)
         }
         None => None,
     };
-    let scaled;
-    let config = match &group {
-        Some(group) => {
-            scaled = TrainConfig {
-                grad_accum: config.grad_accum * group.world(),
-                ..config.clone()
-            };
-            &scaled
-        }
-        None => config,
+    let with_world = TrainConfig {
+        world_size: group.as_ref().map_or(1, Distributed::world),
+        ..config.clone()
     };
+    let config = &with_world;
+    if group.is_none() && config.zero > 0 {
+        eprintln!(
+            "note: --zero {} shards across data-parallel ranks; a single process keeps all its state",
+            config.zero
+        );
+    }
     let main_rank = group.as_ref().is_none_or(|g| g.rank() == 0);
     let out = &config.output_dir;
     let train_set = read_split(&config.data_dir, Split::Train, config.read_options())?;
@@ -219,14 +218,15 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
 
     device_fit::check_fits_the_device(config, &source, device, kind)?;
     let (model, mode) = load_for_training(config, &source, device, kind)?;
-    let mut optimizer = AdamW::with_kind(
+    let mut optimizer = AdamW::sharded(
         trainable_tensors(&model, &mode),
         config.weight_decay,
         config.optim,
+        group
+            .as_ref()
+            .filter(|_| config.zero == 1)
+            .map(|g| (g.rank(), g.world())),
     );
-    if let Some(group) = group.as_ref().filter(|_| config.zero == 1) {
-        optimizer.shard(group.rank(), group.world());
-    }
     let schedule = Schedule::new(config, train_examples.len());
     let mut state = match &resume_dir {
         Some(dir) => checkpoints::restore(dir, config, &model, &mode, &mut optimizer, device)?,
@@ -304,6 +304,16 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
     )
 }
 
+/// How long a rank waits for the others in a collective (or the rendezvous) before
+/// giving up: AMTHAL_DIST_TIMEOUT seconds, default 1800 (rank 0 may be writing a full
+/// fine-tune's checkpoint while the others wait at the next step's all-reduce).
+fn distributed_timeout_seconds() -> u32 {
+    std::env::var("AMTHAL_DIST_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1800)
+}
+
 /// The start-up printout (rank 0).
 #[allow(clippy::too_many_arguments)]
 fn print_start(
@@ -322,7 +332,7 @@ fn print_start(
         eprintln!(
             "data parallel: {} ranks over Gloo, {} micro-batches of {} per rank and step",
             group.world(),
-            config.grad_accum / group.world(),
+            config.grad_accum,
             config.batch_size
         );
     }
@@ -339,7 +349,7 @@ fn print_start(
         schedule.windows_per_epoch,
         schedule.micro_per_epoch,
         config.batch_size,
-        config.grad_accum,
+        config.global_accumulation(),
         schedule.warmup
     );
 }
@@ -407,7 +417,8 @@ impl Run<'_> {
                 self.state.epoch,
                 self.config.data_order,
             );
-            let windows: Vec<&[Vec<usize>]> = batches.chunks(self.config.grad_accum).collect();
+            let windows: Vec<&[Vec<usize>]> =
+                batches.chunks(self.config.global_accumulation()).collect();
             while self.state.windows_done_in_epoch < windows.len() {
                 if self.state.global_step >= self.schedule.total_steps {
                     return Ok(());

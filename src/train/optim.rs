@@ -119,13 +119,40 @@ impl AdamW {
         weight_decay: f64,
         kind: OptimKind,
     ) -> AdamW {
+        Self::sharded(params, weight_decay, kind, None)
+    }
+
+    /// `shard` Some((rank, world)): ZeRO-1. Each tensor's state (moments, master copy,
+    /// compensation) is allocated only on its owner (`zero_owners`), which alone updates
+    /// it; `step` skips the others. Gradients and clipping still see every tensor (each
+    /// rank holds the summed gradients).
+    pub fn sharded(
+        params: Vec<(String, Tensor, bool)>,
+        weight_decay: f64,
+        kind: OptimKind,
+        shard: Option<(usize, usize)>,
+    ) -> AdamW {
+        let owners = shard.map(|(_, world)| {
+            let sizes: Vec<i64> = params.iter().map(|(_, p, _)| p.numel() as i64).collect();
+            zero_owners(&sizes, world)
+        });
         let params = params
             .into_iter()
-            .map(|(name, param, weight_decay)| {
-                let master = (kind == OptimKind::AdamW && param.kind() != Kind::Float)
+            .enumerate()
+            .map(|(index, (name, param, weight_decay))| {
+                let owned = match (&owners, shard) {
+                    (Some(owners), Some((rank, _))) => owners[index] == rank,
+                    _ => true,
+                };
+                // Another rank's tensor: empty moments, no master copy or compensation.
+                let shape = if owned { param.size() } else { vec![0] };
+                let master = (owned && kind == OptimKind::AdamW && param.kind() != Kind::Float)
                     .then(|| param.detach().to_kind(Kind::Float));
-                let compensation = Compensation::for_weight(kind, &param);
-                let shape = param.size();
+                let compensation = if owned {
+                    Compensation::for_weight(kind, &param)
+                } else {
+                    None
+                };
                 let device = param.device();
                 ParamState {
                     name,
@@ -135,7 +162,7 @@ impl AdamW {
                     master,
                     compensation,
                     weight_decay,
-                    owned: true,
+                    owned,
                 }
             })
             .collect();
@@ -152,27 +179,8 @@ impl AdamW {
             // AMTHAL_FUSED_ADAMW=0 keeps the per-tensor code (for comparing the two,
             // as scripts/gpu/check does on CUDA).
             fused: std::env::var("AMTHAL_FUSED_ADAMW").map_or(true, |v| v != "0"),
-            owners: None,
+            owners,
         }
-    }
-
-    /// ZeRO-1: keeps moments, master copies and compensation only for the tensors this
-    /// rank owns (`zero_owners`); `step` updates only those. Gradients and clipping
-    /// still see every tensor (each rank holds the summed gradients).
-    pub fn shard(&mut self, rank: usize, world: usize) {
-        let sizes: Vec<i64> = self.params.iter().map(|p| p.param.numel() as i64).collect();
-        let owners = zero_owners(&sizes, world);
-        for (p, &owner) in self.params.iter_mut().zip(&owners) {
-            if owner != rank {
-                let device = p.param.device();
-                p.owned = false;
-                p.exp_avg = Moment::zeros(self.kind, &[0], device, true);
-                p.exp_avg_sq = Moment::zeros(self.kind, &[0], device, false);
-                p.master = None;
-                p.compensation = None;
-            }
-        }
-        self.owners = Some(owners);
     }
 
     /// Clears gradients.

@@ -117,12 +117,15 @@ fn sum_across_ranks(
     optimizer: &AdamW,
     outcome: &mut StepOutcome,
 ) -> Result<()> {
-    let grads: Vec<Tensor> = optimizer
-        .params
-        .iter()
-        .map(|p| p.param.grad())
-        .filter(Tensor::defined)
-        .collect();
+    // Every rank must send the same tensors. A rank whose micro-batches all had a
+    // non-finite loss ran no backward pass, so before its first step it has no
+    // gradients yet: give them zeros (a backward pass of 0 x sum).
+    for p in &optimizer.params {
+        if !p.param.grad().defined() {
+            (p.param.sum(Kind::Float) * 0.0).backward();
+        }
+    }
+    let grads: Vec<Tensor> = optimizer.params.iter().map(|p| p.param.grad()).collect();
     let mut refs: Vec<&Tensor> = grads.iter().collect();
     let local_loss = outcome.nonfinite_loss.unwrap_or(outcome.loss_sum);
     let loss = Tensor::from_slice(&[local_loss]);
