@@ -281,3 +281,96 @@ fn zero_1_shards_the_optimizer_state_and_trains_what_one_process_trains() {
     );
     assert!(difference <= 1e-6, "after resuming: {difference:e}");
 }
+
+/// Workers started by another launcher (torchrun's variables set by hand here, no
+/// --nproc-per-node) join the same way and train what one process trains.
+#[test]
+fn workers_started_with_torchrun_variables_join_the_group() {
+    let dir = temp_dir("dp-torchrun");
+    let flags = [
+        "--lora",
+        "--lr",
+        "1e-3",
+        "--max-steps",
+        "2",
+        "--eval-strategy",
+        "no",
+    ];
+    let single = dir.join("single");
+    run(&single, &[&flags[..], &["--grad-accum", "2"]].concat());
+    let two = dir.join("two");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let args = train_args(&two, &[&flags[..], &["--grad-accum", "1"]].concat());
+    let workers: Vec<_> = (0..2)
+        .map(|rank| {
+            Command::new(env!("CARGO_BIN_EXE_amthal"))
+                .args(&args)
+                .env("RANK", rank.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &port)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outputs: Vec<_> = workers
+        .into_iter()
+        .map(|w| w.wait_with_output().unwrap())
+        .collect();
+    for (rank, output) in outputs.iter().enumerate() {
+        assert!(
+            output.status.success(),
+            "rank {rank}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    // Only rank 0 reports.
+    assert!(String::from_utf8_lossy(&outputs[0].stdout).contains("training done"));
+    assert!(!String::from_utf8_lossy(&outputs[1].stdout).contains("training done"));
+    let difference = max_difference(
+        &single.join("adapter_model.safetensors"),
+        &two.join("adapter_model.safetensors"),
+    );
+    assert!(difference <= 1e-6, "{difference:e}");
+}
+
+#[test]
+fn what_data_parallelism_cannot_do_yet_is_refused() {
+    let dir = temp_dir("dp-refused");
+    for (extra, message) in [
+        (&["--zero", "2"][..], "only stage 1"),
+        (
+            &["--optim-in-backward"][..],
+            "does not combine with data parallelism",
+        ),
+        (&["--dist-backend", "nccl"][..], "only gloo is built"),
+    ] {
+        let out = dir.join("run");
+        let args = train_args(
+            &out,
+            &[extra, &["--max-steps", "1", "--nproc-per-node", "2"]].concat(),
+        );
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let output = amthal(&refs);
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{extra:?}: {}",
+            stderr(&output)
+        );
+        assert!(
+            stderr(&output).contains(message),
+            "{extra:?}: {}",
+            stderr(&output)
+        );
+        assert!(!out.exists(), "{extra:?} left an output folder");
+    }
+}
