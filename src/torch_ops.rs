@@ -19,13 +19,12 @@ use std::sync::OnceLock;
 
 use tch::Tensor;
 
-use crate::cuda::shim::{load_embedded, status_result};
+use crate::cuda::shim::{load_versioned, status_result};
 
 /// The compiled library (see build.rs).
 const LIBRARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libamthal_ops.so"));
 const VERSION: c_int = 2;
 
-type VersionFn = unsafe extern "C" fn() -> c_int;
 type LastErrorFn = unsafe extern "C" fn() -> *const c_char;
 type FusedAdamwFn = unsafe extern "C" fn(
     *const *mut c_void,
@@ -89,17 +88,10 @@ fn handles(tensors: &[&Tensor]) -> Vec<*mut c_void> {
 
 impl Ops {
     fn load() -> Result<Ops, String> {
-        let symbol = load_embedded(c"amthal_ops", LIBRARY)?;
+        let symbol = load_versioned(c"amthal_ops", LIBRARY, "amthal_ops_version", VERSION)?;
         // SAFETY (all transmutes): each symbol is the extern "C" function of that name
         // in csrc/torch_ops.cpp, whose signature the type alias repeats.
         unsafe {
-            let version: VersionFn = std::mem::transmute(symbol("amthal_ops_version")?);
-            if version() != VERSION {
-                return Err(format!(
-                    "the embedded library reports interface {} but amthal expects {VERSION}",
-                    version()
-                ));
-            }
             Ok(Ops {
                 last_error: std::mem::transmute::<*mut c_void, LastErrorFn>(symbol(
                     "amthal_ops_last_error",

@@ -26,7 +26,6 @@ pub const SYMBOLS: [&str; 9] = [
     "amthal_cuda_graph_destroy",
 ];
 
-type VersionFn = unsafe extern "C" fn() -> c_int;
 type LastErrorFn = unsafe extern "C" fn() -> *const c_char;
 type MemoryStatsFn = unsafe extern "C" fn(c_int, *mut i64) -> c_int;
 type ResetPeakFn = unsafe extern "C" fn(c_int) -> c_int;
@@ -90,6 +89,32 @@ pub fn load_embedded(
     })
 }
 
+type VersionFn = unsafe extern "C" fn() -> c_int;
+
+/// `load_embedded`, then the library's `version_symbol()` (an `int (*)()`) must
+/// return `expected`: the Rust side's function types match the C++ signatures only
+/// for the interface version they were written for.
+pub fn load_versioned(
+    name: &std::ffi::CStr,
+    bytes: &[u8],
+    version_symbol: &str,
+    expected: c_int,
+) -> Result<impl Fn(&str) -> Result<*mut libc::c_void, String>, String> {
+    let symbol = load_embedded(name, bytes)?;
+    // SAFETY: every embedded library exports `version_symbol` as `int f(void)`.
+    let found = unsafe {
+        let version: VersionFn = std::mem::transmute(symbol(version_symbol)?);
+        version()
+    };
+    if found != expected {
+        return Err(format!(
+            "the embedded library {} reports interface {found} but amthal expects {expected}",
+            name.to_string_lossy()
+        ));
+    }
+    Ok(symbol)
+}
+
 /// A C++ library's 0/1 status as a Result carrying its `*_last_error()` message
 /// (csrc/guarded.h).
 pub fn status_result(
@@ -121,17 +146,10 @@ pub fn dlerror() -> String {
 impl Shim {
     /// Loads the embedded library. Call only after libtorch_cuda.so is loaded.
     pub fn load() -> Result<Shim, String> {
-        let symbol = load_embedded(c"amthal_cuda", LIBRARY)?;
+        let symbol = load_versioned(c"amthal_cuda", LIBRARY, SYMBOLS[0], VERSION)?;
         // SAFETY (all transmutes): each symbol is the extern "C" function of that name in
         // csrc/cuda_shim.cpp, whose signature the type alias repeats.
         unsafe {
-            let version: VersionFn = std::mem::transmute(symbol(SYMBOLS[0])?);
-            if version() != VERSION {
-                return Err(format!(
-                    "the embedded shim reports interface {} but amthal expects {VERSION}",
-                    version()
-                ));
-            }
             Ok(Shim {
                 last_error: std::mem::transmute::<*mut libc::c_void, LastErrorFn>(symbol(
                     SYMBOLS[1],

@@ -7,12 +7,11 @@ use std::sync::OnceLock;
 
 use tch::Tensor;
 
-use crate::cuda::shim::{load_embedded, status_result};
+use crate::cuda::shim::{load_versioned, status_result};
 
 const LIBRARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libamthal_dist.so"));
 const VERSION: c_int = 2;
 
-type VersionFn = unsafe extern "C" fn() -> c_int;
 type LastErrorFn = unsafe extern "C" fn() -> *const c_char;
 type InitFn =
     unsafe extern "C" fn(*const c_char, c_int, c_int, c_int, c_int, *mut *mut c_void) -> c_int;
@@ -32,17 +31,10 @@ fn library() -> Result<&'static Library, String> {
     static LIBRARY_CELL: OnceLock<Result<Library, String>> = OnceLock::new();
     LIBRARY_CELL
         .get_or_init(|| {
-            let symbol = load_embedded(c"amthal_dist", LIBRARY)?;
+            let symbol = load_versioned(c"amthal_dist", LIBRARY, "amthal_dist_version", VERSION)?;
             // SAFETY (all transmutes): each symbol is the extern "C" function of that
             // name in csrc/distributed.cpp, whose signature the type alias repeats.
             unsafe {
-                let version: VersionFn = std::mem::transmute(symbol("amthal_dist_version")?);
-                if version() != VERSION {
-                    return Err(format!(
-                        "the embedded c10d library reports interface {} but amthal expects {VERSION}",
-                        version()
-                    ));
-                }
                 Ok(Library {
                     last_error: std::mem::transmute::<*mut c_void, LastErrorFn>(symbol(
                         "amthal_dist_last_error",
