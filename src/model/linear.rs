@@ -47,15 +47,6 @@ impl Weight {
         self.dense()
             .expect("a dense weight (quantized models are refused before this point)")
     }
-
-    /// The weight as a tensor in `kind`: the tensor itself (cast if needed), or a fresh
-    /// dequantization.
-    pub fn to_dense(&self, kind: Kind) -> Tensor {
-        match self {
-            Weight::Dense(w) => w.to_kind(kind),
-            Weight::Quantized(q) => q.dequantize(kind),
-        }
-    }
 }
 
 impl QuantizedWeight {

@@ -120,13 +120,6 @@ impl QuantizedWeight {
         }
     }
 
-    pub fn device(&self) -> tch::Device {
-        match self {
-            QuantizedWeight::FourBit(q) => q.packed.device(),
-            QuantizedWeight::Int8(q) => q.codes.device(),
-        }
-    }
-
     /// Bytes the storage takes on the device.
     pub fn bytes(&self) -> i64 {
         match self {
