@@ -11,8 +11,11 @@
 //!    wheel, so a CPU machine builds it too.
 //! 3. Compiles csrc/torch_ops.cpp (multi-tensor AdamW and norms, CPU and CUDA) into
 //!    `$OUT_DIR/libamthal_ops.so`, embedded and loaded by src/torch_ops.rs.
-//! 4. Compiles csrc/distributed.cpp (c10d's TCPStore and Gloo process group) into
-//!    `$OUT_DIR/libamthal_dist.so`, embedded and loaded by src/distributed/shim.rs.
+//! 4. Compiles csrc/distributed.cpp (c10d's TCPStore and process groups) twice:
+//!    `$OUT_DIR/libamthal_dist.so` (Gloo, against libtorch_cpu) and
+//!    `$OUT_DIR/libamthal_dist_nccl.so` (Gloo and NCCL, against libtorch_cuda too: nccl.h
+//!    from the wheel scripts/setup unpacks, the CUDA math libraries' handle types from
+//!    csrc/cuda_libs_stub), both embedded and loaded by src/distributed/shim.rs.
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -34,6 +37,47 @@ fn main() {
     build_cuda_shim(&libtorch, &out.join("libamthal_cuda.so"));
     build_ops_library(&libtorch, &out.join("libamthal_ops.so"));
     build_distributed_library(&libtorch, &out.join("libamthal_dist.so"));
+    build_distributed_nccl_library(&libtorch, &out.join("libamthal_dist_nccl.so"));
+}
+
+/// csrc/distributed.cpp with ProcessGroupNCCL (AMTHAL_WITH_NCCL), against libtorch_cuda.
+/// Headers only, as the CUDA shim: a CPU machine builds it, a GPU machine loads it.
+fn build_distributed_nccl_library(libtorch: &Path, target: &Path) {
+    let site = libtorch.parent().expect("LIBTORCH has a parent");
+    let torch = site.join("torch");
+    let nccl_include = site.join("nvidia/nccl/include");
+    for needed in [
+        nccl_include.join("nccl.h"),
+        site.join("nvidia/cu13/include/nv/target"),
+    ] {
+        if !needed.exists() {
+            panic!(
+                "{} is missing: run scripts/setup (it unpacks the headers the NCCL library needs)",
+                needed.display()
+            );
+        }
+    }
+    compile_library_with(
+        "csrc/distributed.cpp",
+        &["-DAMTHAL_WITH_NCCL"],
+        &[
+            torch.join("include"),
+            torch.join("include/torch/csrc/api/include"),
+            PathBuf::from("csrc/gloo_stub"),
+            PathBuf::from("csrc/cuda_libs_stub"),
+            site.join("nvidia/cu13/include"),
+            nccl_include,
+        ],
+        &[torch.join("lib"), site.join("nvidia/cu13/lib")],
+        &[
+            "-ltorch_cuda",
+            "-ltorch_cpu",
+            "-lc10_cuda",
+            "-lc10",
+            "-l:libcudart.so.13",
+        ],
+        target,
+    );
 }
 
 /// csrc/distributed.cpp against libtorch_cpu alone (c10d's Gloo backend lives there),
@@ -116,12 +160,25 @@ fn compile_library(
     libraries: &[&str],
     target: &Path,
 ) {
+    compile_library_with(source, &[], includes, library_dirs, libraries, target);
+}
+
+/// `compile_library` with extra compiler flags (preprocessor definitions).
+fn compile_library_with(
+    source: &str,
+    flags: &[&str],
+    includes: &[PathBuf],
+    library_dirs: &[PathBuf],
+    libraries: &[&str],
+    target: &Path,
+) {
     let compiler = cc::Build::new().cpp(true).get_compiler();
     let mut command = Command::new(compiler.path());
     command
         .args(["-std=c++17", "-O2", "-shared", "-fPIC", "-w"])
         // torch 2.11 wheels use the C++11 ABI.
         .arg("-D_GLIBCXX_USE_CXX11_ABI=1")
+        .args(flags)
         .args(includes.iter().map(|dir| format!("-I{}", dir.display())))
         .arg(source)
         .args(

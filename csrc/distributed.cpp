@@ -1,26 +1,35 @@
 // PyTorch's distributed engine (c10d) for data-parallel training, which tch does not
-// wrap: a TCPStore for the rendezvous and a ProcessGroupGloo (CPU tensors) whose
-// all-reduce sums gradients across ranks. Built by build.rs into
-// libamthal_dist.so against libtorch_cpu alone (with USE_C10D_GLOO and the stub gloo
-// headers in csrc/gloo_stub, see its README), embedded in the binary and loaded by
-// src/distributed/shim.rs. The NCCL group (CUDA tensors) belongs in cuda_shim.cpp's
-// library and is not built yet.
+// wrap: a TCPStore for the rendezvous and a process group whose collectives sum
+// gradients across ranks. build.rs compiles this file twice, and both are embedded in
+// the binary and loaded by src/distributed/shim.rs:
+// - libamthal_dist.so against libtorch_cpu alone: ProcessGroupGloo (CPU tensors), with
+//   the stub gloo headers in csrc/gloo_stub (see its README);
+// - libamthal_dist_nccl.so with AMTHAL_WITH_NCCL, against libtorch_cuda too: also
+//   ProcessGroupNCCL (CUDA tensors, summed on the device). Loaded only after
+//   libtorch_cuda.so, whose dependencies (libnccl, libcudart) it then finds in the process.
 //
 // Every function returns 0 on success and 1 on failure and never throws across the C
 // boundary; amthal_dist_last_error() gives the message.
 
-// ProcessGroupGloo.hpp declares its classes only when this is defined (as torch's own
-// build does).
+// ProcessGroupGloo.hpp / ProcessGroupNCCL.hpp declare their classes only when these are
+// defined (as torch's own build does).
 #define USE_C10D_GLOO 1
+#ifdef AMTHAL_WITH_NCCL
+#define USE_C10D_NCCL 1
+#endif
 
 #include <ATen/ATen.h>
 #include <c10/core/GradMode.h>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+#ifdef AMTHAL_WITH_NCCL
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+#endif
 #include <torch/version.h>
 
 #include <chrono>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -32,6 +41,12 @@
 #if TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR == 11
 static_assert(sizeof(c10d::ProcessGroupGloo) == 0x1e8, "ProcessGroupGloo layout differs from libtorch's");
 static_assert(sizeof(c10d::ProcessGroupGloo::Options) == 0xb0, "Options layout differs from libtorch's");
+#ifdef AMTHAL_WITH_NCCL
+// The same for the NCCL classes, compiled from the real nccl.h (scripts/setup): the sizes
+// libtorch_python.so allocates for them (`operator new` before their constructors).
+static_assert(sizeof(c10d::ProcessGroupNCCL) == 0x458, "ProcessGroupNCCL layout differs from libtorch's");
+static_assert(sizeof(c10d::ProcessGroupNCCL::Options) == 0xf8, "NCCL Options layout differs from libtorch's");
+#endif
 #else
 #error "csrc/gloo_stub was checked against torch 2.11 only: check the layouts for this torch"
 #endif
@@ -40,53 +55,116 @@ namespace {
 using amthal::guarded;
 using amthal::last_error;
 
-// A rank's membership: the store it rendezvoused through and its process group.
+// A rank's membership: the store it rendezvoused through and its process group (Gloo
+// or NCCL behind c10d's common Backend interface).
 struct Group {
   c10::intrusive_ptr<c10d::Store> store;
-  c10::intrusive_ptr<c10d::ProcessGroupGloo> group;
+  c10::intrusive_ptr<c10d::Backend> group;
 };
+
+// Which backend amthal_dist_init creates (src/distributed/shim.rs's Backend).
+constexpr int kGloo = 0;
+constexpr int kNccl = 1;
+
+c10::intrusive_ptr<c10d::Backend> create_gloo(const c10::intrusive_ptr<c10d::Store>& store,
+                                              const std::string& host, int rank, int world,
+                                              int timeout_s) {
+  auto options = c10d::ProcessGroupGloo::Options::create(std::chrono::seconds(timeout_s));
+  // One node (the loopback address): bind there. Several nodes: MASTER_ADDR is rank
+  // 0's machine, not this one, so use gloo's default device (this host's address).
+  bool loopback = host == "localhost" || host == "::1" || host.rfind("127.", 0) == 0;
+  options->devices.push_back(loopback ? c10d::ProcessGroupGloo::createDeviceForHostname(host)
+                                      : c10d::ProcessGroupGloo::createDefaultDevice());
+  return c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, options);
+}
+
+c10::intrusive_ptr<c10d::Backend> create_nccl(const c10::intrusive_ptr<c10d::Store>& store,
+                                              int rank, int world, int timeout_s,
+                                              int cuda_device) {
+#ifdef AMTHAL_WITH_NCCL
+  auto options = c10d::ProcessGroupNCCL::Options::create();
+  options->timeout = std::chrono::seconds(timeout_s);
+  auto group = c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, options);
+  // torch.distributed.init_process_group(device_id=...): the communicator is made now,
+  // on this rank's card, and barrier() knows the card instead of guessing it from the rank.
+  at::Device device(at::kCUDA, static_cast<c10::DeviceIndex>(cuda_device));
+  group->setBoundDeviceId(device);
+  group->eagerConnectSingleDevice(device);
+  return group;
+#else
+  throw std::runtime_error(
+      "this is the CPU build of amthal's c10d library (Gloo only); NCCL needs the CUDA build, "
+      "loaded once CUDA is");
+#endif
+}
 
 // Largest all-reduce buffer (bytes): gradients are flattened into buckets of about this
 // size, as DDP's 25 MB buckets, so a LoRA step's hundreds of small tensors cost a few
 // collective calls instead of hundreds.
 constexpr int64_t kBucketBytes = 32 << 20;
 
-// root < 0: all-reduce (sum) the bucket; else broadcast it from rank `root`.
-void collective_flat(Group& g, std::vector<at::Tensor>& bucket, int root) {
+// One bucket in flight: the tensors it sums (or receives), their flat copy the
+// collective works on, and c10d's handle for it.
+struct InFlight {
+  std::vector<at::Tensor> tensors;
+  std::vector<at::Tensor> flat;
+  c10::intrusive_ptr<c10d::Work> work;
+};
+
+// Collectives started by amthal_dist_start, finished by amthal_dist_finish.
+struct Pending {
+  std::vector<InFlight> buckets;
+};
+
+// Starts one bucket's collective: root < 0 all-reduces (sums) it, else broadcasts it
+// from rank `root`. The tensors are copied into one flat buffer first, so they may be
+// read (not written) until the bucket finishes.
+void start_bucket(Group& g, std::vector<at::Tensor>& bucket, int root, Pending& pending) {
   if (bucket.empty()) return;
   std::vector<at::Tensor> flat_views;
   flat_views.reserve(bucket.size());
   for (auto& t : bucket) flat_views.push_back(t.reshape({-1}));
   std::vector<at::Tensor> flat{at::cat(flat_views)};
+  c10::intrusive_ptr<c10d::Work> work;
   if (root < 0) {
-    g.group->allreduce(flat)->wait();
+    work = g.group->allreduce(flat);
   } else {
     c10d::BroadcastOptions options;
     options.rootRank = root;
-    g.group->broadcast(flat, options)->wait();
+    work = g.group->broadcast(flat, options);
   }
-  int64_t offset = 0;
-  for (auto& t : bucket) {
-    int64_t n = t.numel();
-    t.copy_(flat[0].narrow(0, offset, n).view_as(t));
-    offset += n;
-  }
+  pending.buckets.push_back(InFlight{std::move(bucket), std::move(flat), std::move(work)});
   bucket.clear();
+}
+
+// Waits for each bucket (for NCCL: the current CUDA stream waits, not the host) and
+// writes the results back into the tensors.
+void finish_buckets(Pending& pending) {
+  for (auto& b : pending.buckets) {
+    b.work->wait();
+    int64_t offset = 0;
+    for (auto& t : b.tensors) {
+      int64_t n = t.numel();
+      t.copy_(b.flat[0].narrow(0, offset, n).view_as(t));
+      offset += n;
+    }
+  }
 }
 }  // namespace
 
 extern "C" {
 
 // Bumped when a signature changes; src/distributed/shim.rs checks it.
-int amthal_dist_version() { return 2; }
+int amthal_dist_version() { return 3; }
 
 const char* amthal_dist_last_error() { return last_error.c_str(); }
 
 // Joins the group: rank 0 hosts the TCPStore at host:port, every rank connects, then
-// all create their Gloo group over a device bound to `host`'s interface. Blocks until
-// all `world` ranks arrived or `timeout_s` passed.
-int amthal_dist_init_gloo(const char* host, int port, int rank, int world, int timeout_s,
-                          void** out) {
+// all create their process group: `backend` kGloo (over a device bound to `host`'s
+// interface) or kNccl (on card `cuda_device`). Blocks until all `world` ranks arrived or
+// `timeout_s` passed.
+int amthal_dist_init(const char* host, int port, int rank, int world, int timeout_s,
+                     int backend, int cuda_device, void** out) {
   return guarded([&] {
     c10d::TCPStoreOptions options;
     options.port = static_cast<uint16_t>(port);
@@ -94,25 +172,29 @@ int amthal_dist_init_gloo(const char* host, int port, int rank, int world, int t
     options.numWorkers = world;
     options.timeout = std::chrono::seconds(timeout_s);
     auto store = c10::make_intrusive<c10d::TCPStore>(std::string(host), options);
-    auto group_options = c10d::ProcessGroupGloo::Options::create(std::chrono::seconds(timeout_s));
-    // One node (the loopback address): bind there. Several nodes: MASTER_ADDR is rank
-    // 0's machine, not this one, so use gloo's default device (this host's address).
-    std::string address(host);
-    bool loopback = address == "localhost" || address == "::1" || address.rfind("127.", 0) == 0;
-    group_options->devices.push_back(
-        loopback ? c10d::ProcessGroupGloo::createDeviceForHostname(address)
-                 : c10d::ProcessGroupGloo::createDefaultDevice());
-    auto group = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, group_options);
+    c10::intrusive_ptr<c10d::Backend> group;
+    if (backend == kGloo) {
+      group = create_gloo(store, host, rank, world, timeout_s);
+    } else if (backend == kNccl) {
+      group = create_nccl(store, rank, world, timeout_s, cuda_device);
+    } else {
+      throw std::runtime_error("unknown backend " + std::to_string(backend));
+    }
     *out = new Group{store, group};
   });
 }
 
-// root < 0: sums `count` tensors element-wise across ranks, in place; else every rank
-// receives rank `root`'s values. CPU tensors, flattened into buckets per dtype.
-int amthal_dist_collective(void* handle, at::Tensor** tensors, int count, int root) {
+// Starts a collective over `count` tensors and returns at once (*out: the pending
+// work for amthal_dist_finish). root < 0: sums them element-wise across ranks, in
+// place; else every rank receives rank `root`'s values. Flattened into buckets per
+// dtype: CPU tensors for Gloo (its own threads do the work), tensors on the group's
+// card for NCCL (on its own stream, after the current stream's work so far). Every
+// rank must start the same collectives in the same order.
+int amthal_dist_start(void* handle, at::Tensor** tensors, int count, int root, void** out) {
   return guarded([&] {
     c10::NoGradGuard no_grad;
     auto& g = *static_cast<Group*>(handle);
+    auto pending = std::make_unique<Pending>();
     std::map<at::ScalarType, std::vector<at::Tensor>> buckets;
     std::map<at::ScalarType, int64_t> bytes;
     for (int i = 0; i < count; ++i) {
@@ -121,11 +203,22 @@ int amthal_dist_collective(void* handle, at::Tensor** tensors, int count, int ro
       buckets[type].push_back(t);
       bytes[type] += t.numel() * static_cast<int64_t>(t.element_size());
       if (bytes[type] >= kBucketBytes) {
-        collective_flat(g, buckets[type], root);
+        start_bucket(g, buckets[type], root, *pending);
         bytes[type] = 0;
       }
     }
-    for (auto& [type, bucket] : buckets) collective_flat(g, bucket, root);
+    for (auto& [type, bucket] : buckets) start_bucket(g, bucket, root, *pending);
+    *out = pending.release();
+  });
+}
+
+// Waits for what amthal_dist_start started, writes the results into its tensors and
+// frees it (also when waiting fails).
+int amthal_dist_finish(void* pending) {
+  std::unique_ptr<Pending> owned(static_cast<Pending*>(pending));
+  return guarded([&] {
+    c10::NoGradGuard no_grad;
+    finish_buckets(*owned);
   });
 }
 
@@ -134,5 +227,11 @@ int amthal_dist_barrier(void* handle) {
   return guarded([&] { static_cast<Group*>(handle)->group->barrier()->wait(); });
 }
 
-void amthal_dist_destroy(void* handle) { delete static_cast<Group*>(handle); }
+// Leaves the group: shutdown() first (torch.distributed.destroy_process_group: NCCL's
+// communicators and watchdog threads end cleanly instead of warning from the destructor).
+void amthal_dist_destroy(void* handle) {
+  auto* g = static_cast<Group*>(handle);
+  guarded([&] { g->group->shutdown(); });
+  delete g;
+}
 }

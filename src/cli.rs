@@ -355,9 +355,10 @@ pub struct LaunchArgs {
     /// Its port (default: a free one, single node only).
     #[arg(long, visible_alias = "master_port", requires = "nproc_per_node")]
     pub master_port: Option<u16>,
-    /// gloo (CPU tensors; CUDA tensors through host copies) or nccl (not built yet).
-    #[arg(long, default_value = "gloo")]
-    pub dist_backend: String,
+    /// c10d backend: auto (nccl when training on CUDA, gloo on the CPU), gloo (CPU
+    /// tensors; CUDA tensors through host copies) or nccl (sums on the cards).
+    #[arg(long, visible_alias = "dist_backend", value_enum)]
+    pub dist_backend: Option<crate::distributed::DistBackend>,
     /// ZeRO stage: 1 shards AdamW's state (moments, master weights) across the ranks, so
     /// each keeps about 1/world of it (DeepSpeed's stage 1, FSDP's SHARD_GRAD_OP for the
     /// optimizer). 0: every rank keeps all of it.

@@ -1,6 +1,7 @@
 //! Data-parallel training over c10d's Gloo process group, two workers on the loopback
 //! address (`amthal train --nproc-per-node 2`): after a few steps the adapter and the
-//! fully fine-tuned weights equal one process's with the same global batch; a worker
+//! fully fine-tuned weights equal one process's with the same global batch (also with
+//! gradient checkpointing, where the sums overlap the backward pass); a worker
 //! killed mid-run stops the run with a message naming it; the checkpoint it left
 //! resumes in a single process and ends where an uninterrupted run ends.
 
@@ -74,6 +75,25 @@ fn two_gloo_workers_train_what_one_process_trains() {
             "adapter_model.safetensors",
         ),
         ("full", &["--lr", "1e-3"][..], "model.safetensors"),
+        // Gradient checkpointing: each layer's sum starts while the layers below are
+        // still in their backward pass (src/train/rank_sums.rs).
+        (
+            "lora-checkpointed",
+            &[
+                "--lora",
+                "--lora-dropout",
+                "0.1",
+                "--lr",
+                "1e-3",
+                "--gradient-checkpointing",
+            ][..],
+            "adapter_model.safetensors",
+        ),
+        (
+            "full-checkpointed",
+            &["--lr", "1e-3", "--gradient-checkpointing"][..],
+            "model.safetensors",
+        ),
     ] {
         let common = [
             flags,
@@ -283,7 +303,8 @@ fn zero_1_shards_the_optimizer_state_and_trains_what_one_process_trains() {
 }
 
 /// Workers started by another launcher (torchrun's variables set by hand here, no
-/// --nproc-per-node) join the same way and train what one process trains.
+/// --nproc-per-node) join the same way and train what one process trains; with
+/// WORLD_SIZE=1 (`torchrun --nproc-per-node 1`) a group of one trains exactly that.
 #[test]
 fn workers_started_with_torchrun_variables_join_the_group() {
     let dir = temp_dir("dp-torchrun");
@@ -298,48 +319,71 @@ fn workers_started_with_torchrun_variables_join_the_group() {
     ];
     let single = dir.join("single");
     run(&single, &[&flags[..], &["--grad-accum", "2"]].concat());
-    let two = dir.join("two");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string();
-    let args = train_args(&two, &[&flags[..], &["--grad-accum", "1"]].concat());
-    let workers: Vec<_> = (0..2)
-        .map(|rank| {
-            Command::new(env!("CARGO_BIN_EXE_amthal"))
-                .args(&args)
-                .env("RANK", rank.to_string())
-                .env("LOCAL_RANK", rank.to_string())
-                .env("WORLD_SIZE", "2")
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", &port)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    let outputs: Vec<_> = workers
-        .into_iter()
-        .map(|w| w.wait_with_output().unwrap())
-        .collect();
-    for (rank, output) in outputs.iter().enumerate() {
-        assert!(
-            output.status.success(),
-            "rank {rank}: {}",
-            String::from_utf8_lossy(&output.stderr)
+    for world in [2usize, 1] {
+        let out = dir.join(format!("world-{world}"));
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+            .to_string();
+        let accumulation = (2 / world).to_string();
+        let args = train_args(
+            &out,
+            &[&flags[..], &["--grad-accum", accumulation.as_str()]].concat(),
         );
+        let workers: Vec<_> = (0..world)
+            .map(|rank| {
+                Command::new(env!("CARGO_BIN_EXE_amthal"))
+                    .args(&args)
+                    .env("RANK", rank.to_string())
+                    .env("LOCAL_RANK", rank.to_string())
+                    .env("WORLD_SIZE", world.to_string())
+                    .env("MASTER_ADDR", "127.0.0.1")
+                    .env("MASTER_PORT", &port)
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let outputs: Vec<_> = workers
+            .into_iter()
+            .map(|w| w.wait_with_output().unwrap())
+            .collect();
+        for (rank, output) in outputs.iter().enumerate() {
+            assert!(
+                output.status.success(),
+                "world {world}, rank {rank}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        // Only rank 0 reports.
+        assert!(String::from_utf8_lossy(&outputs[0].stdout).contains("training done"));
+        for output in &outputs[1..] {
+            assert!(!String::from_utf8_lossy(&output.stdout).contains("training done"));
+        }
+        let config = std::fs::read_to_string(out.join("training_config.toml")).unwrap();
+        assert!(
+            config.contains(&format!("world_size = {world}")),
+            "{config}"
+        );
+        let summary: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("train_summary.json")).unwrap())
+                .unwrap();
+        // On the CPU, --dist-backend auto is Gloo.
+        assert_eq!(
+            summary["data_parallel"],
+            serde_json::json!({"world_size": world, "backend": "gloo"})
+        );
+        let difference = max_difference(
+            &single.join("adapter_model.safetensors"),
+            &out.join("adapter_model.safetensors"),
+        );
+        // A group of one sums nothing: the same numbers as the plain run.
+        let limit = if world == 1 { 0.0 } else { 1e-6 };
+        assert!(difference <= limit, "world {world}: {difference:e}");
     }
-    // Only rank 0 reports.
-    assert!(String::from_utf8_lossy(&outputs[0].stdout).contains("training done"));
-    assert!(!String::from_utf8_lossy(&outputs[1].stdout).contains("training done"));
-    let difference = max_difference(
-        &single.join("adapter_model.safetensors"),
-        &two.join("adapter_model.safetensors"),
-    );
-    assert!(difference <= 1e-6, "{difference:e}");
 }
 
 #[test]
@@ -351,7 +395,7 @@ fn what_data_parallelism_cannot_do_yet_is_refused() {
             &["--optim-in-backward"][..],
             "does not combine with data parallelism",
         ),
-        (&["--dist-backend", "nccl"][..], "only gloo is built"),
+        (&["--dist-backend", "nccl"][..], "sums CUDA tensors"),
     ] {
         let out = dir.join("run");
         let args = train_args(

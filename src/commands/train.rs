@@ -73,6 +73,9 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     if let Some(zero) = args.launch.zero {
         c.zero = zero;
     }
+    if let Some(backend) = args.launch.dist_backend {
+        c.dist_backend = backend;
+    }
     if args.fp16 {
         c.precision = Precision::F16;
     }
@@ -83,16 +86,14 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
 }
 
 pub fn run(args: &TrainArgs) -> Result<()> {
-    if args.launch.dist_backend != "gloo" {
-        crate::bail_input!(
-            "--dist-backend {}: only gloo is built so far (NCCL needs the CUDA shim's c10d part)",
-            args.launch.dist_backend
-        );
-    }
     if let Some(nproc_per_node) = args.launch.nproc_per_node {
         let config = resolve_config(args)?;
         config.validate()?;
         config.validate_distributed()?;
+        // The workers would each refuse a backend their device cannot use: say it once.
+        config
+            .dist_backend
+            .resolve(crate::device::parse_device(&config.device)?)?;
         let launch = Launch {
             nproc_per_node,
             nnodes: args.launch.nnodes,
@@ -146,7 +147,9 @@ fn worker_args() -> Vec<String> {
 }
 
 fn strip_launch_flags(args: impl Iterator<Item = String>) -> Vec<String> {
-    const WITH_VALUE: [&str; 10] = [
+    // --dist-backend stays: it is the workers' setting (a worker started by torchrun
+    // reads it too).
+    const WITH_VALUE: [&str; 9] = [
         "--nproc-per-node",
         "--nproc_per_node",
         "--nnodes",
@@ -156,7 +159,6 @@ fn strip_launch_flags(args: impl Iterator<Item = String>) -> Vec<String> {
         "--master_addr",
         "--master-port",
         "--master_port",
-        "--dist-backend",
     ];
     let mut out = Vec::new();
     let mut skip_value = false;
@@ -191,10 +193,12 @@ mod tests {
             "1e-3",
             "--nnodes",
             "1",
+            "--dist-backend",
+            "gloo",
         ];
         assert_eq!(
             strip_launch_flags(args.iter().map(|s| s.to_string())),
-            vec!["train", "--lora", "--lr", "1e-3"]
+            vec!["train", "--lora", "--lr", "1e-3", "--dist-backend", "gloo"]
         );
     }
 }

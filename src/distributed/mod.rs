@@ -4,9 +4,9 @@
 //! - A worker learns its place from torchrun's environment variables (`RANK`,
 //!   `LOCAL_RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`); `amthal train
 //!   --nproc-per-node N` sets them for the N workers it starts (`launch`).
-//! - Rank 0 hosts c10d's TCPStore; every rank joins a Gloo process group through it
-//!   (`shim`). Gloo sums CPU tensors; CUDA tensors go through the host (NCCL, the GPU
-//!   backend, is not built yet).
+//! - Rank 0 hosts c10d's TCPStore; every rank joins a process group through it
+//!   (`shim`): NCCL when training on CUDA (sums on the cards), Gloo on the CPU (and on
+//!   CUDA with `--dist-backend gloo`, through host copies), as torchrun + DDP choose.
 //! - The training loop (`crate::train`) gives each rank every world-th micro-batch of
 //!   an optimizer step's window, normalizes by the whole window's answer tokens, and
 //!   sums the gradients across ranks before clipping and the update, so N ranks with
@@ -19,7 +19,45 @@ use anyhow::{Context, Result};
 use tch::{Device, Tensor};
 
 use crate::bail_input;
-use shim::GlooGroup;
+pub use shim::Backend;
+use shim::ProcessGroup;
+
+/// `--dist-backend`: which c10d backend a data-parallel run uses.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum DistBackend {
+    /// NCCL when the run trains on CUDA, else Gloo (torch.distributed's choice).
+    #[default]
+    Auto,
+    Gloo,
+    Nccl,
+}
+
+impl DistBackend {
+    /// The backend for a run on `device`; NCCL on the CPU is an input error.
+    pub fn resolve(self, device: Device) -> Result<Backend> {
+        match (self, device) {
+            (DistBackend::Gloo, _) | (DistBackend::Auto, Device::Cpu) => Ok(Backend::Gloo),
+            (DistBackend::Nccl | DistBackend::Auto, Device::Cuda(_)) => Ok(Backend::Nccl),
+            (DistBackend::Nccl, other) => {
+                bail_input!("--dist-backend nccl sums CUDA tensors; this run trains on {other:?}")
+            }
+            (DistBackend::Auto, other) => {
+                bail_input!("data-parallel training on {other:?} is not supported (cpu or cuda)")
+            }
+        }
+    }
+}
 
 /// Where this worker sits, from torchrun's variables.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,7 +70,8 @@ pub struct WorkerPlace {
 }
 
 impl WorkerPlace {
-    /// From the environment; None when WORLD_SIZE is unset or 1 (a plain run).
+    /// From the environment; None when WORLD_SIZE is unset (a plain run). WORLD_SIZE=1
+    /// (`torchrun --nproc-per-node 1`) is a group of one, as DDP makes it.
     pub fn from_env() -> Result<Option<WorkerPlace>> {
         Self::from_lookup(|key| std::env::var(key).ok())
     }
@@ -52,8 +91,8 @@ impl WorkerPlace {
         let world: usize = world.trim().parse().map_err(|_| {
             crate::error::bad_input(format!("WORLD_SIZE={world:?} is not a number"))
         })?;
-        if world <= 1 {
-            return Ok(None);
+        if world == 0 {
+            bail_input!("WORLD_SIZE=0: a run needs at least one rank");
         }
         let rank = number("RANK", None)?;
         if rank >= world {
@@ -72,18 +111,40 @@ impl WorkerPlace {
 /// This worker's membership of the training group.
 pub struct Distributed {
     pub place: WorkerPlace,
-    group: GlooGroup,
+    group: ProcessGroup,
+    /// Where the backend's collectives read their tensors: the CPU for Gloo, the
+    /// worker's card for NCCL. Tensors elsewhere are copied there and back.
+    staging: Device,
 }
 
 impl Distributed {
-    /// Joins the group (waits up to `timeout_s` for every rank).
-    pub fn join(place: WorkerPlace, timeout_s: u32) -> Result<Distributed> {
-        let group = GlooGroup::join(
+    /// Joins the group (waits up to `timeout_s` for every rank). `device`: where this
+    /// worker trains (NCCL runs on that card).
+    pub fn join(
+        place: WorkerPlace,
+        backend: Backend,
+        device: Device,
+        timeout_s: u32,
+    ) -> Result<Distributed> {
+        let staging = match (backend, device) {
+            (Backend::Nccl, Device::Cuda(_)) => device,
+            (Backend::Nccl, other) => {
+                bail_input!("the NCCL backend needs a CUDA device, not {other:?}")
+            }
+            (Backend::Gloo, _) => Device::Cpu,
+        };
+        let cuda_device = match device {
+            Device::Cuda(index) => index,
+            _ => 0,
+        };
+        let group = ProcessGroup::join(
             &place.master_addr,
             place.master_port,
             place.rank,
             place.world,
             timeout_s,
+            backend,
+            cuda_device,
         )
         .map_err(|e| {
             anyhow::anyhow!(
@@ -93,7 +154,15 @@ impl Distributed {
                 place.master_port
             )
         })?;
-        Ok(Distributed { place, group })
+        Ok(Distributed {
+            place,
+            group,
+            staging,
+        })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.group.backend
     }
 
     pub fn rank(&self) -> usize {
@@ -104,8 +173,8 @@ impl Distributed {
         self.place.world
     }
 
-    /// Sums the tensors across ranks, in place. CUDA tensors are summed through host
-    /// copies (Gloo).
+    /// Sums the tensors across ranks, in place. Under Gloo CUDA tensors are summed
+    /// through host copies; under NCCL, on the card (and CPU tensors through it).
     pub fn allreduce_sum(&self, tensors: &[&Tensor]) -> Result<()> {
         self.collective(tensors, None)
     }
@@ -128,28 +197,40 @@ impl Distributed {
     }
 
     fn collective(&self, tensors: &[&Tensor], root: Option<usize>) -> Result<()> {
-        let on_host: Vec<Tensor> = tensors
+        self.start(tensors, root)?.finish()
+    }
+
+    /// Starts summing the tensors across ranks and returns while the backend works
+    /// (DDP's overlap of the all-reduce with the rest of the backward pass). The
+    /// tensors must not be written until `Pending::finish`, which writes the sums into
+    /// them. Every rank must start the same sums in the same order.
+    pub fn start_sum(&self, tensors: &[&Tensor]) -> Result<Pending> {
+        self.start(tensors, None)
+    }
+
+    fn start(&self, tensors: &[&Tensor], root: Option<usize>) -> Result<Pending> {
+        let targets: Vec<Tensor> = tensors.iter().map(|t| t.shallow_clone()).collect();
+        let staged: Vec<Tensor> = tensors
             .iter()
             .map(|t| {
-                if t.device() == Device::Cpu {
+                if t.device() == self.staging {
                     t.shallow_clone()
                 } else {
-                    t.to_device(Device::Cpu)
+                    t.to_device(self.staging)
                 }
             })
             .collect();
-        let refs: Vec<&Tensor> = on_host.iter().collect();
-        match root {
-            None => self.group.allreduce_sum(&refs),
-            Some(root) => self.group.broadcast(&refs, root),
-        }
-        .map_err(|e| anyhow::anyhow!("rank {}: collective: {e}", self.rank()))?;
-        for (target, host) in tensors.iter().zip(&on_host) {
-            if target.device() != Device::Cpu {
-                tch::no_grad(|| target.shallow_clone().copy_(host));
-            }
-        }
-        Ok(())
+        let refs: Vec<&Tensor> = staged.iter().collect();
+        let in_flight = self
+            .group
+            .start(&refs, root)
+            .map_err(|e| anyhow::anyhow!("rank {}: collective: {e}", self.rank()))?;
+        Ok(Pending {
+            in_flight,
+            targets,
+            staged,
+            rank: self.rank(),
+        })
     }
 
     /// Waits for every rank.
@@ -157,6 +238,32 @@ impl Distributed {
         self.group
             .barrier()
             .map_err(|e| anyhow::anyhow!("rank {}: barrier: {e}", self.rank()))
+    }
+}
+
+/// A collective under way (`Distributed::start_sum`).
+#[must_use = "a started collective must be finished"]
+pub struct Pending {
+    in_flight: shim::InFlight,
+    /// The tensors the results go to, and the copies the backend works on where they
+    /// live elsewhere (CUDA tensors under Gloo); the same tensors otherwise.
+    targets: Vec<Tensor>,
+    staged: Vec<Tensor>,
+    rank: usize,
+}
+
+impl Pending {
+    /// Waits for the collective and writes its results into the tensors.
+    pub fn finish(self) -> Result<()> {
+        self.in_flight
+            .finish()
+            .map_err(|e| anyhow::anyhow!("rank {}: collective: {e}", self.rank))?;
+        for (target, staged) in self.targets.iter().zip(&self.staged) {
+            if target.device() != staged.device() {
+                tch::no_grad(|| target.shallow_clone().copy_(staged));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -182,7 +289,11 @@ mod tests {
     #[test]
     fn torchrun_variables() {
         assert_eq!(place(&[]).unwrap(), None);
-        assert_eq!(place(&[("WORLD_SIZE", "1"), ("RANK", "0")]).unwrap(), None);
+        let alone = place(&[("WORLD_SIZE", "1"), ("RANK", "0")])
+            .unwrap()
+            .unwrap();
+        assert_eq!((alone.rank, alone.world, alone.master_port), (0, 1, 29500));
+        assert!(place(&[("WORLD_SIZE", "0"), ("RANK", "0")]).is_err());
         let p = place(&[
             ("WORLD_SIZE", "4"),
             ("RANK", "3"),
@@ -197,5 +308,22 @@ mod tests {
         assert!(place(&[("WORLD_SIZE", "2")]).is_err());
         assert!(place(&[("WORLD_SIZE", "2"), ("RANK", "2")]).is_err());
         assert!(place(&[("WORLD_SIZE", "two"), ("RANK", "0")]).is_err());
+    }
+
+    #[test]
+    fn backend_follows_the_device() {
+        let cuda = Device::Cuda(1);
+        assert_eq!(
+            DistBackend::Auto.resolve(Device::Cpu).unwrap(),
+            Backend::Gloo
+        );
+        assert_eq!(DistBackend::Auto.resolve(cuda).unwrap(), Backend::Nccl);
+        assert_eq!(DistBackend::Gloo.resolve(cuda).unwrap(), Backend::Gloo);
+        assert_eq!(DistBackend::Nccl.resolve(cuda).unwrap(), Backend::Nccl);
+        let error = DistBackend::Nccl
+            .resolve(Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("CUDA tensors"), "{error}");
     }
 }

@@ -1,6 +1,8 @@
-//! The c10d library (csrc/distributed.cpp): a TCPStore rendezvous and a Gloo process
-//! group, embedded in the binary and loaded from memory on first use, as the other
-//! C++ libraries are (`crate::cuda::shim::load_embedded`).
+//! The c10d library (csrc/distributed.cpp): a TCPStore rendezvous and a Gloo or NCCL
+//! process group, embedded in the binary and loaded from memory on first use, as the
+//! other C++ libraries are (`crate::cuda::shim::load_embedded`). Two builds of the same
+//! source: Gloo only against libtorch_cpu, and Gloo + NCCL against libtorch_cuda, which
+//! is loaded only once CUDA is (its undefined symbols resolve there).
 
 use std::ffi::{CString, c_char, c_int, c_void};
 use std::sync::OnceLock;
@@ -10,75 +12,123 @@ use tch::Tensor;
 use crate::cuda::shim::{load_versioned, status_result};
 
 const LIBRARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libamthal_dist.so"));
-const VERSION: c_int = 2;
+const NCCL_LIBRARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libamthal_dist_nccl.so"));
+const VERSION: c_int = 3;
+
+/// The exported functions, by name (a test checks both embedded builds have each).
+pub const SYMBOLS: [&str; 7] = [
+    "amthal_dist_version",
+    "amthal_dist_last_error",
+    "amthal_dist_init",
+    "amthal_dist_start",
+    "amthal_dist_finish",
+    "amthal_dist_barrier",
+    "amthal_dist_destroy",
+];
+
+/// c10d's communication backend for a process group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// CPU tensors (CUDA tensors through host copies, `super::Distributed`).
+    Gloo,
+    /// CUDA tensors, summed on the devices (NVIDIA's collective library).
+    Nccl,
+}
+
+impl Backend {
+    /// The code csrc/distributed.cpp's `amthal_dist_init` takes.
+    fn code(self) -> c_int {
+        match self {
+            Backend::Gloo => 0,
+            Backend::Nccl => 1,
+        }
+    }
+}
 
 type LastErrorFn = unsafe extern "C" fn() -> *const c_char;
-type InitFn =
-    unsafe extern "C" fn(*const c_char, c_int, c_int, c_int, c_int, *mut *mut c_void) -> c_int;
-type CollectiveFn = unsafe extern "C" fn(*mut c_void, *const *mut c_void, c_int, c_int) -> c_int;
+type InitFn = unsafe extern "C" fn(
+    *const c_char,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    c_int,
+    *mut *mut c_void,
+) -> c_int;
+type StartFn =
+    unsafe extern "C" fn(*mut c_void, *const *mut c_void, c_int, c_int, *mut *mut c_void) -> c_int;
+type FinishFn = unsafe extern "C" fn(*mut c_void) -> c_int;
 type BarrierFn = unsafe extern "C" fn(*mut c_void) -> c_int;
 type DestroyFn = unsafe extern "C" fn(*mut c_void);
 
 struct Library {
     last_error: LastErrorFn,
     init: InitFn,
-    collective: CollectiveFn,
+    start: StartFn,
+    finish: FinishFn,
     barrier: BarrierFn,
     destroy: DestroyFn,
 }
 
-fn library() -> Result<&'static Library, String> {
-    static LIBRARY_CELL: OnceLock<Result<Library, String>> = OnceLock::new();
-    LIBRARY_CELL
-        .get_or_init(|| {
-            let symbol = load_versioned(c"amthal_dist", LIBRARY, "amthal_dist_version", VERSION)?;
-            // SAFETY (all transmutes): each symbol is the extern "C" function of that
-            // name in csrc/distributed.cpp, whose signature the type alias repeats.
-            unsafe {
-                Ok(Library {
-                    last_error: std::mem::transmute::<*mut c_void, LastErrorFn>(symbol(
-                        "amthal_dist_last_error",
-                    )?),
-                    init: std::mem::transmute::<*mut c_void, InitFn>(symbol(
-                        "amthal_dist_init_gloo",
-                    )?),
-                    collective: std::mem::transmute::<*mut c_void, CollectiveFn>(symbol(
-                        "amthal_dist_collective",
-                    )?),
-                    barrier: std::mem::transmute::<*mut c_void, BarrierFn>(symbol(
-                        "amthal_dist_barrier",
-                    )?),
-                    destroy: std::mem::transmute::<*mut c_void, DestroyFn>(symbol(
-                        "amthal_dist_destroy",
-                    )?),
-                })
+/// The build that has `backend`: NCCL's needs libtorch_cuda in the process first.
+fn library(backend: Backend) -> Result<&'static Library, String> {
+    static GLOO: OnceLock<Result<Library, String>> = OnceLock::new();
+    static NCCL: OnceLock<Result<Library, String>> = OnceLock::new();
+    let (cell, name, bytes) = match backend {
+        Backend::Gloo => (&GLOO, c"amthal_dist", LIBRARY),
+        Backend::Nccl => {
+            if !crate::cuda::is_available() {
+                return Err("the NCCL backend needs CUDA, which is not available here".into());
             }
-        })
+            (&NCCL, c"amthal_dist_nccl", NCCL_LIBRARY)
+        }
+    };
+    cell.get_or_init(|| load(name, bytes))
         .as_ref()
         .map_err(Clone::clone)
 }
 
-/// One rank's Gloo process group (CPU tensors).
-pub struct GlooGroup {
+fn load(name: &std::ffi::CStr, bytes: &[u8]) -> Result<Library, String> {
+    let symbol = load_versioned(name, bytes, SYMBOLS[0], VERSION)?;
+    // SAFETY (all transmutes): each symbol is the extern "C" function of that name in
+    // csrc/distributed.cpp, whose signature the type alias repeats.
+    unsafe {
+        Ok(Library {
+            last_error: std::mem::transmute::<*mut c_void, LastErrorFn>(symbol(SYMBOLS[1])?),
+            init: std::mem::transmute::<*mut c_void, InitFn>(symbol(SYMBOLS[2])?),
+            start: std::mem::transmute::<*mut c_void, StartFn>(symbol(SYMBOLS[3])?),
+            finish: std::mem::transmute::<*mut c_void, FinishFn>(symbol(SYMBOLS[4])?),
+            barrier: std::mem::transmute::<*mut c_void, BarrierFn>(symbol(SYMBOLS[5])?),
+            destroy: std::mem::transmute::<*mut c_void, DestroyFn>(symbol(SYMBOLS[6])?),
+        })
+    }
+}
+
+/// One rank's process group.
+pub struct ProcessGroup {
     handle: *mut c_void,
     library: &'static Library,
+    pub backend: Backend,
 }
 
 // SAFETY: the group is used from the training thread only; c10d's objects are
 // thread-safe for the calls made (one collective at a time).
-unsafe impl Send for GlooGroup {}
+unsafe impl Send for ProcessGroup {}
 
-impl GlooGroup {
+impl ProcessGroup {
     /// Rendezvous at `host:port` (rank 0 hosts the store) and join the group; waits up
-    /// to `timeout_s` for every rank.
+    /// to `timeout_s` for every rank. NCCL works on card `cuda_device`.
     pub fn join(
         host: &str,
         port: u16,
         rank: usize,
         world: usize,
         timeout_s: u32,
-    ) -> Result<GlooGroup, String> {
-        let library = library()?;
+        backend: Backend,
+        cuda_device: usize,
+    ) -> Result<ProcessGroup, String> {
+        let library = library(backend)?;
         let host_c = CString::new(host).map_err(|e| e.to_string())?;
         let mut handle: *mut c_void = std::ptr::null_mut();
         // SAFETY: a valid C string and an out-pointer.
@@ -90,39 +140,56 @@ impl GlooGroup {
                     rank as c_int,
                     world as c_int,
                     timeout_s as c_int,
+                    backend.code(),
+                    cuda_device as c_int,
                     &mut handle,
                 )
             },
             library.last_error,
         )?;
-        Ok(GlooGroup { handle, library })
+        Ok(ProcessGroup {
+            handle,
+            library,
+            backend,
+        })
     }
 
-    /// Sums the tensors across ranks, in place (CPU tensors).
+    /// Sums the tensors across ranks, in place (CPU tensors for Gloo, tensors on the
+    /// group's card for NCCL).
     pub fn allreduce_sum(&self, tensors: &[&Tensor]) -> Result<(), String> {
-        self.collective(tensors, -1)
+        self.start(tensors, None)?.finish()
     }
 
-    /// Every rank receives rank `root`'s values of the tensors (CPU tensors).
+    /// Every rank receives rank `root`'s values of the tensors (devices as above).
     pub fn broadcast(&self, tensors: &[&Tensor], root: usize) -> Result<(), String> {
-        self.collective(tensors, root as c_int)
+        self.start(tensors, Some(root))?.finish()
     }
 
-    /// root < 0: all-reduce (sum); else broadcast from `root`.
-    fn collective(&self, tensors: &[&Tensor], root: c_int) -> Result<(), String> {
+    /// Starts summing (`root` None) or broadcasting the tensors and returns while the
+    /// backend works; the tensors may be read but not written until `finish`. Every
+    /// rank must start the same collectives in the same order.
+    pub fn start(&self, tensors: &[&Tensor], root: Option<usize>) -> Result<InFlight, String> {
         let handles: Vec<*mut c_void> = tensors.iter().map(|t| t.as_ptr() as *mut c_void).collect();
-        // SAFETY: live tensor handles, updated in place.
+        let root = root.map_or(-1, |r| r as c_int);
+        let mut pending: *mut c_void = std::ptr::null_mut();
+        // SAFETY: live tensor handles (kept alive by the caller until `finish`, which
+        // writes into them) and an out-pointer.
         status_result(
             unsafe {
-                (self.library.collective)(
+                (self.library.start)(
                     self.handle,
                     handles.as_ptr(),
                     handles.len() as c_int,
                     root,
+                    &mut pending,
                 )
             },
             self.library.last_error,
-        )
+        )?;
+        Ok(InFlight {
+            pending,
+            library: self.library,
+        })
     }
 
     /// Waits for every rank.
@@ -135,7 +202,40 @@ impl GlooGroup {
     }
 }
 
-impl Drop for GlooGroup {
+/// Collectives started and not yet finished (`ProcessGroup::start`).
+#[must_use = "a started collective must be finished"]
+pub struct InFlight {
+    pending: *mut c_void,
+    library: &'static Library,
+}
+
+// SAFETY: as ProcessGroup: used from the training thread.
+unsafe impl Send for InFlight {}
+
+impl InFlight {
+    /// Waits for the collectives (under NCCL the current CUDA stream waits, not the
+    /// host) and writes the results into the tensors.
+    pub fn finish(mut self) -> Result<(), String> {
+        let pending = std::mem::replace(&mut self.pending, std::ptr::null_mut());
+        // SAFETY: `pending` came from start and is finished (and freed) once.
+        status_result(
+            unsafe { (self.library.finish)(pending) },
+            self.library.last_error,
+        )
+    }
+}
+
+impl Drop for InFlight {
+    /// An unfinished collective (an error on the way) is still waited for and freed.
+    fn drop(&mut self) {
+        if !self.pending.is_null() {
+            // SAFETY: as in finish.
+            let _ = unsafe { (self.library.finish)(self.pending) };
+        }
+    }
+}
+
+impl Drop for ProcessGroup {
     fn drop(&mut self) {
         // SAFETY: the handle came from init and is dropped once.
         unsafe { (self.library.destroy)(self.handle) }
@@ -154,7 +254,9 @@ mod tests {
         let ranks: Vec<_> = (0..2)
             .map(|rank| {
                 std::thread::spawn(move || {
-                    let group = GlooGroup::join("127.0.0.1", port, rank, 2, 30).unwrap();
+                    let group =
+                        ProcessGroup::join("127.0.0.1", port, rank, 2, 30, Backend::Gloo, 0)
+                            .unwrap();
                     let a = Tensor::from_slice(&[1f32, 2.0, 3.0]) * (rank as f64 + 1.0);
                     let b = Tensor::from_slice(&[10f64]) * (rank as f64 + 1.0);
                     group.allreduce_sum(&[&a, &b]).unwrap();
@@ -174,5 +276,38 @@ mod tests {
             assert_eq!(a, vec![3.0, 6.0, 9.0]);
             assert_eq!(b, vec![30.0]);
         }
+    }
+
+    /// Both embedded builds export every function the loader asks for, and only the
+    /// CUDA build names NCCL's process group (it cannot be loaded without CUDA, so its
+    /// symbols are read from the file).
+    #[test]
+    fn both_builds_export_the_interface() {
+        for bytes in [LIBRARY, NCCL_LIBRARY] {
+            for name in SYMBOLS {
+                let needle = format!("{name}\0");
+                assert!(
+                    bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+                    "{name} missing"
+                );
+            }
+        }
+        let nccl = b"ProcessGroupNCCL";
+        assert!(NCCL_LIBRARY.windows(nccl.len()).any(|w| w == nccl));
+        assert!(!LIBRARY.windows(nccl.len()).any(|w| w == nccl));
+    }
+
+    /// The NCCL build loads where CUDA is (after libtorch_cuda, whose symbols it
+    /// uses); without CUDA, asking for it is a clear error, not a failed dlopen.
+    #[test]
+    fn the_nccl_build_loads_only_with_cuda() {
+        match library(Backend::Nccl) {
+            Ok(_) => assert!(crate::cuda::is_available()),
+            Err(error) => {
+                assert!(!crate::cuda::is_available(), "{error}");
+                assert!(error.contains("needs CUDA"), "{error}");
+            }
+        }
+        assert!(library(Backend::Gloo).is_ok());
     }
 }

@@ -95,6 +95,8 @@ pub struct TrainConfig {
     /// `grad_accum` counts per rank: a step's window is grad_accum x world_size
     /// micro-batches, and that product is what a resume must keep.
     pub world_size: usize,
+    /// `--dist-backend`: auto (NCCL on CUDA, Gloo on the CPU), gloo or nccl.
+    pub dist_backend: crate::distributed::DistBackend,
 }
 
 impl Default for TrainConfig {
@@ -145,6 +147,7 @@ impl Default for TrainConfig {
             double_quant: false,
             zero: 0,
             world_size: 1,
+            dist_backend: crate::distributed::DistBackend::Auto,
         }
     }
 }

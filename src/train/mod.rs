@@ -25,6 +25,7 @@ pub mod memory_estimate;
 pub mod moments;
 pub mod optim;
 pub mod plot;
+mod rank_sums;
 pub mod state;
 pub mod step;
 pub mod trainables;
@@ -75,6 +76,15 @@ pub struct TrainSummary {
     pub slowest_checkpoint_seconds: f64,
     /// Rows left out under --skip-invalid-rows, per split.
     pub skipped_rows: SkippedRows,
+    /// Data parallelism: the ranks and the c10d backend (None for a plain run).
+    pub data_parallel: Option<DataParallelSummary>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DataParallelSummary {
+    pub world_size: usize,
+    /// "gloo" or "nccl".
+    pub backend: String,
 }
 
 /// The rows `--skip-invalid-rows` left out of each split.
@@ -146,10 +156,25 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
     config.validate()?;
     // A worker of a data-parallel run (torchrun's variables): every optimizer step's
     // window holds grad_accum micro-batches per rank (`TrainConfig::world_size`).
-    let group = match WorkerPlace::from_env()? {
+    let place = WorkerPlace::from_env()?;
+    let mut device: Device = parse_device(&config.device)?;
+    // Data parallel on GPUs: each worker on its node's LOCAL_RANK-th card, unless the
+    // command named a card itself.
+    if let (Some(place), Device::Cuda(_)) = (&place, device)
+        && !config.device.starts_with("cuda:")
+    {
+        device = Device::Cuda(place.local_rank);
+    }
+    let group = match place {
         Some(place) => {
             config.validate_distributed()?;
-            Some(Distributed::join(place, distributed_timeout_seconds())?)
+            let backend = config.dist_backend.resolve(device)?;
+            Some(Distributed::join(
+                place,
+                backend,
+                device,
+                distributed_timeout_seconds(),
+            )?)
         }
         None => None,
     };
@@ -187,14 +212,6 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
     }
 
     let source = ModelSource::resolve(config.model.as_deref())?;
-    let mut device: Device = parse_device(&config.device)?;
-    // Data parallel on GPUs: each worker on its node's LOCAL_RANK-th card, unless the
-    // command named a card itself.
-    if let (Some(group), Device::Cuda(_)) = (&group, device)
-        && !config.device.starts_with("cuda:")
-    {
-        device = Device::Cuda(group.place.local_rank);
-    }
     let kind = resolve_precision(config.precision, device);
     let tokenizer = source.tokenizer()?;
     let prompts = PromptBuilder::new(config.prompt_format, &tokenizer)?;
@@ -330,8 +347,9 @@ fn print_start(
     eprintln!("effective configuration:\n{}", config.to_toml());
     if let Some(group) = &group {
         eprintln!(
-            "data parallel: {} ranks over Gloo, {} micro-batches of {} per rank and step",
+            "data parallel: {} rank(s) over {:?}, {} micro-batches of {} per rank and step",
             group.world(),
+            group.backend(),
             config.grad_accum,
             config.batch_size
         );
@@ -650,7 +668,15 @@ impl Run<'_> {
             previews: Vec::new(),
             slowest_checkpoint_seconds: 0.0,
             skipped_rows,
+            data_parallel: self.data_parallel_summary(),
         }
+    }
+
+    fn data_parallel_summary(&self) -> Option<DataParallelSummary> {
+        self.group.as_ref().map(|group| DataParallelSummary {
+            world_size: group.world(),
+            backend: format!("{:?}", group.backend()).to_lowercase(),
+        })
     }
 
     /// A checkpoint: rank 0 (or the only process) writes it. Under ZeRO-1 every rank
@@ -752,6 +778,7 @@ impl Run<'_> {
             previews,
             slowest_checkpoint_seconds: self.slowest_checkpoint_seconds,
             skipped_rows,
+            data_parallel: self.data_parallel_summary(),
         };
         write_file(
             &out.join("train_summary.json"),

@@ -24,6 +24,7 @@ use tch::{Kind, Tensor};
 
 use super::loss_scale::LossScaler;
 use super::optim::{AdamW, StepConstants};
+use super::rank_sums::RankSums;
 use crate::batch::Batch;
 use crate::distributed::Distributed;
 use crate::loss::{answer_token_losses, batch_context, losses_from_hidden};
@@ -109,38 +110,6 @@ pub fn optimizer_step(
     }
 }
 
-/// Sums every gradient and the step's loss across ranks (in buckets; see
-/// csrc/distributed.cpp). Each rank's gradients are already scaled by 1 / the whole
-/// window's answer tokens, so the sum is the single-process gradient.
-fn sum_across_ranks(
-    group: &Distributed,
-    optimizer: &AdamW,
-    outcome: &mut StepOutcome,
-) -> Result<()> {
-    // Every rank must send the same tensors. A rank whose micro-batches all had a
-    // non-finite loss ran no backward pass, so before its first step it has no
-    // gradients yet: give them zeros (a backward pass of 0 x sum).
-    for p in &optimizer.params {
-        if !p.param.grad().defined() {
-            (p.param.sum(Kind::Float) * 0.0).backward();
-        }
-    }
-    let grads: Vec<Tensor> = optimizer.params.iter().map(|p| p.param.grad()).collect();
-    let mut refs: Vec<&Tensor> = grads.iter().collect();
-    let local_loss = outcome.nonfinite_loss.unwrap_or(outcome.loss_sum);
-    let loss = Tensor::from_slice(&[local_loss]);
-    refs.push(&loss);
-    group.allreduce_sum(&refs)?;
-    let total = loss.double_value(&[0]);
-    if total.is_finite() {
-        outcome.loss_sum = total;
-    } else {
-        outcome.nonfinite_loss = Some(total);
-    }
-    profile::mark("all-reduce");
-    Ok(())
-}
-
 fn step_after_backward(
     model: &Llama,
     optimizer: &mut AdamW,
@@ -152,15 +121,23 @@ fn step_after_backward(
     let loss_scale = scaler.as_ref().map_or(1.0, |s| s.scale);
     let weight = if settings.padding_only { 0.0 } else { 1.0 };
     let mut outcome = StepOutcome::default();
+    // Data parallelism: each layer's gradients start their sum across ranks as soon as
+    // the window's last backward pass is done with them (`rank_sums`).
+    let mut sums = group.map(|group| RankSums::new(group, optimizer, model));
     for (index, batch) in batches.iter().enumerate() {
         let seeds = (settings.seed, settings.micro_position(index));
-        let value = micro_step(
+        let last = index + 1 == batches.len();
+        let mut layer_done = |layer: usize| match (&mut sums, last) {
+            (Some(sums), true) => sums.layer_done(optimizer, layer),
+            _ => Ok(()),
+        };
+        let value = micro_step_with(
             model,
             batch,
             loss_scale * settings.token_scale * weight,
             seeds,
-            settings.checkpointing,
-            settings.full,
+            (settings.checkpointing, settings.full),
+            &mut layer_done,
         )? * weight;
         if value.is_finite() {
             outcome.loss_sum += value;
@@ -172,8 +149,17 @@ fn step_after_backward(
             }
         }
     }
-    if let Some(group) = group {
-        sum_across_ranks(group, optimizer, &mut outcome)?;
+    if let Some(sums) = sums {
+        // Each rank's gradients are already scaled by 1 / the whole window's answer
+        // tokens, so the sums are the single-process gradients.
+        let local_loss = outcome.nonfinite_loss.unwrap_or(outcome.loss_sum);
+        let total = sums.finish(optimizer, local_loss)?;
+        if total.is_finite() {
+            outcome.loss_sum = total;
+        } else {
+            outcome.nonfinite_loss = Some(total);
+        }
+        profile::mark("all-reduce");
         if outcome.nonfinite_loss.is_some() && scaler.is_none() {
             optimizer.zero_grad();
             return Ok(outcome);
@@ -214,6 +200,27 @@ pub fn micro_step(
     checkpointing: bool,
     full: bool,
 ) -> Result<f64> {
+    micro_step_with(
+        model,
+        batch,
+        scale,
+        seeds,
+        (checkpointing, full),
+        &mut |_| Ok(()),
+    )
+}
+
+/// `micro_step`, calling `layer_done(layer)` as the checkpointed backward pass finishes
+/// each decoder layer (from the top; never without gradient checkpointing, where the
+/// backward pass is one call).
+fn micro_step_with(
+    model: &Llama,
+    batch: &Batch,
+    scale: f64,
+    seeds: (u64, u64),
+    (checkpointing, full): (bool, bool),
+    layer_done: &mut dyn FnMut(usize) -> Result<()>,
+) -> Result<f64> {
     let (seed, micro) = seeds;
     if !checkpointing {
         tch::manual_seed(dropout_seed(seed, micro, 0));
@@ -247,6 +254,7 @@ pub fn micro_step(
         let output = model.layer_forward(layer, &input, &kept.context, None, true);
         (output * &grad).sum(Kind::Float).backward();
         grad = input.grad();
+        layer_done(layer)?;
     }
     if full {
         (model.embed(&batch.input_ids) * &grad)
@@ -288,19 +296,19 @@ fn forward_keeping_layer_inputs(
 
 /// The optimizer's tensors by the stage of the backward pass that completes their
 /// gradient.
-struct Stages {
+pub(super) struct Stages {
     /// Final norm and lm_head (full fine-tune).
-    top: Vec<usize>,
+    pub top: Vec<usize>,
     /// Each decoder layer's weights, norms or adapters.
-    layers: Vec<Vec<usize>>,
+    pub layers: Vec<Vec<usize>>,
     /// The input embedding (full fine-tune), completed at the bottom.
-    embed: Option<usize>,
+    pub embed: Option<usize>,
     /// A tied lm_head: the embedding also gets a gradient at the top.
     embed_at_top: bool,
 }
 
 impl Stages {
-    fn new(optimizer: &AdamW, model: &Llama) -> Stages {
+    pub fn new(optimizer: &AdamW, model: &Llama) -> Stages {
         let mut stages = Stages {
             top: Vec::new(),
             layers: vec![Vec::new(); model.layers.len()],
