@@ -12,6 +12,13 @@ use anyhow::Result;
 use tch::{Kind, Tensor};
 
 use super::optim::AdamW;
+
+/// Groups whose sums may be under way at once. Each holds a flat copy of its
+/// gradients (a 7B full fine-tune's layer: ~400 MB in bf16), so starting one more
+/// first finishes the oldest: memory stays bounded while the sums of the next few
+/// layers still overlap the backward pass (under NCCL finishing one only makes the
+/// compute stream wait for it; the host goes on).
+const MAX_IN_FLIGHT: usize = 4;
 use super::step::Stages;
 use crate::distributed::{Distributed, Pending};
 use crate::model::Llama;
@@ -91,6 +98,9 @@ impl<'a> RankSums<'a> {
         let mut tensors: Vec<&Tensor> = grads.iter().collect();
         tensors.extend(loss);
         if !tensors.is_empty() {
+            if self.in_flight.len() == MAX_IN_FLIGHT {
+                self.in_flight.remove(0).finish()?;
+            }
             self.in_flight.push(self.group.start_sum(&tensors)?);
         }
         Ok(())
@@ -103,9 +113,10 @@ mod tests {
     use crate::distributed::{Backend, WorkerPlace};
     use tch::Device;
 
-    /// Two ranks (threads) with three "layers" of one tensor each and one other
-    /// tensor: the sums start layer by layer as the backward pass reports them, in
-    /// the fixed order, and end as the element-wise sums with the summed loss.
+    /// Two ranks (threads) with six "layers" of one tensor each and one other tensor:
+    /// the sums start layer by layer as the backward pass reports them, in the fixed
+    /// order, at most MAX_IN_FLIGHT at a time, and end as the element-wise sums with
+    /// the summed loss.
     #[test]
     fn layers_start_their_sums_as_they_complete() {
         let port = crate::distributed::free_port().unwrap();
@@ -120,7 +131,7 @@ mod tests {
                         master_port: port,
                     };
                     let group = Distributed::join(place, Backend::Gloo, Device::Cpu, 30).unwrap();
-                    let params: Vec<(String, Tensor, bool)> = (0..4)
+                    let params: Vec<(String, Tensor, bool)> = (0..7)
                         .map(|i| {
                             let t = Tensor::zeros([3], (Kind::Float, Device::Cpu))
                                 .set_requires_grad(true);
@@ -132,13 +143,15 @@ mod tests {
                     for (i, p) in optimizer.params.iter().enumerate() {
                         (p.param.sum(Kind::Float) * ((rank + 1) * (i + 1)) as f64).backward();
                     }
-                    let mut sums =
-                        RankSums::with_groups(&group, vec![vec![0], vec![1], vec![2]], vec![3]);
-                    sums.layer_done(&optimizer, 2).unwrap();
+                    let layers = (0..6).map(|i| vec![i]).collect();
+                    let mut sums = RankSums::with_groups(&group, layers, vec![6]);
+                    sums.layer_done(&optimizer, 5).unwrap();
                     assert_eq!(sums.in_flight.len(), 1, "the top layer started alone");
-                    // Reporting layer 0 starts layer 1 too, in order.
-                    sums.layer_done(&optimizer, 0).unwrap();
+                    // Reporting layer 3 starts layer 4 too, in order.
+                    sums.layer_done(&optimizer, 3).unwrap();
                     assert_eq!(sums.in_flight.len(), 3);
+                    sums.layer_done(&optimizer, 0).unwrap();
+                    assert_eq!(sums.in_flight.len(), MAX_IN_FLIGHT);
                     let loss = sums.finish(&optimizer, rank as f64 + 0.5).unwrap();
                     let grads: Vec<Vec<f32>> = optimizer
                         .params
