@@ -209,7 +209,11 @@ impl Quantized4 {
     }
 
     /// The weights in `kind`: code value x block absmax in f32, then one cast
-    /// (bitsandbytes' `dequantize_4bit`).
+    /// (bitsandbytes' `dequantize_4bit`). The product is written straight into a
+    /// `kind` tensor (`mul_out` computes in f32 and rounds once on the store): the same
+    /// numbers as multiplying then casting, without the f32 product's round trip
+    /// through memory (~14.5 instead of ~22.5 bytes of traffic per weight; the forward
+    /// and backward passes of a 4-bit base run this for every projection).
     pub fn dequantize(&self, kind: Kind) -> Tensor {
         tch::no_grad(|| {
             let n: i64 = self.shape.iter().product();
@@ -219,21 +223,25 @@ impl Quantized4 {
                 .view([-1]);
             let absmax = self.block_absmax();
             let blocks = absmax.size()[0];
-            let scaled = if n == blocks * BLOCK {
-                values.view([blocks, BLOCK]) * absmax.unsqueeze(1)
+            let values = if n == blocks * BLOCK {
+                values
             } else {
                 // A ragged last block: pad the codes' values to whole blocks.
                 values
                     .narrow(0, 0, n)
                     .constant_pad_nd([0, blocks * BLOCK - n])
-                    .view([blocks, BLOCK])
-                    * absmax.unsqueeze(1)
             };
-            scaled
-                .view([-1])
-                .narrow(0, 0, n)
-                .to_kind(kind)
-                .view(self.shape.as_slice())
+            let out = Tensor::empty([blocks, BLOCK], (kind, values.device()));
+            let _ = values
+                .view([blocks, BLOCK])
+                .mul_out(&out, &absmax.unsqueeze(1));
+            let flat = out.view([-1]);
+            let flat = if n == blocks * BLOCK {
+                flat
+            } else {
+                flat.narrow(0, 0, n)
+            };
+            flat.view(self.shape.as_slice())
         })
     }
 

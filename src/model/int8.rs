@@ -38,7 +38,16 @@ pub fn quantize_rows(weight: &Tensor) -> Int8Rows {
 impl Int8Rows {
     /// The weight in `kind`: code x absmax x (1/127) in f32, then one cast.
     pub fn dequantize(&self, kind: Kind) -> Tensor {
-        tch::no_grad(|| (&self.codes * self.row_absmax.unsqueeze(1) * INVERSE_127).to_kind(kind))
+        // (codes x absmax) x 1/127 in f32 as bitsandbytes orders it, the last product
+        // rounded once straight into `kind` (`mul_out`), without an f32 copy of it.
+        tch::no_grad(|| {
+            let scaled = &self.codes * self.row_absmax.unsqueeze(1);
+            let out = Tensor::empty(scaled.size(), (kind, scaled.device()));
+            // Filled on the device, not copied from the host: CUDA graphs may capture it.
+            let inverse = Tensor::full([], INVERSE_127, (Kind::Float, scaled.device()));
+            let _ = scaled.mul_out(&out, &inverse);
+            out
+        })
     }
 
     pub fn shape(&self) -> Vec<i64> {
