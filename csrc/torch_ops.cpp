@@ -12,11 +12,16 @@
 // the message of the last failure.
 
 #include <ATen/ATen.h>
+#include <ATen/record_function.h>
 #include <c10/core/GradMode.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <stdexcept>
-
+#include <string>
 #include <vector>
 
 #include "guarded.h"
@@ -68,12 +73,74 @@ struct RecomputedLinear : public torch::autograd::Function<RecomputedLinear> {
     return {grads[0].to(dtype).matmul(weight), at::Tensor(), at::Tensor()};
   }
 };
+// Counts the kernels a step issues (AMTHAL_PROFILE_STEP, src/profile.rs): a global
+// RecordFunction callback sees every dispatcher call, forward and backward, nested
+// calls included. A call counts as one kernel unless it is in kTrivial (views,
+// allocations, and composite ops such as aten::linear or aten::to that launch nothing
+// themselves, only through the ops they call) or repeats its caller's name (mul with
+// a scalar calls mul with a tensor: one kernel). An estimate: an op that launches two
+// kernels counts once, and a CPU scalar's conversion counts as one.
+const char* const kTrivial[] = {
+    "aten::view", "aten::_unsafe_view", "aten::reshape", "aten::_reshape_alias",
+    "aten::view_as", "aten::transpose", "aten::t", "aten::permute", "aten::as_strided",
+    "aten::narrow", "aten::slice", "aten::select", "aten::expand", "aten::expand_as",
+    "aten::unsqueeze", "aten::squeeze", "aten::unbind", "aten::split",
+    "aten::split_with_sizes", "aten::chunk", "aten::detach", "aten::detach_", "detach",
+    "detach_", "aten::alias", "aten::lift_fresh", "aten::empty", "aten::empty_strided",
+    "aten::empty_like", "aten::resize_", "aten::resolve_conj", "aten::resolve_neg",
+    "aten::result_type", "aten::to", "aten::_to_copy", "aten::contiguous", "aten::clone",
+    "aten::type_as", "aten::matmul", "aten::linear", "aten::item", "aten::dropout",
+    "aten::flatten", "aten::ones", "aten::zeros", "aten::ones_like", "aten::zeros_like",
+    "aten::full", "aten::full_like", "aten::scaled_dot_product_attention",
+    "aten::cross_entropy_loss", "aten::silu_", "aten::_has_compatible_shallow_copy_type",
+    "aten::is_nonzero", "aten::set_", "aten::requires_grad_", "aten::retains_grad",
+    "aten::output_nr", "aten::_version",
+};
+
+bool is_trivial(const char* name) {
+  // The autograd engine's wrapper around each backward node launches nothing itself.
+  if (std::strncmp(name, "autograd::", 10) == 0) return true;
+  for (const char* trivial : kTrivial) {
+    if (std::strcmp(name, trivial) == 0) return true;
+  }
+  return false;
+}
+
+struct OpCounts {
+  std::mutex mutex;
+  std::map<std::string, int64_t> counts;
+};
+OpCounts& op_counts() {
+  static OpCounts counts;
+  return counts;
+}
+
+// Per thread (the autograd engine runs CUDA backward passes on its own threads): the
+// names of the calls open now, innermost last.
+thread_local std::vector<std::string> open_calls;
+
+std::unique_ptr<at::ObserverContext> on_op_start(const at::RecordFunction& fn) {
+  const char* name = fn.name();
+  bool counts = fn.scope() != at::RecordScope::BACKWARD_FUNCTION && !is_trivial(name) &&
+                (open_calls.empty() || open_calls.back() != name);
+  if (counts) {
+    auto& all = op_counts();
+    std::lock_guard<std::mutex> lock(all.mutex);
+    all.counts[name] += 1;
+  }
+  open_calls.emplace_back(name);
+  return nullptr;
+}
+
+void on_op_end(const at::RecordFunction&, at::ObserverContext*) {
+  if (!open_calls.empty()) open_calls.pop_back();
+}
 }  // namespace
 
 extern "C" {
 
 // Bumped when a signature changes; src/torch_ops.rs checks it.
-int amthal_ops_version() { return 2; }
+int amthal_ops_version() { return 3; }
 
 const char* amthal_ops_last_error() { return last_error.c_str(); }
 
@@ -118,6 +185,47 @@ int amthal_recomputed_linear(at::Tensor* x, WeightFn weight_fn, const void* stat
     at::Tensor y = RecomputedLinear::apply(*x, reinterpret_cast<int64_t>(weight_fn),
                                            reinterpret_cast<int64_t>(state));
     *out = new at::Tensor(std::move(y));
+  });
+}
+
+// Drops the gradients of `count` tensors (optimizer.zero_grad(set_to_none=True), torch's
+// default): no zero_ kernel per tensor, and the next backward pass adopts its
+// gradients instead of adding them to zeros.
+int amthal_clear_grads(at::Tensor** tensors, int count) {
+  return guarded([&] {
+    for (int i = 0; i < count; ++i) tensors[i]->mutable_grad().reset();
+  });
+}
+
+// Starts counting operators in every thread (once per process; later calls do nothing).
+int amthal_ops_count_start() {
+  return guarded([&] {
+    static bool started = false;
+    if (started) return;
+    at::addGlobalCallback(at::RecordFunctionCallback(on_op_start, on_op_end)
+                              .scopes({at::RecordScope::FUNCTION,
+                                       at::RecordScope::BACKWARD_FUNCTION}));
+    started = true;
+  });
+}
+
+// The counts since the last call, as "name<TAB>count" lines, into `buffer` (NUL
+// terminated, cut at `capacity`), and resets them.
+int amthal_ops_count_take(char* buffer, int capacity) {
+  return guarded([&] {
+    std::string text;
+    {
+      auto& counts = op_counts();
+      std::lock_guard<std::mutex> lock(counts.mutex);
+      for (const auto& [name, count] : counts.counts) {
+        text += name + "\t" + std::to_string(count) + "\n";
+      }
+      counts.counts.clear();
+    }
+    if (capacity <= 0) return;
+    size_t n = std::min(text.size(), static_cast<size_t>(capacity - 1));
+    std::memcpy(buffer, text.data(), n);
+    buffer[n] = '\0';
   });
 }
 }

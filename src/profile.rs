@@ -14,10 +14,23 @@ use std::time::Instant;
 
 #[derive(Default)]
 struct Totals {
-    /// phase -> (issue seconds, wait seconds, times)
-    phases: BTreeMap<&'static str, (f64, f64, u64)>,
+    /// phase -> (issue seconds, wait seconds, times, kernels)
+    phases: BTreeMap<&'static str, (f64, f64, u64, u64)>,
     last: Option<Instant>,
     device: Option<usize>,
+    /// Steps started (`start` calls).
+    steps: u64,
+    /// Kernels by operator name over every phase.
+    kernels: BTreeMap<String, u64>,
+    /// Whether operators are counted (the ops library loaded).
+    counting: bool,
+}
+
+/// The kernels counted since the last call, by operator name.
+fn take_kernels() -> Vec<(String, u64)> {
+    crate::torch_ops::ops()
+        .and_then(|ops| ops.take_op_counts().ok())
+        .unwrap_or_default()
 }
 
 thread_local! {
@@ -33,9 +46,11 @@ pub fn enable_from_env(device: tch::Device) {
         tch::Device::Cuda(index) => Some(index),
         _ => None,
     };
+    let counting = crate::torch_ops::ops().is_some_and(|ops| ops.start_counting_ops().is_ok());
     PROFILE.with(|p| {
         *p.borrow_mut() = Some(Totals {
             device,
+            counting,
             ..Totals::default()
         })
     });
@@ -48,6 +63,11 @@ pub fn start() {
             if let Some(device) = totals.device {
                 crate::cuda::synchronize(device);
             }
+            if totals.counting {
+                // What ran between steps (data, logs) is not a phase's.
+                let _ = take_kernels();
+            }
+            totals.steps += 1;
             totals.last = Some(Instant::now());
         }
     });
@@ -64,10 +84,18 @@ pub fn mark(name: &'static str) {
                 crate::cuda::synchronize(device);
             }
             let waited = waiting.elapsed().as_secs_f64();
+            let mut launched = 0;
+            if totals.counting {
+                for (op, count) in take_kernels() {
+                    launched += count;
+                    *totals.kernels.entry(op).or_default() += count;
+                }
+            }
             let entry = totals.phases.entry(name).or_default();
             entry.0 += issued;
             entry.1 += waited;
             entry.2 += 1;
+            entry.3 += launched;
             totals.last = Some(Instant::now());
         }
     });
@@ -78,14 +106,35 @@ pub fn report() -> Option<String> {
     PROFILE.with(|p| {
         let totals = p.borrow();
         let totals = totals.as_ref()?;
-        let mut lines =
-            vec!["step profile (ms per occurrence): phase, issue, wait, count".to_string()];
-        for (name, (issued, waited, count)) in &totals.phases {
+        let mut lines = vec![
+            "step profile (ms per occurrence): phase, issue, wait, count, kernels".to_string(),
+        ];
+        for (name, (issued, waited, count, kernels)) in &totals.phases {
             let n = (*count).max(1) as f64;
             lines.push(format!(
-                "  {name}: issue {:.1} ms, wait {:.1} ms, x{count}",
+                "  {name}: issue {:.1} ms, wait {:.1} ms, x{count}, {:.0} kernels",
                 issued * 1e3 / n,
-                waited * 1e3 / n
+                waited * 1e3 / n,
+                *kernels as f64 / n
+            ));
+        }
+        if totals.counting && totals.steps > 0 {
+            let mut top: Vec<(&String, &u64)> = totals.kernels.iter().collect();
+            top.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+            let all: u64 = totals.kernels.values().sum();
+            let steps = totals.steps as f64;
+            lines.push(format!(
+                "kernels per step: {:.0}; the most frequent: {}",
+                all as f64 / steps,
+                top.iter()
+                    .take(16)
+                    .map(|(name, count)| format!(
+                        "{} {:.0}",
+                        name.trim_start_matches("aten::"),
+                        **count as f64 / steps
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ));
         }
         Some(lines.join("\n"))

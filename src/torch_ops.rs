@@ -23,7 +23,7 @@ use crate::cuda::shim::{load_versioned, status_result};
 
 /// The compiled library (see build.rs).
 const LIBRARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libamthal_ops.so"));
-const VERSION: c_int = 2;
+const VERSION: c_int = 3;
 
 type LastErrorFn = unsafe extern "C" fn() -> *const c_char;
 type FusedAdamwFn = unsafe extern "C" fn(
@@ -46,6 +46,9 @@ type MulFn = unsafe extern "C" fn(*const *mut c_void, c_int, f64) -> c_int;
 pub type WeightFn = unsafe extern "C" fn(*const c_void, c_int) -> *mut c_void;
 type RecomputedLinearFn =
     unsafe extern "C" fn(*mut c_void, WeightFn, *const c_void, *mut *mut c_void) -> c_int;
+type ClearGradsFn = unsafe extern "C" fn(*const *mut c_void, c_int) -> c_int;
+type CountStartFn = unsafe extern "C" fn() -> c_int;
+type CountTakeFn = unsafe extern "C" fn(*mut c_char, c_int) -> c_int;
 
 /// Function pointers into the loaded library.
 pub struct Ops {
@@ -54,6 +57,9 @@ pub struct Ops {
     total_norm: TotalNormFn,
     mul: MulFn,
     recomputed_linear: RecomputedLinearFn,
+    clear_grads: ClearGradsFn,
+    count_start: CountStartFn,
+    count_take: CountTakeFn,
 }
 
 /// AdamW's hyper-parameters for one step.
@@ -106,12 +112,53 @@ impl Ops {
                 recomputed_linear: std::mem::transmute::<*mut c_void, RecomputedLinearFn>(symbol(
                     "amthal_recomputed_linear",
                 )?),
+                clear_grads: std::mem::transmute::<*mut c_void, ClearGradsFn>(symbol(
+                    "amthal_clear_grads",
+                )?),
+                count_start: std::mem::transmute::<*mut c_void, CountStartFn>(symbol(
+                    "amthal_ops_count_start",
+                )?),
+                count_take: std::mem::transmute::<*mut c_void, CountTakeFn>(symbol(
+                    "amthal_ops_count_take",
+                )?),
             })
         }
     }
 
     fn check(&self, status: c_int) -> Result<(), String> {
         status_result(status, self.last_error)
+    }
+
+    /// Drops the tensors' gradients (`.grad` becomes undefined), as
+    /// `zero_grad(set_to_none=True)` does.
+    pub fn clear_grads(&self, tensors: &[&Tensor]) -> Result<(), String> {
+        let handles = handles(tensors);
+        // SAFETY: live tensor handles.
+        self.check(unsafe { (self.clear_grads)(handles.as_ptr(), handles.len() as c_int) })
+    }
+
+    /// Starts counting the operators every thread issues (for the step profile).
+    pub fn start_counting_ops(&self) -> Result<(), String> {
+        // SAFETY: no arguments.
+        self.check(unsafe { (self.count_start)() })
+    }
+
+    /// The kernels issued since the last call, by operator name, and resets the
+    /// counts (see csrc/torch_ops.cpp for what counts).
+    pub fn take_op_counts(&self) -> Result<Vec<(String, u64)>, String> {
+        let mut buffer = vec![0u8; 1 << 16];
+        // SAFETY: a writable buffer of the given capacity.
+        self.check(unsafe {
+            (self.count_take)(buffer.as_mut_ptr() as *mut c_char, buffer.len() as c_int)
+        })?;
+        let end = buffer.iter().position(|&b| b == 0).unwrap_or(buffer.len());
+        Ok(String::from_utf8_lossy(&buffer[..end])
+            .lines()
+            .filter_map(|line| {
+                let (name, count) = line.split_once('\t')?;
+                Some((name.to_string(), count.parse().ok()?))
+            })
+            .collect())
     }
 
     /// One AdamW step over every parameter at once, in place. All tensors on one
@@ -248,5 +295,56 @@ mod tests {
         for (after, before) in tensors.iter().zip(&before) {
             assert!(after.equal(&(before * 0.25)));
         }
+    }
+
+    /// Dropped gradients are undefined, and the next backward pass sets them to its
+    /// own gradient (not added to what was there).
+    #[test]
+    fn cleared_gradients_are_dropped() {
+        let ops = ops().expect("the embedded ops library loads");
+        let w = Tensor::from_slice(&[1f32, 2.0, 3.0]).set_requires_grad(true);
+        (&w * 2.0).sum(Kind::Float).backward();
+        assert_eq!(Vec::<f32>::try_from(w.grad()).unwrap(), vec![2.0; 3]);
+        ops.clear_grads(&[&w]).unwrap();
+        assert!(!w.grad().defined());
+        (&w * 5.0).sum(Kind::Float).backward();
+        assert_eq!(Vec::<f32>::try_from(w.grad()).unwrap(), vec![5.0; 3]);
+    }
+
+    /// The counter sees the kernels an expression launches, forward and backward, and
+    /// leaves out views, composite wrappers and the autograd engine's node wrappers.
+    /// (Counts are per process and other tests run beside this one, so the kernels it
+    /// launches are checked as present, and the others as never counted.)
+    #[test]
+    fn op_counts_name_the_kernels() {
+        let ops = ops().expect("the embedded ops library loads");
+        ops.start_counting_ops().unwrap();
+        let _ = ops.take_op_counts().unwrap();
+        let a = Tensor::ones([4, 3], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        let b = Tensor::ones([3, 2], (Kind::Float, tch::Device::Cpu));
+        // matmul (composite) -> mm, which calls resolve_conj (no kernel); transpose and
+        // unsqueeze: views; mul: a kernel.
+        let y = a.matmul(&b).transpose(0, 1).unsqueeze(0) * 3.0;
+        y.sum(Kind::Float).backward();
+        let counts: std::collections::HashMap<String, u64> =
+            ops.take_op_counts().unwrap().into_iter().collect();
+        for kernel in ["aten::mm", "aten::mul", "aten::sum"] {
+            assert!(counts.contains_key(kernel), "{kernel} missing: {counts:?}");
+        }
+        for no_kernel in [
+            "aten::transpose",
+            "aten::unsqueeze",
+            "aten::matmul",
+            "aten::resolve_conj",
+        ] {
+            assert!(
+                !counts.contains_key(no_kernel),
+                "{no_kernel} counted: {counts:?}"
+            );
+        }
+        assert!(
+            !counts.keys().any(|k| k.starts_with("autograd::")),
+            "{counts:?}"
+        );
     }
 }
