@@ -46,17 +46,13 @@ fn build_distributed_nccl_library(libtorch: &Path, target: &Path) {
     let site = libtorch.parent().expect("LIBTORCH has a parent");
     let torch = site.join("torch");
     let nccl_include = site.join("nvidia/nccl/include");
-    for needed in [
-        nccl_include.join("nccl.h"),
-        site.join("nvidia/cu13/include/nv/target"),
-    ] {
-        if !needed.exists() {
-            panic!(
-                "{} is missing: run scripts/setup (it unpacks the headers the NCCL library needs)",
-                needed.display()
-            );
-        }
-    }
+    require(
+        &[
+            nccl_include.join("nccl.h"),
+            site.join("nvidia/cu13/include/nv/target"),
+        ],
+        "the NCCL library",
+    );
     compile_library_with(
         "csrc/distributed.cpp",
         &["-DAMTHAL_WITH_NCCL"],
@@ -122,20 +118,16 @@ fn build_cuda_shim(libtorch: &Path, target: &Path) {
     let torch = site.join("torch");
     let cuda_include = site.join("nvidia/cu13/include");
     let cuda_lib = site.join("nvidia/cu13/lib");
-    for needed in [
-        torch.join("include/c10/cuda/CUDACachingAllocator.h"),
-        torch.join("lib/libc10_cuda.so"),
-        torch.join("lib/libtorch_cuda.so"),
-        cuda_include.join("cuda_runtime_api.h"),
-        cuda_include.join("crt/host_config.h"),
-    ] {
-        if !needed.exists() {
-            panic!(
-                "{} is missing: run scripts/setup (it unpacks the headers the CUDA shim needs)",
-                needed.display()
-            );
-        }
-    }
+    require(
+        &[
+            torch.join("include/c10/cuda/CUDACachingAllocator.h"),
+            torch.join("lib/libc10_cuda.so"),
+            torch.join("lib/libtorch_cuda.so"),
+            cuda_include.join("cuda_runtime_api.h"),
+            cuda_include.join("crt/host_config.h"),
+        ],
+        "the CUDA shim",
+    );
     compile_library(
         "csrc/cuda_shim.cpp",
         &[torch.join("include"), cuda_include],
@@ -149,6 +141,19 @@ fn build_cuda_shim(libtorch: &Path, target: &Path) {
         ],
         target,
     );
+}
+
+/// Stops the build with a pointer to scripts/setup when a file `library` compiles or
+/// links against is not there.
+fn require(files: &[PathBuf], library: &str) {
+    for file in files {
+        if !file.exists() {
+            panic!(
+                "{} is missing: run scripts/setup (it unpacks the files {library} needs)",
+                file.display()
+            );
+        }
+    }
 }
 
 /// Compiles one C++ source of csrc/ into a shared library against the torch wheel's

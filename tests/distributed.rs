@@ -404,17 +404,7 @@ fn what_data_parallelism_cannot_do_yet_is_refused() {
         );
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let output = amthal(&refs);
-        assert_eq!(
-            output.status.code(),
-            Some(2),
-            "{extra:?}: {}",
-            stderr(&output)
-        );
-        assert!(
-            stderr(&output).contains(message),
-            "{extra:?}: {}",
-            stderr(&output)
-        );
+        assert_refused(&output, &format!("{extra:?}"), message);
         assert!(!out.exists(), "{extra:?} left an output folder");
     }
 }

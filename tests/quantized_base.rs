@@ -283,17 +283,7 @@ fn quantize_flags_that_cannot_apply_are_clear_errors() {
         (&["--lora", "--quantize", "nf3"][..], "nf3"),
     ] {
         let output = train(extra);
-        assert_eq!(
-            output.status.code(),
-            Some(2),
-            "{extra:?}: {}",
-            stderr(&output)
-        );
-        assert!(
-            stderr(&output).contains(message),
-            "{extra:?}: {}",
-            stderr(&output)
-        );
+        assert_refused(&output, &format!("{extra:?}"), message);
         assert!(!dir.join("run").exists(), "{extra:?} left an output folder");
     }
 }

@@ -105,6 +105,23 @@ pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
+/// The command was refused as bad input: exit status 2 and `message` in its stderr.
+/// `context` names the case in a failure.
+#[allow(dead_code)] // not every test binary uses every helper
+pub fn assert_refused(output: &Output, context: &str, message: &str) {
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "{context}: {}",
+        stderr(output)
+    );
+    assert!(
+        stderr(output).contains(message),
+        "{context}: expected {message:?} in {}",
+        stderr(output)
+    );
+}
+
 pub fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
