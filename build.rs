@@ -40,6 +40,16 @@ fn main() {
     build_distributed_nccl_library(&libtorch, &out.join("libamthal_dist_nccl.so"));
 }
 
+/// What the CUDA builds (the shim, the NCCL library) link: libtorch's CUDA and CPU
+/// parts and the CUDA runtime, all already in the process when they are loaded.
+const CUDA_LIBRARIES: &[&str] = &[
+    "-ltorch_cuda",
+    "-ltorch_cpu",
+    "-lc10_cuda",
+    "-lc10",
+    "-l:libcudart.so.13",
+];
+
 /// csrc/distributed.cpp with ProcessGroupNCCL (AMTHAL_WITH_NCCL), against libtorch_cuda.
 /// Headers only, as the CUDA shim: a CPU machine builds it, a GPU machine loads it.
 fn build_distributed_nccl_library(libtorch: &Path, target: &Path) {
@@ -65,13 +75,7 @@ fn build_distributed_nccl_library(libtorch: &Path, target: &Path) {
             nccl_include,
         ],
         &[torch.join("lib"), site.join("nvidia/cu13/lib")],
-        &[
-            "-ltorch_cuda",
-            "-ltorch_cpu",
-            "-lc10_cuda",
-            "-lc10",
-            "-l:libcudart.so.13",
-        ],
+        CUDA_LIBRARIES,
         target,
     );
 }
@@ -132,13 +136,7 @@ fn build_cuda_shim(libtorch: &Path, target: &Path) {
         "csrc/cuda_shim.cpp",
         &[torch.join("include"), cuda_include],
         &[torch.join("lib"), cuda_lib],
-        &[
-            "-ltorch_cuda",
-            "-ltorch_cpu",
-            "-lc10_cuda",
-            "-lc10",
-            "-l:libcudart.so.13",
-        ],
+        CUDA_LIBRARIES,
         target,
     );
 }

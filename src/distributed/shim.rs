@@ -154,20 +154,10 @@ impl ProcessGroup {
         })
     }
 
-    /// Sums the tensors across ranks, in place (CPU tensors for Gloo, tensors on the
-    /// group's card for NCCL).
-    pub fn allreduce_sum(&self, tensors: &[&Tensor]) -> Result<(), String> {
-        self.start(tensors, None)?.finish()
-    }
-
-    /// Every rank receives rank `root`'s values of the tensors (devices as above).
-    pub fn broadcast(&self, tensors: &[&Tensor], root: usize) -> Result<(), String> {
-        self.start(tensors, Some(root))?.finish()
-    }
-
-    /// Starts summing (`root` None) or broadcasting the tensors and returns while the
-    /// backend works; the tensors may be read but not written until `finish`. Every
-    /// rank must start the same collectives in the same order.
+    /// Starts summing (`root` None) or broadcasting the tensors (CPU tensors for Gloo,
+    /// tensors on the group's card for NCCL) and returns while the backend works; the
+    /// tensors may be read but not written until `finish`. Every rank must start the
+    /// same collectives in the same order.
     pub fn start(&self, tensors: &[&Tensor], root: Option<usize>) -> Result<InFlight, String> {
         let handles: Vec<*mut c_void> = tensors.iter().map(|t| t.as_ptr() as *mut c_void).collect();
         let root = root.map_or(-1, |r| r as c_int);
@@ -259,9 +249,9 @@ mod tests {
                             .unwrap();
                     let a = Tensor::from_slice(&[1f32, 2.0, 3.0]) * (rank as f64 + 1.0);
                     let b = Tensor::from_slice(&[10f64]) * (rank as f64 + 1.0);
-                    group.allreduce_sum(&[&a, &b]).unwrap();
+                    group.start(&[&a, &b], None).unwrap().finish().unwrap();
                     let c = Tensor::from_slice(&[rank as f32; 4]);
-                    group.broadcast(&[&c], 1).unwrap();
+                    group.start(&[&c], Some(1)).unwrap().finish().unwrap();
                     assert_eq!(Vec::<f32>::try_from(&c).unwrap(), vec![1.0; 4]);
                     group.barrier().unwrap();
                     (

@@ -12,6 +12,9 @@ use anyhow::Result;
 use tch::{Kind, Tensor};
 
 use super::optim::AdamW;
+use super::step::Stages;
+use crate::distributed::{Distributed, Pending};
+use crate::model::Llama;
 
 /// Groups whose sums may be under way at once. Each holds a flat copy of its
 /// gradients (a 7B full fine-tune's layer: ~400 MB in bf16), so starting one more
@@ -19,9 +22,6 @@ use super::optim::AdamW;
 /// layers still overlap the backward pass (under NCCL finishing one only makes the
 /// compute stream wait for it; the host goes on).
 const MAX_IN_FLIGHT: usize = 4;
-use super::step::Stages;
-use crate::distributed::{Distributed, Pending};
-use crate::model::Llama;
 
 pub struct RankSums<'a> {
     group: &'a Distributed,
