@@ -9,6 +9,9 @@
 //! a function in the forward pass and again in the backward pass instead of being kept
 //! for it (a custom autograd function, which tch cannot define): how a 4-bit base model
 //! trains without holding every dequantized projection until the backward pass.
+//! And `lora_linear`: a projection with its LoRA adapter as one autograd node, whose
+//! adapter product is accumulated into the base output by the matmul itself (PEFT's
+//! graph writes a [tokens, out] tensor four times per projection; this, once).
 //!
 //! The library is embedded in the binary and loaded from memory on first use, on the
 //! CPU and on CUDA (it needs only libtorch_cpu). If it cannot be loaded the optimizer
@@ -23,7 +26,7 @@ use crate::cuda::shim::{load_versioned, status_result};
 
 /// The compiled library (see build.rs).
 const LIBRARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libamthal_ops.so"));
-const VERSION: c_int = 3;
+const VERSION: c_int = 4;
 
 type LastErrorFn = unsafe extern "C" fn() -> *const c_char;
 type FusedAdamwFn = unsafe extern "C" fn(
@@ -46,6 +49,16 @@ type MulFn = unsafe extern "C" fn(*const *mut c_void, c_int, f64) -> c_int;
 pub type WeightFn = unsafe extern "C" fn(*const c_void, c_int) -> *mut c_void;
 type RecomputedLinearFn =
     unsafe extern "C" fn(*mut c_void, WeightFn, *const c_void, *mut *mut c_void) -> c_int;
+type LoraLinearFn = unsafe extern "C" fn(
+    *mut c_void,
+    *mut c_void,
+    *mut c_void,
+    *mut c_void,
+    *mut c_void,
+    *mut c_void,
+    f64,
+    *mut *mut c_void,
+) -> c_int;
 type ClearGradsFn = unsafe extern "C" fn(*const *mut c_void, c_int) -> c_int;
 type CountStartFn = unsafe extern "C" fn() -> c_int;
 type CountTakeFn = unsafe extern "C" fn(*mut c_char, c_int) -> c_int;
@@ -57,9 +70,21 @@ pub struct Ops {
     total_norm: TotalNormFn,
     mul: MulFn,
     recomputed_linear: RecomputedLinearFn,
+    lora_linear: LoraLinearFn,
     clear_grads: ClearGradsFn,
     count_start: CountStartFn,
     count_take: CountTakeFn,
+}
+
+/// The tensors of one projection with a LoRA adapter, for `Ops::lora_linear`. W [out, in]
+/// and bias are frozen; A [r, in] and B [out, r] are cast to x's dtype and get their
+/// gradients in their own.
+pub struct LoraProjection<'a> {
+    pub weight: &'a Tensor,
+    pub bias: Option<&'a Tensor>,
+    pub a: &'a Tensor,
+    pub b: &'a Tensor,
+    pub scaling: f64,
 }
 
 /// AdamW's hyper-parameters for one step.
@@ -111,6 +136,9 @@ impl Ops {
                 mul: std::mem::transmute::<*mut c_void, MulFn>(symbol("amthal_foreach_mul")?),
                 recomputed_linear: std::mem::transmute::<*mut c_void, RecomputedLinearFn>(symbol(
                     "amthal_recomputed_linear",
+                )?),
+                lora_linear: std::mem::transmute::<*mut c_void, LoraLinearFn>(symbol(
+                    "amthal_lora_linear",
                 )?),
                 clear_grads: std::mem::transmute::<*mut c_void, ClearGradsFn>(symbol(
                     "amthal_clear_grads",
@@ -241,6 +269,43 @@ impl Ops {
         // SAFETY: a live input handle; `out` receives a new heap tensor on success.
         self.check(unsafe {
             (self.recomputed_linear)(x.as_ptr() as *mut c_void, produce, state, &mut out)
+        })?;
+        // SAFETY: `out` is a `new torch::Tensor` from the C++ side, owned from here on.
+        Ok(unsafe { Tensor::from_ptr(out as *mut torch_sys::C_tensor) })
+    }
+
+    /// A projection with a LoRA adapter as one autograd node:
+    /// `x W^T + bias + scaling * (x_lora A^T) B^T`, where `x_lora` (LoRA's dropout of x)
+    /// is x itself when None. See `LoraProjection` and csrc/torch_ops.cpp.
+    pub fn lora_linear(
+        &self,
+        x: &Tensor,
+        x_lora: Option<&Tensor>,
+        projection: LoraProjection,
+    ) -> Result<Tensor, String> {
+        let LoraProjection {
+            weight,
+            bias,
+            a,
+            b,
+            scaling,
+        } = projection;
+        let handle = |t: &Tensor| t.as_ptr() as *mut c_void;
+        let optional = |t: Option<&Tensor>| t.map_or(std::ptr::null_mut(), handle);
+        let mut out: *mut c_void = std::ptr::null_mut();
+        // SAFETY: live tensor handles (or null where optional); `out` receives a new
+        // heap tensor on success.
+        self.check(unsafe {
+            (self.lora_linear)(
+                handle(x),
+                optional(x_lora),
+                handle(weight),
+                optional(bias),
+                handle(a),
+                handle(b),
+                scaling,
+                &mut out,
+            )
         })?;
         // SAFETY: `out` is a `new torch::Tensor` from the C++ side, owned from here on.
         Ok(unsafe { Tensor::from_ptr(out as *mut torch_sys::C_tensor) })
