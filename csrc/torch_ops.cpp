@@ -26,10 +26,15 @@
 #include <vector>
 
 #include "guarded.h"
+#include "linear_nodes.h"
 
 namespace {
 using amthal::guarded;
 using amthal::last_error;
+using amthal::DenseLinear;
+using amthal::LoraLinear;
+using amthal::RecomputedLinear;
+using amthal::WeightFn;
 
 std::vector<at::Tensor> list(at::Tensor** tensors, int count) {
   std::vector<at::Tensor> out;
@@ -37,107 +42,6 @@ std::vector<at::Tensor> list(at::Tensor** tensors, int count) {
   for (int i = 0; i < count; ++i) out.push_back(*tensors[i]);
   return out;
 }
-
-// Produces a projection's weight [out, in] in the given dtype (a c10::ScalarType as
-// int) from `state`: a fresh heap tensor the caller takes ownership of, or null on
-// failure. amthal passes a Rust function that dequantizes a 4-bit or 8-bit weight.
-using WeightFn = at::Tensor* (*)(const void* state, int dtype);
-
-at::Tensor produce_weight(int64_t weight_fn, int64_t state, at::ScalarType dtype) {
-  auto fn = reinterpret_cast<WeightFn>(weight_fn);
-  at::Tensor* made = fn(reinterpret_cast<const void*>(state), static_cast<int>(dtype));
-  if (made == nullptr) throw std::runtime_error("could not produce a quantized weight");
-  at::Tensor weight = std::move(*made);
-  delete made;
-  return weight;
-}
-
-// y = x W^T where W is produced by a function in the forward pass and produced again in
-// the backward pass, never saved: autograd keeps nothing of the weight (bitsandbytes'
-// MatMul4Bit does the same), so a 4-bit model's backward holds one dequantized
-// projection at a time instead of every one the forward pass used. W is frozen: only
-// x gets a gradient.
-struct RecomputedLinear : public torch::autograd::Function<RecomputedLinear> {
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
-                            int64_t weight_fn, int64_t state) {
-    ctx->saved_data["weight_fn"] = weight_fn;
-    ctx->saved_data["state"] = state;
-    ctx->saved_data["dtype"] = static_cast<int64_t>(x.scalar_type());
-    return at::linear(x, produce_weight(weight_fn, state, x.scalar_type()));
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
-    at::Tensor weight = produce_weight(ctx->saved_data["weight_fn"].toInt(),
-                                       ctx->saved_data["state"].toInt(), dtype);
-    return {grads[0].to(dtype).matmul(weight), at::Tensor(), at::Tensor()};
-  }
-};
-// y = x W^T (+ bias) + scaling * (x_lora A^T) B^T: a projection with a LoRA adapter
-// as one autograd node instead of ~10 (PEFT's Linear: base, two matmuls, a scale and an
-// add; the backward pass as many again, plus the sum of x's two gradients). The
-// adapter's product is accumulated into the base output by the second matmul itself
-// (addmm_ with alpha = scaling), and its input gradient into the base's (addmm_), so
-// no [tokens, out] or [tokens, in] tensor is written twice; the scale lands on the
-// [tokens, r] products. Same FLOPs as autograd's graph, fewer passes over memory and
-// fewer kernels (what the CPU step and the GPU launch count both spend time on).
-// W and bias are frozen (no gradient); A [r, in] and B [out, r] may be f32 while x is
-// bf16: they are cast as autocast would, and their gradients come back in their dtype.
-// `x_lora` is x after LoRA's dropout, or x itself when `same_input` (no dropout): then
-// x gets one gradient holding both terms.
-struct LoraLinear : public torch::autograd::Function<LoraLinear> {
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
-                            const at::Tensor& x_lora, const at::Tensor& weight,
-                            const std::optional<at::Tensor>& bias, const at::Tensor& a,
-                            const at::Tensor& b,
-                            double scaling, bool same_input) {
-    auto dtype = x.scalar_type();
-    int64_t in = weight.size(1), out = weight.size(0);
-    at::Tensor x2 = x.reshape({-1, in});
-    at::Tensor xl2 = same_input ? x2 : x_lora.reshape({-1, in});
-    at::Tensor a_c = a.to(dtype), b_c = b.to(dtype);
-    at::Tensor y = bias ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t());
-    at::Tensor xa = at::mm(xl2, a_c.t());
-    y.addmm_(xa, b_c.t(), /*beta=*/1, /*alpha=*/scaling);
-    ctx->save_for_backward({xl2, xa, weight, a_c, b_c});
-    ctx->saved_data["scaling"] = scaling;
-    ctx->saved_data["same_input"] = same_input;
-    ctx->saved_data["a_dtype"] = static_cast<int64_t>(a.scalar_type());
-    ctx->saved_data["b_dtype"] = static_cast<int64_t>(b.scalar_type());
-    auto shape = x.sizes().vec();
-    shape.back() = out;
-    return y.view(shape);
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    auto saved = ctx->get_saved_variables();
-    const at::Tensor &xl2 = saved[0], &xa = saved[1], &weight = saved[2], &a_c = saved[3],
-                     &b_c = saved[4];
-    double scaling = ctx->saved_data["scaling"].toDouble();
-    bool same_input = ctx->saved_data["same_input"].toBool();
-    auto a_dtype = static_cast<at::ScalarType>(ctx->saved_data["a_dtype"].toInt());
-    auto b_dtype = static_cast<at::ScalarType>(ctx->saved_data["b_dtype"].toInt());
-    int64_t in = weight.size(1), out = weight.size(0);
-    at::Tensor g = grads[0].reshape({-1, out}).to(xa.scalar_type());
-    // scaling * g B: the gradient of x_lora A^T, [tokens, r].
-    at::Tensor gb = at::mm(g, b_c).mul_(scaling);
-    at::Tensor grad_b = at::mm(g.t(), xa).mul_(scaling).to(b_dtype);
-    at::Tensor grad_a = at::mm(gb.t(), xl2).to(a_dtype);
-    auto shape = grads[0].sizes().vec();
-    shape.back() = in;
-    at::Tensor grad_x, grad_x_lora;
-    if (ctx->needs_input_grad(0)) {
-      grad_x = at::mm(g, weight);
-      if (same_input) grad_x.addmm_(gb, a_c);
-      grad_x = grad_x.view(shape);
-    }
-    if (!same_input && ctx->needs_input_grad(1)) grad_x_lora = at::mm(gb, a_c).view(shape);
-    return {grad_x, grad_x_lora, at::Tensor(), at::Tensor(), grad_a, grad_b,
-            at::Tensor(), at::Tensor()};
-  }
-};
 
 // Counts the kernels a step issues (AMTHAL_PROFILE_STEP, src/profile.rs): a global
 // RecordFunction callback sees every dispatcher call, forward and backward, nested
@@ -206,7 +110,7 @@ void on_op_end(const at::RecordFunction&, at::ObserverContext*) {
 extern "C" {
 
 // Bumped when a signature changes; src/torch_ops.rs checks it.
-int amthal_ops_version() { return 4; }
+int amthal_ops_version() { return 5; }
 
 const char* amthal_ops_last_error() { return last_error.c_str(); }
 
@@ -266,6 +170,24 @@ int amthal_lora_linear(at::Tensor* x, at::Tensor* x_lora, at::Tensor* weight,
                                      scaling, same_input);
     *out = new at::Tensor(std::move(y));
   });
+}
+
+// DenseLinear (linear_nodes.h): x W^T (+ bias, which may be null). The result, a new
+// tensor, goes to `*out`.
+int amthal_dense_linear(at::Tensor* x, at::Tensor* weight, at::Tensor* bias,
+                        at::Tensor** out) {
+  return guarded([&] {
+    at::Tensor y = DenseLinear::apply(*x, *weight,
+                                      bias == nullptr ? std::nullopt : std::optional(*bias));
+    *out = new at::Tensor(std::move(y));
+  });
+}
+
+// Whether f32 CPU products go through oneDNN (1, the default) or MKL (0); returns 0
+// when oneDNN is not in this libtorch (the choice is then MKL whatever was asked).
+int amthal_set_cpu_matmul(int onednn) {
+  amthal::cpu_matmul_onednn.store(onednn != 0);
+  return amthal::onednn_linear() != nullptr ? 1 : 0;
 }
 
 // Drops the gradients of `count` tensors (optimizer.zero_grad(set_to_none=True), torch's

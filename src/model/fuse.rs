@@ -12,7 +12,7 @@
 
 use tch::Tensor;
 
-use super::linear::{Linear, Weight};
+use super::linear::{Linear, Weight, dense_linear};
 use super::llama::Llama;
 
 /// Several projections' weights (and biases) stacked along the output dimension.
@@ -81,7 +81,7 @@ impl Fused {
 
     /// The parts' outputs for input `x` from one matmul: views along the last dimension.
     pub fn forward(&self, x: &Tensor) -> Vec<Tensor> {
-        let all = x.linear(&self.weight, self.bias.as_ref());
+        let all = dense_linear(x, &self.weight, self.bias.as_ref());
         let mut start = 0;
         self.rows
             .iter()

@@ -1,5 +1,7 @@
 //! A linear projection with an optional LoRA adapter beside it; its weight dense or
-//! quantized (`--quantize`).
+//! quantized (`--quantize`). Dense projections run through the ops library's autograd
+//! nodes (csrc/linear_nodes.h): with an adapter, one node for base and adapter; f32 on
+//! the CPU, oneDNN's matmul instead of MKL's.
 
 use std::ffi::{c_int, c_void};
 
@@ -65,6 +67,20 @@ impl QuantizedWeight {
         unsafe { ops.recomputed_linear(x, dequantize_for_ops, state) }
             .unwrap_or_else(|message| panic!("quantized projection: {message}"))
     }
+}
+
+/// `x W^T + bias` for a dense weight: f32 on the CPU through the ops library's node
+/// (oneDNN's matmul, see `crate::torch_ops`), anything else through libtorch's linear.
+pub fn dense_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Tensor {
+    if x.device() == tch::Device::Cpu
+        && x.kind() == Kind::Float
+        && let Some(ops) = ops()
+    {
+        return ops
+            .dense_linear(x, weight, bias)
+            .unwrap_or_else(|message| panic!("projection: {message}"));
+    }
+    x.linear(weight, bias)
 }
 
 /// How many times a quantized projection has been dequantized for a matmul on this
@@ -141,7 +157,7 @@ impl Linear {
     /// against).
     pub fn forward_unfused(&self, x: &Tensor, train: bool) -> Tensor {
         let y = match &self.weight {
-            Weight::Dense(w) => x.linear(w, self.bias.as_ref()),
+            Weight::Dense(w) => dense_linear(x, w, self.bias.as_ref()),
             Weight::Quantized(q) => match &self.bias {
                 Some(bias) => q.linear(x) + bias,
                 None => q.linear(x),
@@ -272,6 +288,40 @@ mod tests {
                 };
                 assert!(max_relative_difference(&undropped[0], &fused[0]) > 1e-3);
             }
+        }
+    }
+
+    /// `dense_linear` (the ops library's node: oneDNN's f32 matmul on the CPU) gives
+    /// libtorch's linear, forward and backward, to within f32 rounding: output and the
+    /// gradients of x, W and the bias, on a [B, T, in] input.
+    #[test]
+    fn dense_node_matches_libtorch_linear() {
+        tch::manual_seed(3);
+        let options = (Kind::Float, Device::Cpu);
+        let x = Tensor::randn([2, 9, 40], options);
+        let weight = Tensor::randn([70, 40], options);
+        let bias = Tensor::randn([70], options);
+        let probe = Tensor::randn([2, 9, 70], options);
+        let run = |fused: bool| {
+            let [x, weight, bias] =
+                [&x, &weight, &bias].map(|t| t.detach().set_requires_grad(true));
+            let y = if fused {
+                dense_linear(&x, &weight, Some(&bias))
+            } else {
+                x.linear(&weight, Some(&bias))
+            };
+            (&y * &probe).sum(Kind::Float).backward();
+            [y.detach(), x.grad(), weight.grad(), bias.grad()]
+        };
+        let (node, reference) = (run(true), run(false));
+        for (name, (a, b)) in ["y", "x.grad", "W.grad", "bias.grad"]
+            .iter()
+            .zip(node.iter().zip(&reference))
+        {
+            assert_eq!(a.size(), b.size(), "{name}");
+            let scale = b.abs().max().double_value(&[]);
+            let difference = (a - b).abs().max().double_value(&[]) / scale;
+            assert!(difference < 1e-6, "{name} differs by {difference}");
         }
     }
 }

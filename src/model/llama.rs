@@ -10,7 +10,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::config::LlamaConfig;
 use super::fuse::Fused;
-use super::linear::Linear;
+use super::linear::{Linear, dense_linear};
 use super::quantized::Quantization;
 use super::rope::{Rope, apply_rotary};
 
@@ -421,7 +421,7 @@ impl Llama {
     /// Logits for hidden states [..., hidden] -> [..., vocab].
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        hidden.linear::<&Tensor>(head, None)
+        dense_linear(hidden, head, None)
     }
 
     /// Logits for every position, [B, T, vocab] (tests and small batches).

@@ -1,0 +1,189 @@
+// The autograd nodes amthal's projections run through (included by torch_ops.cpp):
+// a frozen weight recomputed in the backward pass (4-bit bases), a projection with its
+// LoRA adapter in one node, and a plain projection whose f32 CPU products go through
+// oneDNN. tch cannot define autograd functions, hence C++.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
+
+#include <atomic>
+#include <optional>
+#include <stdexcept>
+
+namespace amthal {
+
+// Whether f32 products on the CPU go through oneDNN (set by amthal_set_cpu_matmul).
+// On by default: measured on a 2-core AMD EPYC (Zen 4, AVX-512), oneDNN's f32 matmul
+// ran the shapes of SmolLM2's projections at ~190 GFLOP/s where MKL, which
+// at::mm uses for f32 and which takes a generic path on AMD CPUs, ran them at
+// ~100-150 (the 49152-wide lm_head: 96 vs 151). PyTorch already sends bf16 CPU
+// matmuls to oneDNN; this does the same for f32 through the operator it registers for
+// Inductor (mkldnn::_linear_pointwise). Results differ from MKL's by rounding only
+// (~1e-6 relative).
+inline std::atomic<bool> cpu_matmul_onednn{true};
+
+// mkldnn::_linear_pointwise(X, W, B?, attr, scalars, algorithm): X W^T + B through
+// oneDNN; null if this libtorch was built without it.
+inline const c10::OperatorHandle* onednn_linear() {
+  static const std::optional<c10::OperatorHandle> op =
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+  return op ? &*op : nullptr;
+}
+
+// a b^T (+ bias) for 2-D a [m, k] and b [n, k] (b may be a transposed view): through
+// oneDNN for f32 CPU tensors when it is on and available, else at::mm / at::addmm.
+inline at::Tensor matmul_nt(const at::Tensor& a, const at::Tensor& b,
+                            const std::optional<at::Tensor>& bias) {
+  const c10::OperatorHandle* op = onednn_linear();
+  if (op != nullptr && cpu_matmul_onednn.load(std::memory_order_relaxed) &&
+      a.device().is_cpu() && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
+      a.size(0) > 0) {
+    torch::jit::Stack stack{a, b, bias ? c10::IValue(*bias) : c10::IValue(),
+                            c10::IValue(std::string("none")),
+                            c10::IValue(c10::List<std::optional<at::Scalar>>()),
+                            c10::IValue()};
+    op->callBoxed(stack);
+    return stack[0].toTensor();
+  }
+  return bias ? at::addmm(*bias, a, b.t()) : at::mm(a, b.t());
+}
+
+// Produces a projection's weight [out, in] in the given dtype (a c10::ScalarType as
+// int) from `state`: a fresh heap tensor the caller takes ownership of, or null on
+// failure. amthal passes a Rust function that dequantizes a 4-bit or 8-bit weight.
+using WeightFn = at::Tensor* (*)(const void* state, int dtype);
+
+inline at::Tensor produce_weight(int64_t weight_fn, int64_t state, at::ScalarType dtype) {
+  auto fn = reinterpret_cast<WeightFn>(weight_fn);
+  at::Tensor* made = fn(reinterpret_cast<const void*>(state), static_cast<int>(dtype));
+  if (made == nullptr) throw std::runtime_error("could not produce a quantized weight");
+  at::Tensor weight = std::move(*made);
+  delete made;
+  return weight;
+}
+
+// y = x W^T where W is produced by a function in the forward pass and produced again in
+// the backward pass, never saved: autograd keeps nothing of the weight (bitsandbytes'
+// MatMul4Bit does the same), so a 4-bit model's backward holds one dequantized
+// projection at a time instead of every one the forward pass used. W is frozen: only
+// x gets a gradient.
+struct RecomputedLinear : public torch::autograd::Function<RecomputedLinear> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            int64_t weight_fn, int64_t state) {
+    ctx->saved_data["weight_fn"] = weight_fn;
+    ctx->saved_data["state"] = state;
+    ctx->saved_data["dtype"] = static_cast<int64_t>(x.scalar_type());
+    return at::linear(x, produce_weight(weight_fn, state, x.scalar_type()));
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
+    at::Tensor weight = produce_weight(ctx->saved_data["weight_fn"].toInt(),
+                                       ctx->saved_data["state"].toInt(), dtype);
+    return {grads[0].to(dtype).matmul(weight), at::Tensor(), at::Tensor()};
+  }
+};
+
+// y = x W^T (+ bias) + scaling * (x_lora A^T) B^T: a projection with a LoRA adapter
+// as one autograd node instead of ~10 (PEFT's Linear: base, two matmuls, a scale and an
+// add; the backward pass as many again, plus the sum of x's two gradients). The
+// adapter's product is accumulated into the base output by the second matmul itself
+// (addmm_ with alpha = scaling), and its input gradient into the base's (addmm_), so
+// no [tokens, out] or [tokens, in] tensor is written twice; the scale lands on the
+// [tokens, r] products. Same FLOPs as autograd's graph, fewer passes over memory and
+// fewer kernels (what the CPU step and the GPU launch count both spend time on).
+// W and bias are frozen (no gradient); A [r, in] and B [out, r] may be f32 while x is
+// bf16: they are cast as autocast would, and their gradients come back in their dtype.
+// `x_lora` is x after LoRA's dropout, or x itself when `same_input` (no dropout): then
+// x gets one gradient holding both terms.
+struct LoraLinear : public torch::autograd::Function<LoraLinear> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            const at::Tensor& x_lora, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& a,
+                            const at::Tensor& b,
+                            double scaling, bool same_input) {
+    auto dtype = x.scalar_type();
+    int64_t in = weight.size(1), out = weight.size(0);
+    at::Tensor x2 = x.reshape({-1, in});
+    at::Tensor xl2 = same_input ? x2 : x_lora.reshape({-1, in});
+    at::Tensor a_c = a.to(dtype), b_c = b.to(dtype);
+    at::Tensor y = matmul_nt(x2, weight, bias);
+    at::Tensor xa = at::mm(xl2, a_c.t());
+    y.addmm_(xa, b_c.t(), /*beta=*/1, /*alpha=*/scaling);
+    ctx->save_for_backward({xl2, xa, weight, a_c, b_c});
+    ctx->saved_data["scaling"] = scaling;
+    ctx->saved_data["same_input"] = same_input;
+    ctx->saved_data["a_dtype"] = static_cast<int64_t>(a.scalar_type());
+    ctx->saved_data["b_dtype"] = static_cast<int64_t>(b.scalar_type());
+    auto shape = x.sizes().vec();
+    shape.back() = out;
+    return y.view(shape);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor &xl2 = saved[0], &xa = saved[1], &weight = saved[2], &a_c = saved[3],
+                     &b_c = saved[4];
+    double scaling = ctx->saved_data["scaling"].toDouble();
+    bool same_input = ctx->saved_data["same_input"].toBool();
+    auto a_dtype = static_cast<at::ScalarType>(ctx->saved_data["a_dtype"].toInt());
+    auto b_dtype = static_cast<at::ScalarType>(ctx->saved_data["b_dtype"].toInt());
+    int64_t in = weight.size(1), out = weight.size(0);
+    at::Tensor g = grads[0].reshape({-1, out}).to(xa.scalar_type());
+    // scaling * g B: the gradient of x_lora A^T, [tokens, r].
+    at::Tensor gb = at::mm(g, b_c).mul_(scaling);
+    at::Tensor grad_b = at::mm(g.t(), xa).mul_(scaling).to(b_dtype);
+    at::Tensor grad_a = at::mm(gb.t(), xl2).to(a_dtype);
+    auto shape = grads[0].sizes().vec();
+    shape.back() = in;
+    at::Tensor grad_x, grad_x_lora;
+    if (ctx->needs_input_grad(0)) {
+      grad_x = matmul_nt(g, weight.t(), std::nullopt);
+      if (same_input) grad_x.addmm_(gb, a_c);
+      grad_x = grad_x.view(shape);
+    }
+    if (!same_input && ctx->needs_input_grad(1)) grad_x_lora = at::mm(gb, a_c).view(shape);
+    return {grad_x, grad_x_lora, at::Tensor(), at::Tensor(), grad_a, grad_b,
+            at::Tensor(), at::Tensor()};
+  }
+};
+
+
+// y = x W^T (+ bias) with its products through matmul_nt (oneDNN for f32 on the CPU):
+// autograd's linear otherwise. W and bias get gradients when they require them (a
+// full fine-tune; lm_head tied to the embedding).
+struct DenseLinear : public torch::autograd::Function<DenseLinear> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+    int64_t in = weight.size(1), out = weight.size(0);
+    at::Tensor x2 = x.reshape({-1, in});
+    ctx->save_for_backward({x2, weight});
+    ctx->saved_data["has_bias"] = bias.has_value();
+    auto shape = x.sizes().vec();
+    shape.back() = out;
+    return matmul_nt(x2, weight, bias).view(shape);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor &x2 = saved[0], &weight = saved[1];
+    int64_t in = weight.size(1), out = weight.size(0);
+    at::Tensor g = grads[0].reshape({-1, out});
+    at::Tensor grad_x, grad_weight, grad_bias;
+    if (ctx->needs_input_grad(0)) {
+      auto shape = grads[0].sizes().vec();
+      shape.back() = in;
+      grad_x = matmul_nt(g, weight.t(), std::nullopt).view(shape);
+    }
+    if (ctx->needs_input_grad(1)) grad_weight = matmul_nt(g.t(), x2.t(), std::nullopt);
+    if (ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2)) grad_bias = g.sum(0);
+    return {grad_x, grad_weight, grad_bias};
+  }
+};
+
+}  // namespace amthal
