@@ -161,7 +161,9 @@ struct DenseLinear : public torch::autograd::Function<DenseLinear> {
                             const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
     int64_t in = weight.size(1), out = weight.size(0);
     at::Tensor x2 = x.reshape({-1, in});
-    ctx->save_for_backward({x2, weight});
+    // x is needed only for W's gradient: a frozen projection keeps nothing of it (as
+    // autograd's mm, which saves an input only for the other's gradient).
+    ctx->save_for_backward({weight.requires_grad() ? x2 : at::Tensor(), weight});
     ctx->saved_data["has_bias"] = bias.has_value();
     auto shape = x.sizes().vec();
     shape.back() = out;

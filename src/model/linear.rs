@@ -293,7 +293,8 @@ mod tests {
 
     /// `dense_linear` (the ops library's node: oneDNN's f32 matmul on the CPU) gives
     /// libtorch's linear, forward and backward, to within f32 rounding: output and the
-    /// gradients of x, W and the bias, on a [B, T, in] input.
+    /// gradients of x, W and the bias on a [B, T, in] input, and of x alone when W and
+    /// the bias are frozen.
     #[test]
     fn dense_node_matches_libtorch_linear() {
         tch::manual_seed(3);
@@ -302,26 +303,38 @@ mod tests {
         let weight = Tensor::randn([70, 40], options);
         let bias = Tensor::randn([70], options);
         let probe = Tensor::randn([2, 9, 70], options);
-        let run = |fused: bool| {
-            let [x, weight, bias] =
-                [&x, &weight, &bias].map(|t| t.detach().set_requires_grad(true));
-            let y = if fused {
-                dense_linear(&x, &weight, Some(&bias))
-            } else {
-                x.linear(&weight, Some(&bias))
+        for train_weight in [true, false] {
+            let run = |fused: bool| {
+                let x = x.detach().set_requires_grad(true);
+                let [weight, bias] =
+                    [&weight, &bias].map(|t| t.detach().set_requires_grad(train_weight));
+                let y = if fused {
+                    dense_linear(&x, &weight, Some(&bias))
+                } else {
+                    x.linear(&weight, Some(&bias))
+                };
+                (&y * &probe).sum(Kind::Float).backward();
+                let mut out = vec![y.detach(), x.grad()];
+                if train_weight {
+                    out.extend([weight.grad(), bias.grad()]);
+                } else {
+                    assert!(!weight.grad().defined() && !bias.grad().defined());
+                }
+                out
             };
-            (&y * &probe).sum(Kind::Float).backward();
-            [y.detach(), x.grad(), weight.grad(), bias.grad()]
-        };
-        let (node, reference) = (run(true), run(false));
-        for (name, (a, b)) in ["y", "x.grad", "W.grad", "bias.grad"]
-            .iter()
-            .zip(node.iter().zip(&reference))
-        {
-            assert_eq!(a.size(), b.size(), "{name}");
-            let scale = b.abs().max().double_value(&[]);
-            let difference = (a - b).abs().max().double_value(&[]) / scale;
-            assert!(difference < 1e-6, "{name} differs by {difference}");
+            let (node, reference) = (run(true), run(false));
+            for (name, (a, b)) in ["y", "x.grad", "W.grad", "bias.grad"]
+                .iter()
+                .zip(node.iter().zip(&reference))
+            {
+                assert_eq!(a.size(), b.size(), "{name}");
+                let scale = b.abs().max().double_value(&[]);
+                let difference = (a - b).abs().max().double_value(&[]) / scale;
+                assert!(
+                    difference < 1e-6,
+                    "{name} (trained W: {train_weight}) differs by {difference}"
+                );
+            }
         }
     }
 }
