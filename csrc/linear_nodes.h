@@ -93,8 +93,8 @@ struct RecomputedLinear : public torch::autograd::Function<RecomputedLinear> {
 // adapter's product is accumulated into the base output by the second matmul itself
 // (addmm_ with alpha = scaling), and its input gradient into the base's (addmm_), so
 // no [tokens, out] or [tokens, in] tensor is written twice; the scale lands on the
-// [tokens, r] products. Same FLOPs as autograd's graph, fewer passes over memory and
-// fewer kernels (what the CPU step and the GPU launch count both spend time on).
+// [tokens, r] products. Same FLOPs as autograd's graph and fewer passes over memory;
+// not fewer kernels per step as counted by AMTHAL_PROFILE_STEP (README, "Training").
 // W and bias are frozen (no gradient); A [r, in] and B [out, r] may be f32 while x is
 // bf16: they are cast as autocast would, and their gradients come back in their dtype.
 // `x_lora` is x after LoRA's dropout, or x itself when `same_input` (no dropout): then
@@ -151,7 +151,6 @@ struct LoraLinear : public torch::autograd::Function<LoraLinear> {
             at::Tensor(), at::Tensor()};
   }
 };
-
 
 // y = x W^T (+ bias) with its products through matmul_nt (oneDNN for f32 on the CPU):
 // autograd's linear otherwise. W and bias get gradients when they require them (a
