@@ -116,9 +116,19 @@ pub fn ops() -> Option<&'static Ops> {
     .as_ref()
 }
 
+/// tch's handle as the C++ side's `torch::Tensor*`.
+fn handle(tensor: &Tensor) -> *mut c_void {
+    tensor.as_ptr() as *mut c_void
+}
+
+/// `handle`, or null for an absent tensor.
+fn optional_handle(tensor: Option<&Tensor>) -> *mut c_void {
+    tensor.map_or(std::ptr::null_mut(), handle)
+}
+
 /// tch's handles as the C++ side's `torch::Tensor*` array.
 fn handles(tensors: &[&Tensor]) -> Vec<*mut c_void> {
-    tensors.iter().map(|t| t.as_ptr() as *mut c_void).collect()
+    tensors.iter().map(|t| handle(t)).collect()
 }
 
 impl Ops {
@@ -172,6 +182,18 @@ impl Ops {
 
     fn check(&self, status: c_int) -> Result<(), String> {
         status_result(status, self.last_error)
+    }
+
+    /// Runs a C call that hands back a new `torch::Tensor*` through its out pointer, and
+    /// owns that tensor from then on.
+    fn returned_tensor(
+        &self,
+        call: impl FnOnce(*mut *mut c_void) -> c_int,
+    ) -> Result<Tensor, String> {
+        let mut out: *mut c_void = std::ptr::null_mut();
+        self.check(call(&mut out))?;
+        // SAFETY: on success `out` is a `new torch::Tensor` from the C++ side.
+        Ok(unsafe { Tensor::from_ptr(out as *mut torch_sys::C_tensor) })
     }
 
     /// Drops the tensors' gradients (`.grad` becomes undefined), as
@@ -282,13 +304,10 @@ impl Ops {
         produce: WeightFn,
         state: *const c_void,
     ) -> Result<Tensor, String> {
-        let mut out: *mut c_void = std::ptr::null_mut();
         // SAFETY: a live input handle; `out` receives a new heap tensor on success.
-        self.check(unsafe {
-            (self.recomputed_linear)(x.as_ptr() as *mut c_void, produce, state, &mut out)
-        })?;
-        // SAFETY: `out` is a `new torch::Tensor` from the C++ side, owned from here on.
-        Ok(unsafe { Tensor::from_ptr(out as *mut torch_sys::C_tensor) })
+        self.returned_tensor(|out| unsafe {
+            (self.recomputed_linear)(handle(x), produce, state, out)
+        })
     }
 
     /// `x W^T + bias` as one autograd node whose f32 CPU products go through oneDNN
@@ -299,25 +318,16 @@ impl Ops {
         weight: &Tensor,
         bias: Option<&Tensor>,
     ) -> Result<Tensor, String> {
-        let mut out: *mut c_void = std::ptr::null_mut();
-        let bias = bias.map_or(std::ptr::null_mut(), |b| b.as_ptr() as *mut c_void);
         // SAFETY: live tensor handles (bias null when absent); `out` receives a new heap
         // tensor on success.
-        self.check(unsafe {
-            (self.dense_linear)(
-                x.as_ptr() as *mut c_void,
-                weight.as_ptr() as *mut c_void,
-                bias,
-                &mut out,
-            )
-        })?;
-        // SAFETY: `out` is a `new torch::Tensor` from the C++ side, owned from here on.
-        Ok(unsafe { Tensor::from_ptr(out as *mut torch_sys::C_tensor) })
+        self.returned_tensor(|out| unsafe {
+            (self.dense_linear)(handle(x), handle(weight), optional_handle(bias), out)
+        })
     }
 
     /// A projection with a LoRA adapter as one autograd node:
     /// `x W^T + bias + scaling * (x_lora A^T) B^T`, where `x_lora` (LoRA's dropout of x)
-    /// is x itself when None. See `LoraProjection` and csrc/torch_ops.cpp.
+    /// is x itself when None. See `LoraProjection` and csrc/linear_nodes.h.
     pub fn lora_linear(
         &self,
         x: &Tensor,
@@ -331,25 +341,20 @@ impl Ops {
             b,
             scaling,
         } = projection;
-        let handle = |t: &Tensor| t.as_ptr() as *mut c_void;
-        let optional = |t: Option<&Tensor>| t.map_or(std::ptr::null_mut(), handle);
-        let mut out: *mut c_void = std::ptr::null_mut();
         // SAFETY: live tensor handles (or null where optional); `out` receives a new
         // heap tensor on success.
-        self.check(unsafe {
+        self.returned_tensor(|out| unsafe {
             (self.lora_linear)(
                 handle(x),
-                optional(x_lora),
+                optional_handle(x_lora),
                 handle(weight),
-                optional(bias),
+                optional_handle(bias),
                 handle(a),
                 handle(b),
                 scaling,
-                &mut out,
+                out,
             )
-        })?;
-        // SAFETY: `out` is a `new torch::Tensor` from the C++ side, owned from here on.
-        Ok(unsafe { Tensor::from_ptr(out as *mut torch_sys::C_tensor) })
+        })
     }
 }
 
