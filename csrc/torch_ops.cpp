@@ -110,7 +110,7 @@ void on_op_end(const at::RecordFunction&, at::ObserverContext*) {
 extern "C" {
 
 // Bumped when a signature changes; src/torch_ops.rs checks it.
-int amthal_ops_version() { return 5; }
+int amthal_ops_version() { return 6; }
 
 const char* amthal_ops_last_error() { return last_error.c_str(); }
 
@@ -197,6 +197,14 @@ int amthal_clear_grads(at::Tensor** tensors, int count) {
   return guarded([&] {
     for (int i = 0; i < count; ++i) tensors[i]->mutable_grad().reset();
   });
+}
+
+// dst.copy_(src, non_blocking=true): a copy between pinned host memory and a CUDA
+// device that the host does not wait for (ordered on the current stream like a kernel;
+// tch's copy_ always waits). `--offload-optimizer` writes updated state back to host
+// memory this way; whoever reads that memory on the host synchronizes first.
+int amthal_copy_async(at::Tensor* dst, at::Tensor* src) {
+  return guarded([&] { dst->copy_(*src, /*non_blocking=*/true); });
 }
 
 // Starts counting operators in every thread (once per process; later calls do nothing).

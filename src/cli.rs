@@ -616,6 +616,11 @@ pub struct TrainArgs {
     /// --gradient-checkpointing; clipping or --fp16 costs a second backward pass.
     #[arg(long, visible_alias = "optim_in_backward")]
     pub optim_in_backward: bool,
+    /// Keep the optimizer state (moments, master weights, compensation) in host memory
+    /// and copy it to the GPU a chunk at a time for each update (DeepSpeed's
+    /// offload_optimizer): same results, the state off the card, bus traffic per step.
+    #[arg(long, visible_alias = "offload_optimizer")]
+    pub offload_optimizer: bool,
     /// Padding-free batches: a micro-batch's examples packed into one row with
     /// per-document positions and attention (TRL's padding_free).
     #[arg(long, visible_alias = "padding_free")]

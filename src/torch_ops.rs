@@ -26,7 +26,7 @@ use crate::cuda::shim::{load_versioned, status_result};
 
 /// The compiled library (see build.rs).
 const LIBRARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libamthal_ops.so"));
-const VERSION: c_int = 5;
+const VERSION: c_int = 6;
 
 type LastErrorFn = unsafe extern "C" fn() -> *const c_char;
 type FusedAdamwFn = unsafe extern "C" fn(
@@ -63,6 +63,7 @@ type DenseLinearFn =
     unsafe extern "C" fn(*mut c_void, *mut c_void, *mut c_void, *mut *mut c_void) -> c_int;
 type SetCpuMatmulFn = unsafe extern "C" fn(c_int) -> c_int;
 type ClearGradsFn = unsafe extern "C" fn(*const *mut c_void, c_int) -> c_int;
+type CopyAsyncFn = unsafe extern "C" fn(*mut c_void, *mut c_void) -> c_int;
 type CountStartFn = unsafe extern "C" fn() -> c_int;
 type CountTakeFn = unsafe extern "C" fn(*mut c_char, c_int) -> c_int;
 
@@ -76,6 +77,7 @@ pub struct Ops {
     lora_linear: LoraLinearFn,
     dense_linear: DenseLinearFn,
     clear_grads: ClearGradsFn,
+    copy_async: CopyAsyncFn,
     count_start: CountStartFn,
     count_take: CountTakeFn,
 }
@@ -170,6 +172,9 @@ impl Ops {
                 clear_grads: std::mem::transmute::<*mut c_void, ClearGradsFn>(symbol(
                     "amthal_clear_grads",
                 )?),
+                copy_async: std::mem::transmute::<*mut c_void, CopyAsyncFn>(symbol(
+                    "amthal_copy_async",
+                )?),
                 count_start: std::mem::transmute::<*mut c_void, CountStartFn>(symbol(
                     "amthal_ops_count_start",
                 )?),
@@ -202,6 +207,14 @@ impl Ops {
         let handles = handles(tensors);
         // SAFETY: live tensor handles.
         self.check(unsafe { (self.clear_grads)(handles.as_ptr(), handles.len() as c_int) })
+    }
+
+    /// `dst.copy_(src, non_blocking=true)`: between pinned host memory and a CUDA device
+    /// the host does not wait for the copy (tch's `copy_` does). Reading `dst` on the
+    /// host afterwards needs a synchronization first.
+    pub fn copy_async(&self, dst: &Tensor, src: &Tensor) -> Result<(), String> {
+        // SAFETY: live tensor handles.
+        self.check(unsafe { (self.copy_async)(handle(dst), handle(src)) })
     }
 
     /// Starts counting the operators every thread issues (for the step profile).

@@ -301,3 +301,54 @@ fn an_in_backward_packed_run_resumes_exactly() {
         );
     }
 }
+
+/// `--offload-optimizer` (AdamW's state in host memory, updated through copies): the
+/// same final weights as state beside the weights, for f32 AdamW with master weights
+/// and for 8-bit moments with compensation; its checkpoints resume exactly, also
+/// without the flag.
+#[test]
+fn an_offloaded_optimizer_takes_the_same_steps() {
+    let dir = temp_dir("offload");
+    for optim in ["adamw", "adamw-8bit"] {
+        let run = |name: &str, extra: &[&str]| {
+            let out = dir.join(format!("{optim}-{name}"));
+            let output = train_tiny(&out, &[&["--optim", optim][..], extra].concat());
+            assert!(
+                output.status.success(),
+                "{optim} {name}: {}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            (out, String::from_utf8_lossy(&output.stderr).to_string())
+        };
+        let (plain, _) = run("plain", &[]);
+        let (offloaded, stderr) = run("offloaded", &["--offload-optimizer"]);
+        assert!(stderr.contains("--offload-optimizer keeps"), "{stderr}");
+        let final_weights =
+            |out: &Path| std::fs::read(out.join("final/model.safetensors")).unwrap();
+        assert_eq!(
+            final_weights(&offloaded),
+            final_weights(&plain),
+            "{optim}: the same final weights"
+        );
+        let resumed = dir.join(format!("{optim}-resumed"));
+        std::fs::create_dir_all(&resumed).unwrap();
+        let copied = Command::new("cp")
+            .arg("-r")
+            .arg(offloaded.join("checkpoint-3"))
+            .arg(&resumed)
+            .status()
+            .unwrap();
+        assert!(copied.success());
+        let output = train_tiny(&resumed, &["--optim", optim, "--resume"]);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(
+            final_weights(&resumed),
+            final_weights(&plain),
+            "{optim}: resumed from the offloaded checkpoint"
+        );
+    }
+}

@@ -65,6 +65,7 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     c.skip_invalid_rows |= args.skip_invalid_rows;
     c.save_only_model |= args.save_only_model;
     c.optim_in_backward |= args.optim_in_backward;
+    c.offload_optimizer |= args.offload_optimizer;
     c.packing |= args.packing;
     if let Some(kind) = args.quantize.quant_kind() {
         c.quantize = Some(kind);

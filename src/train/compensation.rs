@@ -43,6 +43,21 @@ impl Compensation {
         Compensation(self.0.view([-1]).narrow(0, start, length))
     }
 
+    /// The buffer replaced by `f(buffer)` (a device copy of host state, `offload.rs`).
+    pub fn map_tensor(&self, f: impl Fn(&Tensor) -> Tensor) -> Compensation {
+        Compensation(f(&self.0))
+    }
+
+    /// The buffer itself, to write an updated copy back into.
+    pub fn tensor_mut(&mut self) -> &mut Tensor {
+        &mut self.0
+    }
+
+    /// The buffer, read-only.
+    pub fn tensor(&self) -> &Tensor {
+        &self.0
+    }
+
     pub fn state(&self, name: &str, into: &mut BTreeMap<String, Tensor>) {
         into.insert(format!("compensation.{name}"), self.0.shallow_clone());
     }

@@ -82,6 +82,9 @@ pub struct TrainConfig {
     /// `step.rs`); runs the backward pass layer by layer, so it implies
     /// gradient checkpointing.
     pub optim_in_backward: bool,
+    /// Keep AdamW's state in host memory and copy it to the GPU tensor by tensor for
+    /// each update (`offload.rs`; DeepSpeed's offload_optimizer). Same results.
+    pub offload_optimizer: bool,
     /// Padding-free micro-batches (see `batch.rs`).
     pub packing: bool,
     /// `--quantize`: the frozen base projections in 4- or 8-bit storage (LoRA only).
@@ -142,6 +145,7 @@ impl Default for TrainConfig {
             optim: OptimKind::AdamW,
             save_only_model: false,
             optim_in_backward: false,
+            offload_optimizer: false,
             packing: false,
             quantize: None,
             double_quant: false,

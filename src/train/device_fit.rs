@@ -47,6 +47,7 @@ pub fn check_fits_the_device(
         } else {
             1
         },
+        offload_optimizer: config.offload_optimizer,
     };
     let needed = estimate(&setup);
     eprintln!(
@@ -54,9 +55,23 @@ pub fn check_fits_the_device(
         needed.describe(),
         free as f64 / 1e9
     );
+    let host_available = host_available_bytes();
+    if let Some(available) = host_available.filter(|&a| needed.host_optimizer > a) {
+        bail_input!(
+            "--offload-optimizer keeps {:.1} GB of optimizer state in host memory but only {:.1} GB is available; \
+             a smaller state would fit: --optim adamw-8bit (about 4 bytes a parameter) or --optim adamw-bf16 (6)",
+            needed.host_optimizer as f64 / 1e9,
+            available as f64 / 1e9
+        );
+    }
     if needed.total() <= free as u64 {
         return Ok(());
     }
+    let fits = |alternative: &Setup| {
+        let estimate = estimate(alternative);
+        estimate.total() <= free as u64
+            && host_available.is_none_or(|available| estimate.host_optimizer <= available)
+    };
     let alternatives = [
         (
             "--optim adamw-bf16",
@@ -90,6 +105,23 @@ pub fn check_fits_the_device(
             },
         ),
         (
+            "--gradient-checkpointing --offload-optimizer",
+            Setup {
+                gradient_checkpointing: true,
+                offload_optimizer: true,
+                ..setup.clone()
+            },
+        ),
+        (
+            "--optim adamw-8bit --gradient-checkpointing --offload-optimizer",
+            Setup {
+                optim: OptimKind::AdamW8bit,
+                gradient_checkpointing: true,
+                offload_optimizer: true,
+                ..setup.clone()
+            },
+        ),
+        (
             "--lora --gradient-checkpointing",
             Setup {
                 lora: Some((config.lora_r, config.lora_targets.as_slice())),
@@ -112,7 +144,7 @@ pub fn check_fits_the_device(
     ];
     let hint = alternatives
         .iter()
-        .find(|(_, alternative)| estimate(alternative).total() <= free as u64)
+        .find(|(_, alternative)| fits(alternative))
         .map_or(
             "a smaller --batch-size or --cutoff-len".to_string(),
             |(flags, alternative)| format!("{flags} ({})", estimate(alternative).describe()),
@@ -122,4 +154,33 @@ pub fn check_fits_the_device(
         needed.describe(),
         free as f64 / 1e9
     )
+}
+
+/// Host memory the kernel says is available (`MemAvailable` in /proc/meminfo), if known.
+fn host_available_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    parse_mem_available(&meminfo)
+}
+
+/// `MemAvailable:  123456 kB` as bytes.
+fn parse_mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kilobytes: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kilobytes * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_available_host_memory() {
+        let meminfo =
+            "MemTotal:       131072000 kB\nMemFree:         1000 kB\nMemAvailable:   65536000 kB\n";
+        assert_eq!(parse_mem_available(meminfo), Some(65_536_000 * 1024));
+        assert_eq!(parse_mem_available("MemTotal: 1 kB\n"), None);
+        // This machine's own figure is there and plausible.
+        let here = host_available_bytes().expect("/proc/meminfo has MemAvailable");
+        assert!(here > 100_000_000, "{here}");
+    }
 }

@@ -21,6 +21,8 @@ pub struct Estimate {
     pub gradients: u64,
     pub optimizer: u64,
     pub activations: u64,
+    /// Optimizer state kept in host memory (`--offload-optimizer`), not on the device.
+    pub host_optimizer: u64,
 }
 
 impl Estimate {
@@ -30,8 +32,16 @@ impl Estimate {
 
     pub fn describe(&self) -> String {
         let gb = |b: u64| b as f64 / 1e9;
+        let host = if self.host_optimizer > 0 {
+            format!(
+                ", and {:.1} GB of optimizer state in host memory",
+                gb(self.host_optimizer)
+            )
+        } else {
+            String::new()
+        };
         format!(
-            "~{:.1} GB (weights {:.1}, gradients {:.1}, optimizer {:.1}, activations ~{:.1})",
+            "~{:.1} GB (weights {:.1}, gradients {:.1}, optimizer {:.1}, activations ~{:.1}){host}",
             gb(self.total()),
             gb(self.weights),
             gb(self.gradients),
@@ -61,6 +71,9 @@ pub struct Setup<'a> {
     pub quantize: Option<Quantization>,
     /// `--zero 1`: the optimizer state is split over this many ranks (1: not split).
     pub optimizer_shards: usize,
+    /// `--offload-optimizer`: the state in host memory; the device holds one update
+    /// chunk's copy of it.
+    pub offload_optimizer: bool,
 }
 
 /// Bytes per weight of a quantized projection with `columns` inputs: 4-bit codes and
@@ -162,10 +175,16 @@ pub fn estimate(setup: &Setup) -> Estimate {
     } else {
         40
     };
-    let update_scratch = largest_trained.min(super::optim::UPDATE_CHUNK as u64) * scratch_per_value;
-    let optimizer = (trained as f64 * optimizer_bytes_per_parameter(setup.optim, trained_kind)
-        / setup.optimizer_shards.max(1) as f64) as u64
-        + update_scratch;
+    let chunk = largest_trained.min(super::optim::UPDATE_CHUNK as u64);
+    let update_scratch = chunk * scratch_per_value;
+    let state_bytes = optimizer_bytes_per_parameter(setup.optim, trained_kind);
+    let state = (trained as f64 * state_bytes / setup.optimizer_shards.max(1) as f64) as u64;
+    let (optimizer, host_optimizer) = if setup.offload_optimizer {
+        // On the device: the update's scratch and the chunk's state copied over.
+        (update_scratch + (chunk as f64 * state_bytes) as u64, state)
+    } else {
+        (state + update_scratch, 0)
+    };
 
     let tokens = (setup.batch_size * setup.tokens_per_row) as u64;
     let h = config.hidden_size as u64;
@@ -189,6 +208,7 @@ pub fn estimate(setup: &Setup) -> Estimate {
         gradients,
         optimizer,
         activations: kept + working_layer + logits,
+        host_optimizer,
     }
 }
 
@@ -223,6 +243,7 @@ mod tests {
             grad_accum: 8,
             quantize: None,
             optimizer_shards: 1,
+            offload_optimizer: false,
         };
         let adamw = estimate(&setup(OptimKind::AdamW));
         let bf16 = estimate(&setup(OptimKind::AdamWBf16));
@@ -263,6 +284,34 @@ mod tests {
         );
         // 13.8 GB of gradients saved, ~4 GB more kept layer inputs.
         assert!(in_backward.total() + 8_000_000_000 < eight.total());
+        // --offload-optimizer: the 8-bit moments and the compensation (~4 bytes a
+        // parameter) move to host memory; the seed's command with gradient checkpointing
+        // then holds the weights, their gradients and the activations: under the issue's
+        // 40 GB without the update inside the backward pass.
+        let offloaded = estimate(&Setup {
+            offload_optimizer: true,
+            ..setup(OptimKind::AdamW8bit)
+        });
+        assert_eq!(
+            offloaded.weights + offloaded.gradients + offloaded.activations,
+            eight.weights + eight.gradients + eight.activations
+        );
+        let state_per_parameter = offloaded.host_optimizer as f64 / (eight.weights / 2) as f64;
+        assert!(
+            (state_per_parameter - (4.0 + 8.0 / 256.0)).abs() < 1e-3,
+            "{state_per_parameter}"
+        );
+        assert!(
+            offloaded.optimizer < 2_000_000_000,
+            "{}",
+            offloaded.describe()
+        );
+        assert!(
+            offloaded.total() < 40_000_000_000,
+            "{}",
+            offloaded.describe()
+        );
+        assert_eq!(eight.host_optimizer, 0);
     }
 
     #[test]
@@ -284,6 +333,7 @@ mod tests {
             grad_accum: 1,
             quantize: None,
             optimizer_shards: 1,
+            offload_optimizer: false,
         });
         // r16 on 7 projections of 32 layers: 40 M f32 parameters.
         assert_eq!(
@@ -315,6 +365,7 @@ mod tests {
             grad_accum: 8,
             quantize,
             optimizer_shards: 1,
+            offload_optimizer: false,
         };
         let nf4 = estimate(&setup(Some(Quantization {
             kind: QuantKind::Nf4,

@@ -23,6 +23,7 @@ pub mod logging;
 pub mod loss_scale;
 pub mod memory_estimate;
 pub mod moments;
+pub mod offload;
 pub mod optim;
 pub mod plot;
 mod rank_sums;
@@ -189,6 +190,12 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
             config.zero
         );
     }
+    if config.offload_optimizer && !device.is_cuda() {
+        eprintln!(
+            "note: --offload-optimizer keeps the optimizer state in host memory, where it already is \
+             on the CPU: it only adds a copy per update here"
+        );
+    }
     let main_rank = group.as_ref().is_none_or(|g| g.rank() == 0);
     let out = &config.output_dir;
     let train_set = read_split(&config.data_dir, Split::Train, config.read_options())?;
@@ -243,6 +250,11 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
             .as_ref()
             .filter(|_| config.zero == 1)
             .map(|g| (g.rank(), g.world())),
+        if config.offload_optimizer {
+            offload::StatePlacement::Host
+        } else {
+            offload::StatePlacement::WithWeights
+        },
     );
     let schedule = Schedule::new(config, train_examples.len());
     let mut state = match &resume_dir {

@@ -148,6 +148,46 @@ impl Moment {
         }
     }
 
+    /// The moment with each of its tensors replaced by `f(tensor)` (the 8-bit map too):
+    /// how `--offload-optimizer` makes a device copy of host state (`offload.rs`).
+    pub fn map_tensors(&self, f: impl Fn(&Tensor) -> Tensor) -> Moment {
+        match self {
+            Moment::F32(t) => Moment::F32(f(t)),
+            Moment::Bf16(t) => Moment::Bf16(f(t)),
+            Moment::Blockwise8 {
+                codes,
+                absmax,
+                map,
+                shape,
+            } => Moment::Blockwise8 {
+                codes: f(codes),
+                absmax: f(absmax),
+                map: f(map),
+                shape: shape.clone(),
+            },
+        }
+    }
+
+    /// The tensors an update changes, beside the same ones of `updated` (a
+    /// `map_tensors` copy of this moment), for writing them back.
+    pub fn updated_pairs<'a>(
+        &'a mut self,
+        updated: &'a Moment,
+    ) -> Vec<(&'a mut Tensor, &'a Tensor)> {
+        match (self, updated) {
+            (Moment::F32(t), Moment::F32(u)) | (Moment::Bf16(t), Moment::Bf16(u)) => vec![(t, u)],
+            (
+                Moment::Blockwise8 { codes, absmax, .. },
+                Moment::Blockwise8 {
+                    codes: new_codes,
+                    absmax: new_absmax,
+                    ..
+                },
+            ) => vec![(codes, new_codes), (absmax, new_absmax)],
+            _ => unreachable!("a moment and its copy have the same layout"),
+        }
+    }
+
     /// Stores f32 `value` (the parameter's shape) in the moment's format.
     pub fn set(&mut self, value: &Tensor) {
         match self {

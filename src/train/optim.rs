@@ -11,10 +11,11 @@
 
 use std::collections::BTreeMap;
 
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use super::compensation::Compensation;
 use super::moments::{Moment, OptimKind};
+use super::offload::{self, StatePlacement};
 
 /// One trainable tensor and its optimizer state.
 pub struct ParamState {
@@ -51,6 +52,41 @@ impl ParamState {
             owned: self.owned,
         }
     }
+
+    /// The state copied to `device` (the weights' device), to update there; the weight
+    /// itself is shared. `--offload-optimizer` updates host-kept state this way.
+    fn staged_on(&self, device: Device) -> ParamState {
+        let copy = |t: &Tensor| offload::to_device(t, device);
+        ParamState {
+            name: self.name.clone(),
+            param: self.param.shallow_clone(),
+            master: self.master.as_ref().map(copy),
+            compensation: self.compensation.as_ref().map(|c| c.map_tensor(copy)),
+            exp_avg: self.exp_avg.map_tensors(copy),
+            exp_avg_sq: self.exp_avg_sq.map_tensors(copy),
+            weight_decay: self.weight_decay,
+            owned: self.owned,
+        }
+    }
+
+    /// Writes the state `staged` (from `staged_on`, updated) back into this one.
+    fn write_back(&mut self, staged: &ParamState) {
+        if let (Some(master), Some(updated)) = (&mut self.master, &staged.master) {
+            offload::write_back(master, updated);
+        }
+        if let (Some(compensation), Some(updated)) = (&mut self.compensation, &staged.compensation)
+        {
+            offload::write_back(compensation.tensor_mut(), updated.tensor());
+        }
+        for (state, updated) in self
+            .exp_avg
+            .updated_pairs(&staged.exp_avg)
+            .into_iter()
+            .chain(self.exp_avg_sq.updated_pairs(&staged.exp_avg_sq))
+        {
+            offload::write_back(state, updated);
+        }
+    }
 }
 
 /// What every parameter's update in one optimizer step shares.
@@ -84,6 +120,9 @@ pub struct AdamW {
     pub fused: bool,
     /// ZeRO-1 (`shard`): each parameter's owning rank.
     pub owners: Option<Vec<usize>>,
+    /// Whether the state lives beside the weights or in host memory
+    /// (`--offload-optimizer`, `offload.rs`).
+    pub placement: StatePlacement,
 }
 
 /// ZeRO-1's partition of the optimizer state: each tensor to the rank that holds the
@@ -119,18 +158,26 @@ impl AdamW {
         weight_decay: f64,
         kind: OptimKind,
     ) -> AdamW {
-        Self::sharded(params, weight_decay, kind, None)
+        Self::sharded(
+            params,
+            weight_decay,
+            kind,
+            None,
+            StatePlacement::WithWeights,
+        )
     }
 
     /// `shard` Some((rank, world)): ZeRO-1. Each tensor's state (moments, master copy,
     /// compensation) is allocated only on its owner (`zero_owners`), which alone updates
     /// it; `step` skips the others. Gradients and clipping still see every tensor (each
-    /// rank holds the summed gradients).
+    /// rank holds the summed gradients). `placement`: the state beside the weights or
+    /// in host memory (`--offload-optimizer`).
     pub fn sharded(
         params: Vec<(String, Tensor, bool)>,
         weight_decay: f64,
         kind: OptimKind,
         shard: Option<(usize, usize)>,
+        placement: StatePlacement,
     ) -> AdamW {
         let owners = shard.map(|(_, world)| {
             let sizes: Vec<i64> = params.iter().map(|(_, p, _)| p.numel() as i64).collect();
@@ -146,18 +193,27 @@ impl AdamW {
                 };
                 // Another rank's tensor: empty moments, no master copy or compensation.
                 let shape = if owned { param.size() } else { vec![0] };
+                let device = param.device();
+                let state_device = match placement {
+                    StatePlacement::WithWeights => device,
+                    StatePlacement::Host => Device::Cpu,
+                };
+                // Host state is made on the host and then pinned (`offload::to_host`).
+                let place = |t: &Tensor| match placement {
+                    StatePlacement::WithWeights => t.shallow_clone(),
+                    StatePlacement::Host => offload::to_host(t.shallow_clone(), device),
+                };
                 let master = (owned && kind == OptimKind::AdamW && param.kind() != Kind::Float)
-                    .then(|| param.detach().to_kind(Kind::Float));
+                    .then(|| place(&param.detach().to_device(state_device).to_kind(Kind::Float)));
                 let compensation = if owned {
-                    Compensation::for_weight(kind, &param)
+                    Compensation::for_weight(kind, &param).map(|c| c.map_tensor(place))
                 } else {
                     None
                 };
-                let device = param.device();
                 ParamState {
                     name,
-                    exp_avg: Moment::zeros(kind, &shape, device, true),
-                    exp_avg_sq: Moment::zeros(kind, &shape, device, false),
+                    exp_avg: Moment::zeros(kind, &shape, state_device, true).map_tensors(place),
+                    exp_avg_sq: Moment::zeros(kind, &shape, state_device, false).map_tensors(place),
                     param,
                     master,
                     compensation,
@@ -180,6 +236,7 @@ impl AdamW {
             // as scripts/gpu/check does on CUDA).
             fused: std::env::var("AMTHAL_FUSED_ADAMW").map_or(true, |v| v != "0"),
             owners,
+            placement,
         }
     }
 
@@ -275,6 +332,7 @@ impl AdamW {
     fn fused_step(&mut self, step: &StepConstants) -> bool {
         let eligible = self.fused
             && self.kind == OptimKind::AdamW
+            && self.placement == StatePlacement::WithWeights
             && self.params.iter().all(|p| {
                 p.param.kind() == Kind::Float
                     && p.master.is_none()
@@ -349,26 +407,34 @@ impl AdamW {
     }
 
     /// Applies AdamW to parameter `index` with gradient `grad` (any float dtype), a
-    /// chunk of `update_chunk` values at a time.
+    /// chunk of `update_chunk` values at a time; host-kept state is copied to the
+    /// weights' device for each chunk and back.
     pub fn update(&mut self, index: usize, grad: &Tensor, step: &StepConstants) {
         let constants = (self.beta1, self.beta2, self.eps, self.weight_decay);
         let chunk = self.update_chunk.max(super::moments::BLOCK);
+        let placement = self.placement;
         let p = &mut self.params[index];
+        let device = p.param.device();
+        let apply = |part: &mut ParamState, grad: &Tensor| match placement {
+            StatePlacement::WithWeights => update_values(part, grad, step, constants),
+            StatePlacement::Host => {
+                let mut staged = part.staged_on(device);
+                update_values(&mut staged, grad, step, constants);
+                part.write_back(&staged);
+            }
+        };
         let numel = p.param.numel() as i64;
         if numel <= chunk {
-            update_values(p, grad, step, constants);
+            apply(p, grad);
             return;
         }
         let flat_grad = grad.reshape([-1]);
         let mut start = 0;
         while start < numel {
             let length = chunk.min(numel - start);
-            let mut part = p.chunk(start, length);
-            update_values(
-                &mut part,
+            apply(
+                &mut p.chunk(start, length),
                 &flat_grad.narrow(0, start, length),
-                step,
-                constants,
             );
             start += length;
         }
@@ -376,6 +442,12 @@ impl AdamW {
 
     /// Optimizer state as named tensors (for checkpoints).
     pub fn state_tensors(&self) -> BTreeMap<String, Tensor> {
+        if self.placement == StatePlacement::Host
+            && let Some(first) = self.params.first()
+        {
+            // The copies back from the last update may still be in flight.
+            offload::wait_for_copies(first.param.device());
+        }
         let mut state = BTreeMap::new();
         for p in self.params.iter().filter(|p| p.owned) {
             p.exp_avg.state(&format!("exp_avg.{}", p.name), &mut state);
@@ -658,6 +730,73 @@ mod tests {
                 !whole.equal(&initial),
                 "{kind:?} {dtype:?}: the steps moved the weights"
             );
+        }
+    }
+
+    /// `--offload-optimizer`: state kept in host memory and updated through device
+    /// copies (`offload.rs`; on the CPU each update works on fresh copies and writes them
+    /// back, the path CUDA takes) gives bit-identical weights and state to state kept
+    /// beside the weights, for every optimizer and weight dtype, whole and chunked, and
+    /// its checkpoint state resumes either way.
+    #[test]
+    fn host_kept_state_updates_as_state_beside_the_weights() {
+        use super::super::moments::OptimKind;
+        for (kind, dtype) in [
+            (OptimKind::AdamW, Kind::Float),
+            (OptimKind::AdamW, Kind::BFloat16),
+            (OptimKind::AdamWBf16, Kind::BFloat16),
+            (OptimKind::AdamW8bit, Kind::BFloat16),
+        ] {
+            for chunk in [i64::MAX, 1024] {
+                let run =
+                    |placement: StatePlacement,
+                     steps: i64,
+                     resume_from: Option<&BTreeMap<String, Tensor>>| {
+                        let weight = (wave([50, 100], 0.37) * 0.1).to_kind(dtype);
+                        let norm = wave([1, 64], 0.11).to_kind(dtype);
+                        let mut optim = AdamW::sharded(
+                            vec![
+                                ("w".into(), weight.shallow_clone(), true),
+                                ("norm".into(), norm.shallow_clone(), false),
+                            ],
+                            0.01,
+                            kind,
+                            None,
+                            placement,
+                        );
+                        optim.update_chunk = chunk;
+                        optim.fused = false;
+                        if let Some(saved) = resume_from {
+                            optim.load_state(saved, 0).unwrap();
+                        }
+                        for _ in 0..steps {
+                            let step = optim.begin_step(1e-3);
+                            optim.update(0, &wave([50, 100], 1.3 + optim.step as f64), &step);
+                            optim.update(1, &wave([1, 64], 0.5 + optim.step as f64), &step);
+                        }
+                        (weight, norm, optim.state_tensors())
+                    };
+                let (weight, norm, state) = run(StatePlacement::WithWeights, 3, None);
+                let (host_weight, host_norm, host_state) = run(StatePlacement::Host, 3, None);
+                let case = format!("{kind:?} {dtype:?} chunk {chunk}");
+                assert!(weight.equal(&host_weight), "{case}: weights differ");
+                assert!(norm.equal(&host_norm), "{case}: norms differ");
+                assert_eq!(state.len(), host_state.len(), "{case}");
+                for (name, value) in &state {
+                    assert!(value.equal(&host_state[name]), "{case}: {name} differs");
+                }
+                let initial = (wave([50, 100], 0.37) * 0.1).to_kind(dtype);
+                assert!(
+                    !weight.equal(&initial),
+                    "{case}: the steps moved the weights"
+                );
+                // Host state saved and restored: the steps after it are the same.
+                if chunk == 1024 {
+                    let (weight, _, _) = run(StatePlacement::WithWeights, 1, Some(&state));
+                    let (host_weight, _, _) = run(StatePlacement::Host, 1, Some(&host_state));
+                    assert!(weight.equal(&host_weight), "{case}: resumed weights differ");
+                }
+            }
         }
     }
 
