@@ -15,6 +15,26 @@ pub fn temp_path_for(target: &Path) -> PathBuf {
     target.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
+/// Gives `path` the mode a file made by `File::create` gets (0666 less the process's
+/// umask), for files another library created private.
+pub fn set_created_file_mode(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666 & !umask()))
+        .with_context(|| format!("setting the mode of {}", path.display()))
+}
+
+/// The process's umask, from /proc/self/status (`umask(2)` can only be read by
+/// changing it); 022 if that is not there.
+fn umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|l| l.starts_with("Umask:"))?;
+            u32::from_str_radix(line.split_whitespace().nth(1)?, 8).ok()
+        })
+        .unwrap_or(0o022)
+}
+
 /// Writes `bytes` to `path` through a temp file and a rename.
 pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
     write_file_with(path, |file| file.write_all(bytes).map_err(Into::into))

@@ -12,7 +12,7 @@ use serde_json::json;
 use tch::Kind;
 
 use super::llama::Llama;
-use super::tensor_io::{TensorBytes, write_safetensors};
+use super::tensor_io::{WritableTensor, write_safetensors};
 use crate::atomic::{write_dir_with, write_file};
 use crate::tokenizer::ModelTokenizer;
 
@@ -64,12 +64,12 @@ pub fn save_hf_folder_sharded(
 }
 
 fn write_weights(model: &Llama, dir: &Path, max_shard_bytes: usize) -> Result<()> {
-    let mut shards: Vec<Vec<(String, TensorBytes)>> = vec![Vec::new()];
+    let mut shards: Vec<Vec<(String, WritableTensor)>> = vec![Vec::new()];
     let mut shard_bytes = 0usize;
     let mut total = 0usize;
     for (name, tensor) in model.named_tensors() {
-        let bytes = TensorBytes::from_tensor(tensor);
-        let size = bytes.data.len();
+        let bytes = WritableTensor::new(tensor);
+        let size = bytes.byte_len();
         if shard_bytes > 0 && shard_bytes + size > max_shard_bytes {
             shards.push(Vec::new());
             shard_bytes = 0;

@@ -20,7 +20,7 @@ use tch::{Kind, Tensor};
 use super::linear::{Lora, Weight};
 use super::llama::{Llama, PROJECTIONS};
 use super::safetensors_source::SafetensorsSource;
-use super::tensor_io::{TensorBytes, write_safetensors};
+use super::tensor_io::{WritableTensor, write_safetensors};
 use crate::bail_input;
 use crate::error::bad_input;
 
@@ -163,9 +163,9 @@ pub fn save_adapter(
 ) -> Result<()> {
     std::fs::create_dir_all(dir)
         .map_err(|e| bad_input(format!("{}: cannot create: {e}", dir.display())))?;
-    let tensors: Vec<(String, TensorBytes)> = named_adapter_tensors(model)
+    let tensors: Vec<(String, WritableTensor)> = named_adapter_tensors(model)
         .into_iter()
-        .map(|(name, t)| (name, TensorBytes::from_tensor(&t.to_kind(Kind::Float))))
+        .map(|(name, t)| (name, WritableTensor::new(&t.to_kind(Kind::Float))))
         .collect();
     if tensors.is_empty() {
         bail_input!("the model has no LoRA adapter to save");

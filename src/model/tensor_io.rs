@@ -1,50 +1,178 @@
-//! tch tensors to and from safetensors bytes.
+//! tch tensors written as safetensors files, one tensor at a time.
+//!
+//! A 7B checkpoint is 14 GB of weights and 28-83 GB of optimizer state. Building every
+//! tensor's bytes first and then the whole file in memory (what `safetensors::serialize`
+//! does) held two or three copies of it in host memory and spent two passes over it
+//! before the first byte reached the disk; `serialize_to_file` with views that produce
+//! each tensor's bytes when its turn comes holds one tensor at a time, and a contiguous
+//! host tensor in the file's dtype (the offloaded optimizer state, a CPU model) is
+//! written straight from its memory.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use safetensors::Dtype;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
-/// A tensor's bytes, ready for safetensors.
-pub struct TensorBytes {
-    pub dtype: Dtype,
-    pub shape: Vec<usize>,
-    pub data: Vec<u8>,
+/// A tensor to write, in the file dtype its kind maps to: f32, bf16, f16 and u8 as
+/// themselves, anything else as f32.
+pub struct WritableTensor {
+    tensor: Tensor,
+    dtype: Dtype,
+    shape: Vec<usize>,
 }
 
-impl TensorBytes {
-    /// Copies a tensor to host bytes in its own dtype (f32, bf16, f16 or u8; others as f32).
-    pub fn from_tensor(tensor: &Tensor) -> TensorBytes {
-        let tensor = tensor.detach().to_device(tch::Device::Cpu);
-        let (tensor, dtype) = match tensor.kind() {
-            Kind::BFloat16 => (tensor, Dtype::BF16),
-            Kind::Half => (tensor, Dtype::F16),
-            Kind::Uint8 => (tensor, Dtype::U8),
-            _ => (tensor.to_kind(Kind::Float), Dtype::F32),
+impl WritableTensor {
+    /// Takes a handle to `tensor` (no copy; its bytes are read when the file is written,
+    /// so it must not change before then).
+    pub fn new(tensor: &Tensor) -> WritableTensor {
+        let dtype = match tensor.kind() {
+            Kind::BFloat16 => Dtype::BF16,
+            Kind::Half => Dtype::F16,
+            Kind::Uint8 => Dtype::U8,
+            _ => Dtype::F32,
         };
-        let tensor = tensor.contiguous();
-        let shape: Vec<usize> = tensor.size().iter().map(|&d| d as usize).collect();
-        let bytes = tensor.numel() * tensor.kind().elt_size_in_bytes();
-        let mut data = vec![0u8; bytes];
-        tensor.copy_data_u8(&mut data, tensor.numel());
-        TensorBytes { dtype, shape, data }
+        WritableTensor {
+            tensor: tensor.detach(),
+            dtype,
+            shape: tensor.size().iter().map(|&d| d as usize).collect(),
+        }
+    }
+
+    /// The kind the file stores.
+    fn file_kind(&self) -> Kind {
+        match self.dtype {
+            Dtype::BF16 => Kind::BFloat16,
+            Dtype::F16 => Kind::Half,
+            Dtype::U8 => Kind::Uint8,
+            _ => Kind::Float,
+        }
+    }
+
+    /// Bytes in the file.
+    pub fn byte_len(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.file_kind().elt_size_in_bytes()
     }
 }
 
-/// Writes named tensors as one safetensors file (through a temp file and a rename).
-pub fn write_safetensors(path: &Path, tensors: &[(String, TensorBytes)]) -> Result<()> {
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
-        .iter()
-        .map(|(name, t)| {
-            let view = safetensors::tensor::TensorView::new(t.dtype, t.shape.clone(), &t.data)
-                .map_err(|e| anyhow::anyhow!("tensor {name}: {e}"))?;
-            Ok((name.clone(), view))
-        })
-        .collect::<Result<_>>()?;
+impl safetensors::View for &WritableTensor {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn data(&self) -> Cow<'_, [u8]> {
+        let length = self.byte_len();
+        if length == 0 {
+            return Cow::Borrowed(&[]);
+        }
+        let t = &self.tensor;
+        if t.device() == Device::Cpu && t.kind() == self.file_kind() && t.is_contiguous() {
+            // SAFETY: a contiguous CPU tensor of the file's kind holds exactly `length`
+            // bytes from its data pointer, alive as long as `self` holds the tensor, and
+            // nothing writes it while the file is written (saving runs between steps).
+            let bytes = unsafe { std::slice::from_raw_parts(t.data_ptr() as *const u8, length) };
+            return Cow::Borrowed(bytes);
+        }
+        let host = t
+            .to_device(Device::Cpu)
+            .to_kind(self.file_kind())
+            .contiguous();
+        let mut bytes = vec![0u8; length];
+        host.copy_data_u8(&mut bytes, host.numel());
+        Cow::Owned(bytes)
+    }
+
+    fn data_len(&self) -> usize {
+        self.byte_len()
+    }
+}
+
+/// Writes named tensors as one safetensors file, a tensor at a time (the crate writes
+/// a temp file beside `path` and renames it), then flushes it to the disk.
+pub fn write_safetensors(path: &Path, tensors: &[(String, WritableTensor)]) -> Result<()> {
     let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    let bytes = safetensors::serialize(views, Some(metadata))
-        .map_err(|e| anyhow::anyhow!("serializing {}: {e}", path.display()))?;
-    crate::atomic::write_file(path, &bytes)
+    safetensors::serialize_to_file(
+        tensors.iter().map(|(name, t)| (name.as_str(), t)),
+        Some(metadata),
+        path,
+    )
+    .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+    // The crate's temp file is private (0600); give the file the mode `File::create`
+    // gives every other file we write, and flush it to the disk as `atomic::write_file`
+    // does before anyone relies on it.
+    crate::atomic::set_created_file_mode(path)?;
+    std::fs::File::open(path)
+        .and_then(|file| file.sync_all())
+        .with_context(|| format!("flushing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every kind and layout reads back with its values: f32, bf16 and u8 as stored,
+    /// int64 as f32, a transposed (non-contiguous) tensor in its logical order, an
+    /// empty tensor; a contiguous host tensor is written from its own memory.
+    #[test]
+    fn tensors_read_back_as_written() {
+        let dir = std::env::temp_dir().join(format!("amthal-tensor-io-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.safetensors");
+        let f32s = Tensor::arange(12, (Kind::Float, Device::Cpu)).view([3, 4]) * 0.5;
+        let bf16 = f32s.to_kind(Kind::BFloat16);
+        let codes = Tensor::arange(256, (Kind::Int64, Device::Cpu)).to_kind(Kind::Uint8);
+        let longs = Tensor::arange(5, (Kind::Int64, Device::Cpu));
+        let transposed = f32s.tr();
+        let empty = Tensor::zeros([0, 4], (Kind::Float, Device::Cpu));
+        let named = [
+            ("f32", &f32s),
+            ("bf16", &bf16),
+            ("u8", &codes),
+            ("i64", &longs),
+            ("transposed", &transposed),
+            ("empty", &empty),
+        ];
+        let writable: Vec<(String, WritableTensor)> = named
+            .iter()
+            .map(|(n, t)| (n.to_string(), WritableTensor::new(t)))
+            .collect();
+        {
+            use safetensors::View;
+            let (contiguous, transposed) = (&writable[0].1, &writable[4].1);
+            assert!(
+                matches!(contiguous.data(), Cow::Borrowed(_)),
+                "no copy of a host tensor"
+            );
+            assert!(matches!(transposed.data(), Cow::Owned(_)));
+        }
+        write_safetensors(&path, &writable).unwrap();
+        // The mode every other file we write gets, not the crate temp file's 0600.
+        use std::os::unix::fs::PermissionsExt;
+        let created = dir.join("created");
+        std::fs::write(&created, b"x").unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), mode(&created));
+        let bytes = std::fs::read(&path).unwrap();
+        let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        for (name, tensor) in named {
+            let view = file.tensor(name).unwrap();
+            let read = Tensor::from_data_size(
+                view.data(),
+                &view.shape().iter().map(|&d| d as i64).collect::<Vec<_>>(),
+                WritableTensor::new(tensor).file_kind(),
+            );
+            let expected = tensor.to_kind(read.kind());
+            assert_eq!(read.size(), expected.size(), "{name}");
+            assert!(read.equal(&expected), "{name}");
+        }
+        assert_eq!(file.tensor("i64").unwrap().dtype(), Dtype::F32);
+        assert_eq!(file.tensor("transposed").unwrap().shape(), &[4, 3]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -233,13 +233,13 @@ pub fn write_optimizer_shard(
 
 /// The optimizer's state tensors (this rank's, under ZeRO-1) as one safetensors file.
 fn write_optimizer_state(path: &Path, optimizer: &AdamW) -> Result<()> {
-    let tensors: Vec<(String, crate::model::tensor_io::TensorBytes)> = optimizer
+    let tensors: Vec<(String, crate::model::tensor_io::WritableTensor)> = optimizer
         .state_tensors()
         .iter()
         .map(|(name, t)| {
             (
                 name.clone(),
-                crate::model::tensor_io::TensorBytes::from_tensor(t),
+                crate::model::tensor_io::WritableTensor::new(t),
             )
         })
         .collect();
