@@ -188,3 +188,62 @@ struct DenseLinear : public torch::autograd::Function<DenseLinear> {
 };
 
 }  // namespace amthal
+
+namespace amthal {
+
+// RMSNorm as transformers orders it (normalize in f32, cast back, then scale by the
+// weight), with the backward pass as a formula instead of autograd's graph. The
+// forward is the same eight operations as `llama.rs::rms_norm`, so its values are
+// bit-identical; the backward takes the gradient of x directly:
+//   n = x * r, r = (mean(x^2) + eps)^-1/2, gn = (g * w) in f32:  dx = r (gn - n mean(gn n))
+// On CUDA that is libtorch's fused kernel (`_fused_rms_norm_backward`, one or two
+// launches; its forward rounds differently from transformers', its backward computes
+// the same formula in f32), elsewhere about ten operations where autograd's graph
+// takes about fourteen and keeps an f32 copy of x. A training step on the GPU is
+// bound by kernel launches; two norms per layer pass here. It keeps x (input dtype)
+// and r (f32, one per row) for the backward pass.
+struct RmsNorm : public torch::autograd::Function<RmsNorm> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            const at::Tensor& weight, double eps) {
+    at::Tensor x32 = x.to(at::kFloat);
+    at::Tensor rstd = x32.pow(2).mean(-1, /*keepdim=*/true).add_(eps).rsqrt_();
+    at::Tensor normed = (x32 * rstd).to(x.scalar_type());
+    ctx->save_for_backward({x, weight, rstd});
+    return weight * normed;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &weight = saved[1], &rstd = saved[2];
+    const at::Tensor& g = grads[0];
+    bool weight_grad = ctx->needs_input_grad(1);
+    if (x.is_cuda() && fused_norm_backward.load()) {
+      try {
+        auto [dx, dw] = at::_fused_rms_norm_backward(g, x, {x.size(-1)}, rstd, weight,
+                                                     {true, weight_grad});
+        return {dx, weight_grad ? dw : at::Tensor(), at::Tensor()};
+      } catch (const c10::Error& e) {
+        fused_norm_backward.store(false);
+        TORCH_WARN("amthal: libtorch's fused RMSNorm backward failed (", e.what_without_backtrace(),
+                   "); using the composite formula from now on");
+      }
+    }
+    at::Tensor n32 = x.to(at::kFloat) * rstd;
+    at::Tensor gn = (g * weight).to(at::kFloat);
+    at::Tensor dot = (gn * n32).mean(-1, /*keepdim=*/true);
+    at::Tensor dx = gn.sub_(n32 * dot).mul_(rstd).to(x.scalar_type());
+    at::Tensor dw;
+    if (weight_grad) {
+      // transformers' weight * normed: the weight's gradient is g * normed summed over
+      // every row, normed in the input dtype.
+      dw = (g * n32.to(x.scalar_type())).reshape({-1, x.size(-1)}).sum(0);
+    }
+    return {dx, dw, at::Tensor()};
+  }
+
+  // Whether CUDA uses libtorch's fused backward kernel (turned off if it ever fails).
+  static inline std::atomic<bool> fused_norm_backward{true};
+};
+
+}  // namespace amthal

@@ -34,6 +34,7 @@ using amthal::last_error;
 using amthal::DenseLinear;
 using amthal::LoraLinear;
 using amthal::RecomputedLinear;
+using amthal::RmsNorm;
 using amthal::WeightFn;
 
 std::vector<at::Tensor> list(at::Tensor** tensors, int count) {
@@ -110,7 +111,7 @@ void on_op_end(const at::RecordFunction&, at::ObserverContext*) {
 extern "C" {
 
 // Bumped when a signature changes; src/torch_ops.rs checks it.
-int amthal_ops_version() { return 6; }
+int amthal_ops_version() { return 7; }
 
 const char* amthal_ops_last_error() { return last_error.c_str(); }
 
@@ -179,6 +180,15 @@ int amthal_dense_linear(at::Tensor* x, at::Tensor* weight, at::Tensor* bias,
   return guarded([&] {
     at::Tensor y = DenseLinear::apply(*x, *weight,
                                       bias == nullptr ? std::nullopt : std::optional(*bias));
+    *out = new at::Tensor(std::move(y));
+  });
+}
+
+// RmsNorm (linear_nodes.h): transformers' RMSNorm of x with `weight`, its backward
+// pass as a formula. The result, a new tensor, goes to `*out`.
+int amthal_rms_norm(at::Tensor* x, at::Tensor* weight, double eps, at::Tensor** out) {
+  return guarded([&] {
+    at::Tensor y = RmsNorm::apply(*x, *weight, eps);
     *out = new at::Tensor(std::move(y));
   });
 }

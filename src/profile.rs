@@ -20,8 +20,8 @@ struct Totals {
     device: Option<usize>,
     /// Steps started (`start` calls).
     steps: u64,
-    /// Kernels by operator name over every phase.
-    kernels: BTreeMap<String, u64>,
+    /// Kernels by phase and operator name.
+    kernels: BTreeMap<&'static str, BTreeMap<String, u64>>,
     /// Whether operators are counted (the ops library loaded).
     counting: bool,
 }
@@ -88,7 +88,12 @@ pub fn mark(name: &'static str) {
             if totals.counting {
                 for (op, count) in take_kernels() {
                     launched += count;
-                    *totals.kernels.entry(op).or_default() += count;
+                    *totals
+                        .kernels
+                        .entry(name)
+                        .or_default()
+                        .entry(op)
+                        .or_default() += count;
                 }
             }
             let entry = totals.phases.entry(name).or_default();
@@ -119,23 +124,28 @@ pub fn report() -> Option<String> {
             ));
         }
         if totals.counting && totals.steps > 0 {
-            let mut top: Vec<(&String, &u64)> = totals.kernels.iter().collect();
-            top.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-            let all: u64 = totals.kernels.values().sum();
             let steps = totals.steps as f64;
+            let all: u64 = totals.kernels.values().flat_map(|ops| ops.values()).sum();
             lines.push(format!(
-                "kernels per step: {:.0}; the most frequent: {}",
-                all as f64 / steps,
-                top.iter()
-                    .take(16)
-                    .map(|(name, count)| format!(
-                        "{} {:.0}",
-                        name.trim_start_matches("aten::"),
-                        **count as f64 / steps
-                    ))
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                "kernels per step: {:.0}; the most frequent per phase (per step):",
+                all as f64 / steps
             ));
+            for (phase, ops) in &totals.kernels {
+                let mut top: Vec<(&String, &u64)> = ops.iter().collect();
+                top.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+                lines.push(format!(
+                    "  {phase}: {}",
+                    top.iter()
+                        .take(16)
+                        .map(|(name, count)| format!(
+                            "{} {:.0}",
+                            name.trim_start_matches("aten::"),
+                            **count as f64 / steps
+                        ))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
         }
         Some(lines.join("\n"))
     })

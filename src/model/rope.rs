@@ -13,6 +13,8 @@ pub struct Rope {
     inv_freq: Tensor,
     attention_scaling: f64,
     dynamic: Option<DynamicNtk>,
+    /// `rotate_half` as a [head_dim, head_dim] matrix (f32, on the model's device).
+    rotate_half: Tensor,
 }
 
 struct DynamicNtk {
@@ -138,7 +140,13 @@ impl Rope {
             inv_freq: inv_freq.to_device(device),
             attention_scaling,
             dynamic,
+            rotate_half: rotate_half_matrix(dim).to_device(device),
         }
+    }
+
+    /// `rotate_half` as a matrix in `kind`, for `apply_rotary`.
+    pub fn rotation(&self, kind: Kind) -> Tensor {
+        self.rotate_half.to_kind(kind)
     }
 
     /// cos and sin for positions [B, T], shaped [B, T, head_dim], in `kind`.
@@ -164,11 +172,76 @@ impl Rope {
     }
 }
 
-/// Rotates q or k [B, H, T, D] by cos/sin [B, T, D].
-pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
-    let half = x.size()[3] / 2;
-    let x1 = x.narrow(3, 0, half);
-    let x2 = x.narrow(3, half, half);
-    let rotated = Tensor::cat(&[&x2.neg(), &x1], 3);
-    x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+/// R with x @ R = transformers' `rotate_half(x)` = cat(-x2, x1) for x = cat(x1, x2):
+/// -1 at (j + D/2, j) and 1 at (j, j + D/2).
+pub fn rotate_half_matrix(dim: i64) -> Tensor {
+    let half = dim / 2;
+    let mut values = vec![0f32; (dim * dim) as usize];
+    for j in 0..half {
+        values[((j + half) * dim + j) as usize] = -1.0;
+        values[(j * dim + j + half) as usize] = 1.0;
+    }
+    Tensor::from_slice(&values).view([dim, dim])
+}
+
+/// Rotates q or k [B, T, H, D] by cos/sin [B, T, D] (transformers' `x * cos +
+/// rotate_half(x) * sin`). `rotation` is `Rope::rotation`: `rotate_half` as one matmul
+/// gives exactly the same values (each output is one input times +-1; the other
+/// terms are exact zeros) in one kernel forward and one backward, where slicing,
+/// negating and concatenating take two forward and about six backward (zero-filled
+/// slice gradients and their sums). A training step is bound by kernel launches on the
+/// GPU, and q and k of every layer pass here.
+pub fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor, rotation: &Tensor) -> Tensor {
+    let (cos, sin) = (cos.unsqueeze(2), sin.unsqueeze(2));
+    x * cos + x.matmul(rotation) * sin
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// transformers' formula, with rotate_half by slices.
+    fn by_slices(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+        let half = x.size()[3] / 2;
+        let rotated = Tensor::cat(&[&x.narrow(3, half, half).neg(), &x.narrow(3, 0, half)], 3);
+        x * cos.unsqueeze(2) + rotated * sin.unsqueeze(2)
+    }
+
+    /// The matmul form gives bit-identical values and input gradients to the slices,
+    /// in f32 and bf16.
+    #[test]
+    fn rotation_by_matmul_equals_rotate_half() {
+        let (batch, steps, heads, dim) = (2i64, 5, 3, 8);
+        let wave =
+            |n: i64, phase: f64| (Tensor::arange(n, (Kind::Float, Device::Cpu)) * phase).sin();
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let mut x = wave(batch * steps * heads * dim, 0.37)
+                .view([batch, steps, heads, dim])
+                .to_kind(kind)
+                .set_requires_grad(true);
+            let angles = wave(batch * steps * dim, 0.11).view([batch, steps, dim]) * 3.0;
+            let (cos, sin) = (angles.cos().to_kind(kind), angles.sin().to_kind(kind));
+            let upstream = wave(batch * steps * heads * dim, 0.23)
+                .view([batch, steps, heads, dim])
+                .to_kind(kind);
+            let mut run = |matmul: bool| {
+                x.zero_grad();
+                let y = if matmul {
+                    apply_rotary(&x, &cos, &sin, &rotate_half_matrix(dim).to_kind(kind))
+                } else {
+                    by_slices(&x, &cos, &sin)
+                };
+                (&y * &upstream).sum(Kind::Float).backward();
+                (y.detach(), x.grad().copy())
+            };
+            let (y_slices, grad_slices) = run(false);
+            let (y_matmul, grad_matmul) = run(true);
+            assert!(y_matmul.equal(&y_slices), "{kind:?}: values");
+            assert!(grad_matmul.equal(&grad_slices), "{kind:?}: gradients");
+            assert!(
+                !y_matmul.equal(&(&x * cos.unsqueeze(2))),
+                "{kind:?}: sin matters"
+            );
+        }
+    }
 }
