@@ -53,8 +53,9 @@ pub struct Llama {
     /// Generation on a GPU: RMSNorm as libtorch's fused `rms_norm`, one kernel instead
     /// of eight (`fuse::fuse_projections` turns it on). That kernel scales in f32
     /// before its one cast, so in bf16 a value can differ from transformers' by one
-    /// rounding (f32: the same). Training keeps transformers' order: on the bf16
-    /// quality check (`tests/optimizer_quality.rs`) that one rounding moved
+    /// rounding (f32: the same). Training keeps transformers' order in the forward
+    /// pass (`Ops::rms_norm`, which only changes how the backward pass is computed): on
+    /// the bf16 quality check (`tests/optimizer_quality.rs`) that one rounding moved
     /// `adamw-bf16` from -0.45 % to +1.97 % of `adamw`. (libtorch's CPU `rms_norm`
     /// rounds as its CUDA kernel does, so the CPU never uses it.)
     pub fused_norm: bool,
