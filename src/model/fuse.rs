@@ -79,9 +79,14 @@ impl Fused {
         })
     }
 
+    /// The parts' outputs side by side along the last dimension, from one matmul.
+    pub fn forward_whole(&self, x: &Tensor) -> Tensor {
+        dense_linear(x, &self.weight, self.bias.as_ref())
+    }
+
     /// The parts' outputs for input `x` from one matmul: views along the last dimension.
     pub fn forward(&self, x: &Tensor) -> Vec<Tensor> {
-        let all = dense_linear(x, &self.weight, self.bias.as_ref());
+        let all = self.forward_whole(x);
         let mut start = 0;
         self.rows
             .iter()

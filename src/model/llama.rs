@@ -363,21 +363,35 @@ impl Llama {
         let head_dim = config.head_dim as i64;
         let x = self.norm(hidden, &layer.input_layernorm);
         let attn = &layer.self_attn;
-        let [q, k, v] = match &attn.qkv {
-            Some(fused) if fused.is_current(&[&attn.q_proj, &attn.k_proj, &attn.v_proj]) => {
-                let mut parts = fused.forward(&x).into_iter();
-                [(); 3].map(|_| parts.next().expect("three parts"))
-            }
-            _ => [&attn.q_proj, &attn.k_proj, &attn.v_proj].map(|p| p.forward(&x, train)),
-        };
-        // Rotated in [B, T, H, D] (the projections' own layout, so the rotation's matmul
-        // needs no copy), then heads first for attention.
-        let rotate = |x: Tensor, heads: i64| {
+        // Rotated in [B, T, heads, D] (the projections' own layout, so the rotation's
+        // matmul needs no copy), then heads first for attention.
+        let rotate = |x: &Tensor, heads: i64| {
             let x = x.view([batch, steps, heads, head_dim]);
-            apply_rotary(&x, &context.cos, &context.sin, &context.rotation).transpose(1, 2)
+            apply_rotary(&x, &context.cos, &context.sin, &context.rotation)
         };
-        let q = rotate(q, heads);
-        let mut k = rotate(k, kv_heads);
+        let (q, mut k, v) = match &attn.qkv {
+            Some(fused) if fused.is_current(&[&attn.q_proj, &attn.k_proj, &attn.v_proj]) => {
+                // q and k sit side by side in the fused output: one rotation for both
+                // (the same values; half the launches of a decode step's rotations).
+                let all = fused.forward_whole(&x);
+                let rotated = rotate(
+                    &all.narrow(-1, 0, (heads + kv_heads) * head_dim),
+                    heads + kv_heads,
+                );
+                (
+                    rotated.narrow(2, 0, heads),
+                    rotated.narrow(2, heads, kv_heads),
+                    all.narrow(-1, (heads + kv_heads) * head_dim, kv_heads * head_dim),
+                )
+            }
+            _ => {
+                let [q, k, v] =
+                    [&attn.q_proj, &attn.k_proj, &attn.v_proj].map(|p| p.forward(&x, train));
+                (rotate(&q, heads), rotate(&k, kv_heads), v)
+            }
+        };
+        let q = q.transpose(1, 2);
+        k = k.transpose(1, 2);
         let mut v = v.view([batch, steps, kv_heads, head_dim]).transpose(1, 2);
         if let Some(cache) = cache {
             (k, v) = cache.store(index, context.past, &k, &v);
