@@ -74,6 +74,6 @@ pub fn write_back(state: &mut Tensor, updated: &Tensor) {
 /// Waits until every copy back to host memory issued for weights on `device` has landed.
 pub fn wait_for_copies(device: Device) {
     if let Device::Cuda(index) = device {
-        tch::Cuda::synchronize(index as i64);
+        crate::cuda::synchronize(index);
     }
 }
