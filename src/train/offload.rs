@@ -31,7 +31,7 @@ pub enum StatePlacement {
 /// (falling back to ordinary memory, with a warning, if pinning fails).
 pub fn to_host(tensor: Tensor, device: Device) -> Tensor {
     let on_host = tensor.to_device(Device::Cpu);
-    if !device.is_cuda() {
+    if !device.is_cuda() || on_host.numel() == 0 {
         return on_host;
     }
     match on_host.f_pin_memory(device) {
