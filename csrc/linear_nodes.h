@@ -99,23 +99,27 @@ struct RecomputedLinear : public torch::autograd::Function<RecomputedLinear> {
 // bf16: they are cast as autocast would, and their gradients come back in their dtype.
 // `x_lora` is x after LoRA's dropout, or x itself when `same_input` (no dropout): then
 // x gets one gradient holding both terms.
-// a b in `dtype`. The LoRA matrices are f32 while a bf16 model's products are bf16: on
-// CUDA, cuBLAS writes the f32 product directly (`mm.dtype`, f32 accumulation either
-// way), one launch instead of a bf16 product and its cast, and without the bf16
-// rounding in between. Elsewhere, or if that overload fails once, the product and a
-// cast.
+// scale * a b in `dtype`. The LoRA matrices are f32 while a bf16 model's products are
+// bf16: on CUDA, cuBLAS writes the f32 product directly (`mm.dtype`, f32 accumulation
+// either way), one launch instead of a bf16 product and its cast, and without the
+// bf16 rounding in between. Elsewhere, or if that overload fails once, the product,
+// scaled, then cast (the CPU's numbers stay what they were).
 inline std::atomic<bool> cuda_mm_out_dtype{true};
-inline at::Tensor product_in(const at::Tensor& a, const at::Tensor& b, at::ScalarType dtype) {
+inline at::Tensor product_in(const at::Tensor& a, const at::Tensor& b, double scale,
+                             at::ScalarType dtype) {
   if (a.scalar_type() != dtype && a.is_cuda() && cuda_mm_out_dtype.load()) {
     try {
-      return at::mm(a, b, dtype);
+      at::Tensor product = at::mm(a, b, dtype);
+      return scale == 1.0 ? product : product.mul_(scale);
     } catch (const c10::Error& e) {
       cuda_mm_out_dtype.store(false);
       TORCH_WARN("amthal: mm with an f32 output failed (", e.what_without_backtrace(),
                  "); casting bf16 products from now on");
     }
   }
-  return at::mm(a, b).to(dtype);
+  at::Tensor product = at::mm(a, b);
+  if (scale != 1.0) product.mul_(scale);
+  return product.to(dtype);
 }
 
 struct LoraLinear : public torch::autograd::Function<LoraLinear> {
@@ -155,8 +159,8 @@ struct LoraLinear : public torch::autograd::Function<LoraLinear> {
     at::Tensor g = grads[0].reshape({-1, out}).to(xa.scalar_type());
     // scaling * g B: the gradient of x_lora A^T, [tokens, r].
     at::Tensor gb = at::mm(g, b_c).mul_(scaling);
-    at::Tensor grad_b = product_in(g.t(), xa, b_dtype).mul_(scaling);
-    at::Tensor grad_a = product_in(gb.t(), xl2, a_dtype);
+    at::Tensor grad_b = product_in(g.t(), xa, scaling, b_dtype);
+    at::Tensor grad_a = product_in(gb.t(), xl2, 1.0, a_dtype);
     auto shape = grads[0].sizes().vec();
     shape.back() = in;
     at::Tensor grad_x, grad_x_lora;
