@@ -255,7 +255,7 @@ impl Llama {
             cos,
             sin,
             rotation: self.rope.rotation(self.kind),
-            mask: Some(allowed.unsqueeze(1).unsqueeze(1)),
+            mask: Some(additive_mask(&allowed.unsqueeze(1).unsqueeze(1), self.kind)),
             past: 0,
             segments: None,
         };
@@ -345,7 +345,8 @@ impl Llama {
             cos,
             sin,
             rotation: self.rope.rotation(self.kind),
-            mask: attention_mask(key_mask, batch, steps, past, self.device),
+            mask: attention_mask(key_mask, batch, steps, past, self.device)
+                .map(|mask| additive_mask(&mask, self.kind)),
             past,
             segments: None,
         }
@@ -541,6 +542,16 @@ impl DecoderLayer {
             ("mlp.down_proj", &mut self.mlp.down_proj),
         ]
     }
+}
+
+/// A boolean attention mask (true = may attend) as the additive mask attention turns
+/// it into (0 where allowed, -inf elsewhere, in the activations' dtype): made once per
+/// forward pass, where a boolean mask is converted again in every layer's attention
+/// call (two launches per layer; a decode step's graph holds one per layer fewer of
+/// each). The same values, so the same attention.
+fn additive_mask(allowed: &Tensor, kind: Kind) -> Tensor {
+    Tensor::full(allowed.size(), f64::NEG_INFINITY, (kind, allowed.device()))
+        .masked_fill(allowed, 0.0)
 }
 
 /// Boolean attention mask [B, 1, T, past + T] (true = may attend), or `None` when
