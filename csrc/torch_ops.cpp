@@ -111,7 +111,7 @@ void on_op_end(const at::RecordFunction&, at::ObserverContext*) {
 extern "C" {
 
 // Bumped when a signature changes; src/torch_ops.rs checks it.
-int amthal_ops_version() { return 7; }
+int amthal_ops_version() { return 8; }
 
 const char* amthal_ops_last_error() { return last_error.c_str(); }
 
@@ -215,6 +215,13 @@ int amthal_clear_grads(at::Tensor** tensors, int count) {
 // memory this way; whoever reads that memory on the host synchronizes first.
 int amthal_copy_async(at::Tensor* dst, at::Tensor* src) {
   return guarded([&] { dst->copy_(*src, /*non_blocking=*/true); });
+}
+
+// A copy of host tensor `src` in pinned (page-locked) memory, into `*out`. tch's
+// pin_memory passes a device, which libtorch 2.11 warns about as deprecated on every
+// call (once per optimizer tensor under --offload-optimizer).
+int amthal_pin_memory(at::Tensor* src, at::Tensor** out) {
+  return guarded([&] { *out = new at::Tensor(src->pin_memory()); });
 }
 
 // Starts counting operators in every thread (once per process; later calls do nothing).

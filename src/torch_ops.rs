@@ -26,7 +26,7 @@ use crate::cuda::shim::{load_versioned, status_result};
 
 /// The compiled library (see build.rs).
 const LIBRARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libamthal_ops.so"));
-const VERSION: c_int = 7;
+const VERSION: c_int = 8;
 
 type LastErrorFn = unsafe extern "C" fn() -> *const c_char;
 type FusedAdamwFn = unsafe extern "C" fn(
@@ -65,6 +65,7 @@ type RmsNormFn = unsafe extern "C" fn(*mut c_void, *mut c_void, f64, *mut *mut c
 type SetCpuMatmulFn = unsafe extern "C" fn(c_int) -> c_int;
 type ClearGradsFn = unsafe extern "C" fn(*const *mut c_void, c_int) -> c_int;
 type CopyAsyncFn = unsafe extern "C" fn(*mut c_void, *mut c_void) -> c_int;
+type PinMemoryFn = unsafe extern "C" fn(*mut c_void, *mut *mut c_void) -> c_int;
 type CountStartFn = unsafe extern "C" fn() -> c_int;
 type CountTakeFn = unsafe extern "C" fn(*mut c_char, c_int) -> c_int;
 
@@ -80,6 +81,7 @@ pub struct Ops {
     rms_norm: RmsNormFn,
     clear_grads: ClearGradsFn,
     copy_async: CopyAsyncFn,
+    pin_memory: PinMemoryFn,
     count_start: CountStartFn,
     count_take: CountTakeFn,
 }
@@ -178,6 +180,9 @@ impl Ops {
                 copy_async: std::mem::transmute::<*mut c_void, CopyAsyncFn>(symbol(
                     "amthal_copy_async",
                 )?),
+                pin_memory: std::mem::transmute::<*mut c_void, PinMemoryFn>(symbol(
+                    "amthal_pin_memory",
+                )?),
                 count_start: std::mem::transmute::<*mut c_void, CountStartFn>(symbol(
                     "amthal_ops_count_start",
                 )?),
@@ -227,6 +232,12 @@ impl Ops {
     pub fn copy_async(&self, dst: &Tensor, src: &Tensor) -> Result<(), String> {
         // SAFETY: live tensor handles.
         self.check(unsafe { (self.copy_async)(handle(dst), handle(src)) })
+    }
+
+    /// A copy of host tensor `src` in pinned memory (needs CUDA to be loaded).
+    pub fn pin_memory(&self, src: &Tensor) -> Result<Tensor, String> {
+        // SAFETY: a live tensor handle; the call hands back a new tensor.
+        self.returned_tensor(|out| unsafe { (self.pin_memory)(handle(src), out) })
     }
 
     /// Starts counting the operators every thread issues (for the step profile).
@@ -449,6 +460,28 @@ mod tests {
         for (after, before) in tensors.iter().zip(&before) {
             assert!(after.equal(&(before * 0.25)));
         }
+    }
+
+    /// Pinning a host tensor: with CUDA loaded, a pinned copy of the same values;
+    /// without it (CI), libtorch's error comes back as an error, not a crash. And the
+    /// asynchronous copy between host tensors is a plain copy.
+    #[test]
+    fn pinning_and_async_copies_report_their_outcome() {
+        let ops = ops().expect("the embedded ops library loads");
+        let host = Tensor::from_slice(&[1f32, 2.0, 3.0]);
+        match ops.pin_memory(&host) {
+            Ok(pinned) => {
+                assert!(pinned.equal(&host));
+                assert!(crate::cuda::is_available(), "pinned without CUDA");
+            }
+            Err(message) => {
+                assert!(!message.is_empty());
+                assert!(!crate::cuda::is_available(), "CUDA is there: {message}");
+            }
+        }
+        let target = Tensor::zeros([3], (Kind::Float, tch::Device::Cpu));
+        ops.copy_async(&target, &host).unwrap();
+        assert!(target.equal(&host));
     }
 
     /// Dropped gradients are undefined, and the next backward pass sets them to its

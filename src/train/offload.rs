@@ -34,12 +34,18 @@ pub fn to_host(tensor: Tensor, device: Device) -> Tensor {
     if !device.is_cuda() || on_host.numel() == 0 {
         return on_host;
     }
-    match on_host.f_pin_memory(device) {
+    let pinned = crate::torch_ops::ops()
+        .ok_or_else(|| "the ops library is not loaded".to_string())
+        .and_then(|ops| ops.pin_memory(&on_host));
+    match pinned {
         Ok(pinned) => pinned,
         Err(error) => {
-            tracing::warn!(
-                "could not pin optimizer state in host memory ({error}); copies will be slower"
-            );
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(
+                    "could not pin optimizer state in host memory ({error}); copies will be slower"
+                );
+            });
             on_host
         }
     }
