@@ -1,7 +1,8 @@
-// The autograd nodes amthal's projections run through (included by torch_ops.cpp):
-// a frozen weight recomputed in the backward pass (4-bit bases), a projection with its
-// LoRA adapter in one node, and a plain projection whose f32 CPU products go through
-// oneDNN. tch cannot define autograd functions, hence C++.
+// The autograd nodes amthal's layers run through (included by torch_ops.cpp): a
+// frozen weight recomputed in the backward pass (4-bit bases), a projection with its
+// LoRA adapter in one node, a plain projection whose f32 CPU products go through
+// oneDNN, and training's RMSNorm on GPUs with a formula for its backward pass. tch
+// cannot define autograd functions, hence C++.
 #pragma once
 
 #include <ATen/ATen.h>

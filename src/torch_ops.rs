@@ -13,6 +13,9 @@
 //! adapter product is accumulated into the base output by the matmul itself (PEFT's
 //! graph writes a [tokens, out] tensor four times per projection; this, once).
 //!
+//! And `rms_norm` (training's RMSNorm on GPUs, its backward pass as one fused kernel),
+//! `copy_async` and `pin_memory` (host-kept optimizer state, `train/offload.rs`).
+//!
 //! The library is embedded in the binary and loaded from memory on first use, on the
 //! CPU and on CUDA (it needs only libtorch_cpu). If it cannot be loaded the optimizer
 //! falls back to its per-tensor code, with a warning.
