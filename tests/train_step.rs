@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use amthal::batch::Batch;
@@ -259,6 +259,26 @@ fn train_tiny(out: &Path, extra: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// Copies `run`'s checkpoint-3 into a fresh `resumed` folder and finishes the run there
+/// with `--resume` (without `run`'s other flags but `--optim`); returns `resumed`.
+fn resume_from_checkpoint_3(run: &Path, resumed: &Path, optim: &str) -> PathBuf {
+    std::fs::create_dir_all(resumed).unwrap();
+    let copied = Command::new("cp")
+        .arg("-r")
+        .arg(run.join("checkpoint-3"))
+        .arg(resumed)
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    let output = train_tiny(resumed, &["--optim", optim, "--resume"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    resumed.to_path_buf()
+}
+
 /// The whole command with both: the log reports gradient norms and the clipping
 /// pass, and a run resumed from checkpoint-3 ends bit-identical to the whole run.
 #[test]
@@ -274,21 +294,8 @@ fn an_in_backward_packed_run_resumes_exactly() {
         );
         let config = std::fs::read_to_string(whole.join("training_config.toml")).unwrap();
         assert!(config.contains("optim_in_backward = true") && config.contains("packing = true"));
-        let resumed = dir.join(format!("{optim}-resumed"));
-        std::fs::create_dir_all(&resumed).unwrap();
-        let copied = Command::new("cp")
-            .arg("-r")
-            .arg(whole.join("checkpoint-3"))
-            .arg(&resumed)
-            .status()
-            .unwrap();
-        assert!(copied.success());
-        let output = train_tiny(&resumed, &["--optim", optim, "--resume"]);
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        let resumed =
+            resume_from_checkpoint_3(&whole, &dir.join(format!("{optim}-resumed")), optim);
         assert_eq!(
             std::fs::read(resumed.join("final/model.safetensors")).unwrap(),
             std::fs::read(whole.join("final/model.safetensors")).unwrap(),
@@ -330,21 +337,8 @@ fn an_offloaded_optimizer_takes_the_same_steps() {
             final_weights(&plain),
             "{optim}: the same final weights"
         );
-        let resumed = dir.join(format!("{optim}-resumed"));
-        std::fs::create_dir_all(&resumed).unwrap();
-        let copied = Command::new("cp")
-            .arg("-r")
-            .arg(offloaded.join("checkpoint-3"))
-            .arg(&resumed)
-            .status()
-            .unwrap();
-        assert!(copied.success());
-        let output = train_tiny(&resumed, &["--optim", optim, "--resume"]);
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        let resumed =
+            resume_from_checkpoint_3(&offloaded, &dir.join(format!("{optim}-resumed")), optim);
         assert_eq!(
             final_weights(&resumed),
             final_weights(&plain),
