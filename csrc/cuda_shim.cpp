@@ -34,7 +34,7 @@ int cuda_status(cudaError_t status) {
 extern "C" {
 
 // Bumped when a signature changes; src/cuda/shim.rs checks it.
-int amthal_cuda_shim_version() { return 2; }
+int amthal_cuda_shim_version() { return 3; }
 
 const char* amthal_cuda_last_error() { return last_error.c_str(); }
 
@@ -93,7 +93,13 @@ int amthal_cuda_mem_get_info(int device, int64_t* free_bytes, int64_t* total_byt
 // recorded. Tensors the recorded work allocates live in the graph's private memory
 // pool and keep their addresses, so a replay rewrites the same outputs. On success
 // *graph_out owns the graph (free it with amthal_cuda_graph_destroy).
-int amthal_cuda_graph_capture(int (*body)(void*), void* context, void** graph_out) {
+//
+// `pool`: null for a private memory pool, else two ids from amthal_cuda_graph_pool_handle
+// that several graphs share (as torch.cuda.make_graphed_callables shares one): graphs
+// that are never replayed at the same time and hand out no tensor across replays
+// (training's length buckets) then need the memory of the largest alone.
+int amthal_cuda_graph_capture(int (*body)(void*), void* context, const uint64_t* pool,
+                              void** graph_out) {
   *graph_out = nullptr;
   at::cuda::CUDAGraph* graph = nullptr;
   int status = guarded([&] {
@@ -108,12 +114,21 @@ int amthal_cuda_graph_capture(int (*body)(void*), void* context, void** graph_ou
     c10::cuda::CUDAStreamGuard guard(side);
     if (body(context) != 0) throw std::runtime_error("the warm-up run failed");
     side.synchronize();
+    // The warm-up's freed blocks are cached for the side stream, which nothing else
+    // uses: hand them back before the graph's pool grows (and again after), or each
+    // recording would keep one more micro-batch's worth of memory reserved.
+    c10::cuda::CUDACachingAllocator::emptyCache();
     graph = new at::cuda::CUDAGraph();
-    graph->capture_begin();
+    if (pool != nullptr) {
+      graph->capture_begin(at::cuda::MempoolId_t{pool[0], pool[1]});
+    } else {
+      graph->capture_begin();
+    }
     int recorded = body(context);
     graph->capture_end();  // throws if the capture was invalidated
     if (recorded != 0) throw std::runtime_error("recording the work failed");
     side.synchronize();
+    c10::cuda::CUDACachingAllocator::emptyCache();
   });
   if (status != 0) {
     delete graph;
@@ -121,6 +136,16 @@ int amthal_cuda_graph_capture(int (*body)(void*), void* context, void** graph_ou
   }
   *graph_out = graph;
   return 0;
+}
+
+// A memory pool id for graphs to share (at::cuda::graph_pool_handle(), what
+// torch.cuda.graph_pool_handle() returns): out[0..2].
+int amthal_cuda_graph_pool_handle(uint64_t* out) {
+  return guarded([&] {
+    auto handle = at::cuda::graph_pool_handle();
+    out[0] = handle.first;
+    out[1] = handle.second;
+  });
 }
 
 // Replays a captured graph on the current stream.

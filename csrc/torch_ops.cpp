@@ -111,7 +111,7 @@ void on_op_end(const at::RecordFunction&, at::ObserverContext*) {
 extern "C" {
 
 // Bumped when a signature changes; src/torch_ops.rs checks it.
-int amthal_ops_version() { return 8; }
+int amthal_ops_version() { return 9; }
 
 const char* amthal_ops_last_error() { return last_error.c_str(); }
 
@@ -202,10 +202,20 @@ int amthal_set_cpu_matmul(int onednn) {
 
 // Drops the gradients of `count` tensors (optimizer.zero_grad(set_to_none=True), torch's
 // default): no zero_ kernel per tensor, and the next backward pass adopts its
-// gradients instead of adding them to zeros.
-int amthal_clear_grads(at::Tensor** tensors, int count) {
+// gradients instead of adding them to zeros. With `in_place`, zeroes the defined ones
+// instead, with one multi-tensor kernel (set_to_none=False): what recorded CUDA
+// graphs need, whose backward passes add into those very tensors.
+int amthal_clear_grads(at::Tensor** tensors, int count, int in_place) {
   return guarded([&] {
-    for (int i = 0; i < count; ++i) tensors[i]->mutable_grad().reset();
+    if (!in_place) {
+      for (int i = 0; i < count; ++i) tensors[i]->mutable_grad().reset();
+      return;
+    }
+    std::vector<at::Tensor> grads;
+    for (int i = 0; i < count; ++i) {
+      if (tensors[i]->grad().defined()) grads.push_back(tensors[i]->grad());
+    }
+    if (!grads.empty()) at::_foreach_zero_(grads);
   });
 }
 

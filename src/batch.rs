@@ -7,6 +7,9 @@
 //! DataCollatorWithFlattening): the rows one after another in a single row, positions
 //! restarting at 0 for each document, and the documents' spans recorded so attention
 //! runs per document. No position is spent on padding.
+//!
+//! `--cuda-graphs` lays a packed batch out at a fixed width (`FixedWidthLayout`), the
+//! shapes a recorded graph replays.
 
 use tch::{Device, Kind, Tensor};
 
@@ -85,27 +88,18 @@ impl Batch {
 
     /// The rows packed into one row [1, sum of lengths], no padding.
     pub fn packed(rows: &[&Encoded], device: Device) -> Batch {
-        let total: usize = rows.iter().map(|r| r.input_ids.len()).sum();
-        let mut ids = Vec::with_capacity(total);
-        let mut labels = Vec::with_capacity(total);
-        let mut positions = Vec::with_capacity(total);
-        let mut segments = Vec::with_capacity(rows.len());
-        for row in rows {
-            segments.push((ids.len() as i64, row.input_ids.len() as i64));
-            ids.extend(row.input_ids.iter().map(|&i| i as i64));
-            positions.extend(0..row.input_ids.len() as i64);
-            // The last token of one document must not be trained to predict the first
-            // of the next: its first label is always ignored (prompts are never
-            // trained anyway, but this does not depend on it).
-            labels.push(IGNORE_INDEX);
-            labels.extend(row.labels.iter().skip(1).copied());
-        }
+        let packed = PackedRows::new(rows);
+        let total = packed.ids.len();
         let shape = [1, total as i64];
         Batch {
-            input_ids: Tensor::from_slice(&ids).view(shape).to_device(device),
-            positions: Tensor::from_slice(&positions).view(shape).to_device(device),
-            segments: Some(segments),
-            answers: Answers::from_labels(&labels, total, device),
+            input_ids: Tensor::from_slice(&packed.ids)
+                .view(shape)
+                .to_device(device),
+            positions: Tensor::from_slice(&packed.positions)
+                .view(shape)
+                .to_device(device),
+            segments: Some(packed.segments),
+            answers: Answers::from_labels(&packed.labels, total, device),
         }
     }
 
@@ -122,6 +116,93 @@ impl Batch {
     pub fn positions_computed(&self) -> i64 {
         self.input_ids.numel() as i64
     }
+}
+
+/// Rows one after another in a single row (`Batch::packed`, `FixedWidthLayout`).
+struct PackedRows {
+    ids: Vec<i64>,
+    /// 0.. within each document.
+    positions: Vec<i64>,
+    /// Each position's label (a document's first one always ignored).
+    labels: Vec<i64>,
+    /// Each document's (start, length).
+    segments: Vec<(i64, i64)>,
+}
+
+impl PackedRows {
+    fn new(rows: &[&Encoded]) -> PackedRows {
+        let total: usize = rows.iter().map(|r| r.input_ids.len()).sum();
+        let mut packed = PackedRows {
+            ids: Vec::with_capacity(total),
+            positions: Vec::with_capacity(total),
+            labels: Vec::with_capacity(total),
+            segments: Vec::with_capacity(rows.len()),
+        };
+        for row in rows {
+            packed
+                .segments
+                .push((packed.ids.len() as i64, row.input_ids.len() as i64));
+            packed.ids.extend(row.input_ids.iter().map(|&i| i as i64));
+            packed.positions.extend(0..row.input_ids.len() as i64);
+            // The last token of one document must not be trained to predict the first
+            // of the next: its first label is always ignored (prompts are never
+            // trained anyway, but this does not depend on it).
+            packed.labels.push(IGNORE_INDEX);
+            packed.labels.extend(row.labels.iter().skip(1).copied());
+        }
+        packed
+    }
+}
+
+/// A packed micro-batch laid out at a fixed width (`--cuda-graphs`): a recorded graph
+/// replays the same shapes, so everything that varies from batch to batch is a value
+/// in a tensor of the width's size rather than a shape or a host-side list.
+/// - The rows are packed as `Batch::packed` packs them, then padded to `width` with
+///   token 0 at positions 0.., which form a document of their own (so each padded
+///   query still attends to itself; a fully masked row would be NaN).
+/// - `documents`: each position's document index; attention stays within one.
+/// - `targets`: the token each position is trained to predict, or IGNORE_INDEX: what
+///   `Answers` lists by position, spread over the whole width.
+#[derive(Debug, PartialEq)]
+pub struct FixedWidthLayout {
+    pub input_ids: Vec<i64>,
+    pub positions: Vec<i64>,
+    pub documents: Vec<i64>,
+    pub targets: Vec<i64>,
+}
+
+impl FixedWidthLayout {
+    /// `rows` must fit `width` (see `bucket_width`).
+    pub fn new(rows: &[&Encoded], width: usize) -> FixedWidthLayout {
+        let packed = PackedRows::new(rows);
+        let used = packed.ids.len();
+        assert!(used <= width, "{used} tokens do not fit a width of {width}");
+        let padding = width - used;
+        let mut documents = Vec::with_capacity(width);
+        for (document, &(_, length)) in packed.segments.iter().enumerate() {
+            documents.extend(std::iter::repeat_n(document as i64, length as usize));
+        }
+        documents.extend(std::iter::repeat_n(packed.segments.len() as i64, padding));
+        let mut positions = packed.positions;
+        positions.extend(0..padding as i64);
+        let mut input_ids = packed.ids;
+        input_ids.extend(std::iter::repeat_n(0, padding));
+        // Position t is trained on label t + 1 (as `Answers::from_labels`).
+        let mut targets: Vec<i64> = packed.labels.into_iter().skip(1).collect();
+        targets.resize(width, IGNORE_INDEX);
+        FixedWidthLayout {
+            input_ids,
+            positions,
+            documents,
+            targets,
+        }
+    }
+}
+
+/// The width a packed micro-batch of `tokens` is laid out at: the next multiple of
+/// `bucket` (one recorded graph per width).
+pub fn bucket_width(tokens: usize, bucket: usize) -> usize {
+    tokens.max(1).div_ceil(bucket) * bucket
 }
 
 #[cfg(test)]
@@ -157,5 +238,38 @@ mod tests {
         assert_eq!(values(&padded.answers.positions), vec![0, 1, 3]);
         assert_eq!(values(&padded.answers.rows), vec![0, 0, 1]);
         assert_eq!(values(&padded.answers.targets), vec![6, 7, 9]);
+    }
+
+    /// The fixed-width layout holds the packed batch's tokens, positions and trained
+    /// positions, and the padding is a document of its own that trains nothing.
+    #[test]
+    fn the_fixed_width_layout_is_the_packed_batch_padded() {
+        let a = encoded(&[5, 6, 7], &[IGNORE_INDEX, 6, 7]);
+        let b = encoded(&[8, 9], &[8, 9]);
+        let layout = FixedWidthLayout::new(&[&a, &b], 8);
+        let x = IGNORE_INDEX;
+        assert_eq!(layout.input_ids, vec![5, 6, 7, 8, 9, 0, 0, 0]);
+        assert_eq!(layout.positions, vec![0, 1, 2, 0, 1, 0, 1, 2]);
+        assert_eq!(layout.documents, vec![0, 0, 0, 1, 1, 2, 2, 2]);
+        assert_eq!(layout.targets, vec![6, 7, x, 9, x, x, x, x]);
+        // The same trained positions and targets as the packed batch's answers.
+        let packed = Batch::packed(&[&a, &b], Device::Cpu);
+        let values = |t: &Tensor| Vec::<i64>::try_from(t.view([-1])).unwrap();
+        let trained: Vec<(i64, i64)> = (0..)
+            .zip(layout.targets.iter().copied())
+            .filter(|&(_, target)| target != x)
+            .collect();
+        let answers: Vec<(i64, i64)> = values(&packed.answers.positions)
+            .into_iter()
+            .zip(values(&packed.answers.targets))
+            .collect();
+        assert_eq!(trained, answers);
+        // Exactly full: no padding document.
+        let full = FixedWidthLayout::new(&[&a, &b], 5);
+        assert_eq!(full.documents, vec![0, 0, 0, 1, 1]);
+        assert_eq!(full.targets, vec![6, 7, x, 9, x]);
+        assert_eq!(bucket_width(5, 4), 8);
+        assert_eq!(bucket_width(8, 4), 8);
+        assert_eq!(bucket_width(0, 4), 4);
     }
 }

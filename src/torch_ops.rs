@@ -29,7 +29,7 @@ use crate::cuda::shim::{load_versioned, status_result};
 
 /// The compiled library (see build.rs).
 const LIBRARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libamthal_ops.so"));
-const VERSION: c_int = 8;
+const VERSION: c_int = 9;
 
 type LastErrorFn = unsafe extern "C" fn() -> *const c_char;
 type FusedAdamwFn = unsafe extern "C" fn(
@@ -66,7 +66,7 @@ type DenseLinearFn =
     unsafe extern "C" fn(*mut c_void, *mut c_void, *mut c_void, *mut *mut c_void) -> c_int;
 type RmsNormFn = unsafe extern "C" fn(*mut c_void, *mut c_void, f64, *mut *mut c_void) -> c_int;
 type SetCpuMatmulFn = unsafe extern "C" fn(c_int) -> c_int;
-type ClearGradsFn = unsafe extern "C" fn(*const *mut c_void, c_int) -> c_int;
+type ClearGradsFn = unsafe extern "C" fn(*const *mut c_void, c_int, c_int) -> c_int;
 type CopyAsyncFn = unsafe extern "C" fn(*mut c_void, *mut c_void) -> c_int;
 type PinMemoryFn = unsafe extern "C" fn(*mut c_void, *mut *mut c_void) -> c_int;
 type CountStartFn = unsafe extern "C" fn() -> c_int;
@@ -226,7 +226,15 @@ impl Ops {
     pub fn clear_grads(&self, tensors: &[&Tensor]) -> Result<(), String> {
         let handles = handles(tensors);
         // SAFETY: live tensor handles.
-        self.check(unsafe { (self.clear_grads)(handles.as_ptr(), handles.len() as c_int) })
+        self.check(unsafe { (self.clear_grads)(handles.as_ptr(), handles.len() as c_int, 0) })
+    }
+
+    /// Zeroes the tensors' defined gradients in place, one multi-tensor kernel
+    /// (`zero_grad(set_to_none=False)`): the gradients keep their storage.
+    pub fn zero_grads_in_place(&self, tensors: &[&Tensor]) -> Result<(), String> {
+        let handles = handles(tensors);
+        // SAFETY: live tensor handles.
+        self.check(unsafe { (self.clear_grads)(handles.as_ptr(), handles.len() as c_int, 1) })
     }
 
     /// `dst.copy_(src, non_blocking=true)`: between pinned host memory and a CUDA device
@@ -499,6 +507,24 @@ mod tests {
         assert!(!w.grad().defined());
         (&w * 5.0).sum(Kind::Float).backward();
         assert_eq!(Vec::<f32>::try_from(w.grad()).unwrap(), vec![5.0; 3]);
+    }
+
+    /// Gradients zeroed in place keep their storage (what a recorded CUDA graph adds
+    /// into), and the next backward pass adds to the zeros; undefined ones stay so.
+    #[test]
+    fn gradients_zeroed_in_place_keep_their_storage() {
+        let ops = ops().expect("the embedded ops library loads");
+        let w = Tensor::from_slice(&[1f32, 2.0, 3.0]).set_requires_grad(true);
+        let unused = Tensor::from_slice(&[1f32]).set_requires_grad(true);
+        (&w * 2.0).sum(Kind::Float).backward();
+        let address = w.grad().data_ptr();
+        ops.zero_grads_in_place(&[&w, &unused]).unwrap();
+        assert_eq!(Vec::<f32>::try_from(w.grad()).unwrap(), vec![0.0; 3]);
+        assert_eq!(w.grad().data_ptr(), address);
+        assert!(!unused.grad().defined());
+        (&w * 5.0).sum(Kind::Float).backward();
+        assert_eq!(Vec::<f32>::try_from(w.grad()).unwrap(), vec![5.0; 3]);
+        assert_eq!(w.grad().data_ptr(), address);
     }
 
     /// The counter sees the kernels an expression launches, forward and backward, and

@@ -16,6 +16,7 @@ use amthal::model::lora::{LoraConfig, load_adapter};
 use amthal::model::{Llama, LoadOptions, load_llama};
 use amthal::model_source::ModelSource;
 use amthal::prompt::{PromptBuilder, PromptFormat};
+use amthal::train::graphed_step::{GraphedSteps, optimizer_step_graphed};
 use amthal::train::loss_scale::LossScaler;
 use amthal::train::micro_step;
 use amthal::train::moments::OptimKind;
@@ -119,6 +120,18 @@ fn packed_batches_give_the_padded_losses_and_gradients() {
     }
 }
 
+/// How `three_steps` runs a step.
+#[derive(Clone, Copy, PartialEq)]
+enum Route {
+    /// `optimizer_step`, the update after the (checkpointed) backward pass.
+    After,
+    /// `optimizer_step` with `--optim-in-backward`.
+    InBackward,
+    /// `optimizer_step_graphed` (`--cuda-graphs`'s fixed-width step; no graph on the
+    /// CPU), with or without gradient checkpointing.
+    FixedWidth { checkpointing: bool },
+}
+
 /// Trains three optimizer steps of two micro-batches each; returns the trained
 /// tensors and the reported gradient norms.
 fn three_steps(
@@ -127,12 +140,19 @@ fn three_steps(
     optim: OptimKind,
     max_grad_norm: f64,
     scaled: bool,
-    in_backward: bool,
+    route: Route,
 ) -> (Vec<(String, Tensor)>, Vec<f64>) {
     let rows = encoded_rows();
     let (model, mode) = model_for(full, tied);
     let mut optimizer = AdamW::with_kind(trainable_tensors(&model, &mode), 0.01, optim);
     let mut scaler = scaled.then(|| LossScaler::new(1024.0));
+    let mut graphs = match route {
+        Route::FixedWidth { checkpointing } => {
+            optimizer.keep_grads = true;
+            Some(GraphedSteps::new(Device::Cpu, checkpointing, full))
+        }
+        _ => None,
+    };
     let mut norms = Vec::new();
     for step in 0..3u64 {
         let window: Vec<Vec<&Encoded>> = (0..2)
@@ -155,7 +175,7 @@ fn three_steps(
             first_micro: step * 2,
             checkpointing: true,
             full,
-            in_backward,
+            in_backward: route == Route::InBackward,
             max_grad_norm,
             lr: 1e-3,
             token_scale: 1.0 / tokens as f64,
@@ -163,14 +183,24 @@ fn three_steps(
             micro_stride: 1,
             padding_only: false,
         };
-        let outcome = optimizer_step(
-            &model,
-            &mut optimizer,
-            &batches,
-            &settings,
-            scaler.as_mut(),
-            None,
-        )
+        let outcome = match graphs.as_mut() {
+            Some(graphs) => optimizer_step_graphed(
+                &model,
+                &mut optimizer,
+                graphs,
+                &window,
+                &settings,
+                scaler.as_mut(),
+            ),
+            None => optimizer_step(
+                &model,
+                &mut optimizer,
+                &batches,
+                &settings,
+                scaler.as_mut(),
+                None,
+            ),
+        }
         .unwrap();
         assert!(outcome.nonfinite_loss.is_none());
         norms.push(outcome.grad_norm.expect("the step was taken"));
@@ -200,8 +230,10 @@ fn the_update_inside_the_backward_pass_takes_the_same_steps() {
     for (full, tied, optim, max_grad_norm, scaled) in cases {
         let case =
             format!("full={full} tied={tied} {optim:?} clip={max_grad_norm} scaled={scaled}");
-        let (after, after_norms) = three_steps(full, tied, optim, max_grad_norm, scaled, false);
-        let (inside, inside_norms) = three_steps(full, tied, optim, max_grad_norm, scaled, true);
+        let (after, after_norms) =
+            three_steps(full, tied, optim, max_grad_norm, scaled, Route::After);
+        let (inside, inside_norms) =
+            three_steps(full, tied, optim, max_grad_norm, scaled, Route::InBackward);
         for (a, b) in after_norms.iter().zip(&inside_norms) {
             assert!(
                 (a - b).abs() <= 1e-5 * a,
@@ -236,7 +268,66 @@ fn the_update_inside_the_backward_pass_takes_the_same_steps() {
     }
 }
 
+/// `--cuda-graphs`'s fixed-width micro-batches (what a recorded graph replays; run
+/// without a graph on the CPU: the mask built from document indices, cross-entropy
+/// over the whole width, gradients added into kept `.grad` tensors, one loss read per
+/// step) take the eager step's steps: LoRA and full, tied or not, with and without
+/// gradient checkpointing, clipping and an f16 loss scaler.
+#[test]
+fn the_fixed_width_step_of_cuda_graphs_takes_the_same_steps() {
+    let cases = [
+        // (full, tied lm_head, max_grad_norm, loss scaler, checkpointing)
+        (false, true, 0.0, false, false),
+        (false, true, 0.05, false, true),
+        (true, true, 0.05, false, false),
+        (true, false, 0.05, false, true),
+        (true, false, 0.0, true, true),
+    ];
+    for (full, tied, max_grad_norm, scaled, checkpointing) in cases {
+        let case = format!(
+            "full={full} tied={tied} clip={max_grad_norm} scaled={scaled} checkpointing={checkpointing}"
+        );
+        let optim = OptimKind::AdamW;
+        let (eager, eager_norms) =
+            three_steps(full, tied, optim, max_grad_norm, scaled, Route::After);
+        let (fixed, fixed_norms) = three_steps(
+            full,
+            tied,
+            optim,
+            max_grad_norm,
+            scaled,
+            Route::FixedWidth { checkpointing },
+        );
+        for (a, b) in eager_norms.iter().zip(&fixed_norms) {
+            assert!(
+                (a - b).abs() <= 1e-5 * a,
+                "{case}: gradient norms {a} vs {b}"
+            );
+        }
+        let (source_model, source_mode) = model_for(full, tied);
+        let before = trainable_tensors(&source_model, &source_mode);
+        for (((name, a), (_, b)), (_, start, _)) in eager.iter().zip(&fixed).zip(&before) {
+            let moved = (a - start).abs().mean(tch::Kind::Float).double_value(&[]);
+            assert!(moved > 1e-6, "{case} {name}: the weights moved ({moved})");
+            // Attention through a mask instead of per document, and the loss summed in
+            // another order: f32 rounding, which AdamW's first steps (updates of about
+            // lr whatever the gradient's size) carry to the weights.
+            let difference = max_difference(a, b);
+            assert!(difference < 1e-5, "{case} {name}: {difference}");
+        }
+    }
+}
+
+/// The step flags most runs below use.
+const IN_BACKWARD_PACKED: &[&str] = &["--optim-in-backward", "--packing"];
+
 fn train_tiny(out: &Path, extra: &[&str]) -> std::process::Output {
+    train_tiny_with(out, IN_BACKWARD_PACKED, extra)
+}
+
+/// Six steps of the tiny model (full fine-tune, bf16), checkpoints every 3, with the
+/// step flags `route` and then `extra`.
+fn train_tiny_with(out: &Path, route: &[&str], extra: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_amthal"))
         .args(["train", "--model"])
         .arg(fixture("tiny-llama"))
@@ -253,15 +344,17 @@ fn train_tiny(out: &Path, extra: &[&str]) -> std::process::Output {
             "steps",
         ])
         .args(["--eval-steps", "3", "--previews", "0", "--batch-size", "2"])
-        .args(["--grad-accum", "2", "--optim-in-backward", "--packing"])
+        .args(["--grad-accum", "2"])
+        .args(route)
         .args(extra)
         .output()
         .unwrap()
 }
 
 /// Copies `run`'s checkpoint-3 into a fresh `resumed` folder and finishes the run there
-/// with `--resume` (without `run`'s other flags but `--optim`); returns `resumed`.
-fn resume_from_checkpoint_3(run: &Path, resumed: &Path, optim: &str) -> PathBuf {
+/// with `--resume` and the step flags `route` (without `run`'s other flags but
+/// `--optim`); returns `resumed`.
+fn resume_from_checkpoint_3(run: &Path, resumed: &Path, route: &[&str], optim: &str) -> PathBuf {
     std::fs::create_dir_all(resumed).unwrap();
     let copied = Command::new("cp")
         .arg("-r")
@@ -270,7 +363,7 @@ fn resume_from_checkpoint_3(run: &Path, resumed: &Path, optim: &str) -> PathBuf 
         .status()
         .unwrap();
     assert!(copied.success());
-    let output = train_tiny(resumed, &["--optim", optim, "--resume"]);
+    let output = train_tiny_with(resumed, route, &["--optim", optim, "--resume"]);
     assert!(
         output.status.success(),
         "{}",
@@ -294,8 +387,12 @@ fn an_in_backward_packed_run_resumes_exactly() {
         );
         let config = std::fs::read_to_string(whole.join("training_config.toml")).unwrap();
         assert!(config.contains("optim_in_backward = true") && config.contains("packing = true"));
-        let resumed =
-            resume_from_checkpoint_3(&whole, &dir.join(format!("{optim}-resumed")), optim);
+        let resumed = resume_from_checkpoint_3(
+            &whole,
+            &dir.join(format!("{optim}-resumed")),
+            IN_BACKWARD_PACKED,
+            optim,
+        );
         assert_eq!(
             std::fs::read(resumed.join("final/model.safetensors")).unwrap(),
             std::fs::read(whole.join("final/model.safetensors")).unwrap(),
@@ -337,12 +434,78 @@ fn an_offloaded_optimizer_takes_the_same_steps() {
             final_weights(&plain),
             "{optim}: the same final weights"
         );
-        let resumed =
-            resume_from_checkpoint_3(&offloaded, &dir.join(format!("{optim}-resumed")), optim);
+        let resumed = resume_from_checkpoint_3(
+            &offloaded,
+            &dir.join(format!("{optim}-resumed")),
+            IN_BACKWARD_PACKED,
+            optim,
+        );
         assert_eq!(
             final_weights(&resumed),
             final_weights(&plain),
             "{optim}: resumed from the offloaded checkpoint"
         );
     }
+}
+
+/// `--cuda-graphs` from the command line (on the CPU: the fixed-width step without a
+/// graph, with a note saying so): it implies packing, refuses what a recorded step
+/// cannot do with a message naming the way out, and a run resumed from checkpoint-3
+/// ends bit-identical to the whole run.
+#[test]
+fn a_cuda_graphs_run_resumes_exactly_and_refuses_what_it_cannot_record() {
+    let dir = temp_dir("cuda-graphs");
+    let graphs: &[&str] = &["--cuda-graphs"];
+    let whole = dir.join("whole");
+    let output = train_tiny_with(&whole, graphs, &["--optim", "adamw"]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--cuda-graphs records the step on a GPU"),
+        "{stderr}"
+    );
+    let config = std::fs::read_to_string(whole.join("training_config.toml")).unwrap();
+    assert!(config.contains("cuda_graphs = true") && config.contains("packing = true"));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(whole.join("train_summary.json")).unwrap())
+            .unwrap();
+    let account = &summary["cuda_graphs"];
+    let widths = account["widths"].as_array().unwrap();
+    assert!(!widths.is_empty(), "{account}");
+    assert!(
+        widths.iter().all(|w| w.as_u64().unwrap() % 128 == 0),
+        "{account}"
+    );
+    assert_eq!(
+        account["recorded_widths"],
+        serde_json::json!([]),
+        "no graph on the CPU"
+    );
+    assert!(account["failure"].is_null(), "{account}");
+    let resumed = resume_from_checkpoint_3(&whole, &dir.join("resumed"), graphs, "adamw");
+    assert_eq!(
+        std::fs::read(resumed.join("final/model.safetensors")).unwrap(),
+        std::fs::read(whole.join("final/model.safetensors")).unwrap(),
+        "the same final weights"
+    );
+    for (extra, expected) in [
+        (&["--lora"][..], "add --lora-dropout 0"),
+        (&["--optim-in-backward"][..], "choose one"),
+    ] {
+        let output = train_tiny_with(&dir.join("refused"), graphs, extra);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{extra:?} was accepted");
+        assert!(stderr.contains(expected), "{extra:?}: {stderr}");
+    }
+    let lora = train_tiny_with(
+        &dir.join("lora"),
+        graphs,
+        &["--lora", "--lora-dropout", "0"],
+    );
+    assert!(
+        lora.status.success(),
+        "{}",
+        String::from_utf8_lossy(&lora.stderr)
+    );
+    assert!(dir.join("lora/final/adapter_model.safetensors").exists());
 }

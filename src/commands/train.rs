@@ -67,6 +67,8 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     c.optim_in_backward |= args.optim_in_backward;
     c.offload_optimizer |= args.offload_optimizer;
     c.packing |= args.packing;
+    c.cuda_graphs |= args.cuda_graphs;
+    c.packing |= c.cuda_graphs;
     if let Some(kind) = args.quantize.quant_kind() {
         c.quantize = Some(kind);
     }

@@ -47,15 +47,42 @@ unsafe extern "C" fn run_body<T>(context: *mut c_void) -> c_int {
     }
 }
 
+/// A memory pool several graphs record into (`torch.cuda.graph_pool_handle()`): for
+/// graphs replayed one at a time that hand no tensor from one replay to the next
+/// other than their outputs, which stay allocated. Then the pool needs what the
+/// largest graph needs, not their sum (training's length buckets).
+#[derive(Debug, Clone, Copy)]
+pub struct GraphPool([u64; 2]);
+
+impl GraphPool {
+    pub fn new() -> Result<GraphPool, String> {
+        Ok(GraphPool(loaded_shim()?.graph_pool_handle()?))
+    }
+}
+
+fn loaded_shim() -> Result<&'static Shim, String> {
+    super::runtime()
+        .map_err(|why| format!("CUDA is not available: {why}"))?
+        .shim
+        .as_ref()
+        .map_err(|why| format!("the CUDA shim is not loaded: {why}"))
+}
+
 impl CudaGraph {
     /// Runs `body` once eagerly (warm-up) on a side stream, then records it; returns
     /// the graph and the outputs of the recorded run (computed by the first `replay`).
-    pub fn capture<T>(mut body: impl FnMut() -> T) -> Result<(CudaGraph, T), String> {
-        let shim = super::runtime()
-            .map_err(|why| format!("CUDA is not available: {why}"))?
-            .shim
-            .as_ref()
-            .map_err(|why| format!("the CUDA shim is not loaded: {why}"))?;
+    /// The graph's memory is its own.
+    pub fn capture<T>(body: impl FnMut() -> T) -> Result<(CudaGraph, T), String> {
+        CudaGraph::capture_in(None, body)
+    }
+
+    /// `capture`, with the graph's memory in `pool` when given (shared with the other
+    /// graphs recorded into it).
+    pub fn capture_in<T>(
+        pool: Option<GraphPool>,
+        mut body: impl FnMut() -> T,
+    ) -> Result<(CudaGraph, T), String> {
+        let shim = loaded_shim()?;
         let mut recording = Recording {
             body: &mut body,
             output: None,
@@ -63,7 +90,7 @@ impl CudaGraph {
         };
         let context = &mut recording as *mut Recording<'_, T> as *mut c_void;
         // SAFETY: run_body::<T> is given a pointer to `recording`, which outlives the call.
-        let captured = unsafe { shim.graph_capture(run_body::<T>, context) };
+        let captured = unsafe { shim.graph_capture(run_body::<T>, context, pool.map(|p| p.0)) };
         match (captured, recording.failure, recording.output) {
             (Ok(handle), None, Some(output)) => Ok((CudaGraph { handle, shim }, output)),
             (Ok(handle), failure, _) => {

@@ -11,10 +11,10 @@ use std::ffi::{CStr, c_char, c_int, c_void};
 pub const LIBRARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libamthal_cuda.so"));
 
 /// The interface version csrc/cuda_shim.cpp reports; a mismatch refuses the shim.
-const VERSION: c_int = 2;
+const VERSION: c_int = 3;
 
 /// The exported functions, by name (a test checks the embedded library has each).
-pub const SYMBOLS: [&str; 9] = [
+pub const SYMBOLS: [&str; 10] = [
     "amthal_cuda_shim_version",
     "amthal_cuda_last_error",
     "amthal_cuda_memory_stats",
@@ -24,6 +24,7 @@ pub const SYMBOLS: [&str; 9] = [
     "amthal_cuda_graph_capture",
     "amthal_cuda_graph_replay",
     "amthal_cuda_graph_destroy",
+    "amthal_cuda_graph_pool_handle",
 ];
 
 type LastErrorFn = unsafe extern "C" fn() -> *const c_char;
@@ -34,7 +35,9 @@ type DeviceInfoFn =
 type MemGetInfoFn = unsafe extern "C" fn(c_int, *mut i64, *mut i64) -> c_int;
 /// The work to record: called with the context pointer, returns 0 on success.
 pub type GraphBody = unsafe extern "C" fn(*mut c_void) -> c_int;
-type GraphCaptureFn = unsafe extern "C" fn(GraphBody, *mut c_void, *mut *mut c_void) -> c_int;
+type GraphCaptureFn =
+    unsafe extern "C" fn(GraphBody, *mut c_void, *const u64, *mut *mut c_void) -> c_int;
+type GraphPoolFn = unsafe extern "C" fn(*mut u64) -> c_int;
 type GraphFn = unsafe extern "C" fn(*mut c_void) -> c_int;
 
 /// Function pointers into the loaded shim (kept loaded for the life of the process).
@@ -48,6 +51,7 @@ pub struct Shim {
     graph_capture: GraphCaptureFn,
     graph_replay: GraphFn,
     graph_destroy: GraphFn,
+    graph_pool_handle: GraphPoolFn,
 }
 
 /// Loads an embedded shared library from memory (memfd_create + dlopen of
@@ -175,6 +179,9 @@ impl Shim {
                 graph_destroy: std::mem::transmute::<*mut libc::c_void, GraphFn>(symbol(
                     SYMBOLS[8],
                 )?),
+                graph_pool_handle: std::mem::transmute::<*mut libc::c_void, GraphPoolFn>(symbol(
+                    SYMBOLS[9],
+                )?),
             })
         }
     }
@@ -235,7 +242,9 @@ impl Shim {
 
 impl Shim {
     /// Records `body`'s work into a new CUDA graph (after one eager warm-up run of
-    /// it); returns the graph's handle. See `super::graph` for the safe wrapper.
+    /// it); returns the graph's handle. `pool`: a memory pool shared with other
+    /// graphs (`graph_pool_handle`), or `None` for the graph's own. See `super::graph`
+    /// for the safe wrapper.
     ///
     /// # Safety
     /// `context` must be what `body` expects, valid for the duration of the call.
@@ -243,11 +252,22 @@ impl Shim {
         &self,
         body: GraphBody,
         context: *mut c_void,
+        pool: Option<[u64; 2]>,
     ) -> Result<*mut c_void, String> {
         let mut graph = std::ptr::null_mut();
-        // SAFETY: the caller guarantees body/context; graph is a valid out-pointer.
-        self.check(unsafe { (self.graph_capture)(body, context, &mut graph) })?;
+        let pool_ptr = pool.as_ref().map_or(std::ptr::null(), |ids| ids.as_ptr());
+        // SAFETY: the caller guarantees body/context; pool_ptr is null or two ids that
+        // outlive the call; graph is a valid out-pointer.
+        self.check(unsafe { (self.graph_capture)(body, context, pool_ptr, &mut graph) })?;
         Ok(graph)
+    }
+
+    /// A new memory pool id for graphs to share (`torch.cuda.graph_pool_handle()`).
+    pub fn graph_pool_handle(&self) -> Result<[u64; 2], String> {
+        let mut ids = [0u64; 2];
+        // SAFETY: ids has the two slots the function writes.
+        self.check(unsafe { (self.graph_pool_handle)(ids.as_mut_ptr()) })?;
+        Ok(ids)
     }
 
     /// # Safety

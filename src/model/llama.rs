@@ -554,6 +554,18 @@ fn additive_mask(allowed: &Tensor, kind: Kind) -> Tensor {
         .masked_fill(allowed, 0.0)
 }
 
+/// The additive attention mask [1, 1, W, W] of one packed row whose positions belong
+/// to `documents` [W] (a document index per position): causal within a document,
+/// nothing across. Built on the device from a tensor, so a recorded CUDA graph
+/// replays it for every batch laid out at that width (`batch::FixedWidthLayout`).
+pub fn document_mask(documents: &Tensor, kind: Kind) -> Tensor {
+    let width = documents.size()[0];
+    let slots = Tensor::arange(width, (Kind::Int64, documents.device()));
+    let causal = slots.unsqueeze(0).le_tensor(&slots.unsqueeze(1));
+    let same_document = documents.unsqueeze(0).eq_tensor(&documents.unsqueeze(1));
+    additive_mask(&causal.logical_and(&same_document), kind).view([1, 1, width, width])
+}
+
 /// Boolean attention mask [B, 1, T, past + T] (true = may attend), or `None` when
 /// plain causal attention suffices. Every query may attend to itself, so rows of
 /// padding stay finite (a fully masked row would be NaN and leak through V).

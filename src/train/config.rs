@@ -87,6 +87,9 @@ pub struct TrainConfig {
     pub offload_optimizer: bool,
     /// Padding-free micro-batches (see `batch.rs`).
     pub packing: bool,
+    /// Record each micro-batch's forward and backward pass as a CUDA graph per length
+    /// bucket and replay it (`graphed_step.rs`); implies packing.
+    pub cuda_graphs: bool,
     /// `--quantize`: the frozen base projections in 4- or 8-bit storage (LoRA only).
     pub quantize: Option<QuantKind>,
     /// `--double-quant`: 4-bit block absmaxes in 8 bits.
@@ -147,6 +150,7 @@ impl Default for TrainConfig {
             optim_in_backward: false,
             offload_optimizer: false,
             packing: false,
+            cuda_graphs: false,
             quantize: None,
             double_quant: false,
             zero: 0,
@@ -183,6 +187,9 @@ impl TrainConfig {
         if self.epochs <= 0.0 && self.max_steps.is_none() {
             bail_input!("--epochs must be positive (or give --max-steps)");
         }
+        if self.cuda_graphs {
+            self.validate_cuda_graphs()?;
+        }
         if let Some(quantization) = self.quantization()?
             && !self.lora
         {
@@ -191,6 +198,24 @@ impl TrainConfig {
                  (add --lora), not a full fine-tune",
                 quantization.kind,
                 quantization.kind
+            );
+        }
+        Ok(())
+    }
+
+    /// What `--cuda-graphs` cannot record (see `graphed_step.rs`).
+    fn validate_cuda_graphs(&self) -> Result<()> {
+        if self.lora && self.lora_dropout > 0.0 {
+            bail_input!(
+                "--cuda-graphs records the step once and replays it, so dropout could not draw \
+                 new masks per micro-batch the way the eager step does: add --lora-dropout 0 \
+                 (Unsloth's fast path asks the same), or leave out --cuda-graphs"
+            );
+        }
+        if self.optim_in_backward {
+            bail_input!(
+                "--cuda-graphs records the forward and backward pass of a micro-batch, while \
+                 --optim-in-backward updates tensors in the middle of the backward pass: choose one"
             );
         }
         Ok(())
@@ -214,6 +239,12 @@ impl TrainConfig {
             bail_input!(
                 "--optim-in-backward updates each tensor inside the backward pass, before the \
                  ranks could sum its gradient: it does not combine with data parallelism yet"
+            );
+        }
+        if self.cuda_graphs {
+            bail_input!(
+                "--cuda-graphs: the recorded step does not sum gradients across ranks yet; leave \
+                 it out with several processes"
             );
         }
         Ok(())

@@ -19,6 +19,7 @@ pub mod config;
 pub mod data_order;
 pub mod device_fit;
 pub mod evaluation;
+pub mod graphed_step;
 pub mod logging;
 pub mod loss_scale;
 pub mod memory_estimate;
@@ -53,6 +54,7 @@ pub use checkpoints::find_checkpoint;
 use checkpoints::{checkpoints, publish_models, save_checkpoint};
 use config::{EvalStrategy, TrainConfig};
 pub use evaluation::evaluate_loss;
+use graphed_step::{GraphedSteps, optimizer_step_graphed};
 use optim::{AdamW, learning_rate};
 use state::{LogEntry, TrainerState};
 pub use step::micro_step;
@@ -79,6 +81,8 @@ pub struct TrainSummary {
     pub skipped_rows: SkippedRows,
     /// Data parallelism: the ranks and the c10d backend (None for a plain run).
     pub data_parallel: Option<DataParallelSummary>,
+    /// `--cuda-graphs`: what was recorded (None without the flag).
+    pub cuda_graphs: Option<graphed_step::GraphsSummary>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -142,6 +146,8 @@ struct Run<'a> {
     slowest_checkpoint_seconds: f64,
     /// Data parallelism (`crate::distributed`): this worker's group; None alone.
     group: Option<Distributed>,
+    /// `--cuda-graphs`: the recorded micro-steps.
+    graphs: Option<GraphedSteps>,
 }
 
 /// What the loop does after a step.
@@ -188,6 +194,12 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
         eprintln!(
             "note: --zero {} shards across data-parallel ranks; a single process keeps all its state",
             config.zero
+        );
+    }
+    if config.cuda_graphs && !device.is_cuda() {
+        eprintln!(
+            "note: --cuda-graphs records the step on a GPU; on the CPU the same fixed-width \
+             micro-batches run without a graph"
         );
     }
     if config.offload_optimizer && !device.is_cuda() {
@@ -256,6 +268,8 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
             offload::StatePlacement::WithWeights
         },
     );
+    // Recorded graphs add into the same gradient tensors at every replay.
+    optimizer.keep_grads = config.cuda_graphs;
     let schedule = Schedule::new(config, train_examples.len());
     let mut state = match &resume_dir {
         Some(dir) => checkpoints::restore(dir, config, &model, &mode, &mut optimizer, device)?,
@@ -290,6 +304,13 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
             &schedule,
         );
     }
+    let graphs = config.cuda_graphs.then(|| {
+        GraphedSteps::new(
+            device,
+            config.gradient_checkpointing,
+            matches!(mode, Mode::Full),
+        )
+    });
     let mut run = Run {
         config,
         progress: if main_rank {
@@ -313,6 +334,7 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
         interval: (0.0, 0),
         slowest_checkpoint_seconds: 0.0,
         group,
+        graphs,
     };
     crate::profile::enable_from_env(device);
     run.train_loop()?;
@@ -484,10 +506,6 @@ impl Run<'_> {
         // window's first one with weight 0, so it still has gradients to sum.
         let padding_only = mine.is_empty();
         let mine = if padding_only { vec![&window[0]] } else { mine };
-        let batches: Vec<Batch> = mine
-            .iter()
-            .map(|micro| Batch::build(&rows(micro), self.device, config.packing))
-            .collect();
         let window_tokens: i64 = window
             .iter()
             .flat_map(rows)
@@ -513,14 +531,30 @@ impl Run<'_> {
             micro_stride: world as u64,
             padding_only,
         };
-        let outcome = optimizer_step(
-            &self.model,
-            &mut self.optimizer,
-            &batches,
-            &settings,
-            state.loss_scaler.as_mut(),
-            self.group.as_ref(),
-        )?;
+        let outcome = match self.graphs.as_mut().filter(|g| g.usable()) {
+            Some(graphs) => optimizer_step_graphed(
+                &self.model,
+                &mut self.optimizer,
+                graphs,
+                &mine.iter().map(|micro| rows(micro)).collect::<Vec<_>>(),
+                &settings,
+                state.loss_scaler.as_mut(),
+            )?,
+            None => {
+                let batches: Vec<Batch> = mine
+                    .iter()
+                    .map(|micro| Batch::build(&rows(micro), self.device, config.packing))
+                    .collect();
+                optimizer_step(
+                    &self.model,
+                    &mut self.optimizer,
+                    &batches,
+                    &settings,
+                    state.loss_scaler.as_mut(),
+                    self.group.as_ref(),
+                )?
+            }
+        };
         if let Some(value) = outcome.nonfinite_loss
             && state.loss_scaler.is_none()
         {
@@ -681,6 +715,7 @@ impl Run<'_> {
             slowest_checkpoint_seconds: 0.0,
             skipped_rows,
             data_parallel: self.data_parallel_summary(),
+            cuda_graphs: self.graphs.as_ref().map(GraphedSteps::summary),
         }
     }
 
@@ -791,6 +826,7 @@ impl Run<'_> {
             slowest_checkpoint_seconds: self.slowest_checkpoint_seconds,
             skipped_rows,
             data_parallel: self.data_parallel_summary(),
+            cuda_graphs: self.graphs.as_ref().map(GraphedSteps::summary),
         };
         write_file(
             &out.join("train_summary.json"),

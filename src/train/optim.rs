@@ -123,6 +123,9 @@ pub struct AdamW {
     /// Whether the state lives beside the weights or in host memory
     /// (`--offload-optimizer`, `offload.rs`).
     pub placement: StatePlacement,
+    /// `zero_grad` zeroes gradients in place instead of dropping them: recorded CUDA
+    /// graphs (`graphed_step.rs`) add into those very tensors at every replay.
+    pub keep_grads: bool,
 }
 
 /// ZeRO-1's partition of the optimizer state: each tensor to the rank that holds the
@@ -237,6 +240,7 @@ impl AdamW {
             fused: std::env::var("AMTHAL_FUSED_ADAMW").map_or(true, |v| v != "0"),
             owners,
             placement,
+            keep_grads: false,
         }
     }
 
@@ -245,11 +249,20 @@ impl AdamW {
     /// tensor and the next backward pass adopts its gradients instead of adding them to
     /// zeros (on a GPU a LoRA step of SmolLM2 issues ~840 kernels fewer); else zeroes
     /// them. A tensor left without a gradient is skipped by the update, as in torch.
+    /// With `keep_grads` they are zeroed in place (one multi-tensor kernel).
     pub fn zero_grad(&mut self) {
         let params: Vec<&Tensor> = self.params.iter().map(|p| &p.param).collect();
-        if crate::torch_ops::ops().is_some_and(|ops| ops.clear_grads(&params).is_ok()) {
+        let cleared = crate::torch_ops::ops().is_some_and(|ops| {
+            if self.keep_grads {
+                ops.zero_grads_in_place(&params).is_ok()
+            } else {
+                ops.clear_grads(&params).is_ok()
+            }
+        });
+        if cleared {
             return;
         }
+        // tch's zero_grad zeroes in place, so this also keeps the storage.
         for p in &mut self.params {
             p.param.zero_grad();
         }

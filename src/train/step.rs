@@ -27,7 +27,7 @@ use super::optim::{AdamW, StepConstants};
 use super::rank_sums::RankSums;
 use crate::batch::Batch;
 use crate::distributed::Distributed;
-use crate::loss::{answer_token_losses, batch_context, losses_from_hidden};
+use crate::loss::{batch_context, losses_from_hidden};
 use crate::model::Llama;
 use crate::model::llama::LayerContext;
 use crate::profile;
@@ -165,7 +165,20 @@ fn step_after_backward(
             return Ok(outcome);
         }
     }
-    // f16: unscale, and skip the step (halving the scale) on inf/NaN gradients.
+    apply_update(optimizer, outcome, settings, scaler, loss_scale, group)
+}
+
+/// The update after the window's gradients are in `.grad`: for f16, unscale and skip
+/// the step (halving the scale) on inf/NaN gradients; clip; AdamW; ZeRO-1's broadcast;
+/// then clear the gradients. `loss_scale`: the scale the gradients carry.
+pub(super) fn apply_update(
+    optimizer: &mut AdamW,
+    mut outcome: StepOutcome,
+    settings: &StepSettings,
+    scaler: Option<&mut LossScaler>,
+    loss_scale: f64,
+    group: Option<&Distributed>,
+) -> Result<StepOutcome> {
     let apply = match scaler {
         Some(scaler) => {
             let finite = optimizer.unscale_grads(1.0 / loss_scale);
@@ -218,51 +231,123 @@ fn micro_step_with(
     batch: &Batch,
     scale: f64,
     seeds: (u64, u64),
-    (checkpointing, full): (bool, bool),
+    flags: (bool, bool),
     layer_done: &mut dyn FnMut(usize) -> Result<()>,
 ) -> Result<f64> {
-    let (seed, micro) = seeds;
-    if !checkpointing {
-        tch::manual_seed(dropout_seed(seed, micro, 0));
-        let losses = answer_token_losses(model, batch, true);
-        let sum = losses.sum();
-        profile::mark("forward");
-        let value = sum.double_value(&[]);
-        if value.is_finite() {
-            (sum * scale).backward();
+    let checkpointing = flags.0;
+    let mut value = f64::NAN;
+    // The loss is read before the backward pass: a non-finite one skips it.
+    let mut proceed = |sum: &Tensor| {
+        profile::mark(if checkpointing {
+            "forward (checkpointed)"
+        } else {
+            "forward"
+        });
+        value = sum.double_value(&[]);
+        value.is_finite()
+    };
+    // The sum's value is read in `proceed`.
+    let _sum = forward_backward(
+        model,
+        batch,
+        Some(seeds),
+        flags,
+        &|sum| sum * scale,
+        &mut proceed,
+        layer_done,
+    )?;
+    profile::mark(if checkpointing {
+        "backward (recomputing layers)"
+    } else {
+        "backward"
+    });
+    Ok(value)
+}
+
+/// What a micro-batch gives the step: its tokens, what every decoder layer shares, and
+/// the loss summed over its trained positions. A `Batch` (the eager step) is one, and
+/// so are the fixed-width inputs a recorded CUDA graph reads (`graphed_step.rs`).
+pub(super) trait MicroBatch {
+    fn input_ids(&self) -> &Tensor;
+    fn layer_context(&self, model: &Llama) -> LayerContext;
+    /// The loss summed over the trained positions, from the final norm's output.
+    fn loss_sum(&self, model: &Llama, normed: &Tensor) -> Tensor;
+}
+
+impl MicroBatch for Batch {
+    fn input_ids(&self) -> &Tensor {
+        &self.input_ids
+    }
+
+    fn layer_context(&self, model: &Llama) -> LayerContext {
+        batch_context(model, self)
+    }
+
+    fn loss_sum(&self, model: &Llama, normed: &Tensor) -> Tensor {
+        losses_from_hidden(model, normed, &self.answers).sum()
+    }
+}
+
+/// Forward and backward pass of one micro-batch, gradients added into `.grad`; returns
+/// the loss sum (a device scalar). Issues device work only, apart from what the
+/// callers' closures do, so a CUDA graph can record it:
+/// - `seeds`: (run seed, global micro-batch position) to reseed dropout with, per
+///   layer (so the checkpointed recomputation draws the forward's masks); `None` when
+///   nothing is random (a graph cannot reseed).
+/// - `objective(sum)`: what the backward pass starts from (the sum times the step's
+///   scale).
+/// - `proceed(sum)`: sees the loss sum before the backward pass and says whether to
+///   run it.
+/// - `layer_done(layer)`: the checkpointed backward pass is done with a decoder layer.
+pub(super) fn forward_backward(
+    model: &Llama,
+    batch: &dyn MicroBatch,
+    seeds: Option<(u64, u64)>,
+    (checkpointing, full): (bool, bool),
+    objective: &dyn Fn(&Tensor) -> Tensor,
+    proceed: &mut dyn FnMut(&Tensor) -> bool,
+    layer_done: &mut dyn FnMut(usize) -> Result<()>,
+) -> Result<Tensor> {
+    let reseed = |layer: usize| {
+        if let Some((seed, micro)) = seeds {
+            tch::manual_seed(dropout_seed(seed, micro, layer));
         }
-        profile::mark("backward");
-        return Ok(value);
+    };
+    if !checkpointing {
+        reseed(0);
+        let context = batch.layer_context(model);
+        let normed = model.forward_hidden_in(batch.input_ids(), &context, None, true);
+        let sum = batch.loss_sum(model, &normed);
+        if proceed(&sum) {
+            objective(&sum).backward();
+        }
+        return Ok(sum.detach());
     }
     // Gradient checkpointing per decoder layer: a forward pass without a graph keeps
     // only each layer's input; the backward pass recomputes one layer at a time (with
     // the same dropout seed) and pushes the gradient through it.
-    let kept = forward_keeping_layer_inputs(model, batch, seed, micro);
+    let kept = forward_keeping_layer_inputs(model, batch, seeds);
     let top = kept.top.detach().set_requires_grad(true);
-    let losses = losses_from_hidden(model, &model.final_norm(&top), &batch.answers);
-    let sum = losses.sum();
-    profile::mark("forward (checkpointed)");
-    let value = sum.double_value(&[]);
-    if !value.is_finite() {
-        return Ok(value);
+    let sum = batch.loss_sum(model, &model.final_norm(&top));
+    if !proceed(&sum) {
+        return Ok(sum.detach());
     }
-    (sum * scale).backward();
+    objective(&sum).backward();
     let mut grad = top.grad();
     for layer in (0..model.layers.len()).rev() {
         let input = kept.inputs[layer].detach().set_requires_grad(true);
-        tch::manual_seed(dropout_seed(seed, micro, layer));
+        reseed(layer);
         let output = model.layer_forward(layer, &input, &kept.context, None, true);
         (output * &grad).sum(Kind::Float).backward();
         grad = input.grad();
         layer_done(layer)?;
     }
     if full {
-        (model.embed(&batch.input_ids) * &grad)
+        (model.embed(batch.input_ids()) * &grad)
             .sum(Kind::Float)
             .backward();
     }
-    profile::mark("backward (recomputing layers)");
-    Ok(value)
+    Ok(sum.detach())
 }
 
 /// What a forward pass without a graph keeps of one micro-batch: every decoder
@@ -273,18 +358,20 @@ struct KeptForward {
     top: Tensor,
 }
 
+/// `seeds` as `forward_backward`'s.
 fn forward_keeping_layer_inputs(
     model: &Llama,
-    batch: &Batch,
-    seed: u64,
-    micro: u64,
+    batch: &dyn MicroBatch,
+    seeds: Option<(u64, u64)>,
 ) -> KeptForward {
-    let context = batch_context(model, batch);
+    let context = batch.layer_context(model);
     let mut inputs = Vec::with_capacity(model.layers.len());
-    let mut hidden = tch::no_grad(|| model.embed(&batch.input_ids));
+    let mut hidden = tch::no_grad(|| model.embed(batch.input_ids()));
     for layer in 0..model.layers.len() {
         inputs.push(hidden.shallow_clone());
-        tch::manual_seed(dropout_seed(seed, micro, layer));
+        if let Some((seed, micro)) = seeds {
+            tch::manual_seed(dropout_seed(seed, micro, layer));
+        }
         hidden = tch::no_grad(|| model.layer_forward(layer, &hidden, &context, None, true));
     }
     KeptForward {
@@ -495,8 +582,7 @@ fn step_in_backward(
             forward_keeping_layer_inputs(
                 model,
                 batch,
-                settings.seed,
-                settings.micro_position(micro),
+                Some((settings.seed, settings.micro_position(micro))),
             )
         })
         .collect();

@@ -1,0 +1,279 @@
+//! `--cuda-graphs`: each micro-batch's forward and backward pass recorded once as a
+//! CUDA graph and replayed with one launch (torch.compile's "reduce-overhead" mode
+//! does the same with torch.cuda.graph).
+//!
+//! Why: on an H200 a LoRA step of the 7B shape issues ~10,000 small kernels, and the
+//! GPU waits for the host that launches them (measured: ~400 ms of host time against
+//! ~15 ms of math). A replayed graph launches them all at once.
+//!
+//! What a graph needs, and how the step gives it:
+//! - **Fixed shapes.** A packed micro-batch is laid out at a width rounded up to a
+//!   multiple of `BUCKET_TOKENS` (`batch::FixedWidthLayout`); one graph per width.
+//!   Everything else that varies is a value in a tensor: token ids, per-document
+//!   positions, each position's document (the attention mask is built from it on the
+//!   device, `document_mask`), each position's target (cross-entropy over the whole
+//!   width, ignoring the untrained ones), and the step's loss scale.
+//! - **No host work inside.** The recorded body is `step::forward_backward` without
+//!   reseeding (so LoRA dropout must be 0, as Unsloth's fast path also requires) and
+//!   without reading the loss: the window's loss sums stay on the device and are read
+//!   once per optimizer step.
+//! - **Tensors that stay put.** The inputs are copied into the same tensors before
+//!   every replay; the gradients are added into the same `.grad` tensors, so the
+//!   optimizer zeroes them in place instead of dropping them (`AdamW::keep_grads`).
+//!   Recording runs the body once eagerly first (warm-up); it does so at scale 0, so
+//!   it adds zeros to the gradients.
+//! - **Memory.** Every width's graph records into one shared pool: they are never
+//!   replayed at once and keep nothing across replays but their loss outputs, so the
+//!   pool holds what the widest graph needs.
+//!
+//! On the CPU the same fixed-width body runs without a graph (what the tests compare
+//! with the packed eager step). If recording fails on a GPU, the message is printed
+//! once and training goes on without graphs.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Result, anyhow};
+use tch::{Device, Kind, Reduction, Tensor};
+
+use super::loss_scale::LossScaler;
+use super::optim::AdamW;
+use super::step::{MicroBatch, StepOutcome, StepSettings, apply_update, forward_backward};
+use crate::batch::{FixedWidthLayout, bucket_width};
+use crate::cuda::graph::{CudaGraph, GraphPool};
+use crate::encode::{Encoded, IGNORE_INDEX};
+use crate::model::Llama;
+use crate::model::llama::{LayerContext, document_mask};
+use crate::profile;
+
+/// Widths are multiples of this many tokens: fewer graphs to record (each costs about
+/// two eager micro-batches once) against padding computed for nothing (on a GPU bound
+/// by launches, nearly free).
+pub const BUCKET_TOKENS: usize = 128;
+
+/// The tensors a recorded graph reads at one width. Each micro-batch's values are
+/// copied into them before a replay; their storage never moves.
+struct FixedInputs {
+    /// [4, W] int64: token ids, positions, documents, targets (one host-to-device copy).
+    table: Tensor,
+    input_ids: Tensor,
+    positions: Tensor,
+    documents: Tensor,
+    targets: Tensor,
+    /// [] f32: the loss scale x 1 / the window's answer tokens.
+    scale: Tensor,
+}
+
+impl FixedInputs {
+    fn new(width: usize, device: Device) -> FixedInputs {
+        let width = width as i64;
+        let table = Tensor::zeros([4, width], (Kind::Int64, device));
+        FixedInputs {
+            input_ids: table.get(0).view([1, width]),
+            positions: table.get(1).view([1, width]),
+            documents: table.get(2),
+            targets: table.get(3),
+            table,
+            scale: Tensor::zeros([], (Kind::Float, device)),
+        }
+    }
+
+    fn fill(&mut self, layout: &FixedWidthLayout, scale: f64) {
+        let values: Vec<i64> = [
+            &layout.input_ids,
+            &layout.positions,
+            &layout.documents,
+            &layout.targets,
+        ]
+        .into_iter()
+        .flatten()
+        .copied()
+        .collect();
+        self.table.copy_(&Tensor::from_slice(&values).view([4, -1]));
+        let _ = self.scale.fill_(scale);
+    }
+}
+
+impl MicroBatch for FixedInputs {
+    fn input_ids(&self) -> &Tensor {
+        &self.input_ids
+    }
+
+    fn layer_context(&self, model: &Llama) -> LayerContext {
+        let mut context = model.context(&self.input_ids, &self.positions, None, None);
+        context.mask = Some(document_mask(&self.documents, model.kind));
+        context
+    }
+
+    fn loss_sum(&self, model: &Llama, normed: &Tensor) -> Tensor {
+        let hidden_size = normed.size()[2];
+        model
+            .logits(&normed.reshape([-1, hidden_size]))
+            .to_kind(Kind::Float)
+            .cross_entropy_loss::<Tensor>(&self.targets, None, Reduction::Sum, IGNORE_INDEX, 0.0)
+    }
+}
+
+/// The recorded work: forward and backward of the micro-batch in `inputs`, gradients
+/// scaled by `inputs.scale`; returns the loss sum.
+fn body(model: &Llama, inputs: &FixedInputs, flags: (bool, bool)) -> Result<Tensor> {
+    forward_backward(
+        model,
+        inputs,
+        None,
+        flags,
+        &|sum| sum * &inputs.scale,
+        &mut |_| true,
+        &mut |_| Ok(()),
+    )
+}
+
+/// One width's inputs and, on a GPU, its recorded graph and the loss it writes.
+struct Bucket {
+    inputs: FixedInputs,
+    recorded: Option<(CudaGraph, Tensor)>,
+}
+
+/// train_summary.json's account of `--cuda-graphs`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GraphsSummary {
+    /// The widths micro-batches were laid out at.
+    pub widths: Vec<usize>,
+    /// Those with a recorded graph (none on the CPU).
+    pub recorded_widths: Vec<usize>,
+    /// Why recording failed, if it did (the rest of the run went without graphs).
+    pub failure: Option<String>,
+}
+
+/// The recorded micro-steps of a run, one per width.
+pub struct GraphedSteps {
+    device: Device,
+    /// (gradient checkpointing, full fine-tune)
+    flags: (bool, bool),
+    pool: Option<GraphPool>,
+    buckets: BTreeMap<usize, Bucket>,
+    /// Why recording failed, if it did: training then goes on without graphs.
+    failure: Option<String>,
+}
+
+impl GraphedSteps {
+    pub fn new(device: Device, checkpointing: bool, full: bool) -> GraphedSteps {
+        GraphedSteps {
+            device,
+            flags: (checkpointing, full),
+            pool: None,
+            buckets: BTreeMap::new(),
+            failure: None,
+        }
+    }
+
+    /// False once a recording failed (the train loop then uses the eager step).
+    pub fn usable(&self) -> bool {
+        self.failure.is_none()
+    }
+
+    /// What was recorded, for train_summary.json.
+    pub fn summary(&self) -> GraphsSummary {
+        GraphsSummary {
+            recorded_widths: self
+                .buckets
+                .iter()
+                .filter(|(_, bucket)| bucket.recorded.is_some())
+                .map(|(&width, _)| width)
+                .collect(),
+            widths: self.buckets.keys().copied().collect(),
+            failure: self.failure.clone(),
+        }
+    }
+
+    /// Forward and backward pass of the micro-batch `rows`, gradients scaled by `scale`
+    /// and added into `.grad`; its loss sum is added to `loss_total` on the device.
+    fn micro_step(
+        &mut self,
+        model: &Llama,
+        rows: &[&Encoded],
+        scale: f64,
+        loss_total: &mut Tensor,
+    ) -> Result<()> {
+        let tokens = rows.iter().map(|r| r.input_ids.len()).sum();
+        let width = bucket_width(tokens, BUCKET_TOKENS);
+        let layout = FixedWidthLayout::new(rows, width);
+        let (device, flags) = (self.device, self.flags);
+        let bucket = self.buckets.entry(width).or_insert_with(|| Bucket {
+            inputs: FixedInputs::new(width, device),
+            recorded: None,
+        });
+        if device.is_cuda() && self.failure.is_none() && bucket.recorded.is_none() {
+            // The warm-up run before recording adds its gradients too: zeros at scale 0.
+            bucket.inputs.fill(&layout, 0.0);
+            let pool = match self.pool {
+                Some(pool) => Ok(pool),
+                None => GraphPool::new(),
+            };
+            let inputs = &bucket.inputs;
+            let recorded = pool.and_then(|pool| {
+                self.pool = Some(pool);
+                CudaGraph::capture_in(Some(pool), || {
+                    body(model, inputs, flags).map_err(|e| e.to_string())
+                })
+            });
+            match recorded {
+                Ok((graph, Ok(loss))) => bucket.recorded = Some((graph, loss)),
+                Ok((_, Err(why))) | Err(why) => {
+                    eprintln!(
+                        "warning: --cuda-graphs: recording the step at width {width} failed; \
+                         training goes on without graphs: {why}"
+                    );
+                    self.failure = Some(why);
+                }
+            }
+        }
+        bucket.inputs.fill(&layout, scale);
+        let loss = match &bucket.recorded {
+            Some((graph, loss)) => {
+                graph
+                    .replay()
+                    .map_err(|why| anyhow!("replaying the recorded step: {why}"))?;
+                loss.shallow_clone()
+            }
+            None => body(model, &bucket.inputs, flags)?,
+        };
+        // Enqueued after the replay and before the next one rewrites `loss`.
+        *loss_total += loss;
+        Ok(())
+    }
+}
+
+/// One optimizer step whose micro-batches (`micro_rows`, the rows of each) run as
+/// recorded graphs; the update after them is the eager step's (`step::apply_update`).
+/// A single process only (the train loop refuses `--cuda-graphs` with several ranks).
+pub fn optimizer_step_graphed(
+    model: &Llama,
+    optimizer: &mut AdamW,
+    graphs: &mut GraphedSteps,
+    micro_rows: &[Vec<&Encoded>],
+    settings: &StepSettings,
+    scaler: Option<&mut LossScaler>,
+) -> Result<StepOutcome> {
+    profile::start();
+    let loss_scale = scaler.as_ref().map_or(1.0, |s| s.scale);
+    let mut total = Tensor::zeros([], (Kind::Float, model.device));
+    for rows in micro_rows {
+        graphs.micro_step(model, rows, loss_scale * settings.token_scale, &mut total)?;
+    }
+    profile::mark("forward + backward (graphs)");
+    // The step's one read of the loss.
+    let value = total.double_value(&[]);
+    let mut outcome = StepOutcome::default();
+    if value.is_finite() {
+        outcome.loss_sum = value;
+    } else {
+        // The backward passes ran anyway (a graph cannot skip them): the step is not
+        // taken, as in the eager step, and with f16 the scaler halves its scale.
+        outcome.nonfinite_loss = Some(value);
+        if scaler.is_none() {
+            optimizer.zero_grad();
+            return Ok(outcome);
+        }
+    }
+    apply_update(optimizer, outcome, settings, scaler, loss_scale, None)
+}
