@@ -32,6 +32,7 @@ pub fn eval_entry(step: i64, epoch: f64, eval_loss: f64) -> LogEntry {
         input_tokens: None,
         loss_scale: None,
         step_skipped: None,
+        cuda_graphs_recorded: None,
     }
 }
 

@@ -624,6 +624,10 @@ impl Run<'_> {
                 input_tokens: Some(state.input_tokens),
                 loss_scale: state.loss_scaler.map(|s| s.scale),
                 step_skipped: state.loss_scaler.map(|_| grad_norm.is_none()),
+                cuda_graphs_recorded: self
+                    .graphs
+                    .as_ref()
+                    .map(|graphs| graphs.summary().recorded_widths.len()),
             });
             if self.group.as_ref().is_none_or(|g| g.rank() == 0) {
                 logging::write_log(&self.config.output_dir, &state.log_history)?;

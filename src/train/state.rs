@@ -31,6 +31,10 @@ pub struct LogEntry {
     pub loss_scale: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub step_skipped: Option<bool>,
+    /// `--cuda-graphs`: graphs this process has recorded so far (a benchmark measures
+    /// its rate over the steps after the last one).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub cuda_graphs_recorded: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
