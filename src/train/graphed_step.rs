@@ -26,6 +26,15 @@
 //!   replayed at once and keep nothing across replays but their loss outputs, so the
 //!   pool holds what the widest graph needs.
 //!
+//! The update after the window (clipping and AdamW over every trained tensor: ~20
+//! small kernels per tensor, half of a 7B full fine-tune's step) is recorded too, once:
+//! clipping computes its coefficient on the device (`AdamW::clip_grad_norm_on_device`)
+//! and the per-step numbers (learning rate, bias corrections) are device scalars
+//! filled in before each replay (`DeviceStepValues`), so one graph serves every step.
+//! Recording runs the body once for real first: that run is the step's update. Not
+//! recorded (the eager update runs): `--fp16` (its scaler decides on the host whether
+//! to step), `--offload-optimizer` (host copies), and a step at learning rate 0.
+//!
 //! On the CPU the same fixed-width body runs without a graph (what the tests compare
 //! with the packed eager step). If recording fails on a GPU, the message is printed
 //! once and training goes on without graphs.
@@ -36,7 +45,8 @@ use anyhow::{Result, anyhow};
 use tch::{Device, Kind, Reduction, Tensor};
 
 use super::loss_scale::LossScaler;
-use super::optim::AdamW;
+use super::offload::StatePlacement;
+use super::optim::{AdamW, DeviceStepValues};
 use super::step::{MicroBatch, StepOutcome, StepSettings, apply_update, forward_backward};
 use crate::batch::{FixedWidthLayout, bucket_width};
 use crate::cuda::graph::{CudaGraph, GraphPool};
@@ -142,6 +152,10 @@ pub struct GraphsSummary {
     pub recorded_widths: Vec<usize>,
     /// Why recording failed, if it did (the rest of the run went without graphs).
     pub failure: Option<String>,
+    /// Whether the update (clip + AdamW) was recorded.
+    pub update_recorded: bool,
+    /// Why recording the update failed, if it did.
+    pub update_failure: Option<String>,
 }
 
 /// The recorded micro-steps of a run, one per width.
@@ -153,6 +167,12 @@ pub struct GraphedSteps {
     buckets: BTreeMap<usize, Bucket>,
     /// Why recording failed, if it did: training then goes on without graphs.
     failure: Option<String>,
+    /// The recorded update (clip + AdamW) and the gradient norm it writes.
+    update: Option<(CudaGraph, Tensor)>,
+    /// The per-step numbers the recorded update reads.
+    step_values: Option<DeviceStepValues>,
+    /// Why recording the update failed, if it did (the eager update runs instead).
+    update_failure: Option<String>,
 }
 
 impl GraphedSteps {
@@ -163,6 +183,21 @@ impl GraphedSteps {
             pool: None,
             buckets: BTreeMap::new(),
             failure: None,
+            update: None,
+            step_values: None,
+            update_failure: None,
+        }
+    }
+
+    /// The shared memory pool, made on first use.
+    fn pool(&mut self) -> Result<GraphPool, String> {
+        match self.pool {
+            Some(pool) => Ok(pool),
+            None => {
+                let pool = GraphPool::new()?;
+                self.pool = Some(pool);
+                Ok(pool)
+            }
         }
     }
 
@@ -182,6 +217,8 @@ impl GraphedSteps {
                 .collect(),
             widths: self.buckets.keys().copied().collect(),
             failure: self.failure.clone(),
+            update_recorded: self.update.is_some(),
+            update_failure: self.update_failure.clone(),
         }
     }
 
@@ -241,6 +278,92 @@ impl GraphedSteps {
         *loss_total += loss;
         Ok(())
     }
+
+    /// The update after the window (clip to `max_grad_norm`, AdamW at `lr`) from the
+    /// recorded graph, recording it on first use; returns the gradients' norm before
+    /// clipping, or `None` when this step needs the eager update (see the module
+    /// notes; the optimizer is then untouched).
+    fn recorded_update(
+        &mut self,
+        optimizer: &mut AdamW,
+        max_grad_norm: f64,
+        lr: f64,
+    ) -> Result<Option<f64>> {
+        let recordable = self.update_failure.is_none()
+            && optimizer.placement == StatePlacement::WithWeights
+            && optimizer.owners.is_none()
+            && lr > 0.0;
+        if !recordable {
+            return Ok(None);
+        }
+        let device = self.device;
+        let pool = if device.is_cuda() {
+            match self.pool() {
+                Ok(pool) => Some(pool),
+                Err(why) => {
+                    self.update_failure = Some(why);
+                    return Ok(None);
+                }
+            }
+        } else {
+            None
+        };
+        let constants = optimizer.begin_step(lr);
+        let values = self
+            .step_values
+            .get_or_insert_with(|| DeviceStepValues::new(device));
+        values.fill(&constants, optimizer.eps, optimizer.weight_decay);
+        let Some(pool) = pool else {
+            // The CPU: the same body, without a graph (what the tests run).
+            let norm = optimizer.clip_grad_norm_on_device(max_grad_norm);
+            optimizer.update_all_from_device(values);
+            optimizer.zero_grad();
+            return Ok(Some(norm.map_or(0.0, |n| n.double_value(&[]))));
+        };
+        if let Some((graph, norm)) = &self.update {
+            graph
+                .replay()
+                .map_err(|why| anyhow!("replaying the recorded update: {why}"))?;
+            let norm = norm.double_value(&[]);
+            optimizer.zero_grad();
+            return Ok(Some(norm));
+        }
+        // The first run inside the recording (its warm-up) is this step's update.
+        let values = self.step_values.as_ref().expect("filled above");
+        let mut warm_up_norm: Option<Tensor> = None;
+        let mut runs = 0;
+        let recorded = CudaGraph::capture_in(Some(pool), || {
+            let norm = optimizer
+                .clip_grad_norm_on_device(max_grad_norm)
+                .unwrap_or_else(|| Tensor::zeros([], (Kind::Float, device)));
+            optimizer.update_all_from_device(values);
+            if runs == 0 {
+                warm_up_norm = Some(norm.copy());
+            }
+            runs += 1;
+            norm
+        });
+        let Some(norm) = warm_up_norm else {
+            // The update stopped part-way: the weights cannot be trusted.
+            anyhow::bail!(
+                "the optimizer step failed part-way ({}); resume from the last checkpoint",
+                recorded.err().unwrap_or_default()
+            );
+        };
+        match recorded {
+            Ok((graph, recorded_norm)) => self.update = Some((graph, recorded_norm)),
+            Err(why) => {
+                eprintln!(
+                    "warning: --cuda-graphs: recording the optimizer step failed; it runs \
+                     eagerly from now on: {why}"
+                );
+                self.update_failure = Some(why);
+            }
+        }
+        let norm = norm.double_value(&[]);
+        optimizer.zero_grad();
+        Ok(Some(norm))
+    }
 }
 
 /// One optimizer step whose micro-batches (`micro_rows`, the rows of each) run as
@@ -274,6 +397,14 @@ pub fn optimizer_step_graphed(
             optimizer.zero_grad();
             return Ok(outcome);
         }
+    }
+    if scaler.is_none()
+        && let Some(norm) =
+            graphs.recorded_update(optimizer, settings.max_grad_norm, settings.lr)?
+    {
+        outcome.grad_norm = Some(norm);
+        profile::mark("clip + optimizer (graph)");
+        return Ok(outcome);
     }
     apply_update(optimizer, outcome, settings, scaler, loss_scale, None)
 }

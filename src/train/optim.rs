@@ -98,6 +98,49 @@ pub struct StepConstants {
     pub bias_correction2_sqrt: f64,
 }
 
+/// The per-step numbers of the update as 0-dim f32 tensors on the weights' device, for
+/// an optimizer step recorded as a CUDA graph (`graphed_step.rs`): the graph reads
+/// them, and each step fills in its values before the replay. They hold exactly what
+/// the host-side update passes as scalars (the f64 value rounded to f32), so the two
+/// updates are bit-identical.
+pub struct DeviceStepValues {
+    /// 1 - lr x weight decay
+    decay: Tensor,
+    /// -1 / step_size / sqrt(1 - beta2^t): the denominator's scale
+    denom_scale: Tensor,
+    /// -eps / step_size: the denominator's shift
+    denom_shift: Tensor,
+}
+
+impl DeviceStepValues {
+    pub fn new(device: tch::Device) -> DeviceStepValues {
+        let scalar = || Tensor::zeros([], (Kind::Float, device));
+        DeviceStepValues {
+            decay: scalar(),
+            denom_scale: scalar(),
+            denom_shift: scalar(),
+        }
+    }
+
+    /// This step's values (`step.step_size` must not be 0: an update at lr 0 moves
+    /// only the moments, which the eager step handles).
+    pub fn fill(&mut self, step: &StepConstants, eps: f64, weight_decay: f64) {
+        let scale = -1.0 / step.step_size;
+        let _ = self.decay.fill_(1.0 - step.lr * weight_decay);
+        let _ = self.denom_scale.fill_(scale / step.bias_correction2_sqrt);
+        let _ = self.denom_shift.fill_(eps * scale);
+    }
+}
+
+/// Where an update's per-step numbers come from.
+#[derive(Clone, Copy)]
+pub enum StepValues<'a> {
+    /// Host scalars (the eager step).
+    Host(&'a StepConstants),
+    /// Device scalars a recorded graph reads.
+    Device(&'a DeviceStepValues),
+}
+
 pub struct AdamW {
     pub params: Vec<ParamState>,
     pub beta1: f64,
@@ -323,6 +366,66 @@ impl AdamW {
         total
     }
 
+    /// `clip_grad_norm` without reading anything on the host (for a recorded graph):
+    /// returns the global norm as a 0-dim f32 tensor and scales the gradients by
+    /// max_norm / (norm + 1e-6) capped at 1 (torch's clip_grad_norm_ does the same).
+    /// The coefficient is computed in f64 and rounded to f32 as the host-side scalar
+    /// is, and a factor of exactly 1 changes nothing, so f32 gradients come out
+    /// bit-identical to `clip_grad_norm`'s (bf16 ones: see the test).
+    pub fn clip_grad_norm_on_device(&mut self, max_norm: f64) -> Option<Tensor> {
+        let grads: Vec<Tensor> = self
+            .params
+            .iter()
+            .map(|p| p.param.grad())
+            .filter(Tensor::defined)
+            .collect();
+        if grads.is_empty() {
+            return None;
+        }
+        let refs: Vec<&Tensor> = grads.iter().collect();
+        let ops = crate::torch_ops::ops().filter(|_| self.fused);
+        let total = match ops.map(|ops| ops.total_norm(&refs)) {
+            Some(Ok(norm)) => norm,
+            _ => {
+                let norms: Vec<Tensor> = grads
+                    .iter()
+                    .map(|g| g.to_kind(Kind::Float).norm())
+                    .collect();
+                Tensor::stack(&norms, 0).norm()
+            }
+        };
+        if max_norm > 0.0 {
+            let numerator = Tensor::full([], max_norm, (Kind::Double, total.device()));
+            let coefficient = (numerator / (total.to_kind(Kind::Double) + 1e-6))
+                .clamp_max(1.0)
+                .to_kind(Kind::Float);
+            for mut grad in grads {
+                if grad.kind() == Kind::Float {
+                    let _ = grad.g_mul_(&coefficient);
+                } else {
+                    // Multiplying by the 0-dim f32 tensor would round it to the
+                    // gradient's dtype first: multiply in f32 (as torch's
+                    // clip_grad_norm_ on CUDA does).
+                    let scaled = grad.to_kind(Kind::Float) * &coefficient;
+                    grad.copy_(&scaled);
+                }
+            }
+        }
+        Some(total)
+    }
+
+    /// Every owned parameter with a gradient updated with per-step numbers read from
+    /// device scalars (the body of a recorded optimizer step; `begin_step` and
+    /// `DeviceStepValues::fill` come before it, on the host).
+    pub fn update_all_from_device(&mut self, values: &DeviceStepValues) {
+        for index in 0..self.params.len() {
+            let grad = self.params[index].param.grad();
+            if grad.defined() && self.params[index].owned {
+                self.update_with(index, &grad, StepValues::Device(values));
+            }
+        }
+    }
+
     /// One AdamW step at learning rate `lr` (torch.optim.AdamW, decoupled weight decay)
     /// with the gradients in each parameter's `.grad`.
     pub fn step(&mut self, lr: f64) {
@@ -423,6 +526,11 @@ impl AdamW {
     /// chunk of `update_chunk` values at a time; host-kept state is copied to the
     /// weights' device for each chunk and back.
     pub fn update(&mut self, index: usize, grad: &Tensor, step: &StepConstants) {
+        self.update_with(index, grad, StepValues::Host(step));
+    }
+
+    /// `update` with the per-step numbers from `values`.
+    pub fn update_with(&mut self, index: usize, grad: &Tensor, step: StepValues) {
         let constants = (self.beta1, self.beta2, self.eps, self.weight_decay);
         let chunk = self.update_chunk.max(super::moments::BLOCK);
         let placement = self.placement;
@@ -541,7 +649,7 @@ fn fused_group(
 fn update_values(
     p: &mut ParamState,
     grad: &Tensor,
-    step: &StepConstants,
+    step: StepValues,
     (beta1, beta2, eps, weight_decay): (f64, f64, f64, f64),
 ) {
     tch::no_grad(|| {
@@ -554,7 +662,10 @@ fn update_values(
             None => p.param.to_kind(Kind::Float),
         };
         if p.weight_decay && weight_decay != 0.0 {
-            let _ = target.g_mul_scalar_(1.0 - step.lr * weight_decay);
+            let _ = match step {
+                StepValues::Host(step) => target.g_mul_scalar_(1.0 - step.lr * weight_decay),
+                StepValues::Device(values) => target.g_mul_(&values.decay),
+            };
         }
         // m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2  (as lerps: one pass each)
         let mut exp_avg = p.exp_avg.get();
@@ -565,14 +676,22 @@ fn update_values(
         p.exp_avg_sq.set(&exp_avg_sq);
         // p -= step_size * m / (sqrt(v) / bc2 + eps), folded into one addcdiv:
         // the denominator is pre-scaled by -1 / step_size (fewer passes over memory).
-        if step.step_size == 0.0 {
-            // lr 0 (the first warmup step): moments move, the weights do not.
-            return;
-        }
-        let scale = -1.0 / step.step_size;
         let mut denom = exp_avg_sq.sqrt();
-        let _ = denom.g_mul_scalar_(scale / step.bias_correction2_sqrt);
-        let _ = denom.g_add_scalar_(eps * scale);
+        match step {
+            StepValues::Host(step) => {
+                if step.step_size == 0.0 {
+                    // lr 0 (the first warmup step): moments move, the weights do not.
+                    return;
+                }
+                let scale = -1.0 / step.step_size;
+                let _ = denom.g_mul_scalar_(scale / step.bias_correction2_sqrt);
+                let _ = denom.g_add_scalar_(eps * scale);
+            }
+            StepValues::Device(values) => {
+                let _ = denom.g_mul_(&values.denom_scale);
+                let _ = denom.g_add_(&values.denom_shift);
+            }
+        }
         let _ = target.addcdiv_(&exp_avg, &denom);
         if p.param.data_ptr() == target.data_ptr() {
             return;
@@ -808,6 +927,105 @@ mod tests {
                     let (weight, _, _) = run(StatePlacement::WithWeights, 1, Some(&state));
                     let (host_weight, _, _) = run(StatePlacement::Host, 1, Some(&host_state));
                     assert!(weight.equal(&host_weight), "{case}: resumed weights differ");
+                }
+            }
+        }
+    }
+
+    /// The step a CUDA graph records (`--cuda-graphs`): clipping that reads nothing on
+    /// the host and updates whose per-step numbers come from device scalars give
+    /// bit-identical weights, state and gradient norms to the host-side step, for
+    /// every optimizer and weight dtype, with clipping engaged or not, across a
+    /// changing learning rate.
+    #[test]
+    fn the_recordable_step_equals_the_host_step() {
+        use super::super::moments::OptimKind;
+        for (kind, dtype) in [
+            (OptimKind::AdamW, Kind::Float),
+            (OptimKind::AdamW, Kind::BFloat16),
+            (OptimKind::AdamWBf16, Kind::BFloat16),
+            (OptimKind::AdamW8bit, Kind::BFloat16),
+        ] {
+            for max_norm in [0.0, 0.5, 1e6] {
+                let run = |recordable: bool| {
+                    let weight = (wave([50, 100], 0.37) * 0.1)
+                        .to_kind(dtype)
+                        .set_requires_grad(true);
+                    let norm = wave([1, 64], 0.11).to_kind(dtype).set_requires_grad(true);
+                    let mut optim = AdamW::with_kind(
+                        vec![
+                            ("w".into(), weight.shallow_clone(), true),
+                            ("norm".into(), norm.shallow_clone(), false),
+                        ],
+                        0.01,
+                        kind,
+                    );
+                    optim.update_chunk = 1024;
+                    optim.fused = false;
+                    let mut values = DeviceStepValues::new(tch::Device::Cpu);
+                    let mut norms = Vec::new();
+                    for step in 0..4 {
+                        let scale = (step + 1) as f64;
+                        ((&weight * wave([50, 100], 1.3 + scale)).sum(Kind::Float) * scale
+                            + (&norm * wave([1, 64], 0.5 + scale)).sum(Kind::Float))
+                        .backward();
+                        let lr = 1e-3 / (step + 1) as f64;
+                        if recordable {
+                            let total = optim.clip_grad_norm_on_device(max_norm).unwrap();
+                            let constants = optim.begin_step(lr);
+                            values.fill(&constants, optim.eps, optim.weight_decay);
+                            optim.update_all_from_device(&values);
+                            norms.push(total.double_value(&[]));
+                        } else {
+                            norms.push(optim.clip_grad_norm(max_norm));
+                            optim.step(lr);
+                        }
+                        optim.zero_grad();
+                    }
+                    (weight.detach(), norm.detach(), optim.state_tensors(), norms)
+                };
+                let (weight, norm, state, norms) = run(false);
+                let (recorded, recorded_norm, recorded_state, recorded_norms) = run(true);
+                let case = format!("{kind:?} {dtype:?} clip {max_norm}");
+                let initial = (wave([50, 100], 0.37) * 0.1).to_kind(dtype);
+                assert!(
+                    !weight.equal(&initial),
+                    "{case}: the steps moved the weights"
+                );
+                if dtype == Kind::BFloat16 && max_norm == 0.5 {
+                    // Clipping bf16 gradients: the host step multiplies by the
+                    // coefficient as a scalar, which libtorch's CPU kernel (and its
+                    // multi-tensor one) first rounds to bf16 (0.4 % off); the recorded
+                    // step multiplies in f32 (as torch's clip_grad_norm_ does on CUDA
+                    // with its f32 coefficient tensor). Close, not bit-identical.
+                    let moved = (&weight - &initial)
+                        .abs()
+                        .mean(Kind::Float)
+                        .double_value(&[]);
+                    let difference = (&weight - &recorded)
+                        .abs()
+                        .mean(Kind::Float)
+                        .double_value(&[]);
+                    assert!(
+                        difference < 0.01 * moved,
+                        "{case}: {difference} vs moved {moved}"
+                    );
+                    for (a, b) in norms.iter().zip(&recorded_norms) {
+                        assert!(
+                            (a - b).abs() <= 1e-2 * a,
+                            "{case}: gradient norms {a} vs {b}"
+                        );
+                    }
+                    continue;
+                }
+                assert_eq!(norms, recorded_norms, "{case}: gradient norms");
+                assert!(weight.equal(&recorded), "{case}: weights differ");
+                assert!(norm.equal(&recorded_norm), "{case}: norms differ");
+                for (name, value) in &state {
+                    assert!(value.equal(&recorded_state[name]), "{case}: {name} differs");
+                }
+                if max_norm == 0.5 {
+                    assert!(norms.iter().all(|&n| n > 0.5), "{case}: clipping engaged");
                 }
             }
         }
