@@ -11,55 +11,17 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use amthal::batch::Batch;
-use amthal::encode::{Encoded, Encoder};
-use amthal::model::lora::{LoraConfig, load_adapter};
-use amthal::model::{Llama, LoadOptions, load_llama};
-use amthal::model_source::ModelSource;
-use amthal::prompt::{PromptBuilder, PromptFormat};
+use amthal::encode::Encoded;
 use amthal::train::graphed_step::{GraphedSteps, optimizer_step_graphed};
 use amthal::train::loss_scale::LossScaler;
 use amthal::train::micro_step;
 use amthal::train::moments::OptimKind;
 use amthal::train::optim::AdamW;
 use amthal::train::step::{StepSettings, optimizer_step};
-use amthal::train::trainables::{Mode, trainable_tensors, unfreeze_all};
+use amthal::train::trainables::trainable_tensors;
+use common::tiny::{encoded_rows, model_for};
 use common::*;
 use tch::{Device, Tensor};
-
-/// The sample training rows, encoded for the tiny model (lengths differ).
-fn encoded_rows() -> Vec<Encoded> {
-    let source = ModelSource::HfFolder(fixture("tiny-llama"));
-    let tokenizer = source.tokenizer().unwrap();
-    let prompts = PromptBuilder::new(PromptFormat::Plain, &tokenizer).unwrap();
-    let encoder = Encoder::new(&tokenizer, &prompts).unwrap();
-    let examples = amthal::sample_data::sample_split(amthal::data::Split::Train)
-        .unwrap()
-        .examples;
-    encoder.encode_all(&examples[..8], None).unwrap().0
-}
-
-/// The tiny model set up for a full fine-tune (tied or untied lm_head) or with the
-/// fixture adapter (LoRA).
-fn model_for(full: bool, tied: bool) -> (Llama, Mode) {
-    let source = ModelSource::HfFolder(fixture("tiny-llama"));
-    let mut model = load_llama(&source, LoadOptions::default()).unwrap();
-    if !tied {
-        model.lm_head = Some(model.embed_tokens.copy());
-    }
-    if full {
-        unfreeze_all(&model);
-        return (model, Mode::Full);
-    }
-    load_adapter(&mut model, &fixture("tiny-llama-adapter")).unwrap();
-    let config = LoraConfig {
-        r: 4,
-        alpha: 8.0,
-        dropout: 0.0,
-        targets: vec![],
-        rslora: false,
-    };
-    (model, Mode::Lora(config))
-}
 
 fn max_difference(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).abs().max().double_value(&[])

@@ -2,6 +2,8 @@
 //! are, and how to run the binary. Missing prerequisites fail loudly (never a skip).
 #![allow(dead_code)]
 
+pub mod tiny;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
