@@ -16,6 +16,10 @@
 //!   that clips (or unscales f16 gradients) runs the backward pass twice: once to
 //!   measure, once to update (LOMO's two passes). `--max-grad-norm 0` (bf16 or f32)
 //!   skips the measuring pass.
+//!
+//! `--cuda-graphs` (`graphed_step.rs`) records `forward_backward` (the micro-batch's
+//! forward and backward pass, written to issue device work only) and the update as
+//! CUDA graphs and replays them.
 
 use std::collections::HashMap;
 
