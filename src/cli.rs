@@ -628,8 +628,8 @@ pub struct TrainArgs {
     /// CUDA: record each micro-batch's forward and backward pass as a CUDA graph (one
     /// per width, a multiple of 128 tokens) and replay it, so a step costs a few launches
     /// instead of thousands (torch.compile's reduce-overhead mode). Implies --packing;
-    /// LoRA needs --lora-dropout 0. On the CPU the same fixed-width step runs without a
-    /// graph.
+    /// LoRA dropout with --gradient-checkpointing needs --lora-dropout 0. On the CPU the
+    /// same fixed-width step runs without a graph.
     #[arg(long, visible_alias = "cuda_graphs")]
     pub cuda_graphs: bool,
     #[command(flatten)]

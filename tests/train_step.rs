@@ -413,7 +413,7 @@ fn an_offloaded_optimizer_takes_the_same_steps() {
 /// `--cuda-graphs` from the command line (on the CPU: the fixed-width step without a
 /// graph, with a note saying so): it implies packing, refuses what a recorded step
 /// cannot do with a message naming the way out, and a run resumed from checkpoint-3
-/// ends bit-identical to the whole run.
+/// ends bit-identical to the whole run, full fine-tune and LoRA with dropout.
 #[test]
 fn a_cuda_graphs_run_resumes_exactly_and_refuses_what_it_cannot_record() {
     let dir = temp_dir("cuda-graphs");
@@ -451,7 +451,10 @@ fn a_cuda_graphs_run_resumes_exactly_and_refuses_what_it_cannot_record() {
         "the same final weights"
     );
     for (extra, expected) in [
-        (&["--lora"][..], "add --lora-dropout 0"),
+        (
+            &["--lora", "--gradient-checkpointing"][..],
+            "add --lora-dropout 0",
+        ),
         (&["--optim-in-backward"][..], "choose one"),
     ] {
         let output = train_tiny_with(&dir.join("refused"), graphs, extra);
@@ -459,15 +462,34 @@ fn a_cuda_graphs_run_resumes_exactly_and_refuses_what_it_cannot_record() {
         assert!(!output.status.success(), "{extra:?} was accepted");
         assert!(stderr.contains(expected), "{extra:?}: {stderr}");
     }
-    let lora = train_tiny_with(
-        &dir.join("lora"),
-        graphs,
-        &["--lora", "--lora-dropout", "0"],
-    );
+    // LoRA with dropout (no gradient checkpointing): the generator is seeded from each
+    // micro-batch's position before its pass, so a resumed run draws the same masks.
+    let adapter = |out: &Path| std::fs::read(out.join("final/adapter_model.safetensors")).unwrap();
+    let with_dropout: &[&str] = &["--cuda-graphs", "--lora", "--lora-dropout", "0.1"];
+    let lora = dir.join("lora-dropout");
+    let output = train_tiny_with(&lora, with_dropout, &["--optim", "adamw"]);
     assert!(
-        lora.status.success(),
+        output.status.success(),
         "{}",
-        String::from_utf8_lossy(&lora.stderr)
+        String::from_utf8_lossy(&output.stderr)
     );
-    assert!(dir.join("lora/final/adapter_model.safetensors").exists());
+    let resumed = resume_from_checkpoint_3(
+        &lora,
+        &dir.join("lora-dropout-resumed"),
+        with_dropout,
+        "adamw",
+    );
+    assert_eq!(adapter(&resumed), adapter(&lora), "resumed with dropout");
+    let without: &[&str] = &["--cuda-graphs", "--lora", "--lora-dropout", "0"];
+    let output = train_tiny_with(&dir.join("lora"), without, &["--optim", "adamw"]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_ne!(
+        adapter(&dir.join("lora")),
+        adapter(&lora),
+        "dropout changed the steps"
+    );
 }

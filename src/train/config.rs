@@ -205,11 +205,12 @@ impl TrainConfig {
 
     /// What `--cuda-graphs` cannot record (see `graphed_step.rs`).
     fn validate_cuda_graphs(&self) -> Result<()> {
-        if self.lora && self.lora_dropout > 0.0 {
+        if self.lora && self.lora_dropout > 0.0 && self.gradient_checkpointing {
             bail_input!(
-                "--cuda-graphs records the step once and replays it, so dropout could not draw \
-                 new masks per micro-batch the way the eager step does: add --lora-dropout 0 \
-                 (Unsloth's fast path asks the same), or leave out --cuda-graphs"
+                "--cuda-graphs with --gradient-checkpointing records the recomputed layers too, \
+                 and inside a recording they cannot be reseeded to draw the forward pass's \
+                 dropout masks again: add --lora-dropout 0, or leave out \
+                 --gradient-checkpointing"
             );
         }
         if self.optim_in_backward {

@@ -14,9 +14,14 @@
 //!   device, `document_mask`), each position's target (cross-entropy over the whole
 //!   width, ignoring the untrained ones), and the step's loss scale.
 //! - **No host work inside.** The recorded body is `step::forward_backward` without
-//!   reseeding (so LoRA dropout must be 0, as Unsloth's fast path also requires) and
-//!   without reading the loss: the window's loss sums stay on the device and are read
-//!   once per optimizer step.
+//!   reading the loss: the window's loss sums stay on the device and are read once per
+//!   optimizer step. Nor does it reseed: the generator is seeded from the micro-batch's
+//!   position before each replay, and a recorded graph's dropout kernels draw from the
+//!   seed the generator holds at replay (libtorch registers the default CUDA generator
+//!   with every graph), so LoRA dropout masks are a function of the position, as in the
+//!   eager step (each layer's masks are not reseeded per layer, though, so gradient
+//!   checkpointing, whose recomputed layers must draw the forward's masks again, needs
+//!   `--lora-dropout 0`).
 //! - **Tensors that stay put.** The inputs are copied into the same tensors before
 //!   every replay; the gradients are added into the same `.grad` tensors, so the
 //!   optimizer zeroes them in place instead of dropping them (`AdamW::keep_grads`).
@@ -47,7 +52,9 @@ use tch::{Device, Kind, Reduction, Tensor};
 use super::loss_scale::LossScaler;
 use super::offload::StatePlacement;
 use super::optim::{AdamW, DeviceStepValues};
-use super::step::{MicroBatch, StepOutcome, StepSettings, apply_update, forward_backward};
+use super::step::{
+    MicroBatch, StepOutcome, StepSettings, apply_update, dropout_seed, forward_backward,
+};
 use crate::batch::{FixedWidthLayout, bucket_width};
 use crate::cuda::graph::{CudaGraph, GraphPool};
 use crate::encode::{Encoded, IGNORE_INDEX};
@@ -224,11 +231,12 @@ impl GraphedSteps {
 
     /// Forward and backward pass of the micro-batch `rows`, gradients scaled by `scale`
     /// and added into `.grad`; its loss sum is added to `loss_total` on the device.
+    /// `dropout_seed`: what the generator is seeded with before the pass.
     fn micro_step(
         &mut self,
         model: &Llama,
         rows: &[&Encoded],
-        scale: f64,
+        (scale, dropout_seed): (f64, i64),
         loss_total: &mut Tensor,
     ) -> Result<()> {
         let tokens = rows.iter().map(|r| r.input_ids.len()).sum();
@@ -265,6 +273,7 @@ impl GraphedSteps {
             }
         }
         bucket.inputs.fill(&layout, scale);
+        tch::manual_seed(dropout_seed);
         let loss = match &bucket.recorded {
             Some((graph, loss)) => {
                 graph
@@ -380,8 +389,10 @@ pub fn optimizer_step_graphed(
     profile::start();
     let loss_scale = scaler.as_ref().map_or(1.0, |s| s.scale);
     let mut total = Tensor::zeros([], (Kind::Float, model.device));
-    for rows in micro_rows {
-        graphs.micro_step(model, rows, loss_scale * settings.token_scale, &mut total)?;
+    for (index, rows) in micro_rows.iter().enumerate() {
+        let seed = dropout_seed(settings.seed, settings.micro_position(index), 0);
+        let scale = loss_scale * settings.token_scale;
+        graphs.micro_step(model, rows, (scale, seed), &mut total)?;
     }
     profile::mark("forward + backward (graphs)");
     // The step's one read of the loss.

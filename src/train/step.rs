@@ -64,7 +64,7 @@ pub struct StepSettings {
 
 impl StepSettings {
     /// The global position of this rank's `index`-th micro-batch in the run.
-    fn micro_position(&self, index: usize) -> u64 {
+    pub(super) fn micro_position(&self, index: usize) -> u64 {
         self.first_micro + self.micro_offset + index as u64 * self.micro_stride
     }
 }
@@ -81,7 +81,7 @@ pub struct StepOutcome {
 }
 
 /// Dropout seed for a micro-batch and layer: a pure function of the position.
-fn dropout_seed(seed: u64, micro_step: u64, layer: usize) -> i64 {
+pub(super) fn dropout_seed(seed: u64, micro_step: u64, layer: usize) -> i64 {
     (seed
         .wrapping_mul(1_000_003)
         .wrapping_add(micro_step.wrapping_mul(1009))
