@@ -1,7 +1,8 @@
 //! Data-parallel training over c10d's Gloo process group, two workers on the loopback
 //! address (`amthal train --nproc-per-node 2`): after a few steps the adapter and the
 //! fully fine-tuned weights equal one process's with the same global batch (also with
-//! gradient checkpointing, where the sums overlap the backward pass); a worker
+//! gradient checkpointing, where the sums overlap the backward pass, and with
+//! `--cuda-graphs`' fixed-width step); a worker
 //! killed mid-run stops the run with a message naming it; the checkpoint it left
 //! resumes in a single process and ends where an uninterrupted run ends.
 
@@ -92,6 +93,25 @@ fn two_gloo_workers_train_what_one_process_trains() {
         (
             "full-checkpointed",
             &["--lr", "1e-3", "--gradient-checkpointing"][..],
+            "model.safetensors",
+        ),
+        // --cuda-graphs' fixed-width step (no graph on the CPU): the sums follow the
+        // window, and dropout's seeds the global micro-batch position.
+        (
+            "lora-graphs",
+            &[
+                "--lora",
+                "--lora-dropout",
+                "0.1",
+                "--lr",
+                "1e-3",
+                "--cuda-graphs",
+            ][..],
+            "adapter_model.safetensors",
+        ),
+        (
+            "full-graphs-checkpointed",
+            &["--lr", "1e-3", "--cuda-graphs", "--gradient-checkpointing"][..],
             "model.safetensors",
         ),
     ] {

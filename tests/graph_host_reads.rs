@@ -81,6 +81,7 @@ fn a_graphed_step_reads_the_host_twice_and_the_eager_step_per_micro_batch() {
                 &window,
                 &settings(step, checkpointing, full, tokens),
                 None,
+                None,
             )
             .unwrap();
             let counts = ops.take_op_counts().unwrap();

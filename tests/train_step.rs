@@ -153,6 +153,7 @@ fn three_steps(
                 &window,
                 &settings,
                 scaler.as_mut(),
+                None,
             ),
             None => optimizer_step(
                 &model,

@@ -242,12 +242,6 @@ impl TrainConfig {
                  ranks could sum its gradient: it does not combine with data parallelism yet"
             );
         }
-        if self.cuda_graphs {
-            bail_input!(
-                "--cuda-graphs: the recorded step does not sum gradients across ranks yet; leave \
-                 it out with several processes"
-            );
-        }
         Ok(())
     }
 

@@ -22,6 +22,10 @@
 //!   eager step (each layer's masks are not reseeded per layer, though, so gradient
 //!   checkpointing, whose recomputed layers must draw the forward's masks again, needs
 //!   `--lora-dropout 0`).
+//! - **Data parallelism.** The backward passes are inside the graphs, so a rank's
+//!   gradient sums start after its window rather than layer by layer during it
+//!   (`rank_sums.rs`); the masks' seeds follow the global micro-batch position, so
+//!   results do not depend on the world size.
 //! - **Tensors that stay put.** The inputs are copied into the same tensors before
 //!   every replay; the gradients are added into the same `.grad` tensors, so the
 //!   optimizer zeroes them in place instead of dropping them (`AdamW::keep_grads`).
@@ -52,11 +56,13 @@ use tch::{Device, Kind, Reduction, Tensor};
 use super::loss_scale::LossScaler;
 use super::offload::StatePlacement;
 use super::optim::{AdamW, DeviceStepValues};
+use super::rank_sums::RankSums;
 use super::step::{
     MicroBatch, StepOutcome, StepSettings, apply_update, dropout_seed, forward_backward,
 };
 use crate::batch::{FixedWidthLayout, bucket_width};
 use crate::cuda::graph::{CudaGraph, GraphPool};
+use crate::distributed::Distributed;
 use crate::encode::{Encoded, IGNORE_INDEX};
 use crate::model::Llama;
 use crate::model::llama::{LayerContext, document_mask};
@@ -376,8 +382,10 @@ impl GraphedSteps {
 }
 
 /// One optimizer step whose micro-batches (`micro_rows`, the rows of each) run as
-/// recorded graphs; the update after them is the eager step's (`step::apply_update`).
-/// A single process only (the train loop refuses `--cuda-graphs` with several ranks).
+/// recorded graphs, then the recorded update (or the eager one, `step::apply_update`).
+/// `group`: data parallelism, as in `step::optimizer_step` (this rank's micro-batches;
+/// the gradients are summed across ranks after the window, not overlapped with it: the
+/// backward passes are inside the graphs).
 pub fn optimizer_step_graphed(
     model: &Llama,
     optimizer: &mut AdamW,
@@ -385,18 +393,26 @@ pub fn optimizer_step_graphed(
     micro_rows: &[Vec<&Encoded>],
     settings: &StepSettings,
     scaler: Option<&mut LossScaler>,
+    group: Option<&Distributed>,
 ) -> Result<StepOutcome> {
     profile::start();
     let loss_scale = scaler.as_ref().map_or(1.0, |s| s.scale);
+    // A rank without a micro-batch in a short last window runs one at weight 0.
+    let weight = if settings.padding_only { 0.0 } else { 1.0 };
     let mut total = Tensor::zeros([], (Kind::Float, model.device));
     for (index, rows) in micro_rows.iter().enumerate() {
         let seed = dropout_seed(settings.seed, settings.micro_position(index), 0);
-        let scale = loss_scale * settings.token_scale;
+        let scale = loss_scale * settings.token_scale * weight;
         graphs.micro_step(model, rows, (scale, seed), &mut total)?;
     }
     profile::mark("forward + backward (graphs)");
     // The step's one read of the loss.
-    let value = total.double_value(&[]);
+    let mut value = total.double_value(&[]) * weight;
+    if let Some(group) = group {
+        // Each rank's gradients carry 1 / the whole window's answer tokens already.
+        value = RankSums::new(group, optimizer, model).finish(optimizer, value)?;
+        profile::mark("all-reduce");
+    }
     let mut outcome = StepOutcome::default();
     if value.is_finite() {
         outcome.loss_sum = value;
@@ -417,5 +433,5 @@ pub fn optimizer_step_graphed(
         profile::mark("clip + optimizer (graph)");
         return Ok(outcome);
     }
-    apply_update(optimizer, outcome, settings, scaler, loss_scale, None)
+    apply_update(optimizer, outcome, settings, scaler, loss_scale, group)
 }

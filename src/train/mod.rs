@@ -539,6 +539,7 @@ impl Run<'_> {
                 &mine.iter().map(|micro| rows(micro)).collect::<Vec<_>>(),
                 &settings,
                 state.loss_scaler.as_mut(),
+                self.group.as_ref(),
             )?,
             None => {
                 let batches: Vec<Batch> = mine
