@@ -42,7 +42,8 @@
 //! filled in before each replay (`DeviceStepValues`), so one graph serves every step.
 //! Recording runs the body once for real first: that run is the step's update. Not
 //! recorded (the eager update runs): `--fp16` (its scaler decides on the host whether
-//! to step), `--offload-optimizer` (host copies), and a step at learning rate 0.
+//! to step), `--offload-optimizer` (host copies), `--zero 1` (owners broadcast their
+//! tensors), and a step at learning rate 0.
 //!
 //! On the CPU the same fixed-width body runs without a graph (what the tests compare
 //! with the packed eager step). If recording fails on a GPU, the message is printed
