@@ -823,17 +823,22 @@ mod tests {
         assert!(moved > 1e-3, "the steps moved the weights ({moved})");
     }
 
+    use super::super::moments::OptimKind;
+
+    /// Every `--optim`: f32 AdamW on f32 and on bf16 weights (with its f32 master
+    /// copy), the bf16 and 8-bit layouts on bf16 weights (with their compensation).
+    const EVERY_OPTIMIZER_AND_WEIGHT_DTYPE: [(OptimKind, Kind); 4] = [
+        (OptimKind::AdamW, Kind::Float),
+        (OptimKind::AdamW, Kind::BFloat16),
+        (OptimKind::AdamWBf16, Kind::BFloat16),
+        (OptimKind::AdamW8bit, Kind::BFloat16),
+    ];
+
     /// Updating a tensor a chunk at a time (what bounds the update's f32 temporaries)
     /// gives bit-identical weights and state for every optimizer and weight dtype.
     #[test]
     fn chunked_updates_equal_one_pass() {
-        use super::super::moments::OptimKind;
-        for (kind, dtype) in [
-            (OptimKind::AdamW, Kind::Float),
-            (OptimKind::AdamW, Kind::BFloat16),
-            (OptimKind::AdamWBf16, Kind::BFloat16),
-            (OptimKind::AdamW8bit, Kind::BFloat16),
-        ] {
+        for (kind, dtype) in EVERY_OPTIMIZER_AND_WEIGHT_DTYPE {
             let run = |chunk: i64| {
                 // 5000 values: 8-bit moments (>= 4096), chunks of 1024 with a ragged end.
                 let weight = (wave([50, 100], 0.37) * 0.1).to_kind(dtype);
@@ -872,13 +877,7 @@ mod tests {
     /// its checkpoint state resumes either way.
     #[test]
     fn host_kept_state_updates_as_state_beside_the_weights() {
-        use super::super::moments::OptimKind;
-        for (kind, dtype) in [
-            (OptimKind::AdamW, Kind::Float),
-            (OptimKind::AdamW, Kind::BFloat16),
-            (OptimKind::AdamWBf16, Kind::BFloat16),
-            (OptimKind::AdamW8bit, Kind::BFloat16),
-        ] {
+        for (kind, dtype) in EVERY_OPTIMIZER_AND_WEIGHT_DTYPE {
             for chunk in [i64::MAX, 1024] {
                 let run =
                     |placement: StatePlacement,
@@ -939,13 +938,7 @@ mod tests {
     /// changing learning rate.
     #[test]
     fn the_recordable_step_equals_the_host_step() {
-        use super::super::moments::OptimKind;
-        for (kind, dtype) in [
-            (OptimKind::AdamW, Kind::Float),
-            (OptimKind::AdamW, Kind::BFloat16),
-            (OptimKind::AdamWBf16, Kind::BFloat16),
-            (OptimKind::AdamW8bit, Kind::BFloat16),
-        ] {
+        for (kind, dtype) in EVERY_OPTIMIZER_AND_WEIGHT_DTYPE {
             for max_norm in [0.0, 0.5, 1e6] {
                 let run = |recordable: bool| {
                     let weight = (wave([50, 100], 0.37) * 0.1)
