@@ -250,20 +250,22 @@ impl GraphedSteps {
         let width = bucket_width(tokens, BUCKET_TOKENS);
         let layout = FixedWidthLayout::new(rows, width);
         let (device, flags) = (self.device, self.flags);
+        let to_record = device.is_cuda()
+            && self.failure.is_none()
+            && self
+                .buckets
+                .get(&width)
+                .is_none_or(|bucket| bucket.recorded.is_none());
+        let pool = to_record.then(|| self.pool());
         let bucket = self.buckets.entry(width).or_insert_with(|| Bucket {
             inputs: FixedInputs::new(width, device),
             recorded: None,
         });
-        if device.is_cuda() && self.failure.is_none() && bucket.recorded.is_none() {
+        if let Some(pool) = pool {
             // The warm-up run before recording adds its gradients too: zeros at scale 0.
             bucket.inputs.fill(&layout, 0.0);
-            let pool = match self.pool {
-                Some(pool) => Ok(pool),
-                None => GraphPool::new(),
-            };
             let inputs = &bucket.inputs;
             let recorded = pool.and_then(|pool| {
-                self.pool = Some(pool);
                 CudaGraph::capture_in(Some(pool), || {
                     body(model, inputs, flags).map_err(|e| e.to_string())
                 })
