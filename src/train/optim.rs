@@ -98,6 +98,17 @@ pub struct StepConstants {
     pub bias_correction2_sqrt: f64,
 }
 
+impl StepConstants {
+    /// The update's denominator sqrt(v) / bc2 + eps, pre-scaled by -1 / step_size so
+    /// one addcdiv applies it: (its scale, its shift). Both the host step and the
+    /// device scalars of a recorded step take them from here, so they are the same
+    /// numbers. `step_size` must not be 0.
+    fn denominator(&self, eps: f64) -> (f64, f64) {
+        let scale = -1.0 / self.step_size;
+        (scale / self.bias_correction2_sqrt, eps * scale)
+    }
+}
+
 /// The per-step numbers of the update as 0-dim f32 tensors on the weights' device, for
 /// an optimizer step recorded as a CUDA graph (`graphed_step.rs`): the graph reads
 /// them, and each step fills in its values before the replay. They hold exactly what
@@ -125,10 +136,10 @@ impl DeviceStepValues {
     /// This step's values (`step.step_size` must not be 0: an update at lr 0 moves
     /// only the moments, which the eager step handles).
     pub fn fill(&mut self, step: &StepConstants, eps: f64, weight_decay: f64) {
-        let scale = -1.0 / step.step_size;
+        let (scale, shift) = step.denominator(eps);
         let _ = self.decay.fill_(1.0 - step.lr * weight_decay);
-        let _ = self.denom_scale.fill_(scale / step.bias_correction2_sqrt);
-        let _ = self.denom_shift.fill_(eps * scale);
+        let _ = self.denom_scale.fill_(scale);
+        let _ = self.denom_shift.fill_(shift);
     }
 }
 
@@ -332,29 +343,14 @@ impl AdamW {
     /// Global L2 norm of the gradients, and clips them to `max_norm` (torch's
     /// clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is below 1).
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
-        let grads: Vec<Tensor> = self
-            .params
-            .iter()
-            .map(|p| p.param.grad())
-            .filter(Tensor::defined)
-            .collect();
+        let grads = self.defined_grads();
         if grads.is_empty() {
             return 0.0;
         }
         let refs: Vec<&Tensor> = grads.iter().collect();
-        // One multi-tensor kernel for the norms and one for the scaling when the ops
-        // library is there (`torch_ops`), else tensor by tensor.
+        let total = self.total_norm(&grads).double_value(&[]);
+        // One multi-tensor kernel for the scaling when the ops library is there.
         let ops = crate::torch_ops::ops().filter(|_| self.fused);
-        let total = match ops.map(|ops| ops.total_norm(&refs)) {
-            Some(Ok(norm)) => norm.double_value(&[]),
-            _ => {
-                let norms: Vec<Tensor> = grads
-                    .iter()
-                    .map(|g| g.to_kind(Kind::Float).norm())
-                    .collect();
-                Tensor::stack(&norms, 0).norm().double_value(&[])
-            }
-        };
         if max_norm > 0.0 {
             let coefficient = max_norm / (total + 1e-6);
             if coefficient < 1.0 && ops.is_none_or(|ops| ops.scale(&refs, coefficient).is_err()) {
@@ -373,27 +369,11 @@ impl AdamW {
     /// is, and a factor of exactly 1 changes nothing, so f32 gradients come out
     /// bit-identical to `clip_grad_norm`'s (bf16 ones: see the test).
     pub fn clip_grad_norm_on_device(&mut self, max_norm: f64) -> Option<Tensor> {
-        let grads: Vec<Tensor> = self
-            .params
-            .iter()
-            .map(|p| p.param.grad())
-            .filter(Tensor::defined)
-            .collect();
+        let grads = self.defined_grads();
         if grads.is_empty() {
             return None;
         }
-        let refs: Vec<&Tensor> = grads.iter().collect();
-        let ops = crate::torch_ops::ops().filter(|_| self.fused);
-        let total = match ops.map(|ops| ops.total_norm(&refs)) {
-            Some(Ok(norm)) => norm,
-            _ => {
-                let norms: Vec<Tensor> = grads
-                    .iter()
-                    .map(|g| g.to_kind(Kind::Float).norm())
-                    .collect();
-                Tensor::stack(&norms, 0).norm()
-            }
-        };
+        let total = self.total_norm(&grads);
         if max_norm > 0.0 {
             let numerator = Tensor::full([], max_norm, (Kind::Double, total.device()));
             let coefficient = (numerator / (total.to_kind(Kind::Double) + 1e-6))
@@ -414,14 +394,45 @@ impl AdamW {
         Some(total)
     }
 
+    /// The parameters' gradients, those that are defined.
+    fn defined_grads(&self) -> Vec<Tensor> {
+        self.params
+            .iter()
+            .map(|p| p.param.grad())
+            .filter(Tensor::defined)
+            .collect()
+    }
+
+    /// The global L2 norm of `grads` as a 0-dim f32 tensor: one multi-tensor kernel
+    /// when the ops library is there (`torch_ops`), else tensor by tensor.
+    fn total_norm(&self, grads: &[Tensor]) -> Tensor {
+        let refs: Vec<&Tensor> = grads.iter().collect();
+        let ops = crate::torch_ops::ops().filter(|_| self.fused);
+        match ops.map(|ops| ops.total_norm(&refs)) {
+            Some(Ok(norm)) => norm,
+            _ => {
+                let norms: Vec<Tensor> = grads
+                    .iter()
+                    .map(|g| g.to_kind(Kind::Float).norm())
+                    .collect();
+                Tensor::stack(&norms, 0).norm()
+            }
+        }
+    }
+
     /// Every owned parameter with a gradient updated with per-step numbers read from
     /// device scalars (the body of a recorded optimizer step; `begin_step` and
     /// `DeviceStepValues::fill` come before it, on the host).
     pub fn update_all_from_device(&mut self, values: &DeviceStepValues) {
+        self.update_all(StepValues::Device(values));
+    }
+
+    /// Every owned parameter with a gradient updated, tensor by tensor.
+    fn update_all(&mut self, values: StepValues) {
         for index in 0..self.params.len() {
             let grad = self.params[index].param.grad();
             if grad.defined() && self.params[index].owned {
-                self.update_with(index, &grad, StepValues::Device(values));
+                self.update_with(index, &grad, values);
             }
         }
     }
@@ -433,12 +444,7 @@ impl AdamW {
         if self.fused_step(&step) {
             return;
         }
-        for index in 0..self.params.len() {
-            let grad = self.params[index].param.grad();
-            if grad.defined() && self.params[index].owned {
-                self.update(index, &grad, &step);
-            }
-        }
+        self.update_all(StepValues::Host(&step));
     }
 
     /// The whole step as fused kernels (`torch.optim.AdamW(fused=True)`; one call per
@@ -683,9 +689,9 @@ fn update_values(
                     // lr 0 (the first warmup step): moments move, the weights do not.
                     return;
                 }
-                let scale = -1.0 / step.step_size;
-                let _ = denom.g_mul_scalar_(scale / step.bias_correction2_sqrt);
-                let _ = denom.g_add_scalar_(eps * scale);
+                let (scale, shift) = step.denominator(eps);
+                let _ = denom.g_mul_scalar_(scale);
+                let _ = denom.g_add_scalar_(shift);
             }
             StepValues::Device(values) => {
                 let _ = denom.g_mul_(&values.denom_scale);
