@@ -103,18 +103,35 @@ c10::intrusive_ptr<c10d::Backend> create_nccl(const c10::intrusive_ptr<c10d::Sto
 // collective calls instead of hundreds.
 constexpr int64_t kBucketBytes = 32 << 20;
 
-// One bucket in flight: the tensors it sums (or receives), their flat copy the
-// collective works on, and c10d's handle for it.
+// One bucket in flight: the tensors it sums (or receives), the flat tensor the
+// collective works on (their copy, or the one tensor itself), and c10d's handle for it.
 struct InFlight {
   std::vector<at::Tensor> tensors;
   std::vector<at::Tensor> flat;
   c10::intrusive_ptr<c10d::Work> work;
+  // The collective works on the tensor itself: nothing to copy back.
+  bool in_place;
 };
 
 // Collectives started by amthal_dist_start, finished by amthal_dist_finish.
 struct Pending {
   std::vector<InFlight> buckets;
 };
+
+void start_collective(Group& g, std::vector<at::Tensor>& bucket, std::vector<at::Tensor> flat,
+                      bool in_place, int root, Pending& pending) {
+  c10::intrusive_ptr<c10d::Work> work;
+  if (root < 0) {
+    work = g.group->allreduce(flat);
+  } else {
+    c10d::BroadcastOptions options;
+    options.rootRank = root;
+    work = g.group->broadcast(flat, options);
+  }
+  pending.buckets.push_back(
+      InFlight{std::move(bucket), std::move(flat), std::move(work), in_place});
+  bucket.clear();
+}
 
 // Starts one bucket's collective: root < 0 all-reduces (sums) it, else broadcasts it
 // from rank `root`. The tensors are copied into one flat buffer first, so they may be
@@ -124,17 +141,21 @@ void start_bucket(Group& g, std::vector<at::Tensor>& bucket, int root, Pending& 
   std::vector<at::Tensor> flat_views;
   flat_views.reserve(bucket.size());
   for (auto& t : bucket) flat_views.push_back(t.reshape({-1}));
-  std::vector<at::Tensor> flat{at::cat(flat_views)};
-  c10::intrusive_ptr<c10d::Work> work;
-  if (root < 0) {
-    work = g.group->allreduce(flat);
-  } else {
-    c10d::BroadcastOptions options;
-    options.rootRank = root;
-    work = g.group->broadcast(flat, options);
-  }
-  pending.buckets.push_back(InFlight{std::move(bucket), std::move(flat), std::move(work)});
-  bucket.clear();
+  start_collective(g, bucket, {at::cat(flat_views)}, false, root, pending);
+}
+
+// Starts the collective of one large contiguous tensor on the tensor itself, as DDP's
+// gradient_as_bucket_view saves its copies: a 7B full fine-tune's gradients (13.8 GB in
+// bf16) are otherwise copied into buckets and back at every step. The tensor may be
+// neither read nor written until it finishes.
+void start_alone(Group& g, const at::Tensor& tensor, int root, Pending& pending) {
+  std::vector<at::Tensor> bucket{tensor};
+  start_collective(g, bucket, {tensor.view({-1})}, true, root, pending);
+}
+
+// Whether a tensor gets a collective of its own, on itself (start_alone).
+bool alone(const at::Tensor& t) {
+  return t.is_contiguous() && t.numel() * static_cast<int64_t>(t.element_size()) >= kBucketBytes;
 }
 
 // Waits for each bucket (for NCCL: the current CUDA stream waits, not the host) and
@@ -142,6 +163,7 @@ void start_bucket(Group& g, std::vector<at::Tensor>& bucket, int root, Pending& 
 void finish_buckets(Pending& pending) {
   for (auto& b : pending.buckets) {
     b.work->wait();
+    if (b.in_place) continue;
     int64_t offset = 0;
     for (auto& t : b.tensors) {
       int64_t n = t.numel();
@@ -186,8 +208,8 @@ int amthal_dist_init(const char* host, int port, int rank, int world, int timeou
 
 // Starts a collective over `count` tensors and returns at once (*out: the pending
 // work for amthal_dist_finish). root < 0: sums them element-wise across ranks, in
-// place; else every rank receives rank `root`'s values. Flattened into buckets per
-// dtype: CPU tensors for Gloo (its own threads do the work), tensors on the group's
+// place; else every rank receives rank `root`'s values. Large contiguous tensors are
+// worked on where they are, the others flattened into buckets per dtype: CPU tensors for Gloo (its own threads do the work), tensors on the group's
 // card for NCCL (on its own stream, after the current stream's work so far). Every
 // rank must start the same collectives in the same order.
 int amthal_dist_start(void* handle, at::Tensor** tensors, int count, int root, void** out) {
@@ -199,6 +221,10 @@ int amthal_dist_start(void* handle, at::Tensor** tensors, int count, int root, v
     std::map<at::ScalarType, int64_t> bytes;
     for (int i = 0; i < count; ++i) {
       at::Tensor t = *tensors[i];
+      if (alone(t)) {
+        start_alone(g, t, root, *pending);
+        continue;
+      }
       auto type = t.scalar_type();
       buckets[type].push_back(t);
       bytes[type] += t.numel() * static_cast<int64_t>(t.element_size());

@@ -202,8 +202,10 @@ impl Distributed {
 
     /// Starts summing the tensors across ranks and returns while the backend works
     /// (DDP's overlap of the all-reduce with the rest of the backward pass). The
-    /// tensors must not be written until `Pending::finish`, which writes the sums into
-    /// them. Every rank must start the same sums in the same order.
+    /// tensors must be neither read nor written until `Pending::finish`: small ones
+    /// are summed in a flat copy that `finish` writes back, large contiguous ones
+    /// where they are (csrc/distributed.cpp). Every rank must start the same sums in
+    /// the same order.
     pub fn start_sum(&self, tensors: &[&Tensor]) -> Result<Pending> {
         self.start(tensors, None)
     }
@@ -277,6 +279,7 @@ pub fn free_port() -> Result<u16> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Kind;
 
     fn place(vars: &[(&str, &str)]) -> Result<Option<WorkerPlace>> {
         let vars: std::collections::HashMap<String, String> = vars
@@ -308,6 +311,60 @@ mod tests {
         assert!(place(&[("WORLD_SIZE", "2")]).is_err());
         assert!(place(&[("WORLD_SIZE", "2"), ("RANK", "2")]).is_err());
         assert!(place(&[("WORLD_SIZE", "two"), ("RANK", "0")]).is_err());
+    }
+
+    /// Two ranks (threads, Gloo): small tensors (bucketed), a large contiguous one
+    /// (over the 32 MB bucket size: summed where it is, no copy) and a large
+    /// non-contiguous one (bucketed) all end as the element-wise sums; a broadcast of
+    /// a large tensor gives every rank the root's values.
+    #[test]
+    fn large_tensors_are_summed_where_they_are() {
+        let port = free_port().unwrap();
+        let large = 9 << 20; // f32 values: 36 MB
+        let ranks: Vec<_> = (0..2)
+            .map(|rank| {
+                std::thread::spawn(move || {
+                    let place = WorkerPlace {
+                        rank,
+                        local_rank: rank,
+                        world: 2,
+                        master_addr: "127.0.0.1".into(),
+                        master_port: port,
+                    };
+                    let group = Distributed::join(place, Backend::Gloo, Device::Cpu, 30).unwrap();
+                    let values = |n: i64, scale: f64| {
+                        Tensor::arange(n, (Kind::Float, Device::Cpu)).remainder(1000.0)
+                            * scale
+                            * (rank + 1) as f64
+                    };
+                    let small = values(10, 1.0);
+                    let contiguous = values(large, 0.5);
+                    let transposed = values(large, 0.25).view([3 << 10, 3 << 10]).transpose(0, 1);
+                    let pending = group
+                        .start_sum(&[&small, &contiguous, &transposed])
+                        .unwrap();
+                    pending.finish().unwrap();
+                    let expect = |n: i64, scale: f64| {
+                        Tensor::arange(n, (Kind::Float, Device::Cpu)).remainder(1000.0)
+                            * scale
+                            * 3.0
+                    };
+                    assert!(small.equal(&expect(10, 1.0)));
+                    assert!(contiguous.equal(&expect(large, 0.5)));
+                    let transposed_expect =
+                        expect(large, 0.25).view([3 << 10, 3 << 10]).transpose(0, 1);
+                    assert!(transposed.equal(&transposed_expect));
+                    let broadcast = values(large, 1.0);
+                    group.broadcast_from_owners(&[&broadcast], &[1]).unwrap();
+                    let from_rank_1 =
+                        Tensor::arange(large, (Kind::Float, Device::Cpu)).remainder(1000.0) * 2.0;
+                    assert!(broadcast.equal(&from_rank_1));
+                })
+            })
+            .collect();
+        for rank in ranks {
+            rank.join().unwrap();
+        }
     }
 
     #[test]
