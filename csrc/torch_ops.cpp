@@ -111,22 +111,32 @@ void on_op_end(const at::RecordFunction&, at::ObserverContext*) {
 extern "C" {
 
 // Bumped when a signature changes; src/torch_ops.rs checks it.
-int amthal_ops_version() { return 9; }
+int amthal_ops_version() { return 10; }
 
 const char* amthal_ops_last_error() { return last_error.c_str(); }
 
 // torch.optim.AdamW(fused=True)'s update of `count` parameters in place (decoupled
 // weight decay, no amsgrad): at::_fused_adamw_. `step` is the 1-based step number as a
-// one-value f32 tensor on the parameters' device, shared by every parameter.
+// one-value f32 tensor on the parameters' device, shared by every parameter. The
+// learning rate is `lr`, or, when `lr_tensor` is not null, that one-value f32 tensor on
+// the same device (read by the kernel: a recorded CUDA graph replays it with each
+// step's value).
 int amthal_fused_adamw(at::Tensor** params, at::Tensor** grads, at::Tensor** exp_avgs,
                        at::Tensor** exp_avg_sqs, at::Tensor* step, int count, double lr,
-                       double beta1, double beta2, double weight_decay, double eps) {
+                       at::Tensor* lr_tensor, double beta1, double beta2, double weight_decay,
+                       double eps) {
   return guarded([&] {
     c10::NoGradGuard no_grad;
     std::vector<at::Tensor> steps(static_cast<size_t>(count), *step);
-    at::_fused_adamw_(list(params, count), list(grads, count), list(exp_avgs, count),
-                      list(exp_avg_sqs, count), {}, steps, lr, beta1, beta2, weight_decay,
-                      eps, /*amsgrad=*/false, /*maximize=*/false);
+    if (lr_tensor != nullptr) {
+      at::_fused_adamw_(list(params, count), list(grads, count), list(exp_avgs, count),
+                        list(exp_avg_sqs, count), {}, steps, *lr_tensor, beta1, beta2,
+                        weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false);
+    } else {
+      at::_fused_adamw_(list(params, count), list(grads, count), list(exp_avgs, count),
+                        list(exp_avg_sqs, count), {}, steps, lr, beta1, beta2, weight_decay,
+                        eps, /*amsgrad=*/false, /*maximize=*/false);
+    }
   });
 }
 

@@ -66,6 +66,12 @@ impl DecodeStep {
         self.graph.is_some()
     }
 
+    /// Whether the next `run` on `device` records the graph (the first step on CUDA,
+    /// which costs a capture besides the step).
+    pub fn records_next(&self, device: Device) -> bool {
+        self.mode == DecodeMode::Graph && self.graph.is_none() && matches!(device, Device::Cuda(_))
+    }
+
     /// Logits for `ids` at `positions` (one per slot), writing the cache.
     pub fn run(
         &mut self,

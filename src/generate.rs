@@ -435,6 +435,13 @@ pub fn generate_continuous(
 pub struct ContinuousReport {
     /// The decode step was replayed from a CUDA graph.
     pub cuda_graph: bool,
+    /// The decode steps alone (the step and choosing its tokens, which reads them back
+    /// to the host, so the time includes the device's work), without prefills and
+    /// without the step that recorded the graph: what a decode-speed target measures.
+    pub decode_steps: usize,
+    /// Tokens those steps produced (one per active slot and step).
+    pub decode_tokens: usize,
+    pub decode_seconds: f64,
 }
 
 /// Positions one batched prefill may hold (prompts x the longest of them): bounds the
@@ -553,6 +560,7 @@ fn continuous_inner(
     };
     let mut waiting = (0..requests.len()).peekable();
     let mut table: Vec<Option<Slot>> = (0..slots).map(|_| None).collect();
+    let mut report = ContinuousReport::default();
     loop {
         crate::profile::start();
         // Fill the free slots: the next waiting prompts, prefilled together, each
@@ -598,9 +606,8 @@ fn continuous_inner(
             }
         }
         if table.iter().all(Option::is_none) {
-            return Ok(ContinuousReport {
-                cuda_graph: decode.is_graphed(),
-            });
+            report.cuda_graph = decode.is_graphed();
+            return Ok(report);
         }
         // One step for every slot (a free one computes a throwaway token at position 0).
         let last = |s: &Option<Slot>| {
@@ -613,6 +620,8 @@ fn continuous_inner(
             .map(|s| s.as_ref().map_or(0, |s| s.position))
             .collect();
         crate::profile::start();
+        let step_started = std::time::Instant::now();
+        let recording = decode.records_next(device);
         let logits = decode.run(model, &mut cache, &ids, &positions)?;
         crate::profile::mark(if decode.is_graphed() {
             "decode step (CUDA graph)"
@@ -642,6 +651,11 @@ fn continuous_inner(
             .collect();
         let chosen = next_tokens(&logits, rows, config)?;
         crate::profile::mark("sampling");
+        if !recording {
+            report.decode_steps += 1;
+            report.decode_tokens += chosen.len();
+            report.decode_seconds += step_started.elapsed().as_secs_f64();
+        }
         for (&s, token) in active.iter().zip(chosen) {
             let slot = table[s].as_mut().expect("an active slot");
             slot.position += 1;

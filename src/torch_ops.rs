@@ -29,7 +29,7 @@ use crate::cuda::shim::{load_versioned, status_result};
 
 /// The compiled library (see build.rs).
 const LIBRARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/libamthal_ops.so"));
-const VERSION: c_int = 9;
+const VERSION: c_int = 10;
 
 type LastErrorFn = unsafe extern "C" fn() -> *const c_char;
 type FusedAdamwFn = unsafe extern "C" fn(
@@ -40,6 +40,7 @@ type FusedAdamwFn = unsafe extern "C" fn(
     *mut c_void,
     c_int,
     f64,
+    *mut c_void,
     f64,
     f64,
     f64,
@@ -98,6 +99,15 @@ pub struct LoraProjection<'a> {
     pub a: &'a Tensor,
     pub b: &'a Tensor,
     pub scaling: f64,
+}
+
+/// The tensors one fused AdamW step updates: each parameter with its gradient and
+/// moments, in the same order.
+pub struct AdamWTensors<'a> {
+    pub params: &'a [&'a Tensor],
+    pub grads: &'a [&'a Tensor],
+    pub exp_avgs: &'a [&'a Tensor],
+    pub exp_avg_sqs: &'a [&'a Tensor],
 }
 
 /// AdamW's hyper-parameters for one step.
@@ -276,15 +286,20 @@ impl Ops {
     }
 
     /// One AdamW step over every parameter at once, in place. All tensors on one
-    /// device with one dtype; `step`: a one-value f32 tensor holding the step number.
+    /// device with one dtype; `step`: a one-value f32 tensor holding the step number;
+    /// `lr_tensor`: the learning rate as a one-value f32 tensor on that device instead
+    /// of `settings.lr` (what a recorded CUDA graph reads at each replay).
     pub fn fused_adamw(
         &self,
-        params: &[&Tensor],
-        grads: &[&Tensor],
-        exp_avgs: &[&Tensor],
-        exp_avg_sqs: &[&Tensor],
+        AdamWTensors {
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+        }: AdamWTensors,
         step: &Tensor,
         settings: AdamWSettings,
+        lr_tensor: Option<&Tensor>,
     ) -> Result<(), String> {
         let count = params.len();
         assert!(grads.len() == count && exp_avgs.len() == count && exp_avg_sqs.len() == count);
@@ -305,6 +320,7 @@ impl Ops {
                 step.as_ptr() as *mut c_void,
                 count as c_int,
                 settings.lr,
+                lr_tensor.map_or(std::ptr::null_mut(), |t| t.as_ptr() as *mut c_void),
                 settings.beta1,
                 settings.beta2,
                 settings.weight_decay,

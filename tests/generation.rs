@@ -654,6 +654,18 @@ fn continuous_batching_gives_each_prompt_its_output_alone() {
             .unwrap();
             assert!(!report.cuda_graph, "no CUDA graph on the CPU");
             assert_eq!(order.len(), requests.len(), "each row reported once");
+            // Each row's first token comes from its prefill, every later one from a
+            // decode step, and the decode steps are timed (nothing recorded on the CPU).
+            let from_decode: usize = results
+                .iter()
+                .map(|g| g.as_ref().unwrap().tokens.len().saturating_sub(1))
+                .sum();
+            assert_eq!(
+                report.decode_tokens, from_decode,
+                "{config:?} slots={slots}"
+            );
+            assert!(report.decode_steps * slots >= from_decode);
+            assert_eq!(report.decode_seconds > 0.0, report.decode_steps > 0);
             for (i, (result, expected)) in results.iter().zip(&alone).enumerate() {
                 assert_eq!(
                     result.as_ref().unwrap(),

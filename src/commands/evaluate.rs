@@ -315,13 +315,21 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
     }
     let seconds = started.elapsed().as_secs_f64();
     sidecar["cuda_graph"] = json!(report.cuda_graph);
+    let decode_rate = report.decode_tokens as f64 / report.decode_seconds.max(1e-9);
+    sidecar["decode"] = json!({
+        "steps": report.decode_steps,
+        "tokens": report.decode_tokens,
+        "seconds": report.decode_seconds,
+        "tokens_per_second": decode_rate,
+    });
     sidecar["quantize"] = json!(loaded.model.quantization.map(|q| q.to_string()));
     write_file(
         &sidecar_path,
         serde_json::to_string_pretty(&sidecar)?.as_bytes(),
     )?;
     eprintln!(
-        "wrote {} ({} rows; {new_tokens} new tokens in {seconds:.1}s, {:.1} tokens/s; decode step {}; {})",
+        "wrote {} ({} rows; {new_tokens} new tokens in {seconds:.1}s, {:.1} tokens/s; decode step {}, \
+         the decode steps alone {decode_rate:.1} tok/s ({:.2} ms a step); {})",
         out.display(),
         rows.len(),
         new_tokens as f64 / seconds.max(1e-9),
@@ -330,6 +338,7 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
         } else {
             "eager"
         },
+        1e3 * report.decode_seconds / report.decode_steps.max(1) as f64,
         MemoryReport::now(loaded.model.device).short()
     );
     Ok(())
