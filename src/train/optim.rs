@@ -803,9 +803,11 @@ fn fused_kahan_update(
             weight_decay: 0.0,
             eps,
         };
+        // The multi-tensor kernel walks each tensor's memory as one flat run.
+        let grad = grad.contiguous();
         let tensors = crate::torch_ops::AdamWTensors {
             params: &[&*buffer],
-            grads: &[grad],
+            grads: &[&grad],
             exp_avgs: &[&exp_avg],
             exp_avg_sqs: &[&exp_avg_sq],
         };
