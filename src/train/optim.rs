@@ -770,7 +770,7 @@ fn fused_kahan_applies(p: &ParamState, grad: &Tensor) -> bool {
 /// 50 with weight decay, where the op-by-op update with f32 temporaries
 /// (`update_values`) moves ~170: on a GPU the full fine-tune's update is bound by
 /// memory bandwidth once its launches are recorded (`--cuda-graphs`). The weight's
-/// decoupled decay goes into the buffer first (buffer += -lr x wd x weight, the
+/// decoupled decay goes into the buffer too (buffer += -lr x wd x weight, the
 /// coefficient rounded to bf16 as a mixed bf16 op does). The buffer holds the update
 /// at bf16's relative precision (2^-9 of its size, as the bf16 moments hold theirs)
 /// before it reaches the weight at f32's; the quality check
@@ -793,9 +793,6 @@ fn fused_kahan_update(
             .as_mut()
             .expect("fused_kahan_applies checks the compensation")
             .tensor_mut();
-        if p.weight_decay && weight_decay != 0.0 {
-            let _ = buffer.addcmul_(&p.param, &values.neg_lr_decay);
-        }
         let settings = crate::torch_ops::AdamWSettings {
             lr: 0.0, // the kernel reads values.lr
             beta1,
@@ -811,7 +808,12 @@ fn fused_kahan_update(
             exp_avgs: &[&exp_avg],
             exp_avg_sqs: &[&exp_avg_sq],
         };
+        // First, so that a failure (its checks come before it writes) leaves the
+        // state untouched for the op-by-op update.
         ops.fused_adamw(tensors, &values.number, settings, Some(&values.lr))?;
+        if p.weight_decay && weight_decay != 0.0 {
+            let _ = buffer.addcmul_(&p.param, &values.neg_lr_decay);
+        }
         let mut exact = buffer.to_kind(Kind::Float);
         let _ = exact.g_add_(&p.param);
         p.param.copy_(&exact);
