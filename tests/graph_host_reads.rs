@@ -15,7 +15,7 @@ use amthal::train::graphed_step::{GraphedSteps, optimizer_step_graphed};
 use amthal::train::optim::AdamW;
 use amthal::train::step::{StepSettings, optimizer_step};
 use amthal::train::trainables::trainable_tensors;
-use common::tiny::{encoded_rows, model_for};
+use common::tiny::{encoded_rows, model_for, window_tokens};
 use tch::Device;
 
 /// Operators that make a CUDA stream wait for the host (a read of a value, or an
@@ -55,11 +55,7 @@ fn a_graphed_step_reads_the_host_twice_and_the_eager_step_per_micro_batch() {
     let window: Vec<Vec<&Encoded>> = (0..4)
         .map(|micro| vec![&rows[micro * 2], &rows[micro * 2 + 1]])
         .collect();
-    let tokens: i64 = window
-        .iter()
-        .flatten()
-        .map(|r| r.trained_tokens() as i64)
-        .sum();
+    let tokens = window_tokens(&window);
     let count = |counts: &[(String, u64)], name: &str| {
         counts
             .iter()

@@ -19,7 +19,7 @@ use amthal::train::moments::OptimKind;
 use amthal::train::optim::AdamW;
 use amthal::train::step::{StepSettings, optimizer_step};
 use amthal::train::trainables::trainable_tensors;
-use common::tiny::{encoded_rows, model_for};
+use common::tiny::{encoded_rows, model_for, window_tokens};
 use common::*;
 use tch::{Device, Tensor};
 
@@ -123,11 +123,7 @@ fn three_steps(
                 vec![&rows[first], &rows[(first + 1) % rows.len()]]
             })
             .collect();
-        let tokens: i64 = window
-            .iter()
-            .flatten()
-            .map(|r| r.trained_tokens() as i64)
-            .sum();
+        let tokens = window_tokens(&window);
         let batches: Vec<Batch> = window
             .iter()
             .map(|micro| Batch::from_encoded(micro, Device::Cpu))

@@ -276,6 +276,36 @@ pub fn free_port() -> Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
+/// Tests: runs `body(rank, group)` on two ranks of a Gloo group (threads on the
+/// loopback address) and returns each rank's result, in rank order.
+#[cfg(test)]
+pub(crate) fn on_two_gloo_ranks<T, F>(body: F) -> Vec<T>
+where
+    T: Send + 'static,
+    F: Fn(usize, Distributed) -> T + Send + Clone + 'static,
+{
+    let port = free_port().unwrap();
+    let ranks: Vec<_> = (0..2)
+        .map(|rank| {
+            let body = body.clone();
+            std::thread::spawn(move || {
+                let place = WorkerPlace {
+                    rank,
+                    local_rank: rank,
+                    world: 2,
+                    master_addr: "127.0.0.1".into(),
+                    master_port: port,
+                };
+                body(
+                    rank,
+                    Distributed::join(place, Backend::Gloo, Device::Cpu, 30).unwrap(),
+                )
+            })
+        })
+        .collect();
+    ranks.into_iter().map(|rank| rank.join().unwrap()).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,52 +349,33 @@ mod tests {
     /// a large tensor gives every rank the root's values.
     #[test]
     fn large_tensors_are_summed_where_they_are() {
-        let port = free_port().unwrap();
         let large = 9 << 20; // f32 values: 36 MB
-        let ranks: Vec<_> = (0..2)
-            .map(|rank| {
-                std::thread::spawn(move || {
-                    let place = WorkerPlace {
-                        rank,
-                        local_rank: rank,
-                        world: 2,
-                        master_addr: "127.0.0.1".into(),
-                        master_port: port,
-                    };
-                    let group = Distributed::join(place, Backend::Gloo, Device::Cpu, 30).unwrap();
-                    let values = |n: i64, scale: f64| {
-                        Tensor::arange(n, (Kind::Float, Device::Cpu)).remainder(1000.0)
-                            * scale
-                            * (rank + 1) as f64
-                    };
-                    let small = values(10, 1.0);
-                    let contiguous = values(large, 0.5);
-                    let transposed = values(large, 0.25).view([3 << 10, 3 << 10]).transpose(0, 1);
-                    let pending = group
-                        .start_sum(&[&small, &contiguous, &transposed])
-                        .unwrap();
-                    pending.finish().unwrap();
-                    let expect = |n: i64, scale: f64| {
-                        Tensor::arange(n, (Kind::Float, Device::Cpu)).remainder(1000.0)
-                            * scale
-                            * 3.0
-                    };
-                    assert!(small.equal(&expect(10, 1.0)));
-                    assert!(contiguous.equal(&expect(large, 0.5)));
-                    let transposed_expect =
-                        expect(large, 0.25).view([3 << 10, 3 << 10]).transpose(0, 1);
-                    assert!(transposed.equal(&transposed_expect));
-                    let broadcast = values(large, 1.0);
-                    group.broadcast_from_owners(&[&broadcast], &[1]).unwrap();
-                    let from_rank_1 =
-                        Tensor::arange(large, (Kind::Float, Device::Cpu)).remainder(1000.0) * 2.0;
-                    assert!(broadcast.equal(&from_rank_1));
-                })
-            })
-            .collect();
-        for rank in ranks {
-            rank.join().unwrap();
-        }
+        on_two_gloo_ranks(move |rank, group| {
+            let values = |n: i64, scale: f64| {
+                Tensor::arange(n, (Kind::Float, Device::Cpu)).remainder(1000.0)
+                    * scale
+                    * (rank + 1) as f64
+            };
+            let small = values(10, 1.0);
+            let contiguous = values(large, 0.5);
+            let transposed = values(large, 0.25).view([3 << 10, 3 << 10]).transpose(0, 1);
+            let pending = group
+                .start_sum(&[&small, &contiguous, &transposed])
+                .unwrap();
+            pending.finish().unwrap();
+            let expect = |n: i64, scale: f64| {
+                Tensor::arange(n, (Kind::Float, Device::Cpu)).remainder(1000.0) * scale * 3.0
+            };
+            assert!(small.equal(&expect(10, 1.0)));
+            assert!(contiguous.equal(&expect(large, 0.5)));
+            let transposed_expect = expect(large, 0.25).view([3 << 10, 3 << 10]).transpose(0, 1);
+            assert!(transposed.equal(&transposed_expect));
+            let broadcast = values(large, 1.0);
+            group.broadcast_from_owners(&[&broadcast], &[1]).unwrap();
+            let from_rank_1 =
+                Tensor::arange(large, (Kind::Float, Device::Cpu)).remainder(1000.0) * 2.0;
+            assert!(broadcast.equal(&from_rank_1));
+        });
     }
 
     #[test]

@@ -110,7 +110,7 @@ impl<'a> RankSums<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::distributed::{Backend, WorkerPlace};
+    use crate::distributed::on_two_gloo_ranks;
     use tch::Device;
 
     /// Two ranks (threads) with six "layers" of one tensor each and one other tensor:
@@ -119,51 +119,36 @@ mod tests {
     /// the summed loss.
     #[test]
     fn layers_start_their_sums_as_they_complete() {
-        let port = crate::distributed::free_port().unwrap();
-        let ranks: Vec<_> = (0..2)
-            .map(|rank| {
-                std::thread::spawn(move || {
-                    let place = WorkerPlace {
-                        rank,
-                        local_rank: rank,
-                        world: 2,
-                        master_addr: "127.0.0.1".into(),
-                        master_port: port,
-                    };
-                    let group = Distributed::join(place, Backend::Gloo, Device::Cpu, 30).unwrap();
-                    let params: Vec<(String, Tensor, bool)> = (0..7)
-                        .map(|i| {
-                            let t = Tensor::zeros([3], (Kind::Float, Device::Cpu))
-                                .set_requires_grad(true);
-                            (format!("p{i}"), t, false)
-                        })
-                        .collect();
-                    let optimizer = AdamW::new(params, 0.0);
-                    // Gradients: (rank + 1) x (index + 1).
-                    for (i, p) in optimizer.params.iter().enumerate() {
-                        (p.param.sum(Kind::Float) * ((rank + 1) * (i + 1)) as f64).backward();
-                    }
-                    let layers = (0..6).map(|i| vec![i]).collect();
-                    let mut sums = RankSums::with_groups(&group, layers, vec![6]);
-                    sums.layer_done(&optimizer, 5).unwrap();
-                    assert_eq!(sums.in_flight.len(), 1, "the top layer started alone");
-                    // Reporting layer 3 starts layer 4 too, in order.
-                    sums.layer_done(&optimizer, 3).unwrap();
-                    assert_eq!(sums.in_flight.len(), 3);
-                    sums.layer_done(&optimizer, 0).unwrap();
-                    assert_eq!(sums.in_flight.len(), MAX_IN_FLIGHT);
-                    let loss = sums.finish(&optimizer, rank as f64 + 0.5).unwrap();
-                    let grads: Vec<Vec<f32>> = optimizer
-                        .params
-                        .iter()
-                        .map(|p| Vec::<f32>::try_from(p.param.grad()).unwrap())
-                        .collect();
-                    (loss, grads)
+        let ranks = on_two_gloo_ranks(|rank, group| {
+            let params: Vec<(String, Tensor, bool)> = (0..7)
+                .map(|i| {
+                    let t = Tensor::zeros([3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+                    (format!("p{i}"), t, false)
                 })
-            })
-            .collect();
-        for rank in ranks {
-            let (loss, grads) = rank.join().unwrap();
+                .collect();
+            let optimizer = AdamW::new(params, 0.0);
+            // Gradients: (rank + 1) x (index + 1).
+            for (i, p) in optimizer.params.iter().enumerate() {
+                (p.param.sum(Kind::Float) * ((rank + 1) * (i + 1)) as f64).backward();
+            }
+            let layers = (0..6).map(|i| vec![i]).collect();
+            let mut sums = RankSums::with_groups(&group, layers, vec![6]);
+            sums.layer_done(&optimizer, 5).unwrap();
+            assert_eq!(sums.in_flight.len(), 1, "the top layer started alone");
+            // Reporting layer 3 starts layer 4 too, in order.
+            sums.layer_done(&optimizer, 3).unwrap();
+            assert_eq!(sums.in_flight.len(), 3);
+            sums.layer_done(&optimizer, 0).unwrap();
+            assert_eq!(sums.in_flight.len(), MAX_IN_FLIGHT);
+            let loss = sums.finish(&optimizer, rank as f64 + 0.5).unwrap();
+            let grads: Vec<Vec<f32>> = optimizer
+                .params
+                .iter()
+                .map(|p| Vec::<f32>::try_from(p.param.grad()).unwrap())
+                .collect();
+            (loss, grads)
+        });
+        for (loss, grads) in ranks {
             assert_eq!(loss, 2.0);
             for (i, grad) in grads.iter().enumerate() {
                 // (1 + 2) x (i + 1) on both ranks.

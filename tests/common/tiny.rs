@@ -22,6 +22,16 @@ pub fn encoded_rows() -> Vec<Encoded> {
     encoder.encode_all(&examples[..8], None).unwrap().0
 }
 
+/// The answer tokens an optimizer step's window of micro-batches trains (the loss's
+/// normaliser).
+pub fn window_tokens(window: &[Vec<&Encoded>]) -> i64 {
+    window
+        .iter()
+        .flatten()
+        .map(|r| r.trained_tokens() as i64)
+        .sum()
+}
+
 /// The tiny model set up for a full fine-tune (tied or untied lm_head) or with the
 /// fixture adapter (LoRA).
 pub fn model_for(full: bool, tied: bool) -> (Llama, Mode) {
