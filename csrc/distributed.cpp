@@ -209,9 +209,10 @@ int amthal_dist_init(const char* host, int port, int rank, int world, int timeou
 // Starts a collective over `count` tensors and returns at once (*out: the pending
 // work for amthal_dist_finish). root < 0: sums them element-wise across ranks, in
 // place; else every rank receives rank `root`'s values. Large contiguous tensors are
-// worked on where they are, the others flattened into buckets per dtype: CPU tensors for Gloo (its own threads do the work), tensors on the group's
-// card for NCCL (on its own stream, after the current stream's work so far). Every
-// rank must start the same collectives in the same order.
+// worked on where they are, the others flattened into buckets per dtype: CPU tensors
+// for Gloo (its own threads do the work), tensors on the group's card for NCCL (on its
+// own stream, after the current stream's work so far). Every rank must start the same
+// collectives in the same order.
 int amthal_dist_start(void* handle, at::Tensor** tensors, int count, int root, void** out) {
   return guarded([&] {
     c10::NoGradGuard no_grad;

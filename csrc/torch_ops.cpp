@@ -128,14 +128,14 @@ int amthal_fused_adamw(at::Tensor** params, at::Tensor** grads, at::Tensor** exp
   return guarded([&] {
     c10::NoGradGuard no_grad;
     std::vector<at::Tensor> steps(static_cast<size_t>(count), *step);
+    auto p = list(params, count), g = list(grads, count), m = list(exp_avgs, count),
+         v = list(exp_avg_sqs, count);
     if (lr_tensor != nullptr) {
-      at::_fused_adamw_(list(params, count), list(grads, count), list(exp_avgs, count),
-                        list(exp_avg_sqs, count), {}, steps, *lr_tensor, beta1, beta2,
-                        weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false);
+      at::_fused_adamw_(p, g, m, v, {}, steps, *lr_tensor, beta1, beta2, weight_decay, eps,
+                        /*amsgrad=*/false, /*maximize=*/false);
     } else {
-      at::_fused_adamw_(list(params, count), list(grads, count), list(exp_avgs, count),
-                        list(exp_avg_sqs, count), {}, steps, lr, beta1, beta2, weight_decay,
-                        eps, /*amsgrad=*/false, /*maximize=*/false);
+      at::_fused_adamw_(p, g, m, v, {}, steps, lr, beta1, beta2, weight_decay, eps,
+                        /*amsgrad=*/false, /*maximize=*/false);
     }
   });
 }

@@ -350,12 +350,12 @@ mod tests {
     #[test]
     fn large_tensors_are_summed_where_they_are() {
         let large = 9 << 20; // f32 values: 36 MB
+        // n values repeating 0..1000, times `scale`.
+        let pattern = |n: i64, scale: f64| {
+            Tensor::arange(n, (Kind::Float, Device::Cpu)).remainder(1000.0) * scale
+        };
         on_two_gloo_ranks(move |rank, group| {
-            let values = |n: i64, scale: f64| {
-                Tensor::arange(n, (Kind::Float, Device::Cpu)).remainder(1000.0)
-                    * scale
-                    * (rank + 1) as f64
-            };
+            let values = |n: i64, scale: f64| pattern(n, scale * (rank + 1) as f64);
             let small = values(10, 1.0);
             let contiguous = values(large, 0.5);
             let transposed = values(large, 0.25).view([3 << 10, 3 << 10]).transpose(0, 1);
@@ -363,18 +363,15 @@ mod tests {
                 .start_sum(&[&small, &contiguous, &transposed])
                 .unwrap();
             pending.finish().unwrap();
-            let expect = |n: i64, scale: f64| {
-                Tensor::arange(n, (Kind::Float, Device::Cpu)).remainder(1000.0) * scale * 3.0
-            };
+            // The sum of rank 0's and rank 1's values: 1 + 2 times the pattern.
+            let expect = |n: i64, scale: f64| pattern(n, scale * 3.0);
             assert!(small.equal(&expect(10, 1.0)));
             assert!(contiguous.equal(&expect(large, 0.5)));
             let transposed_expect = expect(large, 0.25).view([3 << 10, 3 << 10]).transpose(0, 1);
             assert!(transposed.equal(&transposed_expect));
             let broadcast = values(large, 1.0);
             group.broadcast_from_owners(&[&broadcast], &[1]).unwrap();
-            let from_rank_1 =
-                Tensor::arange(large, (Kind::Float, Device::Cpu)).remainder(1000.0) * 2.0;
-            assert!(broadcast.equal(&from_rank_1));
+            assert!(broadcast.equal(&pattern(large, 2.0)), "rank 1's values");
         });
     }
 
