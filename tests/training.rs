@@ -617,6 +617,22 @@ fn bf16_and_8bit_optimizers_resume_exactly_and_save_less() {
                 .unwrap()
                 .len(),
         );
+        // The disk check's estimate (from the shapes, before loading) is what the
+        // checkpoint's files take, but for the safetensors headers.
+        let estimated = &summary_of(&whole)["checkpoint_bytes_estimated"];
+        for (file, estimate) in [
+            ("model.safetensors", &estimated[0]),
+            ("optimizer.safetensors", &estimated[1]),
+        ] {
+            let actual = std::fs::metadata(whole.join("checkpoint-4").join(file))
+                .unwrap()
+                .len() as f64;
+            let estimate = estimate.as_f64().unwrap();
+            assert!(
+                (actual - estimate).abs() <= 0.03 * actual + 16384.0,
+                "{optim} {file}: {actual} bytes, estimated {estimate}"
+            );
+        }
 
         let resumed = dir.join(format!("{optim}-resumed"));
         std::fs::create_dir_all(&resumed).unwrap();
@@ -684,4 +700,6 @@ fn save_only_model_skips_optimizer_state() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(String::from_utf8_lossy(&output.stderr).contains("fresh AdamW moments"));
+    // The disk check counts no optimizer state for these checkpoints.
+    assert_eq!(summary_of(&out)["checkpoint_bytes_estimated"][1], 0);
 }

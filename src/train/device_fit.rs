@@ -29,26 +29,7 @@ pub fn check_fits_the_device(
         return Ok(());
     };
     let (model_config, _) = crate::model::load::open_model(source)?;
-    let setup = Setup {
-        config: &model_config,
-        kind,
-        lora: config
-            .lora
-            .then_some((config.lora_r, config.lora_targets.as_slice())),
-        optim: config.optim,
-        batch_size: config.batch_size,
-        tokens_per_row: config.cutoff_len,
-        gradient_checkpointing: config.gradient_checkpointing || config.optim_in_backward,
-        optim_in_backward: config.optim_in_backward,
-        grad_accum: config.grad_accum,
-        quantize: config.quantization()?,
-        optimizer_shards: if config.zero == 1 {
-            config.world_size
-        } else {
-            1
-        },
-        offload_optimizer: config.offload_optimizer,
-    };
+    let setup = setup_of(config, &model_config, kind)?;
     let needed = estimate(&setup);
     eprintln!(
         "estimated GPU memory: {} of {:.1} GB free on cuda:{index}",
@@ -154,6 +135,34 @@ pub fn check_fits_the_device(
         needed.describe(),
         free as f64 / 1e9
     )
+}
+
+/// The memory estimate's view of a training configuration.
+pub fn setup_of<'a>(
+    config: &'a TrainConfig,
+    model_config: &'a crate::model::config::LlamaConfig,
+    kind: Kind,
+) -> Result<super::memory_estimate::Setup<'a>> {
+    Ok(super::memory_estimate::Setup {
+        config: model_config,
+        kind,
+        lora: config
+            .lora
+            .then_some((config.lora_r, config.lora_targets.as_slice())),
+        optim: config.optim,
+        batch_size: config.batch_size,
+        tokens_per_row: config.cutoff_len,
+        gradient_checkpointing: config.gradient_checkpointing || config.optim_in_backward,
+        optim_in_backward: config.optim_in_backward,
+        grad_accum: config.grad_accum,
+        quantize: config.quantization()?,
+        optimizer_shards: if config.zero == 1 {
+            config.world_size
+        } else {
+            1
+        },
+        offload_optimizer: config.offload_optimizer,
+    })
 }
 
 /// Host memory the kernel says is available (`MemAvailable` in /proc/meminfo), if known.

@@ -9,7 +9,7 @@
 
 use tch::Kind;
 
-use super::moments::OptimKind;
+use super::moments::{BLOCK, MIN_8BIT_NUMEL, OptimKind};
 use crate::model::config::LlamaConfig;
 use crate::model::load::{expected_tensors, is_projection_weight};
 use crate::model::quantized::{QuantKind, Quantization};
@@ -99,13 +99,100 @@ fn optimizer_bytes_per_parameter(optim: OptimKind, kind: Kind) -> f64 {
     }
 }
 
+/// Parameters of the model, all of them (dense count, whatever their storage).
+fn model_parameters(config: &LlamaConfig) -> u64 {
+    expected_tensors(config)
+        .iter()
+        .map(|(_, shape)| shape.iter().product::<i64>() as u64)
+        .sum()
+}
+
+/// The value count of every tensor training updates: the whole model's, or the LoRA
+/// matrices' (A [r, in] and B [out, r] per targeted projection and layer).
+fn trained_tensor_sizes(setup: &Setup) -> Vec<u64> {
+    let config = setup.config;
+    match setup.lora {
+        None => expected_tensors(config)
+            .iter()
+            .map(|(_, shape)| shape.iter().product::<i64>() as u64)
+            .collect(),
+        Some((rank, targets)) => {
+            let h = config.hidden_size as u64;
+            let i = config.intermediate_size as u64;
+            let q = (config.num_attention_heads * config.head_dim) as u64;
+            let kv = (config.num_key_value_heads * config.head_dim) as u64;
+            let rank = rank as u64;
+            let per_layer: Vec<u64> = targets
+                .iter()
+                .flat_map(|t| {
+                    let (inputs, outputs) = match t.as_str() {
+                        "q_proj" => (h, q),
+                        "k_proj" | "v_proj" => (h, kv),
+                        "o_proj" => (q, h),
+                        "down_proj" => (i, h),
+                        _ => (h, i),
+                    };
+                    [rank * inputs, outputs * rank]
+                })
+                .collect();
+            (0..config.num_hidden_layers)
+                .flat_map(|_| per_layer.iter().copied())
+                .collect()
+        }
+    }
+}
+
+/// The parameters training updates, and the bytes each takes: the whole model in the
+/// compute dtype, or the LoRA matrices (kept in f32).
+fn trained_parameters(setup: &Setup) -> (u64, u64) {
+    let element = match setup.lora {
+        None => setup.kind.elt_size_in_bytes() as u64,
+        Some(_) => 4,
+    };
+    (trained_tensor_sizes(setup).iter().sum(), element)
+}
+
+/// The optimizer state of all trained tensors, in bytes, tensor by tensor as
+/// `moments.rs` lays it out: 8-bit moments in whole blocks of 256 values, and f32
+/// moments for tensors under 4096 values (as bitsandbytes does).
+fn optimizer_state_bytes(setup: &Setup) -> u64 {
+    let trained_kind = match setup.lora {
+        None => setup.kind,
+        Some(_) => Kind::Float,
+    };
+    let per_parameter = optimizer_bytes_per_parameter(setup.optim, trained_kind);
+    let compensation = if trained_kind == Kind::BFloat16 { 2 } else { 0 };
+    trained_tensor_sizes(setup)
+        .iter()
+        .map(|&values| match setup.optim {
+            OptimKind::AdamW8bit if values < MIN_8BIT_NUMEL as u64 => values * (8 + compensation),
+            OptimKind::AdamW8bit => {
+                let blocks = values.div_ceil(BLOCK as u64);
+                2 * blocks * (BLOCK as u64 + 4) + values * compensation
+            }
+            _ => (values as f64 * per_parameter) as u64,
+        })
+        .sum()
+}
+
+/// The bytes of one checkpoint's two big parts: the model files (the whole model in
+/// the compute dtype, or the adapter in f32) and the optimizer state of every rank
+/// (none with `--save-only-model`). Config, tokenizer and trainer-state files come on
+/// top (megabytes).
+pub fn checkpoint_bytes(setup: &Setup, save_only_model: bool) -> (u64, u64) {
+    let (trained, element) = trained_parameters(setup);
+    let optimizer = if save_only_model {
+        0
+    } else {
+        optimizer_state_bytes(setup)
+    };
+    (trained * element, optimizer)
+}
+
 pub fn estimate(setup: &Setup) -> Estimate {
     let config = setup.config;
     let element = setup.kind.elt_size_in_bytes() as u64;
-    let parameters: u64 = expected_tensors(config)
-        .iter()
-        .map(|(_, shape)| shape.iter().product::<i64>() as u64)
-        .sum();
+    let parameters = model_parameters(config);
     let weights = match setup.quantize {
         None => parameters * element,
         Some(quantization) => expected_tensors(config)
@@ -121,26 +208,7 @@ pub fn estimate(setup: &Setup) -> Estimate {
             })
             .sum(),
     };
-    let (trained, trained_element) = match setup.lora {
-        None => (parameters, element),
-        Some((rank, targets)) => {
-            let h = config.hidden_size as u64;
-            let i = config.intermediate_size as u64;
-            let q = (config.num_attention_heads * config.head_dim) as u64;
-            let kv = (config.num_key_value_heads * config.head_dim) as u64;
-            let per_layer: u64 = targets
-                .iter()
-                .map(|t| match t.as_str() {
-                    "q_proj" => h + q,
-                    "k_proj" | "v_proj" => h + kv,
-                    "o_proj" => q + h,
-                    _ => h + i,
-                })
-                .sum();
-            // LoRA matrices are kept in f32.
-            (per_layer * rank as u64 * config.num_hidden_layers as u64, 4)
-        }
-    };
+    let (trained, trained_element) = trained_parameters(setup);
     let trained_kind = if trained_element == 4 {
         Kind::Float
     } else {
@@ -178,7 +246,7 @@ pub fn estimate(setup: &Setup) -> Estimate {
     let chunk = largest_trained.min(super::optim::UPDATE_CHUNK as u64);
     let update_scratch = chunk * scratch_per_value;
     let state_bytes = optimizer_bytes_per_parameter(setup.optim, trained_kind);
-    let state = (trained as f64 * state_bytes / setup.optimizer_shards.max(1) as f64) as u64;
+    let state = optimizer_state_bytes(setup) / setup.optimizer_shards.max(1) as u64;
     let (optimizer, host_optimizer) = if setup.offload_optimizer {
         // On the device: the update's scratch and the chunk's state copied over.
         (update_scratch + (chunk as f64 * state_bytes) as u64, state)

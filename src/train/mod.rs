@@ -18,6 +18,7 @@ pub mod compensation;
 pub mod config;
 pub mod data_order;
 pub mod device_fit;
+pub mod disk_fit;
 pub mod evaluation;
 pub mod graphed_step;
 pub mod logging;
@@ -77,6 +78,9 @@ pub struct TrainSummary {
     pub previews: Vec<(String, String)>,
     /// The longest a checkpoint took to write (model, optimizer state, trainer state).
     pub slowest_checkpoint_seconds: f64,
+    /// What the disk check (`disk_fit.rs`) took one checkpoint to be, from the model's
+    /// shapes before loading: model files and optimizer state, in bytes.
+    pub checkpoint_bytes_estimated: (u64, u64),
     /// Rows left out under --skip-invalid-rows, per split.
     pub skipped_rows: SkippedRows,
     /// Data parallelism: the ranks and the c10d backend (None for a plain run).
@@ -144,6 +148,8 @@ struct Run<'a> {
     interval: (f64, i64),
     last_checkpoint_step: Option<i64>,
     slowest_checkpoint_seconds: f64,
+    /// One checkpoint's size, for the room check before each save (`disk_fit.rs`).
+    checkpoint_plan: disk_fit::CheckpointPlan,
     /// Data parallelism (`crate::distributed`): this worker's group; None alone.
     group: Option<Distributed>,
     /// `--cuda-graphs`: the recorded micro-steps.
@@ -253,6 +259,11 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
     };
 
     device_fit::check_fits_the_device(config, &source, device, kind)?;
+    let schedule = Schedule::new(config, train_examples.len());
+    let checkpoint_plan = plan_checkpoints(config, &source, kind, &schedule)?;
+    if main_rank {
+        disk_fit::check_checkpoints_fit_the_disk(&checkpoint_plan, out)?;
+    }
     let (model, mode) = load_for_training(config, &source, device, kind)?;
     let mut optimizer = AdamW::sharded(
         trainable_tensors(&model, &mode),
@@ -270,7 +281,6 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
     );
     // Recorded graphs add into the same gradient tensors at every replay.
     optimizer.keep_grads = config.cuda_graphs;
-    let schedule = Schedule::new(config, train_examples.len());
     let mut state = match &resume_dir {
         Some(dir) => checkpoints::restore(dir, config, &model, &mode, &mut optimizer, device)?,
         None => TrainerState::default(),
@@ -333,6 +343,7 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
         started: Instant::now(),
         interval: (0.0, 0),
         slowest_checkpoint_seconds: 0.0,
+        checkpoint_plan,
         group,
         graphs,
     };
@@ -353,6 +364,27 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
                 .unwrap_or_default(),
         },
     )
+}
+
+/// The size of this run's checkpoints (from the model's shapes, before loading) and
+/// how many it writes.
+fn plan_checkpoints(
+    config: &TrainConfig,
+    source: &ModelSource,
+    kind: Kind,
+    schedule: &Schedule,
+) -> Result<disk_fit::CheckpointPlan> {
+    let (model_config, _) = crate::model::load::open_model(source)?;
+    let setup = device_fit::setup_of(config, &model_config, kind)?;
+    let (model_bytes, optimizer_bytes) =
+        memory_estimate::checkpoint_bytes(&setup, config.save_only_model);
+    Ok(disk_fit::CheckpointPlan {
+        model_bytes,
+        optimizer_bytes,
+        saves: disk_fit::planned_saves(config, schedule.total_steps, schedule.windows_per_epoch),
+        limit: config.save_total_limit,
+        keeps_best: config.eval_strategy != EvalStrategy::No,
+    })
 }
 
 /// How long a rank waits for the others in a collective (or the rendezvous) before
@@ -725,6 +757,10 @@ impl Run<'_> {
             gpu_memory: memory.gpu,
             previews: Vec::new(),
             slowest_checkpoint_seconds: 0.0,
+            checkpoint_bytes_estimated: (
+                self.checkpoint_plan.model_bytes,
+                self.checkpoint_plan.optimizer_bytes,
+            ),
             skipped_rows,
             data_parallel: self.data_parallel_summary(),
             cuda_graphs: self.graphs.as_ref().map(GraphedSteps::summary),
@@ -744,6 +780,14 @@ impl Run<'_> {
     fn save(&mut self) -> Result<()> {
         let saving = Instant::now();
         let step = self.state.global_step;
+        if self.is_main() {
+            disk_fit::check_room_for_checkpoint(
+                &self.checkpoint_plan,
+                &self.config.output_dir,
+                step,
+                self.last_checkpoint_step,
+            )?;
+        }
         let shards = match (&self.group, &self.optimizer.owners) {
             (Some(group), Some(_)) if !self.config.save_only_model => {
                 let dir = self
@@ -836,6 +880,10 @@ impl Run<'_> {
             gpu_memory: memory.gpu,
             previews,
             slowest_checkpoint_seconds: self.slowest_checkpoint_seconds,
+            checkpoint_bytes_estimated: (
+                self.checkpoint_plan.model_bytes,
+                self.checkpoint_plan.optimizer_bytes,
+            ),
             skipped_rows,
             data_parallel: self.data_parallel_summary(),
             cuda_graphs: self.graphs.as_ref().map(GraphedSteps::summary),
