@@ -98,6 +98,12 @@ pub fn write_dir_with(target: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> 
         let _ = std::fs::remove_dir_all(&temp);
         return Err(error);
     }
+    publish_dir(&temp, target)
+}
+
+/// Renames the complete folder `temp` to `target`, replacing a `target` already there
+/// (moved aside first, removed after).
+pub fn publish_dir(temp: &Path, target: &Path) -> Result<()> {
     if target.exists() {
         let old = target.with_file_name(format!(
             ".{}.old-{}",
@@ -106,11 +112,11 @@ pub fn write_dir_with(target: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> 
         ));
         std::fs::rename(target, &old)
             .with_context(|| format!("moving aside {}", target.display()))?;
-        std::fs::rename(&temp, target)
+        std::fs::rename(temp, target)
             .with_context(|| format!("renaming to {}", target.display()))?;
         let _ = std::fs::remove_dir_all(&old);
     } else {
-        std::fs::rename(&temp, target)
+        std::fs::rename(temp, target)
             .with_context(|| format!("renaming to {}", target.display()))?;
     }
     Ok(())

@@ -611,6 +611,11 @@ pub struct TrainArgs {
     /// Checkpoints without optimizer state (HF's save_only_model).
     #[arg(long, visible_alias = "save_only_model")]
     pub save_only_model: bool,
+    /// Write checkpoints on another thread while training goes on: the step waits only
+    /// for host copies of the tensors (as torch.distributed.checkpoint's async_save);
+    /// needs host memory for one checkpoint.
+    #[arg(long)]
+    pub async_checkpoint: bool,
     /// Update each tensor inside the backward pass, as soon as its gradient is complete,
     /// and free that gradient (only one layer's gradients in memory). Implies
     /// --gradient-checkpointing; clipping or --fp16 costs a second backward pass.

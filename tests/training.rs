@@ -675,6 +675,66 @@ fn bf16_and_8bit_optimizers_resume_exactly_and_save_less() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("optim"));
 }
 
+/// --async-checkpoint: the checkpoints written on another thread while training goes on
+/// are byte for byte the synchronous ones (weights and optimizer state of the step they
+/// were taken at), the run ends with the same model, and a run resumed from one ends
+/// as the uninterrupted run does.
+#[test]
+fn async_checkpoints_equal_synchronous_ones_and_resume() {
+    let dir = temp_dir("async-checkpoint");
+    let (sync, background) = (dir.join("sync"), dir.join("async"));
+    for (out, extra) in [(&sync, &[][..]), (&background, &["--async-checkpoint"][..])] {
+        let output = train_bf16(out, extra);
+        assert!(output.status.success(), "{}", stderr(&output));
+    }
+    for file in [
+        "checkpoint-4/model.safetensors",
+        "checkpoint-4/optimizer.safetensors",
+        "checkpoint-8/model.safetensors",
+        "checkpoint-8/optimizer.safetensors",
+        "final/model.safetensors",
+    ] {
+        assert_eq!(
+            std::fs::read(background.join(file)).unwrap(),
+            std::fs::read(sync.join(file)).unwrap(),
+            "{file}"
+        );
+    }
+    // No temp folder left behind; the summary times the background writes.
+    let leftovers: Vec<_> = std::fs::read_dir(&background)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .map(|e| e.file_name())
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert!(
+        summary_of(&background)["slowest_checkpoint_write_seconds"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    assert!(summary_of(&sync)["slowest_checkpoint_write_seconds"].is_null());
+
+    let resumed = dir.join("resumed");
+    std::fs::create_dir_all(&resumed).unwrap();
+    let copy = Command::new("cp")
+        .args([
+            "-r",
+            background.join("checkpoint-4").to_str().unwrap(),
+            resumed.to_str().unwrap(),
+        ])
+        .status()
+        .unwrap();
+    assert!(copy.success());
+    let output = train_bf16(&resumed, &["--async-checkpoint", "--resume"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(
+        std::fs::read(resumed.join("final/model.safetensors")).unwrap(),
+        std::fs::read(sync.join("final/model.safetensors")).unwrap(),
+    );
+}
+
 /// --save-only-model: checkpoints without optimizer state; resuming warns and starts
 /// AdamW afresh instead of failing.
 #[test]

@@ -64,6 +64,7 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     c.gradient_checkpointing |= args.gradient_checkpointing;
     c.skip_invalid_rows |= args.skip_invalid_rows;
     c.save_only_model |= args.save_only_model;
+    c.async_checkpoint |= args.async_checkpoint;
     c.optim_in_backward |= args.optim_in_backward;
     c.offload_optimizer |= args.offload_optimizer;
     c.packing |= args.packing;

@@ -40,27 +40,38 @@ pub fn save_hf_folder_sharded(
     max_shard_bytes: usize,
 ) -> Result<()> {
     write_dir_with(dir, |tmp| {
-        let mut config = model.config.to_hf_json();
-        config["torch_dtype"] = json!(dtype_name(model.kind));
-        write_file(
-            &tmp.join("config.json"),
-            serde_json::to_string_pretty(&config)?.as_bytes(),
-        )?;
-        write_weights(model, tmp, max_shard_bytes)?;
-        let generation = json!({
-            "bos_token_id": model.config.bos_token_ids.first(),
-            "eos_token_id": match model.config.eos_token_ids.as_slice() {
-                [one] => json!(one),
-                many => json!(many),
-            },
-            "pad_token_id": model.config.pad_token_id,
-        });
-        write_file(
-            &tmp.join("generation_config.json"),
-            serde_json::to_string_pretty(&generation)?.as_bytes(),
-        )?;
-        save_tokenizer_files(tokenizer, tmp)
+        write_hf_files(model, tokenizer, tmp, max_shard_bytes)
     })
+}
+
+/// The files of an HF folder, written into the existing folder `dir` (a checkpoint's
+/// temp folder, or `save_hf_folder_sharded`'s).
+pub fn write_hf_files(
+    model: &Llama,
+    tokenizer: &ModelTokenizer,
+    dir: &Path,
+    max_shard_bytes: usize,
+) -> Result<()> {
+    let mut config = model.config.to_hf_json();
+    config["torch_dtype"] = json!(dtype_name(model.kind));
+    write_file(
+        &dir.join("config.json"),
+        serde_json::to_string_pretty(&config)?.as_bytes(),
+    )?;
+    write_weights(model, dir, max_shard_bytes)?;
+    let generation = json!({
+        "bos_token_id": model.config.bos_token_ids.first(),
+        "eos_token_id": match model.config.eos_token_ids.as_slice() {
+            [one] => json!(one),
+            many => json!(many),
+        },
+        "pad_token_id": model.config.pad_token_id,
+    });
+    write_file(
+        &dir.join("generation_config.json"),
+        serde_json::to_string_pretty(&generation)?.as_bytes(),
+    )?;
+    save_tokenizer_files(tokenizer, dir)
 }
 
 fn write_weights(model: &Llama, dir: &Path, max_shard_bytes: usize) -> Result<()> {

@@ -9,8 +9,9 @@
 //! written straight from its memory.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use safetensors::Dtype;
@@ -55,6 +56,60 @@ impl WritableTensor {
     pub fn byte_len(&self) -> usize {
         self.shape.iter().product::<usize>() * self.file_kind().elt_size_in_bytes()
     }
+
+    /// The same tensor copied into host memory now, so the original may change before
+    /// the file is written (a checkpoint written while training goes on).
+    fn snapshot(&self) -> WritableTensor {
+        let copy = if self.tensor.device() == Device::Cpu {
+            self.tensor.copy()
+        } else {
+            self.tensor.to_device(Device::Cpu)
+        };
+        WritableTensor {
+            tensor: copy,
+            dtype: self.dtype,
+            shape: self.shape.clone(),
+        }
+    }
+}
+
+/// A safetensors file whose writing was put off (`deferring`), with host copies of its
+/// tensors as they were when it was asked for.
+pub struct DeferredFile {
+    path: PathBuf,
+    tensors: Vec<(String, WritableTensor)>,
+}
+
+impl DeferredFile {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn write(&self) -> Result<()> {
+        write_now(&self.path, &self.tensors)
+    }
+}
+
+thread_local! {
+    /// Files put off by `deferring` on this thread (None: write at once).
+    static DEFERRED: RefCell<Option<Vec<DeferredFile>>> = const { RefCell::new(None) };
+}
+
+/// Runs `f` with every `write_safetensors` on this thread put off: each takes host
+/// copies of its tensors and returns, and the files come back to be written later
+/// (on another thread: a checkpoint written in the background). Everything else `f`
+/// writes is written at once. The writers of checkpoints stay one code path this way,
+/// whether their big files are written now or later.
+pub fn deferring<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, Vec<DeferredFile>)> {
+    DEFERRED.with(|d| {
+        let mut d = d.borrow_mut();
+        anyhow::ensure!(d.is_none(), "safetensors writes are already being put off");
+        *d = Some(Vec::new());
+        Ok(())
+    })?;
+    let result = f();
+    let files = DEFERRED.with(|d| d.borrow_mut().take()).unwrap_or_default();
+    Ok((result?, files))
 }
 
 impl safetensors::View for &WritableTensor {
@@ -94,8 +149,27 @@ impl safetensors::View for &WritableTensor {
 }
 
 /// Writes named tensors as one safetensors file, a tensor at a time (the crate writes
-/// a temp file beside `path` and renames it), then flushes it to the disk.
+/// a temp file beside `path` and renames it), then flushes it to the disk; inside
+/// `deferring`, copies them and leaves the file for later.
 pub fn write_safetensors(path: &Path, tensors: &[(String, WritableTensor)]) -> Result<()> {
+    let put_off = DEFERRED.with(|d| {
+        d.borrow_mut().as_mut().map(|files| {
+            files.push(DeferredFile {
+                path: path.to_path_buf(),
+                tensors: tensors
+                    .iter()
+                    .map(|(name, t)| (name.clone(), t.snapshot()))
+                    .collect(),
+            })
+        })
+    });
+    if put_off.is_some() {
+        return Ok(());
+    }
+    write_now(path, tensors)
+}
+
+fn write_now(path: &Path, tensors: &[(String, WritableTensor)]) -> Result<()> {
     let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
     safetensors::serialize_to_file(
         tensors.iter().map(|(name, t)| (name.as_str(), t)),
@@ -173,6 +247,38 @@ mod tests {
         }
         assert_eq!(file.tensor("i64").unwrap().dtype(), Dtype::F32);
         assert_eq!(file.tensor("transposed").unwrap().shape(), &[4, 3]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Inside `deferring` nothing is written, and the file written later holds the
+    /// values of when it was asked for, though the tensor changed in place since (as
+    /// the weights do while a background writer works); outside, files are written at
+    /// once again.
+    #[test]
+    fn a_deferred_file_holds_the_values_it_was_asked_for_with() {
+        let dir = std::env::temp_dir().join(format!("amthal-deferred-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (now, later) = (dir.join("now.safetensors"), dir.join("later.safetensors"));
+        let mut weights = Tensor::arange(8, (Kind::Float, Device::Cpu)) * 0.25;
+        let before = weights.copy();
+        let named = |t: &Tensor| vec![("w".to_string(), WritableTensor::new(t))];
+        let ((), files) = deferring(|| write_safetensors(&later, &named(&weights))).unwrap();
+        assert!(!later.exists(), "nothing written inside deferring");
+        assert_eq!(files.len(), 1);
+        assert_eq!(files[0].path(), later.as_path());
+        let _ = weights.g_add_scalar_(1.0);
+        files[0].write().unwrap();
+        write_safetensors(&now, &named(&before)).unwrap();
+        assert_eq!(
+            std::fs::read(&later).unwrap(),
+            std::fs::read(&now).unwrap(),
+            "the deferred file holds the values from before the change"
+        );
+        // A nested deferral is refused, and an error inside comes back as is.
+        let nested = deferring(|| deferring(|| Ok(())).map(|_| ()));
+        assert!(nested.is_err());
+        let failed = deferring(|| -> Result<()> { anyhow::bail!("inner failure") });
+        assert_eq!(failed.err().unwrap().to_string(), "inner failure");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

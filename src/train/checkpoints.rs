@@ -246,56 +246,136 @@ fn write_optimizer_state(path: &Path, optimizer: &AdamW) -> Result<()> {
     crate::model::tensor_io::write_safetensors(path, &tensors)
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn save_checkpoint(
-    out: &Path,
-    model: &Llama,
-    mode: &Mode,
-    tokenizer: &ModelTokenizer,
-    base: &str,
-    optimizer: &AdamW,
-    state: &TrainerState,
-    config: &TrainConfig,
-    optimizer_shards: Option<&Path>,
-) -> Result<()> {
-    let dir = out.join(format!("checkpoint-{}", state.global_step));
-    write_dir_with(&dir, |tmp| {
-        save_trained(model, mode, tokenizer, base, &tmp.join("model"))?;
-        for file in trainables::model_files(&tmp.join("model")) {
-            std::fs::rename(&file, tmp.join(file.file_name().expect("a file name")))?;
-        }
-        std::fs::remove_dir_all(tmp.join("model"))?;
-        if let Some(shards) = optimizer_shards {
-            // ZeRO-1: every rank's shard of the optimizer state, written beside (a stale
-            // file of a crashed save is left out: only this world size's names move).
-            let suffix = format!("-of-{}.safetensors", config.world_size);
-            for entry in std::fs::read_dir(shards)? {
-                let path = entry?.path();
-                let name = path.file_name().expect("a file name").to_owned();
-                if name.to_string_lossy().ends_with(&suffix) {
-                    std::fs::rename(&path, tmp.join(name))?;
-                }
+/// Everything a checkpoint is written from.
+pub struct CheckpointSource<'a> {
+    pub model: &'a Llama,
+    pub mode: &'a Mode,
+    pub tokenizer: &'a ModelTokenizer,
+    /// The base model's name, for the adapter's config.
+    pub base: &'a str,
+    pub optimizer: &'a AdamW,
+    pub state: &'a TrainerState,
+    pub config: &'a TrainConfig,
+    /// ZeRO-1: the folder where every rank wrote its shard of the optimizer state.
+    pub optimizer_shards: Option<&'a Path>,
+}
+
+fn checkpoint_dir(out: &Path, step: i64) -> PathBuf {
+    out.join(format!("checkpoint-{step}"))
+}
+
+/// Writes a checkpoint's files into the folder `tmp`: the model (adapter or HF
+/// folder), the optimizer state unless --save-only-model, the configuration and the
+/// trainer state.
+fn fill_checkpoint(tmp: &Path, source: &CheckpointSource) -> Result<()> {
+    let config = source.config;
+    save_trained(
+        source.model,
+        source.mode,
+        source.tokenizer,
+        source.base,
+        tmp,
+    )?;
+    if let Some(shards) = source.optimizer_shards {
+        // ZeRO-1: every rank's shard of the optimizer state, written beside (a stale
+        // file of a crashed save is left out: only this world size's names move).
+        let suffix = format!("-of-{}.safetensors", config.world_size);
+        for entry in std::fs::read_dir(shards)? {
+            let path = entry?.path();
+            let name = path.file_name().expect("a file name").to_owned();
+            if name.to_string_lossy().ends_with(&suffix) {
+                std::fs::rename(&path, tmp.join(name))?;
             }
-            std::fs::remove_dir_all(shards)?;
-        } else if !config.save_only_model {
-            write_optimizer_state(&tmp.join("optimizer.safetensors"), optimizer)?;
         }
-        write_file(
-            &tmp.join("training_config.toml"),
-            config.to_toml().as_bytes(),
-        )?;
-        write_file(
-            &tmp.join("trainer_state.json"),
-            serde_json::to_string_pretty(state)?.as_bytes(),
-        )
+        std::fs::remove_dir_all(shards)?;
+    } else if !config.save_only_model {
+        write_optimizer_state(&tmp.join("optimizer.safetensors"), source.optimizer)?;
+    }
+    write_file(
+        &tmp.join("training_config.toml"),
+        config.to_toml().as_bytes(),
+    )?;
+    write_file(
+        &tmp.join("trainer_state.json"),
+        serde_json::to_string_pretty(source.state)?.as_bytes(),
+    )
+}
+
+/// Writes OUT/checkpoint-STEP (through a temp folder renamed when complete), then
+/// prunes by --save-total-limit.
+pub fn save_checkpoint(out: &Path, source: &CheckpointSource) -> Result<()> {
+    let state = source.state;
+    write_dir_with(&checkpoint_dir(out, state.global_step), |tmp| {
+        fill_checkpoint(tmp, source)
     })?;
     // save_total_limit: never the best, never this one.
     prune_checkpoints(
         out,
-        config.save_total_limit,
+        source.config.save_total_limit,
         state.best_step,
         state.global_step,
     )
+}
+
+/// A checkpoint being written on another thread (`--async-checkpoint`).
+pub struct BackgroundSave {
+    step: i64,
+    writer: std::thread::JoinHandle<Result<f64>>,
+}
+
+impl BackgroundSave {
+    /// Waits until the checkpoint is in place; returns the seconds the writer took.
+    pub fn wait(self) -> Result<f64> {
+        let step = self.step;
+        self.writer
+            .join()
+            .map_err(|_| anyhow::anyhow!("the writer of checkpoint-{step} panicked"))?
+            .with_context(|| format!("writing checkpoint-{step} in the background"))
+    }
+}
+
+/// `--async-checkpoint`: `save_checkpoint` in two halves. Now, on the training
+/// thread: the small files, and host copies of every tensor (the only wait: a device
+/// to host copy on a GPU, a memory copy on the CPU). Then, on a writer thread while
+/// training goes on: the safetensors files, the rename that makes the checkpoint
+/// exist, and pruning. Until that rename the checkpoint is a temp folder that
+/// `--resume` does not see, so a crash meanwhile leaves the previous checkpoint as the
+/// latest, as with a synchronous save. One save is in flight at a time: the caller
+/// waits for the last before starting the next, and before the run ends.
+pub fn start_checkpoint_in_background(
+    out: &Path,
+    source: &CheckpointSource,
+) -> Result<BackgroundSave> {
+    let step = source.state.global_step;
+    let dir = checkpoint_dir(out, step);
+    let temp = crate::atomic::temp_path_for(&dir);
+    let _ = std::fs::remove_dir_all(&temp);
+    std::fs::create_dir_all(&temp).with_context(|| temp.display().to_string())?;
+    let files = match crate::model::tensor_io::deferring(|| fill_checkpoint(&temp, source)) {
+        Ok(((), files)) => files,
+        Err(error) => {
+            let _ = std::fs::remove_dir_all(&temp);
+            return Err(error);
+        }
+    };
+    let out = out.to_path_buf();
+    let (limit, best) = (source.config.save_total_limit, source.state.best_step);
+    let writer = std::thread::Builder::new()
+        .name(format!("checkpoint-{step} writer"))
+        .spawn(move || {
+            let started = std::time::Instant::now();
+            let written = files
+                .iter()
+                .try_for_each(|file| file.write())
+                .and_then(|()| crate::atomic::publish_dir(&temp, &dir));
+            if let Err(error) = written {
+                let _ = std::fs::remove_dir_all(&temp);
+                return Err(error);
+            }
+            prune_checkpoints(&out, limit, best, step)?;
+            Ok(started.elapsed().as_secs_f64())
+        })?;
+    Ok(BackgroundSave { step, writer })
 }
 
 /// Keeps at most `limit` checkpoints, never deleting the best or the latest.

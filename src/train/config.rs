@@ -78,6 +78,8 @@ pub struct TrainConfig {
     /// Checkpoints hold the model and the trainer state but no optimizer state
     /// (HF's save_only_model): smaller and faster, resumable only with fresh moments.
     pub save_only_model: bool,
+    /// Checkpoints written on another thread from host copies (`checkpoints.rs`).
+    pub async_checkpoint: bool,
     /// Update each tensor inside the backward pass and free its gradient (see
     /// `step.rs`); runs the backward pass layer by layer, so it implies
     /// gradient checkpointing.
@@ -147,6 +149,7 @@ impl Default for TrainConfig {
             loss_scale_init: super::loss_scale::INIT_SCALE,
             optim: OptimKind::AdamW,
             save_only_model: false,
+            async_checkpoint: false,
             optim_in_backward: false,
             offload_optimizer: false,
             packing: false,

@@ -166,7 +166,7 @@ pub fn setup_of<'a>(
 }
 
 /// Host memory the kernel says is available (`MemAvailable` in /proc/meminfo), if known.
-fn host_available_bytes() -> Option<u64> {
+pub fn host_available_bytes() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     parse_mem_available(&meminfo)
 }

@@ -76,8 +76,11 @@ pub struct TrainSummary {
     /// libtorch's caching-allocator peaks on the training device (None on CPU).
     pub gpu_memory: Option<crate::cuda::GpuMemory>,
     pub previews: Vec<(String, String)>,
-    /// The longest a checkpoint took to write (model, optimizer state, trainer state).
+    /// The longest the loop waited for a checkpoint: all of its writing, or with
+    /// `--async-checkpoint` the host copies (and any wait for the previous write).
     pub slowest_checkpoint_seconds: f64,
+    /// `--async-checkpoint`: the longest a checkpoint's background write took.
+    pub slowest_checkpoint_write_seconds: Option<f64>,
     /// What the disk check (`disk_fit.rs`) took one checkpoint to be, from the model's
     /// shapes before loading: model files and optimizer state, in bytes.
     pub checkpoint_bytes_estimated: (u64, u64),
@@ -150,6 +153,10 @@ struct Run<'a> {
     slowest_checkpoint_seconds: f64,
     /// One checkpoint's size, for the room check before each save (`disk_fit.rs`).
     checkpoint_plan: disk_fit::CheckpointPlan,
+    /// `--async-checkpoint`: the checkpoint being written on another thread.
+    checkpoint_writer: Option<checkpoints::BackgroundSave>,
+    /// `--async-checkpoint`: the longest a background write took.
+    slowest_checkpoint_write_seconds: Option<f64>,
     /// Data parallelism (`crate::distributed`): this worker's group; None alone.
     group: Option<Distributed>,
     /// `--cuda-graphs`: the recorded micro-steps.
@@ -344,11 +351,18 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
         interval: (0.0, 0),
         slowest_checkpoint_seconds: 0.0,
         checkpoint_plan,
+        checkpoint_writer: None,
+        slowest_checkpoint_write_seconds: None,
         group,
         graphs,
     };
     crate::profile::enable_from_env(device);
-    run.train_loop()?;
+    let trained = run.train_loop();
+    // A checkpoint still being written is completed even when the loop failed (a NaN
+    // loss names the last good checkpoint: it may be that one).
+    let written = run.wait_for_checkpoint_writer();
+    trained?;
+    written?;
     if let Some(table) = crate::profile::report() {
         eprintln!("{table}");
     }
@@ -757,6 +771,7 @@ impl Run<'_> {
             gpu_memory: memory.gpu,
             previews: Vec::new(),
             slowest_checkpoint_seconds: 0.0,
+            slowest_checkpoint_write_seconds: None,
             checkpoint_bytes_estimated: (
                 self.checkpoint_plan.model_bytes,
                 self.checkpoint_plan.optimizer_bytes,
@@ -780,6 +795,8 @@ impl Run<'_> {
     fn save(&mut self) -> Result<()> {
         let saving = Instant::now();
         let step = self.state.global_step;
+        // One checkpoint in flight at a time; its error (a full disk) ends the run here.
+        self.wait_for_checkpoint_writer()?;
         if self.is_main() {
             disk_fit::check_room_for_checkpoint(
                 &self.checkpoint_plan,
@@ -806,25 +823,57 @@ impl Run<'_> {
             _ => None,
         };
         if self.is_main() {
-            save_checkpoint(
-                &self.config.output_dir,
-                &self.model,
-                &self.mode,
-                self.tokenizer,
-                &self.base_name,
-                &self.optimizer,
-                &self.state,
-                self.config,
-                shards.as_deref(),
-            )?;
+            let source = checkpoints::CheckpointSource {
+                model: &self.model,
+                mode: &self.mode,
+                tokenizer: self.tokenizer,
+                base: &self.base_name,
+                optimizer: &self.optimizer,
+                state: &self.state,
+                config: self.config,
+                optimizer_shards: shards.as_deref(),
+            };
+            // The host copies need room for one checkpoint; without it, write at once.
+            let room = device_fit::host_available_bytes()
+                .is_none_or(|available| available > self.checkpoint_plan.bytes_each() * 11 / 10);
+            if self.config.async_checkpoint && !room {
+                eprintln!(
+                    "note: --async-checkpoint needs ~{:.1} GB of host memory for its copies; \
+                     too little is available, so checkpoint-{step} is written at once",
+                    self.checkpoint_plan.bytes_each() as f64 / 1e9
+                );
+            }
+            if self.config.async_checkpoint && room {
+                let out = &self.config.output_dir;
+                self.checkpoint_writer =
+                    Some(checkpoints::start_checkpoint_in_background(out, &source)?);
+            } else {
+                save_checkpoint(&self.config.output_dir, &source)?;
+            }
         }
         self.last_checkpoint_step = Some(self.state.global_step);
         let seconds = saving.elapsed().as_secs_f64();
         tracing::info!(
-            "checkpoint-{} written in {seconds:.2}s",
-            self.state.global_step
+            "checkpoint-{} {} in {seconds:.2}s",
+            self.state.global_step,
+            if self.checkpoint_writer.is_some() {
+                "copied for the background writer"
+            } else {
+                "written"
+            }
         );
         self.slowest_checkpoint_seconds = self.slowest_checkpoint_seconds.max(seconds);
+        Ok(())
+    }
+
+    /// Waits for the checkpoint being written in the background (`--async-checkpoint`),
+    /// if any.
+    fn wait_for_checkpoint_writer(&mut self) -> Result<()> {
+        if let Some(writer) = self.checkpoint_writer.take() {
+            let seconds = writer.wait()?;
+            let slowest = self.slowest_checkpoint_write_seconds.get_or_insert(0.0);
+            *slowest = slowest.max(seconds);
+        }
         Ok(())
     }
 
@@ -840,6 +889,7 @@ impl Run<'_> {
         if self.last_checkpoint_step != Some(self.state.global_step) {
             self.save()?;
         }
+        self.wait_for_checkpoint_writer()?;
         if !self.is_main() {
             return Ok(self.worker_summary(skipped_rows));
         }
@@ -880,6 +930,7 @@ impl Run<'_> {
             gpu_memory: memory.gpu,
             previews,
             slowest_checkpoint_seconds: self.slowest_checkpoint_seconds,
+            slowest_checkpoint_write_seconds: self.slowest_checkpoint_write_seconds,
             checkpoint_bytes_estimated: (
                 self.checkpoint_plan.model_bytes,
                 self.checkpoint_plan.optimizer_bytes,

@@ -7,7 +7,7 @@ use anyhow::Result;
 use tch::Tensor;
 
 use crate::model::Llama;
-use crate::model::checkpoint::{save_hf_folder, save_tokenizer_files};
+use crate::model::checkpoint::{MAX_SHARD_BYTES, save_tokenizer_files, write_hf_files};
 use crate::model::lora::{LoraConfig, named_adapter_tensors, save_adapter};
 use crate::model::safetensors_source::SafetensorsSource;
 use crate::tokenizer::ModelTokenizer;
@@ -43,8 +43,8 @@ pub fn unfreeze_all(model: &Llama) {
     }
 }
 
-/// Writes the trained model into `dir`: adapter + tokenizer files, or an HF folder.
-/// `dir` is a fresh folder (checkpoints are built in a temp folder and renamed).
+/// Writes the trained model into `dir`: adapter + tokenizer files, or an HF folder's.
+/// `dir` is a checkpoint's temp folder, renamed once everything in it is written.
 pub fn save_trained(
     model: &Llama,
     mode: &Mode,
@@ -57,7 +57,7 @@ pub fn save_trained(
             save_adapter(model, config, base, dir)?;
             save_tokenizer_files(tokenizer, dir)
         }
-        Mode::Full => save_hf_folder(model, tokenizer, dir),
+        Mode::Full => write_hf_files(model, tokenizer, dir, MAX_SHARD_BYTES),
     }
 }
 
@@ -92,10 +92,9 @@ pub fn model_files(dir: &Path) -> Vec<std::path::PathBuf> {
         .filter(|p| {
             let name = p.file_name().unwrap_or_default().to_string_lossy();
             p.is_file()
-                && !matches!(
-                    name.as_ref(),
-                    "optimizer.safetensors" | "trainer_state.json" | "training_config.toml"
-                )
+                // Optimizer state: one file, or ZeRO-1's optimizer-R-of-W shards.
+                && !name.starts_with("optimizer")
+                && !matches!(name.as_ref(), "trainer_state.json" | "training_config.toml")
         })
         .collect();
     files.sort();
