@@ -1,9 +1,9 @@
-//! Encoders for the ggml block formats `amthal export` writes: F16, BF16, Q8_0, Q4_K
-//! and Q6_K, each the inverse of the decoder in `crate::model::dequant` (which follows
+//! Encoders for the ggml block formats `amthal export` writes: F16, BF16, Q8_0, Q5_0,
+//! Q4_K and Q6_K, each the inverse of the decoder in `crate::model::dequant` (which follows
 //! ggml's reference code and is checked against the gguf Python package).
 //!
 //! Each follows ggml's reference quantizer (ggml-quants.c, without an importance
-//! matrix): Q8_0 `quantize_row_q8_0_ref`; Q4_K `quantize_row_q4_K_ref`, whose
+//! matrix): Q8_0 `quantize_row_q8_0_ref`; Q5_0 `quantize_row_q5_0_ref`; Q4_K `quantize_row_q4_K_ref`, whose
 //! sub-block scale and min come from `make_qkx2_quants` (a search over 21 candidate
 //! scales for the least weighted squared error); Q6_K `quantize_row_q6_K_ref` with
 //! `make_qx_quants` (19 candidates). ggml rounds K-quant codes with `nearest_int`
@@ -31,6 +31,7 @@ pub fn encode(ggml_type: u32, values: &[f32]) -> Vec<u8> {
             .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
             .collect(),
         ggml_type::Q8_0 => blocks(ggml_type, values, q8_0),
+        ggml_type::Q5_0 => blocks(ggml_type, values, q5_0),
         ggml_type::Q4_K => blocks(ggml_type, values, q4_k),
         ggml_type::Q6_K => blocks(ggml_type, values, q6_k),
         other => unreachable!("no encoder for ggml type {other}"),
@@ -65,6 +66,27 @@ fn q8_0(x: &[f32], out: &mut [u8]) {
     for (j, v) in x.iter().enumerate() {
         out[2 + j] = ((v * id).round() as i8) as u8;
     }
+}
+
+/// Q5_0 (`quantize_row_q5_0_ref`): 32 values, an f16 scale d = (the value of largest
+/// magnitude) / -16 and 5-bit codes min(31, trunc(x / d + 16.5)), so that value is
+/// code 0; the scale's reciprocal is taken before the f16 rounding, as ggml does.
+fn q5_0(x: &[f32], out: &mut [u8]) {
+    let max = x
+        .iter()
+        .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+    let d = max / -16.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    out[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
+    let code = |v: f32| ((v * id + 16.5) as i8).min(31) as u8;
+    let mut high = 0u32;
+    for j in 0..16 {
+        let (low, upper) = (code(x[j]), code(x[j + 16]));
+        out[6 + j] = (low & 0x0F) | ((upper & 0x0F) << 4);
+        high |= u32::from(low >> 4) << j;
+        high |= u32::from(upper >> 4) << (j + 16);
+    }
+    out[2..6].copy_from_slice(&high.to_le_bytes());
 }
 
 /// ggml's `make_qkx2_quants`: codes in 0..=nmax for `x ~ scale * code - min` (min >= 0
@@ -322,12 +344,58 @@ mod tests {
         assert!(max_error(ggml_type::F16, &x) <= amax * 1e-3);
         assert!(max_error(ggml_type::BF16, &x) <= amax * 8e-3);
         assert!(max_error(ggml_type::Q8_0, &x) <= amax / 127.0);
+        // Q5_0's codes run from -16 to 15 steps: a value opposite in sign to the
+        // largest is clipped by up to one step.
+        assert!(max_error(ggml_type::Q5_0, &x) <= amax / 16.0 * 1.01);
         assert!(max_error(ggml_type::Q6_K, &x) <= amax / 32.0 * 1.1);
         assert!(max_error(ggml_type::Q4_K, &x) <= amax * 2.0 / 15.0 * 1.1);
         // Exact where the format can be: constant blocks and zeros.
         let zeros = vec![0f32; QK_K];
-        for t in [ggml_type::Q8_0, ggml_type::Q4_K, ggml_type::Q6_K] {
+        for t in [
+            ggml_type::Q8_0,
+            ggml_type::Q5_0,
+            ggml_type::Q4_K,
+            ggml_type::Q6_K,
+        ] {
             assert_eq!(max_error(t, &zeros), 0.0, "type {t}");
         }
+    }
+
+    /// Q5_0 by hand: a block whose largest magnitude is negative (-1.6) and one where it
+    /// is positive, against codes worked out from ggml's formula; the value of largest
+    /// magnitude is code 0 and the fifth bits land in the u32 at each value's index.
+    #[test]
+    fn q5_0_codes_follow_ggml() {
+        let mut x = vec![0f32; 32];
+        x[0] = -1.6; // d = 0.1: code trunc(-16 + 16.5) = 0
+        x[1] = 0.75; // 7.5 + 16.5 = 24 (fifth bit set)
+        x[17] = -0.04; // -0.4 + 16.5 = 16.1 -> 16 (fifth bit set)
+        x[31] = 1.55; // 15.5 + 16.5 = 32 -> 31
+        let bytes = encode(ggml_type::Q5_0, &x);
+        assert_eq!(bytes.len(), 22);
+        let d = f16::from_le_bytes([bytes[0], bytes[1]]).to_f32();
+        assert_eq!(d, f16::from_f32(-1.6 / -16.0).to_f32());
+        let high = u32::from_le_bytes([bytes[2], bytes[3], bytes[4], bytes[5]]);
+        let code = |j: usize| {
+            let nibble = if j < 16 {
+                bytes[6 + j] & 0x0F
+            } else {
+                bytes[6 + j - 16] >> 4
+            };
+            nibble | (((high >> j) & 1) as u8) << 4
+        };
+        assert_eq!([code(0), code(1), code(17), code(31)], [0, 24, 16, 31]);
+        // Zeros are code 16 (fifth bit set, low bits 0).
+        assert_eq!(code(5), 16);
+        let back = dequantize(ggml_type::Q5_0, &bytes, 32).unwrap();
+        assert!((back[1] - 8.0 * d).abs() < 1e-7 && back[5] == 0.0);
+        // A positive largest value: d < 0, and the largest value is still code 0.
+        let y: Vec<f32> = x.iter().map(|v| -v).collect();
+        let bytes = encode(ggml_type::Q5_0, &y);
+        assert_eq!(bytes[6] & 0x0F, 0);
+        assert_eq!(
+            u32::from_le_bytes([bytes[2], bytes[3], bytes[4], bytes[5]]) & 1,
+            0
+        );
     }
 }

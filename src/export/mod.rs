@@ -83,8 +83,9 @@ fn use_more_bits(layer: usize, layers: usize) -> bool {
 }
 
 /// The type a tensor is written in. K-quants need rows of whole 256-value blocks and
-/// Q8_0 of 32-value blocks; a row that does not divide falls back to Q8_0, then F16
-/// (llama-quantize falls back similarly). `tied`: the embedding is also the output
+/// Q8_0 / Q5_0 of 32-value blocks; a row that does not divide falls back as
+/// llama-quantize's `llama_tensor_get_type` does: Q4_K to Q5_0, Q6_K to Q8_0, and a
+/// row that the fallback's 32-value blocks do not divide either to F16. `tied`: the embedding is also the output
 /// projection, so it gets the output's type (as llama-quantize does).
 fn tensor_type(quant: ExportQuant, name: &str, row: usize, layers: usize, tied: bool) -> u32 {
     let layer: Option<usize> = name
@@ -106,15 +107,13 @@ fn tensor_type(quant: ExportQuant, name: &str, row: usize, layers: usize, tied: 
             }
         }
     };
-    match wanted {
-        ggml_type::Q4_K | ggml_type::Q6_K if !row.is_multiple_of(QK_K) => {
-            if row.is_multiple_of(32) {
-                ggml_type::Q8_0
-            } else {
-                ggml_type::F16
-            }
-        }
-        ggml_type::Q8_0 if !row.is_multiple_of(32) => ggml_type::F16,
+    let fitting = match wanted {
+        ggml_type::Q4_K if !row.is_multiple_of(QK_K) => ggml_type::Q5_0,
+        ggml_type::Q6_K if !row.is_multiple_of(QK_K) => ggml_type::Q8_0,
+        other => other,
+    };
+    match fitting {
+        ggml_type::Q8_0 | ggml_type::Q5_0 if !row.is_multiple_of(32) => ggml_type::F16,
         other => other,
     }
 }
@@ -347,9 +346,14 @@ mod tests {
             tensor_type(q, "token_embd.weight", 4096, 32, true),
             ggml_type::Q6_K
         );
-        // Rows that are not whole K blocks fall back.
+        // Rows that are not whole K blocks fall back as llama-quantize's do: Q4_K to
+        // Q5_0, Q6_K to Q8_0.
         assert_eq!(
             tensor_type(q, "blk.4.attn_q.weight", 576, 32, false),
+            ggml_type::Q5_0
+        );
+        assert_eq!(
+            tensor_type(q, "output.weight", 576, 32, false),
             ggml_type::Q8_0
         );
         assert_eq!(

@@ -1,7 +1,7 @@
 //! Dequantization of GGUF tensor data to f32, block by block, following ggml's
 //! reference `dequantize_row_*` functions (ggml-quants.c) and the gguf Python
-//! package that transformers uses. Types: F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K,
-//! Q5_K, Q6_K.
+//! package that transformers uses. Types: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q8_0,
+//! Q4_K, Q5_K, Q6_K.
 
 use anyhow::Result;
 use half::{bf16, f16};
@@ -15,6 +15,7 @@ pub mod ggml_type {
     pub const F16: u32 = 1;
     pub const Q4_0: u32 = 2;
     pub const Q4_1: u32 = 3;
+    pub const Q5_0: u32 = 6;
     pub const Q8_0: u32 = 8;
     pub const Q4_K: u32 = 12;
     pub const Q5_K: u32 = 13;
@@ -30,6 +31,7 @@ pub fn block_layout(ggml_type: u32) -> Option<(usize, usize)> {
         F16 | BF16 => (1, 2),
         Q4_0 => (32, 18),
         Q4_1 => (32, 20),
+        Q5_0 => (32, 22),
         Q8_0 => (32, 34),
         Q4_K => (256, 144),
         Q5_K => (256, 176),
@@ -46,6 +48,7 @@ pub fn type_name(ggml_type: u32) -> String {
         BF16 => "BF16".into(),
         Q4_0 => "Q4_0".into(),
         Q4_1 => "Q4_1".into(),
+        Q5_0 => "Q5_0".into(),
         Q8_0 => "Q8_0".into(),
         Q4_K => "Q4_K".into(),
         Q5_K => "Q5_K".into(),
@@ -84,6 +87,7 @@ pub fn dequantize(ggml_type: u32, data: &[u8], count: usize) -> Result<Vec<f32>>
         ggml_type::BF16 => |b, y| y[0] = bf16::from_le_bytes([b[0], b[1]]).to_f32(),
         ggml_type::Q4_0 => q4_0,
         ggml_type::Q4_1 => q4_1,
+        ggml_type::Q5_0 => q5_0,
         ggml_type::Q8_0 => q8_0,
         ggml_type::Q4_K => q4_k,
         ggml_type::Q5_K => q5_k,
@@ -112,6 +116,19 @@ fn q4_1(b: &[u8], y: &mut [f32]) {
     for j in 0..16 {
         y[j] = (qs[j] & 0x0F) as f32 * d + m;
         y[j + 16] = (qs[j] >> 4) as f32 * d + m;
+    }
+}
+
+/// Q5_0: an f16 scale, the 32 codes' fifth bits in a little-endian u32, then their
+/// low four bits as Q4_0 packs them; value = (code - 16) * scale.
+fn q5_0(b: &[u8], y: &mut [f32]) {
+    let d = half_at(b, 0);
+    let high = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+    let qs = &b[6..22];
+    for j in 0..16 {
+        let fifth = |bit: usize| (((high >> bit) & 1) << 4) as i32;
+        y[j] = (((qs[j] & 0x0F) as i32 | fifth(j)) - 16) as f32 * d;
+        y[j + 16] = (((qs[j] >> 4) as i32 | fifth(j + 16)) - 16) as f32 * d;
     }
 }
 
