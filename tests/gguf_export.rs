@@ -4,6 +4,7 @@
 //! reported error for q8_0 and q4_k_m; the tokenizer rebuilt from the file's metadata
 //! encodes as the source tokenizer does; an adapter is folded in; a GGUF source keeps
 //! its tokenizer keys verbatim; the Ollama Modelfile names the file and stop tokens.
+//! The block encoders give the gguf package's bytes where it has a quantizer.
 
 mod common;
 
@@ -186,4 +187,34 @@ fn a_model_that_cannot_be_exported_is_a_clear_error_and_writes_nothing() {
     ]);
     assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
     assert!(!out.exists() && !dir.join("Modelfile").exists());
+}
+
+/// Q8_0 and Q5_0 blocks byte for byte as the gguf package's `quantize` (its ports of
+/// ggml's `quantize_row_q8_0_ref` / `quantize_row_q5_0_ref`) encodes the same values:
+/// mixed blocks, ties of the rounding, zeros, a constant, tiny values
+/// (`scripts/golden/make_ggml_quant_golden.py`).
+#[test]
+fn block_encoders_match_the_gguf_package() {
+    use amthal::export::ggml_quant::{encode, ggml_type};
+    let golden = golden("ggml_quants.json");
+    let values: Vec<f32> = golden["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    for (name, ggml_type) in [("Q8_0", ggml_type::Q8_0), ("Q5_0", ggml_type::Q5_0)] {
+        let expected = golden["quants"][name].as_str().unwrap();
+        let ours: String = encode(ggml_type, &values)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(ours.len(), expected.len(), "{name}: length");
+        let first_difference = ours
+            .as_bytes()
+            .chunks(2)
+            .zip(expected.as_bytes().chunks(2))
+            .position(|(a, b)| a != b);
+        assert_eq!(first_difference, None, "{name}: first differing byte");
+    }
 }
