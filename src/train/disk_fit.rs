@@ -365,6 +365,38 @@ mod tests {
         assert_eq!(planned_saves(&config, 63, 21), 3);
     }
 
+    /// The checks on a real folder: a plan no disk holds is refused (before the run,
+    /// and before a save, naming the last complete checkpoint), a small one passes.
+    #[test]
+    fn the_checks_read_the_real_disk() {
+        let out = std::env::temp_dir().join("amthal-disk-fit-not-made");
+        let huge = CheckpointPlan {
+            model_bytes: u64::MAX / 8,
+            optimizer_bytes: 0,
+            saves: 2,
+            limit: None,
+            keeps_best: false,
+        };
+        let error = check_checkpoints_fit_the_disk(&huge, &out)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("will not fit the disk"), "{error}");
+        let error = check_room_for_checkpoint(&huge, &out, 8, Some(4))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("checkpoint-8 needs")
+                && error.contains("checkpoint-4 is the last complete one"),
+            "{error}"
+        );
+        let small = CheckpointPlan {
+            model_bytes: 1000,
+            ..huge
+        };
+        check_checkpoints_fit_the_disk(&small, &out).unwrap();
+        check_room_for_checkpoint(&small, &out, 8, None).unwrap();
+    }
+
     #[test]
     fn reads_the_free_space_of_a_folder_not_made_yet() {
         let dir = std::env::temp_dir();
