@@ -586,6 +586,16 @@ fn train_bf16(out: &Path, extra: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// A new output folder holding a copy of `checkpoint` (to resume from it there).
+fn copy_checkpoint(checkpoint: &Path, into: &Path) {
+    std::fs::create_dir_all(into).unwrap();
+    let copy = Command::new("cp")
+        .args(["-r", checkpoint.to_str().unwrap(), into.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(copy.success());
+}
+
 fn summary_of(out: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(out.join("train_summary.json")).unwrap()).unwrap()
 }
@@ -635,16 +645,7 @@ fn bf16_and_8bit_optimizers_resume_exactly_and_save_less() {
         }
 
         let resumed = dir.join(format!("{optim}-resumed"));
-        std::fs::create_dir_all(&resumed).unwrap();
-        let copy = Command::new("cp")
-            .args([
-                "-r",
-                whole.join("checkpoint-4").to_str().unwrap(),
-                resumed.to_str().unwrap(),
-            ])
-            .status()
-            .unwrap();
-        assert!(copy.success());
+        copy_checkpoint(&whole.join("checkpoint-4"), &resumed);
         let output = train_bf16(&resumed, &["--optim", optim, "--resume"]);
         assert!(
             output.status.success(),
@@ -717,16 +718,7 @@ fn async_checkpoints_equal_synchronous_ones_and_resume() {
     assert!(summary_of(&sync)["slowest_checkpoint_write_seconds"].is_null());
 
     let resumed = dir.join("resumed");
-    std::fs::create_dir_all(&resumed).unwrap();
-    let copy = Command::new("cp")
-        .args([
-            "-r",
-            background.join("checkpoint-4").to_str().unwrap(),
-            resumed.to_str().unwrap(),
-        ])
-        .status()
-        .unwrap();
-    assert!(copy.success());
+    copy_checkpoint(&background.join("checkpoint-4"), &resumed);
     let output = train_bf16(&resumed, &["--async-checkpoint", "--resume"]);
     assert!(output.status.success(), "{}", stderr(&output));
     assert_eq!(

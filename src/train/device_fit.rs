@@ -6,13 +6,13 @@ use tch::{Device, Kind};
 
 use super::config::TrainConfig;
 use crate::bail_input;
-use crate::model_source::ModelSource;
+use crate::model::config::LlamaConfig;
 
 /// On CUDA, refuses a setup whose estimated memory exceeds the device's free memory,
 /// before loading anything, naming the estimate and the first flag that would fit.
 pub fn check_fits_the_device(
     config: &TrainConfig,
-    source: &ModelSource,
+    model_config: &LlamaConfig,
     device: Device,
     kind: Kind,
 ) -> Result<()> {
@@ -28,8 +28,7 @@ pub fn check_fits_the_device(
     else {
         return Ok(());
     };
-    let (model_config, _) = crate::model::load::open_model(source)?;
-    let setup = setup_of(config, &model_config, kind)?;
+    let setup = setup_of(config, model_config, kind)?;
     let needed = estimate(&setup);
     eprintln!(
         "estimated GPU memory: {} of {:.1} GB free on cuda:{index}",
@@ -140,7 +139,7 @@ pub fn check_fits_the_device(
 /// The memory estimate's view of a training configuration.
 pub fn setup_of<'a>(
     config: &'a TrainConfig,
-    model_config: &'a crate::model::config::LlamaConfig,
+    model_config: &'a LlamaConfig,
     kind: Kind,
 ) -> Result<super::memory_estimate::Setup<'a>> {
     Ok(super::memory_estimate::Setup {

@@ -265,9 +265,11 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
         None => (Vec::new(), None),
     };
 
-    device_fit::check_fits_the_device(config, &source, device, kind)?;
+    // Before loading anything: the shapes say whether the card and the disk suffice.
+    let (model_config, _) = crate::model::load::open_model(&source)?;
+    device_fit::check_fits_the_device(config, &model_config, device, kind)?;
     let schedule = Schedule::new(config, train_examples.len());
-    let checkpoint_plan = plan_checkpoints(config, &source, kind, &schedule)?;
+    let checkpoint_plan = plan_checkpoints(config, &model_config, kind, &schedule)?;
     if main_rank {
         disk_fit::check_checkpoints_fit_the_disk(&checkpoint_plan, out)?;
     }
@@ -384,12 +386,11 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
 /// how many it writes.
 fn plan_checkpoints(
     config: &TrainConfig,
-    source: &ModelSource,
+    model_config: &crate::model::config::LlamaConfig,
     kind: Kind,
     schedule: &Schedule,
 ) -> Result<disk_fit::CheckpointPlan> {
-    let (model_config, _) = crate::model::load::open_model(source)?;
-    let setup = device_fit::setup_of(config, &model_config, kind)?;
+    let setup = device_fit::setup_of(config, model_config, kind)?;
     let (model_bytes, optimizer_bytes) =
         memory_estimate::checkpoint_bytes(&setup, config.save_only_model);
     Ok(disk_fit::CheckpointPlan {
