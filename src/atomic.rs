@@ -82,6 +82,17 @@ pub fn link_or_copy(from: &Path, to: &Path) -> Result<()> {
 /// Builds a whole folder in a temp folder beside `target`, then puts it in place
 /// (replacing an existing `target` only once the new one is complete).
 pub fn write_dir_with(target: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let ((), temp) = fill_temp_dir(target, fill)?;
+    publish_dir(&temp, target)
+}
+
+/// The first half of `write_dir_with`: a fresh temp folder beside `target`, filled by
+/// `fill` (removed again if `fill` fails). Returns `fill`'s result and the folder, for
+/// `publish_dir` once whatever else it needs is written.
+pub fn fill_temp_dir<T>(
+    target: &Path,
+    fill: impl FnOnce(&Path) -> Result<T>,
+) -> Result<(T, PathBuf)> {
     let parent = target
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -94,11 +105,13 @@ pub fn write_dir_with(target: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> 
     std::fs::create_dir(&temp).map_err(|e| {
         crate::error::bad_input(format!("{}: cannot write here: {e}", parent.display()))
     })?;
-    if let Err(error) = fill(&temp) {
-        let _ = std::fs::remove_dir_all(&temp);
-        return Err(error);
+    match fill(&temp) {
+        Ok(value) => Ok((value, temp)),
+        Err(error) => {
+            let _ = std::fs::remove_dir_all(&temp);
+            Err(error)
+        }
     }
-    publish_dir(&temp, target)
 }
 
 /// Renames the complete folder `temp` to `target`, replacing a `target` already there

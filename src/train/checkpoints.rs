@@ -348,16 +348,9 @@ pub fn start_checkpoint_in_background(
 ) -> Result<BackgroundSave> {
     let step = source.state.global_step;
     let dir = checkpoint_dir(out, step);
-    let temp = crate::atomic::temp_path_for(&dir);
-    let _ = std::fs::remove_dir_all(&temp);
-    std::fs::create_dir_all(&temp).with_context(|| temp.display().to_string())?;
-    let files = match crate::model::tensor_io::deferring(|| fill_checkpoint(&temp, source)) {
-        Ok(((), files)) => files,
-        Err(error) => {
-            let _ = std::fs::remove_dir_all(&temp);
-            return Err(error);
-        }
-    };
+    let (((), files), temp) = crate::atomic::fill_temp_dir(&dir, |tmp| {
+        crate::model::tensor_io::deferring(|| fill_checkpoint(tmp, source))
+    })?;
     let out = out.to_path_buf();
     let (limit, best) = (source.config.save_total_limit, source.state.best_step);
     let writer = std::thread::Builder::new()
