@@ -1,8 +1,16 @@
 //! `--optim adamw-bf16` and `adamw-8bit` train as well as f32 `adamw`: 50 full
-//! fine-tune steps of SmolLM2-135M in bf16 (the default model, sample data, batch 1,
-//! answers cut at 96 tokens, lr 5e-5) end with an eval loss within 1 % of adamw's.
+//! fine-tune steps of SmolLM2-135M in bf16 (the default model, the benchmark's Train
+//! and Validation splits from `data/`, batch 4, answers cut at 96 tokens, lr 5e-5) end
+//! with an eval loss within 1 % of adamw's.
+//!
+//! Why this setup and not batch 1 on the 40-row sample data (the check's first form):
+//! there the check could not see 1 %. A 0.2 % change of the learning rate moved f32
+//! `adamw`'s own result by -0.8 to +1.4 % (2-core Xeon, seeds 42 and 0), because 50
+//! single-row steps over 40 rows memorize them and tiny differences grow; the same
+//! optimizer passed or failed by machine. Batches of 4 from the 333-row split, scored
+//! on its validation rows, take that spread to +0.3 / +0.5 % (README, "Training").
 //! Slow on a 2-core CPU (the 8-bit quantization runs over every parameter each step;
-//! about 15 minutes for the three runs); the 8-bit state is meant for GPUs.
+//! about 12 minutes for the three runs); the 8-bit state is meant for GPUs.
 
 mod common;
 
@@ -12,7 +20,7 @@ use common::*;
 
 fn final_eval_loss(optim: &str) -> f64 {
     let out = temp_dir(&format!("quality-{optim}"));
-    let data = repo_root().join("examples/data");
+    let data = repo_root().join("data");
     let output = Command::new(env!("CARGO_BIN_EXE_amthal"))
         .args([
             "train",
@@ -23,7 +31,7 @@ fn final_eval_loss(optim: &str) -> f64 {
         ])
         .args(["--data-dir", data.to_str().unwrap(), "--output-dir"])
         .arg(out.join("run"))
-        .args(["--lr", "5e-5", "--max-steps", "50", "--batch-size", "1"])
+        .args(["--lr", "5e-5", "--max-steps", "50", "--batch-size", "4"])
         .args([
             "--grad-accum",
             "1",
@@ -53,10 +61,20 @@ fn final_eval_loss(optim: &str) -> f64 {
 #[test]
 fn bf16_and_8bit_optimizers_reach_the_f32_eval_loss_within_1_percent() {
     let reference = final_eval_loss("adamw");
-    for optim in ["adamw-bf16", "adamw-8bit"] {
-        let loss = final_eval_loss(optim);
+    // Both runs before judging either, so a failure reports both.
+    let results: Vec<(&str, f64)> = ["adamw-bf16", "adamw-8bit"]
+        .into_iter()
+        .map(|optim| (optim, final_eval_loss(optim)))
+        .collect();
+    for (optim, loss) in &results {
+        let relative = (loss - reference) / reference;
+        eprintln!(
+            "{optim}: eval loss {loss:.6} vs adamw {reference:.6} ({:+.2} %)",
+            relative * 100.0
+        );
+    }
+    for (optim, loss) in results {
         let relative = (loss - reference).abs() / reference;
-        eprintln!("{optim}: eval loss {loss:.6} vs adamw {reference:.6} ({relative:.2e})");
         assert!(
             relative <= 0.01,
             "{optim}: eval loss {loss} vs adamw {reference}: {:.2} % apart",

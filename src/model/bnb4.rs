@@ -16,6 +16,7 @@
 
 use tch::{Kind, Tensor};
 
+use crate::train::code_map::CodeMap;
 use crate::train::moments::{BLOCK as ABSMAX_BLOCK, bnb_dynamic_map, quantize_blockwise};
 
 /// Values per 4-bit block (bitsandbytes' default blocksize).
@@ -150,7 +151,7 @@ pub fn quantize(x: &Tensor, quant: Quant4, double: bool) -> Quantized4 {
             .select(1, 0)
             .bitwise_left_shift_tensor_scalar(4)
             .bitwise_or_tensor(&pairs.select(1, 1));
-        let map = Tensor::from_slice(bnb_dynamic_map(true)).to_device(device);
+        let map = CodeMap::new(bnb_dynamic_map(true), device);
         let absmax = if double {
             let offset = absmax.mean(Kind::Float);
             let (codes, block_absmax) = quantize_blockwise(&(&absmax - &offset), &map);
@@ -169,7 +170,7 @@ pub fn quantize(x: &Tensor, quant: Quant4, double: bool) -> Quantized4 {
             absmax,
             shape: x.size(),
             pair_values: pair_values(quant).to_device(device),
-            dynamic_map: map,
+            dynamic_map: map.values,
         }
     })
 }

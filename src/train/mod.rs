@@ -14,6 +14,7 @@
 //! `checkpoints.rs` and `logging.rs` are what happens between steps.
 
 pub mod checkpoints;
+pub mod code_map;
 pub mod compensation;
 pub mod config;
 pub mod data_order;
