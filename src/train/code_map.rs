@@ -25,7 +25,7 @@ pub struct CodeMap {
     /// The code values, sorted ascending, [256] f32.
     pub values: Tensor,
     /// Per bucket (`(bits >> 16) + 32768`, arithmetic shift): how many map values lie
-    /// below the bucket's lowest float, at most 255; [65536] i32.
+    /// below the bucket's lowest float, at most 255; [65536] i32. Only on the CPU.
     bucket_bases: Option<Tensor>,
 }
 
@@ -34,15 +34,24 @@ impl CodeMap {
     pub fn new(values: &[f32], device: Device) -> CodeMap {
         CodeMap {
             values: Tensor::from_slice(values).to_device(device),
-            bucket_bases: bucket_bases(values).map(|b| Tensor::from_slice(&b).to_device(device)),
+            bucket_bases: match device {
+                Device::Cpu => bucket_bases(values).map(|b| Tensor::from_slice(&b)),
+                _ => None,
+            },
         }
     }
 
-    /// The map with each of its tensors replaced by `f(tensor)` (a device copy).
+    /// The map with each of its tensors replaced by `f(tensor)` (a device copy; a copy
+    /// off the CPU leaves the table behind).
     pub fn map_tensors(&self, f: impl Fn(&Tensor) -> Tensor) -> CodeMap {
+        let values = f(&self.values);
+        let bucket_bases = match values.device() {
+            Device::Cpu => self.bucket_bases.as_ref().map(f),
+            _ => None,
+        };
         CodeMap {
-            values: f(&self.values),
-            bucket_bases: self.bucket_bases.as_ref().map(f),
+            values,
+            bucket_bases,
         }
     }
 
@@ -57,7 +66,7 @@ impl CodeMap {
         let last = self.values.numel() as i64 - 1;
         // The first map value not below x (searchsorted, side left), at most the last.
         let upper = match &self.bucket_bases {
-            Some(bases) if x.device() == Device::Cpu => {
+            Some(bases) => {
                 let bucket = x
                     .contiguous()
                     .view_dtype(Kind::Int)
@@ -68,7 +77,7 @@ impl CodeMap {
                 (base + below).clamp_max(last)
             }
             // tch's searchsorted is values-first: x.searchsorted(sorted map).
-            _ => x
+            None => x
                 .searchsorted(&self.values, false, false, "left", None::<Tensor>)
                 .clamp(0, last),
         };
