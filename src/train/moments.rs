@@ -18,6 +18,7 @@
 //! Nothing here is random, so a resumed run repeats the same updates.
 
 use std::collections::BTreeMap;
+use std::sync::OnceLock;
 
 use anyhow::{Result, anyhow};
 use tch::{Device, Kind, Tensor};
@@ -93,9 +94,10 @@ impl Moment {
             }
             OptimKind::AdamW8bit => {
                 let blocks = (numel + BLOCK - 1) / BLOCK;
-                let map = CodeMap::new(&dynamic_map(signed), device);
+                let values = optimizer_map(signed);
+                let map = CodeMap::shared(values, device);
                 // Code of 0.0 in the map, so zeros dequantize to exactly 0.
-                let zero = dynamic_map(signed)
+                let zero = values
                     .iter()
                     .position(|&v| v == 0.0)
                     .expect("the map holds 0") as i64;
@@ -276,6 +278,21 @@ pub fn dynamic_map(signed: bool) -> Vec<f32> {
     map
 }
 
+/// The 8-bit optimizer's map (`dynamic_map`), computed once per sign.
+pub fn optimizer_map(signed: bool) -> &'static [f32] {
+    static MAPS: [OnceLock<Vec<f32>>; 2] = [OnceLock::new(), OnceLock::new()];
+    once_per_sign(&MAPS, signed, dynamic_map)
+}
+
+/// `compute(signed)`, computed on first use and kept in `cells` ([unsigned, signed]).
+fn once_per_sign(
+    cells: &'static [OnceLock<Vec<f32>>; 2],
+    signed: bool,
+    compute: fn(bool) -> Vec<f32>,
+) -> &'static [f32] {
+    cells[signed as usize].get_or_init(|| compute(signed))
+}
+
 /// The same map computed as bitsandbytes' `create_dynamic_map` computes it, in f32
 /// tensor arithmetic (torch's `linspace`, means and scale in f32), so every value is
 /// bit-identical to bitsandbytes' (the 4-bit codec's double quantization needs that:
@@ -286,10 +303,8 @@ pub fn dynamic_map(signed: bool) -> Vec<f32> {
 /// (Computed once per sign: it takes a few dozen tensor operations, and the 4-bit
 /// codec asks for it at every dequantization.)
 pub fn bnb_dynamic_map(signed: bool) -> &'static [f32] {
-    static SIGNED: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
-    static UNSIGNED: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
-    let cell = if signed { &SIGNED } else { &UNSIGNED };
-    cell.get_or_init(|| compute_bnb_dynamic_map(signed))
+    static MAPS: [OnceLock<Vec<f32>>; 2] = [OnceLock::new(), OnceLock::new()];
+    once_per_sign(&MAPS, signed, compute_bnb_dynamic_map)
 }
 
 /// What `bnb_dynamic_map` caches.
