@@ -100,10 +100,17 @@ impl Fused {
 }
 
 /// Fuses q/k/v and gate/up in every layer where the projections are plain, and turns
-/// on the fused RMSNorm kernel on GPUs (`Llama::fused_norm`); returns how many layers
-/// were fused. For generation only.
+/// on the fused RMSNorm kernel and the decode step's folds on GPUs (`Llama::fused_norm`,
+/// `Llama::decode_folds`); returns how many layers were fused. For generation only.
 pub fn fuse_projections(model: &mut Llama) -> usize {
     model.fused_norm = true;
+    // AMTHAL_DECODE_FOLDS: 0 keeps the unfolded step, 1 folds on the CPU too (to
+    // compare there); unset, GPUs only (the CPU is not bound by kernel launches).
+    model.decode_folds = match std::env::var("AMTHAL_DECODE_FOLDS").as_deref() {
+        Ok("0") => false,
+        Ok("1") => true,
+        _ => model.device != tch::Device::Cpu,
+    };
     tch::no_grad(|| {
         let mut fused = 0;
         for layer in model.layers.iter_mut() {

@@ -290,6 +290,7 @@ fn build_llama(
         kind: options.kind,
         fused_norm: false,
         quantization: options.quantize,
+        decode_folds: false,
         config,
     })
 }

@@ -15,6 +15,8 @@ pub struct Rope {
     dynamic: Option<DynamicNtk>,
     /// `rotate_half` as a [head_dim, head_dim] matrix (f32, on the model's device).
     rotate_half: Tensor,
+    /// The [head_dim, head_dim] identity, for `rotary_matrices`.
+    identity: Tensor,
 }
 
 struct DynamicNtk {
@@ -141,7 +143,22 @@ impl Rope {
             attention_scaling,
             dynamic,
             rotate_half: rotate_half_matrix(dim).to_device(device),
+            identity: Tensor::eye(dim, (Kind::Float, device)),
         }
+    }
+
+    /// `apply_rotary`'s rotation as one matrix per position, for decode steps
+    /// (`Llama::decode_folds`): x @ M = x * cos + rotate_half(x) * sin with
+    /// M = I diag(cos) + R diag(sin), [.., D, D] for cos and sin [.., D] and `rotation`
+    /// R (`rotation(kind)`). Every entry is a cos, a +-sin or a zero, so each output
+    /// sums two products in the matmul's accumulator and rounds once, where
+    /// `apply_rotary` rounds after each product and after their sum (f32: the same
+    /// within an ulp or two; bf16: one rounding in three). Built once per step (three
+    /// kernels); then each layer rotates q and k with one batched matmul instead of four
+    /// kernels.
+    pub fn rotary_matrices(&self, cos: &Tensor, sin: &Tensor, rotation: &Tensor) -> Tensor {
+        let identity = self.identity.to_kind(cos.kind());
+        (identity * cos.unsqueeze(-2)).addcmul(rotation, &sin.unsqueeze(-2))
     }
 
     /// `rotate_half` as a matrix in `kind`, for `apply_rotary`.
