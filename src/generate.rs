@@ -146,7 +146,7 @@ pub fn bytes_per_slot(model: &Llama, positions: usize) -> u64 {
         * config.num_hidden_layers as u64
         * config.num_key_value_heads as u64
         * config.head_dim as u64
-        * positions as u64
+        * KvCache::slot_capacity(positions as i64) as u64
         * element;
     let logits = config.vocab_size as u64 * 4;
     cache + 2 * logits

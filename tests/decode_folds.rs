@@ -21,7 +21,9 @@ fn decode_folds_give_the_unfolded_logits_with_fewer_kernels() {
     let load = |folds: bool| {
         let mut model = load_llama(&source, LoadOptions::default()).unwrap();
         fuse_projections(&mut model);
-        assert!(!model.decode_folds, "off on the CPU unless asked");
+        if std::env::var_os("AMTHAL_DECODE_FOLDS").is_none() {
+            assert!(!model.decode_folds, "off on the CPU unless asked");
+        }
         model.decode_folds = folds;
         model
     };
@@ -73,7 +75,7 @@ fn decode_folds_give_the_unfolded_logits_with_fewer_kernels() {
         assert_eq!(count(folded, "aten::addmm_"), 2 * layers, "{folded:?}");
         assert_eq!(count(plain, "aten::addmm_"), 0, "{plain:?}");
         // Per layer: rotary's two muls and add, and the two residual adds; per step,
-        // two kernels build the rotation matrices (in f32: bf16 casts the identity too).
+        // two kernels build the rotation matrices.
         assert_eq!(
             total(plain) - total(folded),
             5 * layers - 2,

@@ -153,7 +153,7 @@ impl KvCache {
     /// 8-aligned into a padded one first (`preprocess_mask`), once per layer and step.
     /// The extra positions are masked like any position a row has not reached.
     pub fn slots(model: &Llama, slots: i64, capacity: i64) -> KvCache {
-        let capacity = (capacity + 7) / 8 * 8;
+        let capacity = KvCache::slot_capacity(capacity);
         let shape = [
             slots,
             model.config.num_key_value_heads as i64,
@@ -169,6 +169,11 @@ impl KvCache {
             capacity,
             write_at: None,
         }
+    }
+
+    /// The positions a slot cache holds for `positions` asked: rounded up to 8 (`slots`).
+    pub fn slot_capacity(positions: i64) -> i64 {
+        (positions + 7) / 8 * 8
     }
 
     /// Copies row `row` of a prefilled cache (positions 0..length, a prompt's keys and
@@ -583,6 +588,11 @@ impl DecoderLayer {
 /// forward pass, where a boolean mask is converted again in every layer's attention
 /// call (two launches per layer; a decode step's graph holds one per layer fewer of
 /// each). The same values, so the same attention.
+fn additive_mask(allowed: &Tensor, kind: Kind) -> Tensor {
+    Tensor::full(allowed.size(), f64::NEG_INFINITY, (kind, allowed.device()))
+        .masked_fill(allowed, 0.0)
+}
+
 /// `hidden + projection(x)`, the residual add after o_proj and down_proj. With
 /// `context.residual_in_place` and a plain dense projection, the matmul adds into
 /// `hidden` itself (one GEMM with beta = 1 instead of a GEMM and an add) and `hidden`
@@ -607,11 +617,6 @@ fn add_projection(
         return hidden.shallow_clone();
     }
     hidden + projection.forward(x, train)
-}
-
-fn additive_mask(allowed: &Tensor, kind: Kind) -> Tensor {
-    Tensor::full(allowed.size(), f64::NEG_INFINITY, (kind, allowed.device()))
-        .masked_fill(allowed, 0.0)
 }
 
 /// The additive attention mask [1, 1, W, W] of one packed row whose positions belong

@@ -285,7 +285,7 @@ fn build_llama(
         norm: take("model.norm.weight")?,
         layers,
         lm_head,
-        rope: Rope::new(&config, options.device),
+        rope: Rope::new(&config, options.device).with_matrices_in(options.kind),
         device: options.device,
         kind: options.kind,
         fused_norm: false,

@@ -13,7 +13,8 @@ pub struct Rope {
     inv_freq: Tensor,
     attention_scaling: f64,
     dynamic: Option<DynamicNtk>,
-    /// `rotate_half` as a [head_dim, head_dim] matrix (f32, on the model's device).
+    /// `rotate_half` as a [head_dim, head_dim] matrix (on the model's device, in its
+    /// compute dtype after `with_matrices_in`).
     rotate_half: Tensor,
     /// The [head_dim, head_dim] identity, for `rotary_matrices`.
     identity: Tensor,
@@ -153,12 +154,20 @@ impl Rope {
     /// R (`rotation(kind)`). Every entry is a cos, a +-sin or a zero, so each output
     /// sums two products in the matmul's accumulator and rounds once, where
     /// `apply_rotary` rounds after each product and after their sum (f32: the same
-    /// within an ulp or two; bf16: one rounding in three). Built once per step (three
-    /// kernels); then each layer rotates q and k with one batched matmul instead of four
-    /// kernels.
+    /// within an ulp or two; bf16: one rounding in three). Built once per step (two
+    /// kernels); then each layer rotates q and k with one batched
+    /// matmul instead of four kernels.
     pub fn rotary_matrices(&self, cos: &Tensor, sin: &Tensor, rotation: &Tensor) -> Tensor {
         let identity = self.identity.to_kind(cos.kind());
         (identity * cos.unsqueeze(-2)).addcmul(rotation, &sin.unsqueeze(-2))
+    }
+
+    /// The same with its constant matrices stored in `kind` (the model's compute
+    /// dtype), so that no forward pass or decode step casts them again.
+    pub fn with_matrices_in(mut self, kind: Kind) -> Rope {
+        self.rotate_half = self.rotate_half.to_kind(kind);
+        self.identity = self.identity.to_kind(kind);
+        self
     }
 
     /// `rotate_half` as a matrix in `kind`, for `apply_rotary`.

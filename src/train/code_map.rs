@@ -67,12 +67,13 @@ impl CodeMap {
         })
     }
 
-    /// The map with each of its tensors replaced by `f(tensor)` (a device copy; a copy
-    /// off the CPU leaves the table behind).
+    /// The map with its values replaced by `f(values)` (a device copy). A copy off the
+    /// CPU leaves the table behind; one that stays on the CPU (pinning for
+    /// `--offload-optimizer`, a staged copy) shares it, since nothing writes a table.
     pub fn map_tensors(&self, f: impl Fn(&Tensor) -> Tensor) -> CodeMap {
         let values = f(&self.values);
         let bucket_bases = match values.device() {
-            Device::Cpu => self.bucket_bases.as_ref().map(f),
+            Device::Cpu => self.bucket_bases.as_ref().map(Tensor::shallow_clone),
             _ => None,
         };
         CodeMap {
@@ -206,7 +207,7 @@ mod tests {
     }
 
     /// Every 8-bit moment of a sign on the CPU holds the same map and table (one
-    /// storage), and the two signs hold different ones.
+    /// storage), also after a copy on the CPU, and the two signs hold different ones.
     #[test]
     fn moments_share_one_table_per_sign() {
         use crate::train::moments::{Moment, OptimKind};
@@ -224,6 +225,11 @@ mod tests {
         let unsigned = table_of(&zeros(&[64, 128], false));
         assert_eq!(unsigned, table_of(&zeros(&[8192], false)));
         assert_ne!(first.1, unsigned.1);
+        // A copy that stays on the CPU (offloaded state, a staged chunk) shares the
+        // table too; its values are its own.
+        let copied = zeros(&[64, 128], true).map_tensors(Tensor::copy);
+        assert_eq!(table_of(&copied).1, first.1);
+        assert_ne!(table_of(&copied).0, first.0);
         // The shared map is the same map: its codes are the searched ones.
         let x = Tensor::from_slice(&hard_values(optimizer_map(true)));
         let own = CodeMap::new(optimizer_map(true), Device::Cpu);
