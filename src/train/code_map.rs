@@ -148,8 +148,12 @@ impl HostTable {
             (self.values[lower] - x).abs(),
         );
         // Arithmetic instead of a branch: which neighbour is nearer is a coin toss for
-        // the predictor (a branch here took half of the loop's time).
-        (lower + (usize::from(distance_lower > distance_upper) & (upper - lower))) as u8
+        // the predictor (a branch here took half of the loop's time). Anything but
+        // "lower or equal" picks the upper code, as torch.where(le, lower, upper) does:
+        // also a NaN `x` (inf / inf in a block holding an infinity), whose distances
+        // are NaN. (`|`, not `||`: no branch.)
+        let upper_is_nearer = (distance_lower > distance_upper) | x.is_nan();
+        (lower + (usize::from(upper_is_nearer) & (upper - lower))) as u8
     }
 
     /// bitsandbytes' blockwise quantization of `data` (padded with zeros to whole
@@ -168,25 +172,36 @@ impl HostTable {
     ) {
         let blocks = absmax.len();
         assert!(codes.len() == blocks * block && data.len() <= blocks * block);
-        let per_thread = blocks.div_ceil(threads.max(1)).max(1);
+        if threads <= 1 {
+            return self.quantize_part(data, block, 0, codes, absmax);
+        }
+        let per_thread = blocks.div_ceil(threads).max(1);
         let work = codes
             .chunks_mut(per_thread * block)
             .zip(absmax.chunks_mut(per_thread))
             .enumerate();
         std::thread::scope(|scope| {
-            for (part, (codes, absmax)) in work {
-                let first = part * per_thread * block;
-                scope.spawn(move || {
-                    for (index, (codes, absmax)) in
-                        codes.chunks_mut(block).zip(absmax.iter_mut()).enumerate()
-                    {
-                        let start = (first + index * block).min(data.len());
-                        let end = (start + block).min(data.len());
-                        self.quantize_block(&data[start..end], codes, absmax);
-                    }
-                });
+            for (index, (codes, absmax)) in work {
+                let first = index * per_thread * block;
+                scope.spawn(move || self.quantize_part(data, block, first, codes, absmax));
             }
         });
+    }
+
+    /// The blocks of `quantize_blocks` whose first value is `data[first]`.
+    fn quantize_part(
+        &self,
+        data: &[f32],
+        block: usize,
+        first: usize,
+        codes: &mut [u8],
+        absmax: &mut [f32],
+    ) {
+        for (index, (codes, absmax)) in codes.chunks_mut(block).zip(absmax).enumerate() {
+            let start = (first + index * block).min(data.len());
+            let end = (start + block).min(data.len());
+            self.quantize_block(&data[start..end], codes, absmax);
+        }
     }
 
     /// One block of `quantize_blocks`; `codes` past `values`' end code the padding's
@@ -311,8 +326,8 @@ mod tests {
 
     /// The host loop quantizes as the tensor operations do (the GPU's path): the same
     /// codes and absmax, bit for bit, for blocks at every scale, an all-zero block, a
-    /// last block cut short, and a split across three threads; a block holding a NaN
-    /// gets a NaN absmax on both paths.
+    /// last block cut short, a block holding an infinity, and a split across three
+    /// threads; a block holding a NaN gets a NaN absmax on both paths.
     #[test]
     fn the_host_loop_quantizes_as_the_tensor_operations() {
         tch::manual_seed(5);
@@ -321,6 +336,8 @@ mod tests {
         let x = Tensor::randn([blocks, BLOCK], (Kind::Float, Device::Cpu)) * scales.unsqueeze(1);
         let _ = x.get(7).zero_();
         let _ = x.get(3).get(17).fill_(f64::NAN);
+        // An infinity: absmax +inf, and inf / inf a NaN to code.
+        let _ = x.get(11).get(5).fill_(f64::INFINITY);
         let x = x.view([-1]).narrow(0, 0, blocks * BLOCK - 100);
         // Codes outside the NaN's block, absmax bits with that block's NaN checked apart.
         let nan_block = 3 * BLOCK as usize..4 * BLOCK as usize;

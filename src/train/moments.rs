@@ -336,7 +336,8 @@ fn compute_bnb_dynamic_map(signed: bool) -> Vec<f32> {
 }
 
 /// Blockwise quantization to the nearest code of `map`: (codes u8 [blocks * 256],
-/// absmax f32 [blocks]).
+/// absmax f32 [blocks]). On the CPU `value`'s memory is read directly, so no other
+/// thread may write it meanwhile.
 pub fn quantize_blockwise(value: &Tensor, map: &CodeMap) -> (Tensor, Tensor) {
     if value.device() == Device::Cpu
         && let Some(host) = map.host()
@@ -365,13 +366,20 @@ fn quantize_blockwise_on_host(value: &Tensor, host: &HostTable) -> (Tensor, Tens
     let flat = value.to_kind(Kind::Float).contiguous().view([-1]);
     let numel = flat.numel();
     let blocks = numel.div_ceil(BLOCK as usize);
-    // SAFETY: `flat` is a contiguous f32 tensor on the CPU of `numel` values, alive
-    // and not written while the slice is read.
-    let data = unsafe { std::slice::from_raw_parts(flat.data_ptr() as *const f32, numel) };
+    let data = if numel == 0 {
+        // An empty tensor's data pointer may be null, which no slice may hold.
+        &[][..]
+    } else {
+        // SAFETY: `flat` is a contiguous f32 tensor on the CPU holding `numel` values;
+        // it lives past the last read of the slice, and nothing writes it meanwhile
+        // (`quantize_blockwise`'s callers pass tensors of their own, and tch tensors
+        // are not shared between threads).
+        unsafe { std::slice::from_raw_parts(flat.data_ptr() as *const f32, numel) }
+    };
     let mut codes = vec![0u8; blocks * BLOCK as usize];
     let mut absmax = vec![0f32; blocks];
     // Threads only for tensors of a million values or more (spawning costs more than
-    // a small tensor's loop).
+    // a small tensor's loop, which runs on the calling thread).
     let threads = if numel >= 1 << 20 {
         tch::get_num_threads().max(1) as usize
     } else {
