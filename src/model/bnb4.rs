@@ -151,7 +151,7 @@ pub fn quantize(x: &Tensor, quant: Quant4, double: bool) -> Quantized4 {
             .select(1, 0)
             .bitwise_left_shift_tensor_scalar(4)
             .bitwise_or_tensor(&pairs.select(1, 1));
-        let map = CodeMap::new(bnb_dynamic_map(true), device);
+        let map = CodeMap::shared(bnb_dynamic_map(true), device);
         let absmax = if double {
             let offset = absmax.mean(Kind::Float);
             let (codes, block_absmax) = quantize_blockwise(&(&absmax - &offset), &map);

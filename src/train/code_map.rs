@@ -58,9 +58,10 @@ impl CodeMap {
 
     /// The map of `values` (sorted ascending) on `device`, shared: on the CPU every call
     /// with the same `values` on one thread hands out the same map and table, so the
-    /// 8-bit optimizer's moments (two per parameter) hold one table between them
-    /// instead of one each (SmolLM2: ~100 MB and ~0.4 s of building saved). Off the
-    /// CPU the map is built as `new` builds it (256 values, no table).
+    /// 8-bit optimizer's moments (two per parameter) and the 4-bit codec's projections
+    /// hold one table between them instead of one each (each table ~1 ms to build; as
+    /// 256 KB i32 tables they had cost SmolLM2 ~100 MB). Off the CPU the map is built
+    /// as `new` builds it (256 values, no table).
     pub fn shared(values: &'static [f32], device: Device) -> CodeMap {
         if device != Device::Cpu {
             return CodeMap::new(values, device);
@@ -127,10 +128,7 @@ impl HostTable {
     fn new(values: &[f32]) -> Option<HostTable> {
         Some(HostTable {
             values: values.to_vec(),
-            bucket_bases: bucket_bases(values)?
-                .into_iter()
-                .map(|base| base as u8)
-                .collect(),
+            bucket_bases: bucket_bases(values)?,
         })
     }
 
@@ -232,8 +230,11 @@ impl HostTable {
 }
 
 /// The lookup table of `HostTable::bucket_bases` for sorted `values`, or None when a
-/// bucket would hold two of them.
-fn bucket_bases(values: &[f32]) -> Option<Vec<i32>> {
+/// bucket would hold two of them (or the map has more than 256 values).
+fn bucket_bases(values: &[f32]) -> Option<Vec<u8>> {
+    if values.len() > 256 {
+        return None; // a base would not fit in a byte
+    }
     let bucket_of = |v: f32| ((v.to_bits() as i32 >> 16) + (BUCKETS / 2) as i32) as usize;
     let mut holders = vec![0u8; BUCKETS];
     for &v in values {
@@ -243,7 +244,7 @@ fn bucket_bases(values: &[f32]) -> Option<Vec<i32>> {
         }
         *holder += 1;
     }
-    let last = values.len() as i32 - 1;
+    let last = values.len().saturating_sub(1);
     let bases = (0..BUCKETS)
         .map(|bucket| {
             let top = ((bucket as i32 - (BUCKETS / 2) as i32) as u32) << 16;
@@ -266,7 +267,7 @@ fn bucket_bases(values: &[f32]) -> Option<Vec<i32>> {
             } else {
                 values.partition_point(|&v| v < lowest)
             };
-            (below as i32).min(last)
+            below.min(last) as u8
         })
         .collect();
     Some(bases)
