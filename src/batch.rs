@@ -14,6 +14,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::encode::{Encoded, IGNORE_INDEX};
+use crate::model::linear::PaddedLayout;
 
 /// A right-padded batch.
 pub struct Batch {
@@ -21,12 +22,21 @@ pub struct Batch {
     pub input_ids: Tensor,
     /// [B, T] int64, 0.. per row
     pub positions: Tensor,
-    /// Packed batches: each document's (start, length) in the single row.
-    pub segments: Option<Vec<(i64, i64)>>,
+    /// Packed batches: where the documents are.
+    pub packing: Option<Packing>,
     /// Where the loss is computed, found on the host so the training step needs no
     /// device-to-host sync for it: the flat positions (row x width + t) whose next
     /// token is trained, each one's row, and that next token.
     pub answers: Answers,
+}
+
+/// Where a packed batch's documents are.
+pub struct Packing {
+    /// Each document's (start, length) in the single row: attention runs per document.
+    pub segments: Vec<(i64, i64)>,
+    /// Where each token would sit in the padded batch of the same rows: LoRA dropout
+    /// draws its masks in that shape, so packing changes no mask (`LoraDropout`).
+    pub padded_layout: PaddedLayout,
 }
 
 /// The trained positions of a batch (see `Batch::answers`).
@@ -81,7 +91,7 @@ impl Batch {
         Batch {
             input_ids: Tensor::from_slice(&ids).view(shape).to_device(device),
             positions: positions.to_device(device),
-            segments: None,
+            packing: None,
             answers: Answers::from_labels(&labels, width, device),
         }
     }
@@ -98,7 +108,10 @@ impl Batch {
             positions: Tensor::from_slice(&packed.positions)
                 .view(shape)
                 .to_device(device),
-            segments: Some(packed.segments),
+            packing: Some(Packing {
+                padded_layout: padded_layout(&packed.segments, device),
+                segments: packed.segments,
+            }),
             answers: Answers::from_labels(&packed.labels, total, device),
         }
     }
@@ -115,6 +128,27 @@ impl Batch {
     /// Positions the model computes (padding included).
     pub fn positions_computed(&self) -> i64 {
         self.input_ids.numel() as i64
+    }
+}
+
+/// Each packed token's index in the padded batch of the same documents: document d's
+/// token t sits at d x longest + t.
+fn padded_layout(segments: &[(i64, i64)], device: Device) -> PaddedLayout {
+    let longest = segments
+        .iter()
+        .map(|&(_, length)| length)
+        .max()
+        .unwrap_or(0);
+    let index: Vec<i64> = segments
+        .iter()
+        .enumerate()
+        .flat_map(|(document, &(_, length))| {
+            (0..length).map(move |t| document as i64 * longest + t)
+        })
+        .collect();
+    PaddedLayout {
+        shape: [segments.len() as i64, longest],
+        index: Tensor::from_slice(&index).to_device(device),
     }
 }
 
@@ -226,7 +260,19 @@ mod tests {
         let values = |t: &Tensor| Vec::<i64>::try_from(t.view([-1])).unwrap();
         assert_eq!(values(&batch.input_ids), vec![5, 6, 7, 8, 9]);
         assert_eq!(values(&batch.positions), vec![0, 1, 2, 0, 1]);
-        assert_eq!(batch.segments, Some(vec![(0, 3), (3, 2)]));
+        let packing = batch.packing.as_ref().unwrap();
+        assert_eq!(packing.segments, vec![(0, 3), (3, 2)]);
+        assert_eq!(packing.padded_layout.shape, [2, 3]);
+        assert_eq!(
+            Vec::<i64>::try_from(&packing.padded_layout.index).unwrap(),
+            vec![0, 1, 2, 3, 4]
+        );
+        // The shorter document first: its padding is skipped.
+        let reordered = Batch::packed(&[&b, &a], Device::Cpu).packing.unwrap();
+        assert_eq!(
+            Vec::<i64>::try_from(&reordered.padded_layout.index).unwrap(),
+            vec![0, 1, 3, 4, 5]
+        );
         // Positions 0 and 1 predict 6 and 7; position 3 predicts 9. Never position 2:
         // b's first label (8) would make a's last token predict b's first.
         assert_eq!(values(&batch.answers.positions), vec![0, 1, 3]);

@@ -626,10 +626,16 @@ pub struct TrainArgs {
     /// offload_optimizer): same results, the state off the card, bus traffic per step.
     #[arg(long, visible_alias = "offload_optimizer")]
     pub offload_optimizer: bool,
-    /// Padding-free batches: a micro-batch's examples packed into one row with
-    /// per-document positions and attention (TRL's padding_free).
+    /// Padding-free batches (the default): a micro-batch's examples packed into one
+    /// row with per-document positions and attention (TRL's padding_free). The same
+    /// losses, gradients and dropout masks as padded batches, to f32 rounding; kept as
+    /// a flag for scripts written before it became the default.
     #[arg(long, visible_alias = "padding_free")]
     pub packing: bool,
+    /// Right-padded batches, as HF's data collator builds them (packing is the
+    /// default).
+    #[arg(long, conflicts_with_all = ["packing", "cuda_graphs"])]
+    pub no_packing: bool,
     /// CUDA: record each micro-batch's forward and backward pass as a CUDA graph (one
     /// per width, a multiple of 128 tokens) and replay it, so a step costs a few launches
     /// instead of thousands (torch.compile's reduce-overhead mode). Implies --packing;

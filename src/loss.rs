@@ -62,7 +62,12 @@ pub fn answer_token_losses(model: &Llama, batch: &Batch, train: bool) -> TokenLo
 pub fn batch_context(model: &Llama, batch: &Batch) -> crate::model::llama::LayerContext {
     model
         .context(&batch.input_ids, &batch.positions, None, None)
-        .with_segments(batch.segments.clone())
+        .with_packing(batch.packing.as_ref().map(|packing| {
+            (
+                packing.segments.clone(),
+                packing.padded_layout.shallow_clone(),
+            )
+        }))
 }
 
 /// The answer tokens' losses from final hidden states [B, T, H], at the positions

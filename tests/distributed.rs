@@ -2,7 +2,7 @@
 //! address (`amthal train --nproc-per-node 2`): after a few steps the adapter and the
 //! fully fine-tuned weights equal one process's with the same global batch (also with
 //! gradient checkpointing, where the sums overlap the backward pass, and with
-//! `--cuda-graphs`' fixed-width step); a worker
+//! `--cuda-graphs`' fixed-width step, and with the update inside the backward pass); a worker
 //! killed mid-run stops the run with a message naming it; the checkpoint it left
 //! resumes in a single process and ends where an uninterrupted run ends.
 
@@ -113,6 +113,28 @@ fn two_gloo_workers_train_what_one_process_trains() {
             "full-graphs-checkpointed",
             &["--lr", "1e-3", "--cuda-graphs", "--gradient-checkpointing"][..],
             "model.safetensors",
+        ),
+        // The update inside the backward pass: each stage's gradients summed across
+        // the ranks before its tensors are updated; clipped (two passes, each summing)
+        // and unclipped (one pass).
+        (
+            "full-in-backward",
+            &["--lr", "1e-3", "--optim-in-backward"][..],
+            "model.safetensors",
+        ),
+        (
+            "lora-in-backward-unclipped",
+            &[
+                "--lora",
+                "--lora-dropout",
+                "0.1",
+                "--lr",
+                "1e-3",
+                "--optim-in-backward",
+                "--max-grad-norm",
+                "0",
+            ][..],
+            "adapter_model.safetensors",
         ),
     ] {
         let common = [
@@ -411,10 +433,7 @@ fn what_data_parallelism_cannot_do_yet_is_refused() {
     let dir = temp_dir("dp-refused");
     for (extra, message) in [
         (&["--zero", "2"][..], "only stage 1"),
-        (
-            &["--optim-in-backward"][..],
-            "does not combine with data parallelism",
-        ),
+        (&["--optim-in-backward", "--zero", "1"][..], "choose one"),
         (&["--dist-backend", "nccl"][..], "sums CUDA tensors"),
     ] {
         let out = dir.join("run");

@@ -37,9 +37,12 @@ fn packed_batches_give_the_padded_losses_and_gradients() {
     let padded = Batch::from_encoded(&rows, Device::Cpu);
     let packed = Batch::packed(&rows, Device::Cpu);
     assert!(packed.positions_computed() < padded.positions_computed());
-    for full in [false, true] {
+    // LoRA with dropout too: a packed batch draws the padded batch's masks.
+    let mut lora_losses = Vec::new();
+    for (full, dropout) in [(false, 0.0), (false, 0.1), (true, 0.0)] {
         for checkpointing in [false, true] {
-            let (model, mode) = model_for(full, true);
+            let (mut model, mode) = model_for(full, true);
+            set_lora_dropout(&mut model, dropout);
             let trainable = trainable_tensors(&model, &mode);
             let run = |batch: &Batch| -> (f64, Vec<Tensor>) {
                 for (_, tensor, _) in &trainable {
@@ -59,9 +62,12 @@ fn packed_batches_give_the_padded_losses_and_gradients() {
             };
             let (padded_loss, padded_grads) = run(&padded);
             let (packed_loss, packed_grads) = run(&packed);
+            if !full {
+                lora_losses.push((dropout, checkpointing, padded_loss));
+            }
             assert!(
                 (padded_loss - packed_loss).abs() < 1e-5,
-                "full={full} checkpointing={checkpointing}: {padded_loss} vs {packed_loss}"
+                "full={full} dropout={dropout} checkpointing={checkpointing}: {padded_loss} vs {packed_loss}"
             );
             for ((name, _, _), (a, b)) in
                 trainable.iter().zip(padded_grads.iter().zip(&packed_grads))
@@ -70,7 +76,7 @@ fn packed_batches_give_the_padded_losses_and_gradients() {
                 let difference = max_difference(a, b);
                 assert!(
                     difference < 1e-5,
-                    "full={full} checkpointing={checkpointing} {name}: {difference}"
+                    "full={full} dropout={dropout} checkpointing={checkpointing} {name}: {difference}"
                 );
             }
             assert!(
@@ -78,6 +84,38 @@ fn packed_batches_give_the_padded_losses_and_gradients() {
                     .iter()
                     .any(|g| g.abs().max().double_value(&[]) > 1e-4)
             );
+        }
+    }
+    // The dropout really dropped something, and the checkpointed recomputation drew
+    // the forward's masks again (the same loss with and without checkpointing).
+    let loss_of = |dropout: f64, checkpointing: bool| {
+        lora_losses
+            .iter()
+            .find(|&&(d, c, _)| d == dropout && c == checkpointing)
+            .unwrap()
+            .2
+    };
+    assert!((loss_of(0.1, false) - loss_of(0.0, false)).abs() > 1e-4);
+    assert!((loss_of(0.1, false) - loss_of(0.1, true)).abs() < 1e-6);
+}
+
+/// Sets every LoRA projection's dropout probability.
+fn set_lora_dropout(model: &mut amthal::model::llama::Llama, p: f64) {
+    for layer in &mut model.layers {
+        let attention = &mut layer.self_attn;
+        let mlp = &mut layer.mlp;
+        for projection in [
+            &mut attention.q_proj,
+            &mut attention.k_proj,
+            &mut attention.v_proj,
+            &mut attention.o_proj,
+            &mut mlp.gate_proj,
+            &mut mlp.up_proj,
+            &mut mlp.down_proj,
+        ] {
+            if let Some(lora) = projection.lora.as_mut() {
+                lora.dropout = p;
+            }
         }
     }
 }

@@ -68,6 +68,9 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     c.optim_in_backward |= args.optim_in_backward;
     c.offload_optimizer |= args.offload_optimizer;
     c.packing |= args.packing;
+    if args.no_packing {
+        c.packing = false;
+    }
     c.cuda_graphs |= args.cuda_graphs;
     c.packing |= c.cuda_graphs;
     if let Some(kind) = args.quantize.quant_kind() {

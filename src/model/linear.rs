@@ -111,6 +111,65 @@ unsafe extern "C" fn dequantize_for_ops(state: *const c_void, scalar_type: c_int
     }
 }
 
+/// Where the tokens of a packed row (`--packing`) sit in the padded batch of the same
+/// documents ([documents, longest document], `batch::Batch::from_encoded`'s layout).
+pub struct PaddedLayout {
+    /// [documents, longest document].
+    pub shape: [i64; 2],
+    /// [tokens] int64: each packed token's index in the padded batch flattened to
+    /// [documents x longest].
+    pub index: Tensor,
+}
+
+impl PaddedLayout {
+    pub fn shallow_clone(&self) -> PaddedLayout {
+        PaddedLayout {
+            shape: self.shape,
+            index: self.index.shallow_clone(),
+        }
+    }
+}
+
+/// How a forward pass applies LoRA dropout to a projection's input.
+#[derive(Clone, Copy)]
+pub enum LoraDropout<'a> {
+    /// Inference: no dropout.
+    Off,
+    /// Masks of the input's own shape (a padded batch, or a fixed-width graphed one).
+    AsInput,
+    /// A packed row: the masks are drawn in the padded batch's shape and the packed
+    /// tokens' rows of them kept. The generator then hands out exactly what it hands a
+    /// padded micro-batch (the same draws, and the same count of them, so every later
+    /// layer's masks agree too): packing changes no dropout mask, and a packed run
+    /// equals a padded one to f32 rounding with dropout as without it. Costs a mask of
+    /// the padded shape per projection, as the padded batch's own dropout does.
+    Padded(&'a PaddedLayout),
+}
+
+impl LoraDropout<'_> {
+    /// `x` with dropout at probability `p`, or `None` when nothing is dropped.
+    fn apply(self, x: &Tensor, p: f64) -> Option<Tensor> {
+        if p <= 0.0 {
+            return None;
+        }
+        match self {
+            LoraDropout::Off => None,
+            LoraDropout::AsInput => Some(x.dropout(p, true)),
+            LoraDropout::Padded(layout) => {
+                let width = *x.size().last().expect("a projection's input has a width");
+                let [rows, longest] = layout.shape;
+                // Dropout of ones is its mask scaled by 1 / (1 - p), bit for bit, drawn
+                // as libtorch draws it for an input of this shape on this device.
+                let masks = Tensor::ones([rows, longest, width], (x.kind(), x.device()))
+                    .dropout(p, true)
+                    .view([-1, width])
+                    .index_select(0, &layout.index);
+                Some(x * masks.view(x.size().as_slice()))
+            }
+        }
+    }
+}
+
 /// LoRA matrices for one projection: A [r, in], B [out, r], as PEFT stores them.
 pub struct Lora {
     pub a: Tensor,
@@ -128,12 +187,12 @@ impl Linear {
         }
     }
 
-    pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
+    pub fn forward(&self, x: &Tensor, dropout: LoraDropout) -> Tensor {
         if let (Some(lora), Weight::Dense(weight), Some(ops)) = (&self.lora, &self.weight, ops()) {
             let frozen = !weight.requires_grad()
                 && self.bias.as_ref().is_none_or(|bias| !bias.requires_grad());
             if frozen {
-                let dropped = (train && lora.dropout > 0.0).then(|| x.dropout(lora.dropout, true));
+                let dropped = dropout.apply(x, lora.dropout);
                 return ops
                     .lora_linear(
                         x,
@@ -149,13 +208,13 @@ impl Linear {
                     .unwrap_or_else(|message| panic!("LoRA projection: {message}"));
             }
         }
-        self.forward_unfused(x, train)
+        self.forward_unfused(x, dropout)
     }
 
     /// The same sum through autograd's own operations: a quantized base, trainable
     /// base weights, or no ops library (and the reference the fused node is tested
     /// against).
-    pub fn forward_unfused(&self, x: &Tensor, train: bool) -> Tensor {
+    pub fn forward_unfused(&self, x: &Tensor, dropout: LoraDropout) -> Tensor {
         let y = match &self.weight {
             Weight::Dense(w) => dense_linear(x, w, self.bias.as_ref()),
             Weight::Quantized(q) => match &self.bias {
@@ -168,11 +227,9 @@ impl Linear {
             Some(lora) => {
                 // Trainable A/B are kept in f32 and cast to the activations' dtype, as autocast does.
                 let kind = x.kind();
-                let x = if train && lora.dropout > 0.0 {
-                    x.dropout(lora.dropout, true)
-                } else {
-                    x.shallow_clone()
-                };
+                let x = dropout
+                    .apply(x, lora.dropout)
+                    .unwrap_or_else(|| x.shallow_clone());
                 let update = x
                     .linear::<&Tensor>(&lora.a.to_kind(kind), None)
                     .linear::<&Tensor>(&lora.b.to_kind(kind), None);
@@ -231,9 +288,9 @@ mod tests {
         let x = x.detach().set_requires_grad(true);
         tch::manual_seed(seed);
         let y = if fused {
-            linear.forward(&x, true)
+            linear.forward(&x, LoraDropout::AsInput)
         } else {
-            linear.forward_unfused(&x, true)
+            linear.forward_unfused(&x, LoraDropout::AsInput)
         };
         let probe = Tensor::arange(y.numel() as i64, (Kind::Float, Device::Cpu))
             .view(y.size().as_slice())

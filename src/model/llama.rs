@@ -10,7 +10,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::config::LlamaConfig;
 use super::fuse::Fused;
-use super::linear::{Linear, dense_linear};
+use super::linear::{Linear, LoraDropout, PaddedLayout, dense_linear};
 use super::quantized::Quantization;
 use super::rope::{Rope, apply_rotary};
 
@@ -86,6 +86,9 @@ pub struct LayerContext {
     /// A packed batch (one row holding several documents): each document's (start,
     /// length). Attention then runs per document, so no token sees another document.
     pub segments: Option<Vec<(i64, i64)>>,
+    /// A packed batch: where its tokens sit in the padded batch of the same documents,
+    /// in whose shape LoRA dropout draws its masks (`LoraDropout::Padded`).
+    pub padded_layout: Option<PaddedLayout>,
     /// Decode steps with `Llama::decode_folds`: the per-slot rotation matrices
     /// [S, 1, D, D] (`Rope::rotary_matrices`), used instead of `apply_rotary`.
     pub rotary_matrices: Option<Tensor>,
@@ -96,10 +99,22 @@ pub struct LayerContext {
 }
 
 impl LayerContext {
-    /// The same context for a packed row of documents.
-    pub fn with_segments(mut self, segments: Option<Vec<(i64, i64)>>) -> LayerContext {
-        self.segments = segments;
+    /// The same context for a packed row of documents (`None`: a padded batch).
+    pub fn with_packing(
+        mut self,
+        packing: Option<(Vec<(i64, i64)>, PaddedLayout)>,
+    ) -> LayerContext {
+        (self.segments, self.padded_layout) = packing.unzip();
         self
+    }
+
+    /// How this forward applies LoRA dropout (none outside training).
+    fn lora_dropout(&self, train: bool) -> LoraDropout<'_> {
+        match (&self.padded_layout, train) {
+            (_, false) => LoraDropout::Off,
+            (Some(layout), true) => LoraDropout::Padded(layout),
+            (None, true) => LoraDropout::AsInput,
+        }
     }
 }
 
@@ -292,6 +307,7 @@ impl Llama {
             mask: Some(additive_mask(&allowed.unsqueeze(1).unsqueeze(1), self.kind)),
             past: 0,
             segments: None,
+            padded_layout: None,
         };
         cache.write_at = Some(positions.view([-1]));
         let hidden = self.forward_hidden_in(ids, &context, Some(&mut *cache), false);
@@ -383,6 +399,7 @@ impl Llama {
                 .map(|mask| additive_mask(&mask, self.kind)),
             past,
             segments: None,
+            padded_layout: None,
             rotary_matrices: None,
             residual_in_place: false,
         }
@@ -403,6 +420,7 @@ impl Llama {
         let heads = config.num_attention_heads as i64;
         let kv_heads = config.num_key_value_heads as i64;
         let head_dim = config.head_dim as i64;
+        let dropout = context.lora_dropout(train);
         let x = self.norm(hidden, &layer.input_layernorm);
         let attn = &layer.self_attn;
         // Rotated in [B, T, heads, D] (the projections' own layout, so the rotation's
@@ -431,7 +449,7 @@ impl Llama {
             }
             _ => {
                 let [q, k, v] =
-                    [&attn.q_proj, &attn.k_proj, &attn.v_proj].map(|p| p.forward(&x, train));
+                    [&attn.q_proj, &attn.k_proj, &attn.v_proj].map(|p| p.forward(&x, dropout));
                 (rotate(&q, heads), rotate(&k, kv_heads), v)
             }
         };
@@ -491,8 +509,8 @@ impl Llama {
                 (parts[0].shallow_clone(), parts[1].shallow_clone())
             }
             _ => (
-                mlp.gate_proj.forward(&x, train),
-                mlp.up_proj.forward(&x, train),
+                mlp.gate_proj.forward(&x, dropout),
+                mlp.up_proj.forward(&x, dropout),
             ),
         };
         let gated = gate.silu() * up;
@@ -616,7 +634,7 @@ fn add_projection(
         let _ = rows.addmm_(&x.reshape([-1, width(x)]), &weight.tr());
         return hidden.shallow_clone();
     }
-    hidden + projection.forward(x, train)
+    hidden + projection.forward(x, context.lora_dropout(train))
 }
 
 /// The additive attention mask [1, 1, W, W] of one packed row whose positions belong

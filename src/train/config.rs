@@ -87,7 +87,9 @@ pub struct TrainConfig {
     /// Keep AdamW's state in host memory and copy it to the GPU tensor by tensor for
     /// each update (`offload.rs`; DeepSpeed's offload_optimizer). Same results.
     pub offload_optimizer: bool,
-    /// Padding-free micro-batches (see `batch.rs`).
+    /// Padding-free micro-batches (see `batch.rs`); the default, as they give the
+    /// padded batches' losses, gradients and dropout masks with no position spent on
+    /// padding (`--no-packing` pads).
     pub packing: bool,
     /// Record each micro-batch's forward and backward pass as a CUDA graph per length
     /// bucket and replay it (`graphed_step.rs`); implies packing.
@@ -152,7 +154,7 @@ impl Default for TrainConfig {
             async_checkpoint: false,
             optim_in_backward: false,
             offload_optimizer: false,
-            packing: false,
+            packing: true,
             cuda_graphs: false,
             quantize: None,
             double_quant: false,
@@ -239,10 +241,11 @@ impl TrainConfig {
                 self.zero
             );
         }
-        if self.optim_in_backward {
+        if self.optim_in_backward && self.zero > 0 {
             bail_input!(
-                "--optim-in-backward updates each tensor inside the backward pass, before the \
-                 ranks could sum its gradient: it does not combine with data parallelism yet"
+                "--optim-in-backward with --zero {}: the sharded update (each rank updates the \
+                 tensors it owns, then broadcasts them) runs after the backward pass; choose one",
+                self.zero
             );
         }
         Ok(())

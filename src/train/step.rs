@@ -15,7 +15,9 @@
 //!   Clipping by the global norm needs that norm before the first update, so a step
 //!   that clips (or unscales f16 gradients) runs the backward pass twice: once to
 //!   measure, once to update (LOMO's two passes). `--max-grad-norm 0` (bf16 or f32)
-//!   skips the measuring pass.
+//!   skips the measuring pass. Under data parallelism each stage's gradients are
+//!   summed across ranks (one collective per stage) before its tensors are updated,
+//!   in each pass: a clipped step sends the gradients twice.
 //!
 //! `--cuda-graphs` (`graphed_step.rs`) records `forward_backward` (the micro-batch's
 //! forward and backward pass, written to issue device work only) and the update as
@@ -91,7 +93,7 @@ pub(super) fn dropout_seed(seed: u64, micro_step: u64, layer: usize) -> i64 {
 
 /// Forward, backward and update for one window of micro-batches.
 /// `group`: data parallelism (the gradients are summed across ranks before the
-/// update; only with the update after the backward pass).
+/// update, or, inside the backward pass, before each stage's updates).
 pub fn optimizer_step(
     model: &Llama,
     optimizer: &mut AdamW,
@@ -102,11 +104,7 @@ pub fn optimizer_step(
 ) -> Result<StepOutcome> {
     profile::start();
     if settings.in_backward {
-        assert!(
-            group.is_none(),
-            "refused by TrainConfig::validate_distributed"
-        );
-        let outcome = step_in_backward(model, optimizer, batches, settings, scaler);
+        let outcome = step_in_backward(model, optimizer, batches, settings, scaler, group);
         profile::mark("forward + backward + update (in-backward)");
         outcome
     } else {
@@ -318,9 +316,16 @@ pub(super) fn forward_backward(
         }
     };
     if !checkpointing {
-        reseed(0);
+        // Reseeded per layer as the checkpointed pass below and the in-backward step
+        // are, so every route draws the same dropout masks: gradient checkpointing
+        // trades memory for time and changes nothing else.
         let context = batch.layer_context(model);
-        let normed = model.forward_hidden_in(batch.input_ids(), &context, None, true);
+        let mut hidden = model.embed(batch.input_ids());
+        for layer in 0..model.layers.len() {
+            reseed(layer);
+            hidden = model.layer_forward(layer, &hidden, &context, None, true);
+        }
+        let normed = model.final_norm(&hidden);
         let sum = batch.loss_sum(model, &normed);
         if proceed(&sum) {
             objective(&sum).backward();
@@ -446,12 +451,43 @@ impl GradientSums {
         }
     }
 
-    fn hand_out(&mut self, indices: &[usize], complete: &mut dyn FnMut(usize, Tensor)) {
-        for index in indices {
-            if let Some(sum) = self.0.remove(index) {
-                complete(*index, sum);
+    /// Hands each tensor's sum to `complete`. Under data parallelism the stage's sums
+    /// are first summed across ranks, in one collective (every rank hands out the same
+    /// stages in the same order; a tensor without a gradient on this rank takes part
+    /// with zeros, so the ranks' lists always match).
+    fn hand_out(
+        &mut self,
+        indices: &[usize],
+        params: &[Tensor],
+        group: Option<&Distributed>,
+        complete: &mut dyn FnMut(usize, Tensor),
+    ) -> Result<()> {
+        let Some(group) = group else {
+            for index in indices {
+                if let Some(sum) = self.0.remove(index) {
+                    complete(*index, sum);
+                }
             }
+            return Ok(());
+        };
+        let sums: Vec<(usize, Tensor)> = indices
+            .iter()
+            .map(|&index| {
+                let sum = self
+                    .0
+                    .remove(&index)
+                    .unwrap_or_else(|| Tensor::zeros_like(&params[index]).to_kind(Kind::Float));
+                (index, sum)
+            })
+            .collect();
+        if sums.is_empty() {
+            return Ok(());
         }
+        group.allreduce_sum(&sums.iter().map(|(_, sum)| sum).collect::<Vec<_>>())?;
+        for (index, sum) in sums {
+            complete(index, sum);
+        }
+        Ok(())
     }
 }
 
@@ -466,14 +502,29 @@ struct KeptWindow<'a> {
     stages: Stages,
     /// The optimizer's tensors, by optimizer index.
     params: Vec<Tensor>,
+    /// Data parallelism: each stage's gradients and the window's loss are summed
+    /// across ranks.
+    group: Option<&'a Distributed>,
+}
+
+/// A window's loss sum (over every rank's micro-batches under data parallelism), and
+/// the first value that is not finite, if any (then the sum is of the finite ones, or,
+/// across ranks, that value).
+struct WindowLoss {
+    sum: f64,
+    nonfinite: Option<f64>,
 }
 
 /// Runs the window's backward pass stage by stage (loss and final norm, each layer
 /// from the top, the embedding), each stage over every micro-batch, and hands each
 /// trainable tensor's gradient, summed over the window, to `complete` as soon as no
-/// later stage adds to it. Returns the micro-batches' loss sums; when one of them is
-/// not finite it returns before handing out anything.
-fn backward_by_stage(window: &KeptWindow, complete: &mut dyn FnMut(usize, Tensor)) -> Vec<f64> {
+/// later stage adds to it. Returns the window's loss; when it is not finite it returns
+/// before handing out anything (under data parallelism, when the sum over every rank
+/// is not, so all ranks stop together).
+fn backward_by_stage(
+    window: &KeptWindow,
+    complete: &mut dyn FnMut(usize, Tensor),
+) -> Result<WindowLoss> {
     let KeptWindow {
         model,
         kept,
@@ -482,7 +533,9 @@ fn backward_by_stage(window: &KeptWindow, complete: &mut dyn FnMut(usize, Tensor
         scale,
         stages,
         params,
+        group,
     } = window;
+    let group = *group;
     let scale = *scale;
     let with_params = |first: Tensor, indices: &[usize]| -> Vec<Tensor> {
         std::iter::once(first)
@@ -503,7 +556,13 @@ fn backward_by_stage(window: &KeptWindow, complete: &mut dyn FnMut(usize, Tensor
         let sum = losses_from_hidden(model, &model.final_norm(&top), &batch.answers).sum();
         losses.push(sum.double_value(&[]));
         if !losses.last().is_some_and(|l| l.is_finite()) {
-            return losses;
+            if group.is_none() {
+                let (sum, nonfinite) = summarize(&losses);
+                return Ok(WindowLoss { sum, nonfinite });
+            }
+            // Every rank must reach the loss's sum below; nothing is handed out.
+            hidden_grads.push(Tensor::new());
+            continue;
         }
         let grads = Tensor::run_backward(
             &[sum * scale],
@@ -514,7 +573,31 @@ fn backward_by_stage(window: &KeptWindow, complete: &mut dyn FnMut(usize, Tensor
         sums.add(&top_indices, &grads[1..]);
         hidden_grads.push(grads[0].shallow_clone());
     }
-    sums.hand_out(&stages.top, complete);
+    let loss = match group {
+        None => {
+            let (sum, nonfinite) = summarize(&losses);
+            WindowLoss { sum, nonfinite }
+        }
+        Some(group) => {
+            // A padding-only window (a rank without a micro-batch of its own) counts 0.
+            let weight = if settings.padding_only { 0.0 } else { 1.0 };
+            let local: f64 = losses.iter().sum::<f64>() * weight;
+            let total = Tensor::from_slice(&[local]);
+            group.allreduce_sum(&[&total])?;
+            let total = total.double_value(&[0]);
+            if !total.is_finite() {
+                return Ok(WindowLoss {
+                    sum: 0.0,
+                    nonfinite: Some(total),
+                });
+            }
+            WindowLoss {
+                sum: total,
+                nonfinite: None,
+            }
+        }
+    };
+    sums.hand_out(&stages.top, params, group, complete)?;
 
     // Each decoder layer, recomputed from its kept input with the forward's dropout.
     let embed: Vec<usize> = stages.embed.into_iter().collect();
@@ -548,7 +631,7 @@ fn backward_by_stage(window: &KeptWindow, complete: &mut dyn FnMut(usize, Tensor
                 sums.add(indices, &grads);
             }
         }
-        sums.hand_out(indices, complete);
+        sums.hand_out(indices, params, group, complete)?;
     }
 
     // The input embedding (full fine-tune).
@@ -559,9 +642,9 @@ fn backward_by_stage(window: &KeptWindow, complete: &mut dyn FnMut(usize, Tensor
                 Tensor::run_backward(&[objective], &[params[index].shallow_clone()], false, false);
             sums.add(&embed, &grads);
         }
-        sums.hand_out(&embed, complete);
+        sums.hand_out(&embed, params, group, complete)?;
     }
-    losses
+    Ok(loss)
 }
 
 /// (sum of the finite losses, the first non-finite one).
@@ -578,6 +661,7 @@ fn step_in_backward(
     batches: &[Batch],
     settings: &StepSettings,
     scaler: Option<&mut LossScaler>,
+    group: Option<&Distributed>,
 ) -> Result<StepOutcome> {
     let kept: Vec<KeptForward> = batches
         .iter()
@@ -591,18 +675,21 @@ fn step_in_backward(
         })
         .collect();
     let loss_scale = scaler.as_ref().map_or(1.0, |s| s.scale);
+    // A rank without a micro-batch of its own in this window runs one at weight 0.
+    let weight = if settings.padding_only { 0.0 } else { 1.0 };
     let window = KeptWindow {
         model,
         kept,
         batches,
         settings,
-        scale: loss_scale * settings.token_scale,
+        scale: loss_scale * settings.token_scale * weight,
         stages: Stages::new(optimizer, model),
         params: optimizer
             .params
             .iter()
             .map(|p| p.param.shallow_clone())
             .collect(),
+        group,
     };
     let device = model.device;
 
@@ -613,10 +700,12 @@ fn step_in_backward(
     if settings.max_grad_norm > 0.0 || scaler.is_some() {
         let mut squares = Tensor::zeros([], (Kind::Float, device));
         let unscale = factor;
-        let losses = backward_by_stage(&window, &mut |_, grad| {
+        let WindowLoss {
+            sum: loss_sum,
+            nonfinite: nonfinite_loss,
+        } = backward_by_stage(&window, &mut |_, grad| {
             squares += (grad * unscale).square().sum(Kind::Float)
-        });
-        let (loss_sum, nonfinite_loss) = summarize(&losses);
+        })?;
         let norm = squares.sqrt().double_value(&[]);
         let apply = match scaler {
             Some(scaler) => scaler.update(nonfinite_loss.is_some() || !norm.is_finite()),
@@ -642,7 +731,7 @@ fn step_in_backward(
     // gradient is dropped right after.
     let mut constants: Option<StepConstants> = None;
     let mut squares = Tensor::zeros([], (Kind::Float, device));
-    let losses = backward_by_stage(&window, &mut |index, mut grad| {
+    let loss = backward_by_stage(&window, &mut |index, mut grad| {
         if factor != 1.0 {
             grad *= factor;
         }
@@ -651,8 +740,11 @@ fn step_in_backward(
         }
         let constants = constants.get_or_insert_with(|| optimizer.begin_step(settings.lr));
         optimizer.update(index, &grad, constants);
-    });
-    let (loss_sum, nonfinite_loss) = summarize(&losses);
+    })?;
+    let WindowLoss {
+        sum: loss_sum,
+        nonfinite: nonfinite_loss,
+    } = loss;
     let grad_norm = match (nonfinite_loss, measured_norm) {
         (Some(_), _) => None,
         (None, Some(norm)) => Some(norm),
