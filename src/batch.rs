@@ -1,12 +1,14 @@
-//! Encoded examples into right-padded tensors for training and loss: real tokens
-//! first, then pad id 0 with label -100 (the pad id never reaches the loss, so it does
-//! not matter that it may equal EOS). No attention mask is needed: with right padding,
-//! causal attention is exact for every real token (see `loss::answer_token_losses`).
+//! Encoded examples into tensors for training and loss.
 //!
-//! `--packing` builds a padding-free batch instead (as transformers'
-//! DataCollatorWithFlattening): the rows one after another in a single row, positions
-//! restarting at 0 for each document, and the documents' spans recorded so attention
-//! runs per document. No position is spent on padding.
+//! - Packed (training's default; transformers' DataCollatorWithFlattening): the rows
+//!   one after another in a single row, positions restarting at 0 for each document,
+//!   and the documents' spans recorded so attention runs per document. No position is
+//!   spent on padding.
+//! - Right-padded (`--no-packing`, and the loss and evaluation batches, which are
+//!   sorted by length): real tokens first, then pad id 0 with label -100 (the pad id
+//!   never reaches the loss, so it does not matter that it may equal EOS). No
+//!   attention mask is needed: with right padding, causal attention is exact for every
+//!   real token (see `loss::answer_token_losses`).
 //!
 //! `--cuda-graphs` lays a packed batch out at a fixed width (`FixedWidthLayout`), the
 //! shapes a recorded graph replays.
@@ -16,7 +18,7 @@ use tch::{Device, Kind, Tensor};
 use crate::encode::{Encoded, IGNORE_INDEX};
 use crate::model::linear::PaddedLayout;
 
-/// A right-padded batch.
+/// A right-padded or packed batch.
 pub struct Batch {
     /// [B, T] int64
     pub input_ids: Tensor,
@@ -35,8 +37,9 @@ pub struct Packing {
     /// Each document's (start, length) in the single row: attention runs per document.
     pub segments: Vec<(i64, i64)>,
     /// Where each token would sit in the padded batch of the same rows: LoRA dropout
-    /// draws its masks in that shape, so packing changes no mask (`LoraDropout`).
-    pub padded_layout: PaddedLayout,
+    /// draws its masks in that shape, so packing changes no mask. CPU batches only
+    /// (`LoraDropout::Padded` says why).
+    pub padded_layout: Option<PaddedLayout>,
 }
 
 /// The trained positions of a batch (see `Batch::answers`).
@@ -109,7 +112,8 @@ impl Batch {
                 .view(shape)
                 .to_device(device),
             packing: Some(Packing {
-                padded_layout: padded_layout(&packed.segments, device),
+                padded_layout: (device == Device::Cpu)
+                    .then(|| padded_layout(&packed.segments, device)),
                 segments: packed.segments,
             }),
             answers: Answers::from_labels(&packed.labels, total, device),
@@ -262,15 +266,16 @@ mod tests {
         assert_eq!(values(&batch.positions), vec![0, 1, 2, 0, 1]);
         let packing = batch.packing.as_ref().unwrap();
         assert_eq!(packing.segments, vec![(0, 3), (3, 2)]);
-        assert_eq!(packing.padded_layout.shape, [2, 3]);
+        let layout = packing.padded_layout.as_ref().unwrap();
+        assert_eq!(layout.shape, [2, 3]);
         assert_eq!(
-            Vec::<i64>::try_from(&packing.padded_layout.index).unwrap(),
+            Vec::<i64>::try_from(&layout.index).unwrap(),
             vec![0, 1, 2, 3, 4]
         );
         // The shorter document first: its padding is skipped.
         let reordered = Batch::packed(&[&b, &a], Device::Cpu).packing.unwrap();
         assert_eq!(
-            Vec::<i64>::try_from(&reordered.padded_layout.index).unwrap(),
+            Vec::<i64>::try_from(&reordered.padded_layout.unwrap().index).unwrap(),
             vec![0, 1, 3, 4, 5]
         );
         // Positions 0 and 1 predict 6 and 7; position 3 predicts 9. Never position 2:

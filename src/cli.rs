@@ -568,7 +568,7 @@ pub struct TrainArgs {
     #[arg(long, visible_alias = "warmup_ratio")]
     pub warmup_ratio: Option<f64>,
     #[arg(long, visible_alias = "lr_scheduler", value_enum)]
-    pub lr_scheduler: Option<crate::train::optim::Schedule>,
+    pub lr_scheduler: Option<crate::train::lr_schedule::Schedule>,
     #[arg(long, visible_alias = "weight_decay")]
     pub weight_decay: Option<f64>,
     #[arg(long, visible_alias = "max_grad_norm")]
@@ -634,7 +634,7 @@ pub struct TrainArgs {
     pub packing: bool,
     /// Right-padded batches, as HF's data collator builds them (packing is the
     /// default).
-    #[arg(long, conflicts_with_all = ["packing", "cuda_graphs"])]
+    #[arg(long, visible_alias = "no_packing", conflicts_with_all = ["packing", "cuda_graphs"])]
     pub no_packing: bool,
     /// CUDA: record each micro-batch's forward and backward pass as a CUDA graph (one
     /// per width, a multiple of 128 tokens) and replay it, so a step costs a few launches

@@ -60,14 +60,14 @@ pub fn answer_token_losses(model: &Llama, batch: &Batch, train: bool) -> TokenLo
 /// What every layer shares for a right-padded or packed training batch: no mask
 /// (right padding needs none), the documents' spans when packed.
 pub fn batch_context(model: &Llama, batch: &Batch) -> crate::model::llama::LayerContext {
-    model
-        .context(&batch.input_ids, &batch.positions, None, None)
-        .with_packing(batch.packing.as_ref().map(|packing| {
-            (
-                packing.segments.clone(),
-                packing.padded_layout.shallow_clone(),
-            )
-        }))
+    let context = model.context(&batch.input_ids, &batch.positions, None, None);
+    match &batch.packing {
+        None => context,
+        Some(packing) => context.with_packing(
+            packing.segments.clone(),
+            packing.padded_layout.as_ref().map(|l| l.shallow_clone()),
+        ),
+    }
 }
 
 /// The answer tokens' losses from final hidden states [B, T, H], at the positions

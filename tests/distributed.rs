@@ -44,16 +44,34 @@ fn train_args(out: &Path, extra: &[&str]) -> Vec<String> {
 }
 
 fn run(out: &Path, extra: &[&str]) {
-    let args = train_args(out, extra);
+    run_args(out, train_args(out, extra));
+}
+
+fn run_args(out: &Path, args: Vec<String>) {
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let output = amthal(&refs);
-    assert!(output.status.success(), "{extra:?}: {}", stderr(&output));
+    assert!(
+        output.status.success(),
+        "{}: {args:?}: {}",
+        out.display(),
+        stderr(&output)
+    );
 }
 
 fn weights(file: &Path) -> HashMap<String, Tensor> {
     Tensor::read_safetensors(file)
         .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
         .into_iter()
+        .collect()
+}
+
+/// The training losses a run logged (rank 0's `log.jsonl`), step by step.
+fn logged_losses(out: &Path) -> Vec<f64> {
+    std::fs::read_to_string(out.join("log.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["loss"].as_f64())
         .collect()
 }
 
@@ -160,14 +178,7 @@ fn two_gloo_workers_train_what_one_process_trains() {
         eprintln!("{mode}: 2 workers vs 1 process, max abs weight difference {difference:e}");
         assert!(difference <= 1e-6, "{mode}: {difference:e}");
         // Rank 0 wrote the log; its losses are the single process's.
-        let log = |d: &Path| std::fs::read_to_string(d.join("log.jsonl")).unwrap();
-        let losses = |text: String| -> Vec<f64> {
-            text.lines()
-                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                .filter_map(|v| v["loss"].as_f64())
-                .collect()
-        };
-        let (a, b) = (losses(log(&single)), losses(log(&two)));
+        let (a, b) = (logged_losses(&single), logged_losses(&two));
         assert_eq!(a.len(), 3);
         for (x, y) in a.iter().zip(&b) {
             assert!((x - y).abs() <= 1e-6 * x.abs(), "{mode}: loss {x} vs {y}");
@@ -186,6 +197,48 @@ fn two_gloo_workers_train_what_one_process_trains() {
             "{mode}: eval loss {x} vs {y}"
         );
     }
+}
+
+/// `--optim-in-backward` when a short last window leaves a rank without a micro-batch:
+/// 40 rows in micro-batches of 6 make 7, so the 4th step's window of 2 holds one, and
+/// rank 1 runs it at weight 0 (its gradients and loss count for nothing).
+#[test]
+fn a_rank_without_a_micro_batch_adds_nothing_inside_the_backward_pass() {
+    let dir = temp_dir("dp-in-backward-short");
+    // Unclipped: clipping would hide a doubled gradient in a step whose norm is over 1.
+    let common = [
+        "--lr",
+        "1e-3",
+        "--optim-in-backward",
+        "--max-grad-norm",
+        "0",
+        "--epochs",
+        "1",
+        "--eval-strategy",
+        "no",
+    ];
+    // train_args' batch size is 1: micro-batches of 6 here.
+    let with_batch_of_6 = |out: &Path, extra: &[&str]| {
+        let mut args = train_args(out, &[&common[..], extra].concat());
+        let at = args.iter().position(|a| a == "--batch-size").unwrap();
+        args[at + 1] = "6".into();
+        run_args(out, args);
+    };
+    let single = dir.join("single");
+    with_batch_of_6(&single, &["--grad-accum", "2"]);
+    let two = dir.join("two");
+    with_batch_of_6(&two, &["--grad-accum", "1", "--nproc-per-node", "2"]);
+    let (a, b) = (logged_losses(&single), logged_losses(&two));
+    assert_eq!(a.len(), 4, "7 micro-batches in windows of 2");
+    assert_eq!(b.len(), 4);
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-6 * x.abs(), "loss {x} vs {y}");
+    }
+    let difference = max_difference(
+        &single.join("model.safetensors"),
+        &two.join("model.safetensors"),
+    );
+    assert!(difference <= 1e-6, "{difference:e}");
 }
 
 /// The environment of a running process (Linux), to tell the workers apart.

@@ -63,7 +63,15 @@ fn packed_batches_give_the_padded_losses_and_gradients() {
             let (padded_loss, padded_grads) = run(&padded);
             let (packed_loss, packed_grads) = run(&packed);
             if !full {
-                lora_losses.push((dropout, checkpointing, padded_loss));
+                lora_losses.push((
+                    dropout,
+                    checkpointing,
+                    padded_loss,
+                    padded_grads
+                        .iter()
+                        .map(Tensor::shallow_clone)
+                        .collect::<Vec<_>>(),
+                ));
             }
             assert!(
                 (padded_loss - packed_loss).abs() < 1e-5,
@@ -86,17 +94,26 @@ fn packed_batches_give_the_padded_losses_and_gradients() {
             );
         }
     }
-    // The dropout really dropped something, and the checkpointed recomputation drew
-    // the forward's masks again (the same loss with and without checkpointing).
-    let loss_of = |dropout: f64, checkpointing: bool| {
-        lora_losses
+    // The dropout really dropped something, and with and without gradient
+    // checkpointing the same masks were drawn, in the forward pass (the loss) and in
+    // the checkpointed recomputation (the gradients).
+    let run_of = |dropout: f64, checkpointing: bool| {
+        let (_, _, loss, grads) = lora_losses
             .iter()
-            .find(|&&(d, c, _)| d == dropout && c == checkpointing)
-            .unwrap()
-            .2
+            .find(|(d, c, _, _)| *d == dropout && *c == checkpointing)
+            .unwrap();
+        (*loss, grads)
     };
-    assert!((loss_of(0.1, false) - loss_of(0.0, false)).abs() > 1e-4);
-    assert!((loss_of(0.1, false) - loss_of(0.1, true)).abs() < 1e-6);
+    assert!((run_of(0.1, false).0 - run_of(0.0, false).0).abs() > 1e-4);
+    let (plain, checkpointed) = (run_of(0.1, false), run_of(0.1, true));
+    assert!((plain.0 - checkpointed.0).abs() < 1e-6);
+    for (a, b) in plain.1.iter().zip(checkpointed.1) {
+        let difference = max_difference(a, b);
+        assert!(
+            difference < 1e-6,
+            "checkpointed vs plain gradients: {difference}"
+        );
+    }
 }
 
 /// Sets every LoRA projection's dropout probability.
@@ -325,10 +342,19 @@ fn train_tiny(out: &Path, extra: &[&str]) -> std::process::Output {
 /// Six steps of the tiny model (full fine-tune, bf16), checkpoints every 3, with the
 /// step flags `route` and then `extra`.
 fn train_tiny_with(out: &Path, route: &[&str], extra: &[&str]) -> std::process::Output {
+    // bf16 unless the flags name a precision.
+    let precision_named = route.iter().chain(extra).any(|&a| a == "--precision");
+    let precision: &[&str] = if precision_named {
+        &[]
+    } else {
+        &["--precision", "bf16"]
+    };
     Command::new(env!("CARGO_BIN_EXE_amthal"))
         .args(["train", "--model"])
         .arg(fixture("tiny-llama"))
-        .args(["--device", "cpu", "--precision", "bf16", "--output-dir"])
+        .args(["--device", "cpu"])
+        .args(precision)
+        .arg("--output-dir")
         .arg(out)
         .arg("--data-dir")
         .arg(repo_root().join("examples/data"))
@@ -367,6 +393,41 @@ fn resume_from_checkpoint_3(run: &Path, resumed: &Path, route: &[&str], optim: &
         String::from_utf8_lossy(&output.stderr)
     );
     resumed.to_path_buf()
+}
+
+/// The whole loop, packed (the default) and padded (`--no-packing`), LoRA with dropout
+/// in f32: the same adapter within 1e-5 (packing changes neither the losses nor the
+/// dropout masks), and each run's config says which it was.
+#[test]
+fn packed_and_padded_runs_train_the_same_adapter() {
+    let dir = temp_dir("packing");
+    let lora: &[&str] = &["--lora", "--lora-dropout", "0.1", "--precision", "f32"];
+    let packed = dir.join("packed");
+    let padded = dir.join("padded");
+    for (out, extra) in [(&packed, &[][..]), (&padded, &["--no-packing"][..])] {
+        let output = train_tiny_with(out, lora, extra);
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let config = |out: &Path| std::fs::read_to_string(out.join("training_config.toml")).unwrap();
+    assert!(config(&packed).contains("packing = true"));
+    assert!(config(&padded).contains("packing = false"));
+    let adapter = |out: &Path| -> Vec<(String, Tensor)> {
+        let mut tensors =
+            Tensor::read_safetensors(out.join("final/adapter_model.safetensors")).unwrap();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        tensors
+    };
+    let (a, b) = (adapter(&packed), adapter(&padded));
+    assert_eq!(a.len(), b.len());
+    for ((name, x), (other, y)) in a.iter().zip(&b) {
+        assert_eq!(name, other);
+        let difference = max_difference(x, y);
+        assert!(difference < 1e-5, "{name}: {difference}");
+    }
 }
 
 /// The whole command with both: the log reports gradient norms and the clipping
@@ -491,6 +552,8 @@ fn a_cuda_graphs_run_resumes_exactly_and_refuses_what_it_cannot_record() {
             "add --lora-dropout 0",
         ),
         (&["--optim-in-backward"][..], "choose one"),
+        // Graphs replay packed rows laid out at fixed widths.
+        (&["--no-packing"][..], "cannot be used with"),
     ] {
         let output = train_tiny_with(&dir.join("refused"), graphs, extra);
         let stderr = String::from_utf8_lossy(&output.stderr);

@@ -72,6 +72,13 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
         c.packing = false;
     }
     c.cuda_graphs |= args.cuda_graphs;
+    if args.no_packing && c.cuda_graphs {
+        // The flag form is refused by clap; this is `cuda_graphs = true` from --config.
+        crate::bail_input!(
+            "--no-packing: --cuda-graphs (set in the --config file) lays packed rows out at \
+             fixed widths; leave out one of them"
+        );
+    }
     c.packing |= c.cuda_graphs;
     if let Some(kind) = args.quantize.quant_kind() {
         c.quantize = Some(kind);

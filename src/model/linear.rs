@@ -111,8 +111,9 @@ unsafe extern "C" fn dequantize_for_ops(state: *const c_void, scalar_type: c_int
     }
 }
 
-/// Where the tokens of a packed row (`--packing`) sit in the padded batch of the same
-/// documents ([documents, longest document], `batch::Batch::from_encoded`'s layout).
+/// Where the tokens of a packed row (training's default) sit in the padded batch of the
+/// same documents ([documents, longest document], `batch::Batch::from_encoded`'s
+/// layout). Built for CPU batches only (see `LoraDropout::Padded`).
 pub struct PaddedLayout {
     /// [documents, longest document].
     pub shape: [i64; 2],
@@ -137,12 +138,19 @@ pub enum LoraDropout<'a> {
     Off,
     /// Masks of the input's own shape (a padded batch, or a fixed-width graphed one).
     AsInput,
-    /// A packed row: the masks are drawn in the padded batch's shape and the packed
-    /// tokens' rows of them kept. The generator then hands out exactly what it hands a
-    /// padded micro-batch (the same draws, and the same count of them, so every later
-    /// layer's masks agree too): packing changes no dropout mask, and a packed run
-    /// equals a padded one to f32 rounding with dropout as without it. Costs a mask of
-    /// the padded shape per projection, as the padded batch's own dropout does.
+    /// A packed row on the CPU: the masks are drawn in the padded batch's shape and the
+    /// packed tokens' rows of them kept. The generator then hands out exactly what it
+    /// hands a padded micro-batch (the same draws, and the same count of them, so every
+    /// later layer's masks agree too): packing changes no dropout mask, and a packed
+    /// run equals a padded one to f32 rounding with dropout as without it. Costs a mask
+    /// of the padded shape per projection, as the padded batch's own dropout does.
+    ///
+    /// Not on a GPU, where a packed row draws masks of its own shape (`AsInput`): an
+    /// eager GPU step is bound by kernel launches, and this costs ~4 more per
+    /// projection (a 7B LoRA micro-batch: ~900 more in the forward pass alone); and CUDA's
+    /// fused dropout scales in f32 with one rounding, which dropout of ones in bf16
+    /// cannot reproduce. There, packed and padded runs agree in distribution only, as
+    /// `--cuda-graphs`' fixed-width rows do.
     Padded(&'a PaddedLayout),
 }
 
@@ -158,12 +166,19 @@ impl LoraDropout<'_> {
             LoraDropout::Padded(layout) => {
                 let width = *x.size().last().expect("a projection's input has a width");
                 let [rows, longest] = layout.shape;
-                // Dropout of ones is its mask scaled by 1 / (1 - p), bit for bit, drawn
-                // as libtorch draws it for an input of this shape on this device.
+                // On the CPU, dropout of ones is its noise (bernoulli / (1 - p) in x's
+                // dtype) bit for bit, drawn as libtorch draws it for a padded input:
+                // `x * noise` is then what the padded batch computes.
                 let masks = Tensor::ones([rows, longest, width], (x.kind(), x.device()))
                     .dropout(p, true)
-                    .view([-1, width])
-                    .index_select(0, &layout.index);
+                    .view([-1, width]);
+                // Documents of one length leave no padding: every row is kept, in order.
+                let tokens = layout.index.size()[0];
+                let masks = if tokens == rows * longest {
+                    masks
+                } else {
+                    masks.index_select(0, &layout.index)
+                };
                 Some(x * masks.view(x.size().as_slice()))
             }
         }

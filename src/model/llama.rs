@@ -99,12 +99,15 @@ pub struct LayerContext {
 }
 
 impl LayerContext {
-    /// The same context for a packed row of documents (`None`: a padded batch).
+    /// The same context for a packed row of documents: their (start, length) spans and,
+    /// on the CPU, where their tokens sit in the padded batch (`LoraDropout::Padded`).
     pub fn with_packing(
         mut self,
-        packing: Option<(Vec<(i64, i64)>, PaddedLayout)>,
+        segments: Vec<(i64, i64)>,
+        padded_layout: Option<PaddedLayout>,
     ) -> LayerContext {
-        (self.segments, self.padded_layout) = packing.unzip();
+        self.segments = Some(segments);
+        self.padded_layout = padded_layout;
         self
     }
 

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
+use super::lr_schedule::Schedule;
 use super::moments::OptimKind;
-use super::optim::Schedule;
 use crate::bail_input;
 use crate::data::{ReadOptions, TextEncoding};
 use crate::device::Precision;

@@ -401,7 +401,7 @@ pub fn optimizer_step_graphed(
     profile::start();
     let loss_scale = scaler.as_ref().map_or(1.0, |s| s.scale);
     // A rank without a micro-batch in a short last window runs one at weight 0.
-    let weight = if settings.padding_only { 0.0 } else { 1.0 };
+    let weight = settings.weight();
     let mut total = Tensor::zeros([], (Kind::Float, model.device));
     for (index, rows) in micro_rows.iter().enumerate() {
         let seed = dropout_seed(settings.seed, settings.micro_position(index), 0);

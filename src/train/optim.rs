@@ -1,6 +1,6 @@
-//! AdamW, learning-rate schedules and gradient clipping with the semantics of
-//! torch.optim.AdamW and transformers' schedulers, so a run here and a run with HF
-//! Trainer take the same steps.
+//! AdamW and gradient clipping with the semantics of torch.optim.AdamW, so a run here
+//! and a run with HF Trainer take the same steps (the learning-rate schedules are
+//! `lr_schedule.rs`'s, the per-step numbers `step_values.rs`').
 //!
 //! How the state is stored (`--optim adamw | adamw-bf16 | adamw-8bit`) is
 //! `moments.rs`'s job; the update itself is the same for all three. With `adamw`,
@@ -16,6 +16,7 @@ use tch::{Device, Kind, Tensor};
 use super::compensation::Compensation;
 use super::moments::{Moment, OptimKind};
 use super::offload::{self, StatePlacement};
+pub use super::step_values::{DeviceStepValues, StepConstants, StepValues};
 
 /// One trainable tensor and its optimizer state.
 pub struct ParamState {
@@ -87,100 +88,6 @@ impl ParamState {
             offload::write_back(state, updated);
         }
     }
-}
-
-/// What every parameter's update in one optimizer step shares.
-pub struct StepConstants {
-    /// The step's number, from 1.
-    pub number: i64,
-    pub lr: f64,
-    /// lr / (1 - beta1^t)
-    pub step_size: f64,
-    /// sqrt(1 - beta2^t)
-    pub bias_correction2_sqrt: f64,
-}
-
-impl StepConstants {
-    /// The update's denominator sqrt(v) / bc2 + eps, pre-scaled by -1 / step_size so
-    /// one addcdiv applies it: (its scale, its shift). Both the host step and the
-    /// device scalars of a recorded step take them from here, so they are the same
-    /// numbers. `step_size` must not be 0.
-    fn denominator(&self, eps: f64) -> (f64, f64) {
-        let scale = -1.0 / self.step_size;
-        (scale / self.bias_correction2_sqrt, eps * scale)
-    }
-}
-
-/// The per-step numbers of the update as 0-dim f32 tensors on the weights' device, for
-/// an optimizer step recorded as a CUDA graph (`graphed_step.rs`): the graph reads
-/// them, and each step fills in its values before the replay. They hold exactly what
-/// the host-side update passes as scalars (the f64 value rounded to f32), so the two
-/// updates are bit-identical. The fused bf16 update (`fused_kahan_update`) reads its
-/// numbers from here in every step, recorded or not.
-pub struct DeviceStepValues {
-    /// 1 - lr x weight decay
-    decay: Tensor,
-    /// -1 / step_size / sqrt(1 - beta2^t): the denominator's scale
-    denom_scale: Tensor,
-    /// -eps / step_size: the denominator's shift
-    denom_shift: Tensor,
-    /// The learning rate and the step's number (the fused kernel's inputs).
-    lr: Tensor,
-    number: Tensor,
-    /// -lr x weight decay (the fused bf16 update's decoupled weight decay)
-    neg_lr_decay: Tensor,
-}
-
-impl DeviceStepValues {
-    pub fn new(device: tch::Device) -> DeviceStepValues {
-        let scalar = || Tensor::zeros([], (Kind::Float, device));
-        DeviceStepValues {
-            decay: scalar(),
-            denom_scale: scalar(),
-            denom_shift: scalar(),
-            lr: scalar(),
-            number: scalar(),
-            neg_lr_decay: scalar(),
-        }
-    }
-
-    /// This step's values. At lr 0 (`step.step_size` 0: an update that moves only the
-    /// moments) the denominator is +inf, so the op-by-op update adds m / inf = 0 to
-    /// the weights (the eager step at lr 0 goes this way when the fused bf16 update
-    /// cannot run; a recorded step is never made at lr 0).
-    pub fn fill(&mut self, step: &StepConstants, eps: f64, weight_decay: f64) {
-        let (scale, shift) = if step.step_size == 0.0 {
-            (0.0, f64::INFINITY)
-        } else {
-            step.denominator(eps)
-        };
-        let _ = self.decay.fill_(1.0 - step.lr * weight_decay);
-        let _ = self.denom_scale.fill_(scale);
-        let _ = self.denom_shift.fill_(shift);
-        let _ = self.lr.fill_(step.lr);
-        let _ = self.number.fill_(step.number as f64);
-        let _ = self.neg_lr_decay.fill_(-step.lr * weight_decay);
-    }
-
-    fn shallow_clone(&self) -> DeviceStepValues {
-        DeviceStepValues {
-            decay: self.decay.shallow_clone(),
-            denom_scale: self.denom_scale.shallow_clone(),
-            denom_shift: self.denom_shift.shallow_clone(),
-            lr: self.lr.shallow_clone(),
-            number: self.number.shallow_clone(),
-            neg_lr_decay: self.neg_lr_decay.shallow_clone(),
-        }
-    }
-}
-
-/// Where an update's per-step numbers come from.
-#[derive(Clone, Copy)]
-pub enum StepValues<'a> {
-    /// Host scalars (the eager step).
-    Host(&'a StepConstants),
-    /// Device scalars a recorded graph reads.
-    Device(&'a DeviceStepValues),
 }
 
 pub struct AdamW {
@@ -893,52 +800,9 @@ fn update_values(
     });
 }
 
-/// transformers' learning-rate schedules.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum Schedule {
-    Linear,
-    Cosine,
-    Constant,
-}
-
-/// The learning rate for optimizer step `step` (0-based), as
-/// get_{linear,cosine,constant}_schedule_with_warmup compute it.
-pub fn learning_rate(schedule: Schedule, base: f64, step: i64, warmup: i64, total: i64) -> f64 {
-    if step < warmup {
-        return base * step as f64 / warmup.max(1) as f64;
-    }
-    let progress = (step - warmup) as f64 / (total - warmup).max(1) as f64;
-    match schedule {
-        Schedule::Linear => {
-            base * ((total - step) as f64 / (total - warmup).max(1) as f64).max(0.0)
-        }
-        Schedule::Cosine => base * (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0),
-        Schedule::Constant => base,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn schedules_match_transformers() {
-        // get_linear_schedule_with_warmup(warmup=2, total=10) at steps 0..=10.
-        let lrs: Vec<f64> = (0..=10)
-            .map(|s| learning_rate(Schedule::Linear, 1.0, s, 2, 10))
-            .collect();
-        assert_eq!(
-            lrs,
-            vec![
-                0.0, 0.5, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0
-            ]
-        );
-        assert!((learning_rate(Schedule::Cosine, 1.0, 6, 2, 10) - 0.5).abs() < 1e-12);
-        assert_eq!(learning_rate(Schedule::Constant, 0.3, 7, 0, 10), 0.3);
-    }
 
     #[test]
     fn a_zero_learning_rate_changes_nothing() {

@@ -16,8 +16,9 @@
 //!   that clips (or unscales f16 gradients) runs the backward pass twice: once to
 //!   measure, once to update (LOMO's two passes). `--max-grad-norm 0` (bf16 or f32)
 //!   skips the measuring pass. Under data parallelism each stage's gradients are
-//!   summed across ranks (one collective per stage) before its tensors are updated,
-//!   in each pass: a clipped step sends the gradients twice.
+//!   summed across ranks (one collective per stage, travelling while the next stage
+//!   computes) before its tensors are updated, in each pass: a clipped step sends the
+//!   gradients twice.
 //!
 //! `--cuda-graphs` (`graphed_step.rs`) records `forward_backward` (the micro-batch's
 //! forward and backward pass, written to issue device work only) and the update as
@@ -32,7 +33,7 @@ use super::loss_scale::LossScaler;
 use super::optim::{AdamW, StepConstants};
 use super::rank_sums::RankSums;
 use crate::batch::Batch;
-use crate::distributed::Distributed;
+use crate::distributed::{Distributed, Pending};
 use crate::loss::{batch_context, losses_from_hidden};
 use crate::model::Llama;
 use crate::model::llama::LayerContext;
@@ -68,6 +69,11 @@ impl StepSettings {
     /// The global position of this rank's `index`-th micro-batch in the run.
     pub(super) fn micro_position(&self, index: usize) -> u64 {
         self.first_micro + self.micro_offset + index as u64 * self.micro_stride
+    }
+
+    /// What this rank's micro-batches count for: 0 in a padding-only window.
+    pub(super) fn weight(&self) -> f64 {
+        if self.padding_only { 0.0 } else { 1.0 }
     }
 }
 
@@ -121,7 +127,7 @@ fn step_after_backward(
     group: Option<&Distributed>,
 ) -> Result<StepOutcome> {
     let loss_scale = scaler.as_ref().map_or(1.0, |s| s.scale);
-    let weight = if settings.padding_only { 0.0 } else { 1.0 };
+    let weight = settings.weight();
     let mut outcome = StepOutcome::default();
     // Data parallelism: each layer's gradients start their sum across ranks as soon as
     // the window's last backward pass is done with them (`rank_sums`).
@@ -433,7 +439,13 @@ fn layer_of(name: &str) -> Option<usize> {
 
 /// Gradients summed over the window's micro-batches, in f32, until handed out.
 #[derive(Default)]
-struct GradientSums(HashMap<usize, Tensor>);
+struct GradientSums {
+    sums: HashMap<usize, Tensor>,
+    /// Data parallelism: the stage handed out last, whose sum across ranks travels
+    /// while the next stage computes (DDP's overlap of the all-reduce with the backward
+    /// pass). The next `hand_out` completes it; `finish` completes the last one.
+    in_flight: Option<(Vec<(usize, Tensor)>, Pending)>,
+}
 
 impl GradientSums {
     fn add(&mut self, indices: &[usize], grads: &[Tensor]) {
@@ -442,10 +454,10 @@ impl GradientSums {
                 continue;
             }
             let grad = grad.to_kind(Kind::Float);
-            match self.0.get_mut(&index) {
+            match self.sums.get_mut(&index) {
                 Some(sum) => *sum += grad,
                 None => {
-                    self.0.insert(index, grad);
+                    self.sums.insert(index, grad);
                 }
             }
         }
@@ -454,7 +466,10 @@ impl GradientSums {
     /// Hands each tensor's sum to `complete`. Under data parallelism the stage's sums
     /// are first summed across ranks, in one collective (every rank hands out the same
     /// stages in the same order; a tensor without a gradient on this rank takes part
-    /// with zeros, so the ranks' lists always match).
+    /// with zeros, so the ranks' lists always match), which is started here and
+    /// completed at the next stage's `hand_out` or at `finish`: a stage's tensors are
+    /// updated one stage later (no stage below reads a stage's weights), and two
+    /// stages' gradients exist at a time instead of one.
     fn hand_out(
         &mut self,
         indices: &[usize],
@@ -464,7 +479,7 @@ impl GradientSums {
     ) -> Result<()> {
         let Some(group) = group else {
             for index in indices {
-                if let Some(sum) = self.0.remove(index) {
+                if let Some(sum) = self.sums.remove(index) {
                     complete(*index, sum);
                 }
             }
@@ -473,22 +488,38 @@ impl GradientSums {
         let sums: Vec<(usize, Tensor)> = indices
             .iter()
             .map(|&index| {
-                let sum = self
-                    .0
-                    .remove(&index)
-                    .unwrap_or_else(|| Tensor::zeros_like(&params[index]).to_kind(Kind::Float));
+                let sum = self.sums.remove(&index).unwrap_or_else(|| {
+                    Tensor::zeros(params[index].size(), (Kind::Float, params[index].device()))
+                });
                 (index, sum)
             })
             .collect();
         if sums.is_empty() {
             return Ok(());
         }
-        group.allreduce_sum(&sums.iter().map(|(_, sum)| sum).collect::<Vec<_>>())?;
+        let pending = group.start_sum(&sums.iter().map(|(_, sum)| sum).collect::<Vec<_>>())?;
+        let previous = self.in_flight.replace((sums, pending));
+        complete_stage(previous, complete)
+    }
+
+    /// Completes the stage whose sum across ranks is still under way, if any.
+    fn finish(&mut self, complete: &mut dyn FnMut(usize, Tensor)) -> Result<()> {
+        complete_stage(self.in_flight.take(), complete)
+    }
+}
+
+/// Waits for a stage's sum across ranks, then hands its tensors to `complete`.
+fn complete_stage(
+    stage: Option<(Vec<(usize, Tensor)>, Pending)>,
+    complete: &mut dyn FnMut(usize, Tensor),
+) -> Result<()> {
+    if let Some((sums, pending)) = stage {
+        pending.finish()?;
         for (index, sum) in sums {
             complete(index, sum);
         }
-        Ok(())
     }
+    Ok(())
 }
 
 /// A window whose forward pass has run, ready for its backward pass by stage.
@@ -508,8 +539,9 @@ struct KeptWindow<'a> {
 }
 
 /// A window's loss sum (over every rank's micro-batches under data parallelism), and
-/// the first value that is not finite, if any (then the sum is of the finite ones, or,
-/// across ranks, that value).
+/// the value that is not finite, if any: in a single process the first such
+/// micro-batch loss (`sum` then adds the finite ones), across ranks the total (`sum`
+/// is then 0).
 struct WindowLoss {
     sum: f64,
     nonfinite: Option<f64>,
@@ -560,7 +592,8 @@ fn backward_by_stage(
                 let (sum, nonfinite) = summarize(&losses);
                 return Ok(WindowLoss { sum, nonfinite });
             }
-            // Every rank must reach the loss's sum below; nothing is handed out.
+            // Every rank must reach the loss's sum below, which this loss makes
+            // non-finite: nothing is handed out, so the placeholder is never read.
             hidden_grads.push(Tensor::new());
             continue;
         }
@@ -579,9 +612,11 @@ fn backward_by_stage(
             WindowLoss { sum, nonfinite }
         }
         Some(group) => {
-            // A padding-only window (a rank without a micro-batch of its own) counts 0.
-            let weight = if settings.padding_only { 0.0 } else { 1.0 };
-            let local: f64 = losses.iter().sum::<f64>() * weight;
+            // A padding-only window (a rank without a micro-batch of its own) counts 0;
+            // a non-finite loss stays non-finite (0 x inf is NaN), so the skipped
+            // backward passes above always end the step on every rank. (That
+            // micro-batch is another rank's too, so it would stop the step anyway.)
+            let local: f64 = losses.iter().sum::<f64>() * settings.weight();
             let total = Tensor::from_slice(&[local]);
             group.allreduce_sum(&[&total])?;
             let total = total.double_value(&[0]);
@@ -644,6 +679,7 @@ fn backward_by_stage(
         }
         sums.hand_out(&embed, params, group, complete)?;
     }
+    sums.finish(complete)?;
     Ok(loss)
 }
 
@@ -676,7 +712,7 @@ fn step_in_backward(
         .collect();
     let loss_scale = scaler.as_ref().map_or(1.0, |s| s.scale);
     // A rank without a micro-batch of its own in this window runs one at weight 0.
-    let weight = if settings.padding_only { 0.0 } else { 1.0 };
+    let weight = settings.weight();
     let window = KeptWindow {
         model,
         kept,
