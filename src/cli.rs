@@ -628,8 +628,9 @@ pub struct TrainArgs {
     pub offload_optimizer: bool,
     /// Padding-free batches (the default): a micro-batch's examples packed into one
     /// row with per-document positions and attention (TRL's padding_free). The same
-    /// losses, gradients and dropout masks as padded batches, to f32 rounding; kept as
-    /// a flag for scripts written before it became the default.
+    /// losses and gradients as padded batches, to f32 rounding (on the CPU with the
+    /// same LoRA dropout masks too); kept as a flag for scripts written before it
+    /// became the default.
     #[arg(long, visible_alias = "padding_free")]
     pub packing: bool,
     /// Right-padded batches, as HF's data collator builds them (packing is the
