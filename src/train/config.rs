@@ -88,8 +88,8 @@ pub struct TrainConfig {
     /// each update (`offload.rs`; DeepSpeed's offload_optimizer). Same results.
     pub offload_optimizer: bool,
     /// Padding-free micro-batches (see `batch.rs`); the default, as they give the
-    /// padded batches' losses, gradients and dropout masks with no position spent on
-    /// padding (`--no-packing` pads).
+    /// padded batches' losses and gradients (on the CPU their dropout masks too) with
+    /// no position spent on padding (`--no-packing` pads).
     pub packing: bool,
     /// Record each micro-batch's forward and backward pass as a CUDA graph per length
     /// bucket and replay it (`graphed_step.rs`); implies packing.

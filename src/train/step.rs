@@ -547,6 +547,17 @@ struct WindowLoss {
     nonfinite: Option<f64>,
 }
 
+impl WindowLoss {
+    /// One process's micro-batch losses: the sum of the finite ones, the first
+    /// non-finite one.
+    fn of(losses: &[f64]) -> WindowLoss {
+        WindowLoss {
+            sum: losses.iter().filter(|l| l.is_finite()).sum(),
+            nonfinite: losses.iter().copied().find(|l| !l.is_finite()),
+        }
+    }
+}
+
 /// Runs the window's backward pass stage by stage (loss and final norm, each layer
 /// from the top, the embedding), each stage over every micro-batch, and hands each
 /// trainable tensor's gradient, summed over the window, to `complete` as soon as no
@@ -589,8 +600,7 @@ fn backward_by_stage(
         losses.push(sum.double_value(&[]));
         if !losses.last().is_some_and(|l| l.is_finite()) {
             if group.is_none() {
-                let (sum, nonfinite) = summarize(&losses);
-                return Ok(WindowLoss { sum, nonfinite });
+                return Ok(WindowLoss::of(&losses));
             }
             // Every rank must reach the loss's sum below, which this loss makes
             // non-finite: nothing is handed out, so the placeholder is never read.
@@ -607,10 +617,7 @@ fn backward_by_stage(
         hidden_grads.push(grads[0].shallow_clone());
     }
     let loss = match group {
-        None => {
-            let (sum, nonfinite) = summarize(&losses);
-            WindowLoss { sum, nonfinite }
-        }
+        None => WindowLoss::of(&losses),
         Some(group) => {
             // A padding-only window (a rank without a micro-batch of its own) counts 0;
             // a non-finite loss stays non-finite (0 x inf is NaN), so the skipped
@@ -681,14 +688,6 @@ fn backward_by_stage(
     }
     sums.finish(complete)?;
     Ok(loss)
-}
-
-/// (sum of the finite losses, the first non-finite one).
-fn summarize(losses: &[f64]) -> (f64, Option<f64>) {
-    (
-        losses.iter().filter(|l| l.is_finite()).sum(),
-        losses.iter().copied().find(|l| !l.is_finite()),
-    )
 }
 
 fn step_in_backward(
@@ -767,7 +766,10 @@ fn step_in_backward(
     // gradient is dropped right after.
     let mut constants: Option<StepConstants> = None;
     let mut squares = Tensor::zeros([], (Kind::Float, device));
-    let loss = backward_by_stage(&window, &mut |index, mut grad| {
+    let WindowLoss {
+        sum: loss_sum,
+        nonfinite: nonfinite_loss,
+    } = backward_by_stage(&window, &mut |index, mut grad| {
         if factor != 1.0 {
             grad *= factor;
         }
@@ -777,10 +779,6 @@ fn step_in_backward(
         let constants = constants.get_or_insert_with(|| optimizer.begin_step(settings.lr));
         optimizer.update(index, &grad, constants);
     })?;
-    let WindowLoss {
-        sum: loss_sum,
-        nonfinite: nonfinite_loss,
-    } = loss;
     let grad_norm = match (nonfinite_loss, measured_norm) {
         (Some(_), _) => None,
         (None, Some(norm)) => Some(norm),
