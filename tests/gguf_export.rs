@@ -5,11 +5,14 @@
 //! encodes as the source tokenizer does; an adapter is folded in; a GGUF source keeps
 //! its tokenizer keys verbatim; the Ollama Modelfile names the file and stop tokens.
 //! The block encoders give the gguf package's bytes where it has a quantizer.
+//! llama.cpp itself (its prebuilt CPU library from npm, driven by tests/llama_cpp/greedy.c)
+//! loads the exports, tokenizes as amthal and decodes greedily as amthal does.
 
 mod common;
 
 use std::path::{Path, PathBuf};
 
+use amthal::generate::{GenerationRequest, SamplingConfig, generate_batch};
 use amthal::gguf::GgufFile;
 use amthal::model::{Llama, LoadOptions, load_llama};
 use amthal::model_source::ModelSource;
@@ -217,4 +220,209 @@ fn block_encoders_match_the_gguf_package() {
             .position(|(a, b)| a != b);
         assert_eq!(first_difference, None, "{name}: first differing byte");
     }
+}
+
+// llama.cpp itself reads the exports: tests/llama_cpp/greedy.c, compiled against the
+// prebuilt libllama that scripts/setup fetches from npm, loads a file amthal wrote,
+// tokenizes a prompt and decodes greedily; its tokens are compared with amthal's.
+
+/// llama.cpp's libraries as scripts/setup leaves them.
+fn llama_cpp_libs() -> PathBuf {
+    let libs = repo_root().join(".cache/llama-cpp");
+    assert!(
+        libs.join(".complete").is_file(),
+        "{} not found: run scripts/setup first",
+        libs.display()
+    );
+    libs
+}
+
+/// Compiles the probe into `dir` with the system's C compiler ($CC, else cc).
+fn build_llama_cpp_probe(dir: &Path) -> PathBuf {
+    let libs = llama_cpp_libs();
+    let probe = dir.join("llama-cpp-greedy");
+    let compiler = std::env::var("CC").unwrap_or_else(|_| "cc".to_string());
+    let sources = repo_root().join("tests/llama_cpp");
+    let output = std::process::Command::new(&compiler)
+        .arg("-O1")
+        .arg("-o")
+        .arg(&probe)
+        .arg(sources.join("greedy.c"))
+        .arg("-I")
+        .arg(sources.join("include"))
+        .args(["libllama.v0.5.0.so", "libggml.v0.5.0.so", "libggml-base.so"].map(|l| libs.join(l)))
+        .arg(format!("-Wl,-rpath,{}", libs.display()))
+        .output()
+        .unwrap_or_else(|e| panic!("could not run the C compiler {compiler:?}: {e}"));
+    assert!(
+        output.status.success(),
+        "compiling tests/llama_cpp/greedy.c: {}",
+        stderr(&output)
+    );
+    probe
+}
+
+/// What llama.cpp made of a prompt: its token ids, the logits after it, then
+/// `new_tokens` greedy ids.
+struct LlamaCppRun {
+    prompt: Vec<u32>,
+    logits: Tensor,
+    greedy: Vec<u32>,
+}
+
+fn llama_cpp_greedy(probe: &Path, file: &Path, prompt: &str, new_tokens: usize) -> LlamaCppRun {
+    let logits_file = file.with_extension("logits");
+    let output = std::process::Command::new(probe)
+        .arg(file)
+        .arg(llama_cpp_libs())
+        .arg(prompt)
+        .arg(new_tokens.to_string())
+        .arg(&logits_file)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "llama.cpp on {}: {}",
+        file.display(),
+        stderr(&output)
+    );
+    let text = stdout(&output);
+    let line = |label: &str| -> Vec<u32> {
+        let line = text
+            .lines()
+            .find_map(|l| l.strip_prefix(label))
+            .unwrap_or_else(|| panic!("no {label:?} line in {text:?}"));
+        line.split_whitespace()
+            .map(|t| t.parse().unwrap())
+            .collect()
+    };
+    let values: Vec<f32> = std::fs::read(&logits_file)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|b| f32::from_ne_bytes(b.try_into().unwrap()))
+        .collect();
+    LlamaCppRun {
+        prompt: line("prompt"),
+        logits: Tensor::from_slice(&values),
+        greedy: line("greedy"),
+    }
+}
+
+/// amthal's greedy continuation of `prompt` (no stop token: as many as asked).
+fn amthal_greedy(model: &Llama, prompt: &[u32], new_tokens: usize) -> Vec<u32> {
+    let config = SamplingConfig {
+        max_new_tokens: new_tokens,
+        ..SamplingConfig::default()
+    };
+    let request = GenerationRequest {
+        prompt_ids: prompt.to_vec(),
+        row_number: 0,
+    };
+    generate_batch(model, &[request], &[], &config).unwrap()[0]
+        .tokens
+        .clone()
+}
+
+/// amthal's logits after `prompt` (the last position).
+fn last_logits(model: &Llama, prompt: &[u32]) -> Tensor {
+    let ids: Vec<i64> = prompt.iter().map(|&t| i64::from(t)).collect();
+    logits(model, &ids).get(0).get(-1)
+}
+
+/// For each of llama.cpp's greedy tokens, how far its logit in `model` (fed llama.cpp's
+/// own sequence) falls below that step's best: 0 where both pick the same token.
+fn shortfalls(model: &Llama, run: &LlamaCppRun) -> Vec<f64> {
+    let sequence: Vec<i64> = run
+        .prompt
+        .iter()
+        .chain(&run.greedy)
+        .map(|&t| i64::from(t))
+        .collect();
+    let all = logits(model, &sequence).get(0);
+    (0..run.greedy.len())
+        .map(|step| {
+            let row = all.get((run.prompt.len() + step - 1) as i64);
+            row.max().double_value(&[]) - row.double_value(&[i64::from(run.greedy[step])])
+        })
+        .collect()
+}
+
+fn largest(values: &[f64]) -> f64 {
+    values.iter().copied().fold(0.0, f64::max)
+}
+
+const CHAT_PROMPT: &str =
+    "<|im_start|>user\nاشرح المثل اليمني: الصبر مفتاح الفرج<|im_end|>\n<|im_start|>assistant\n";
+
+#[test]
+fn llama_cpp_decodes_the_default_models_export_as_amthal() {
+    let dir = temp_dir("export-llama-cpp-smollm2");
+    let probe = build_llama_cpp_probe(&dir);
+    let source = load(ModelSource::Gguf(smollm2()));
+    let tokenizer = ModelSource::Gguf(smollm2()).tokenizer().unwrap();
+    let prompt = tokenizer.encode(CHAT_PROMPT, true).unwrap();
+
+    let f16 = dir.join("smollm2-f16.gguf");
+    export(&smollm2(), &f16, "f16", &[]);
+    let run = llama_cpp_greedy(&probe, &f16, CHAT_PROMPT, 16);
+    assert_eq!(run.prompt, prompt, "f16: llama.cpp tokenizes as the source");
+    // llama.cpp rounds activations to f16 for an f16 matmul: 4.3e-2 measured (logits
+    // up to 32.5), 3.7e-2 against amthal reading the same file.
+    let diff = max_diff(&run.logits, &last_logits(&source, &prompt));
+    eprintln!("f16: llama.cpp's logits within {diff:.2e} of amthal's on the source");
+    assert!(diff <= 0.1, "f16: llama.cpp's logits differ by {diff:e}");
+    assert_eq!(
+        run.greedy,
+        amthal_greedy(&source, &prompt, 16),
+        "f16: greedy tokens"
+    );
+
+    // q4_k_m: the same weights on both sides (amthal reads the file back), but llama.cpp
+    // multiplies quantized blocks with activations rounded to 8 bits (Q8_K / Q8_0), so
+    // its logits move by up to ~1 (measured: 0.92 for q4_k_m, 0.68 for q8_0, whose
+    // weights lose far less; a wrong block decode or q/k permutation moves them by
+    // several units) and near-ties flip. Each token llama.cpp picks must be one amthal
+    // ranks within 1 logit of its best, fed llama.cpp's own sequence (measured: 0.35).
+    let q4 = dir.join("smollm2-q4_k_m.gguf");
+    export(&smollm2(), &q4, "q4_k_m", &[]);
+    let run = llama_cpp_greedy(&probe, &q4, CHAT_PROMPT, 16);
+    assert_eq!(
+        run.prompt, prompt,
+        "q4_k_m: llama.cpp tokenizes as the source"
+    );
+    let same_file = load(ModelSource::Gguf(q4.clone()));
+    let diff = max_diff(&run.logits, &last_logits(&same_file, &prompt));
+    let gaps = shortfalls(&same_file, &run);
+    eprintln!("q4_k_m: logits within {diff:.2e} of amthal's on the file; shortfalls {gaps:.3?}");
+    assert!(diff <= 2.0, "q4_k_m: llama.cpp's logits differ by {diff:e}");
+    assert!(
+        largest(&gaps) <= 1.0,
+        "q4_k_m: llama.cpp picked a token amthal ranks {:.3} below its best",
+        largest(&gaps)
+    );
+}
+
+/// The tiny fixture keeps its llama3 rope scaling, which the export stores as a
+/// `rope_freqs` tensor: llama.cpp applies it (amthal's reader, like transformers', does
+/// not, so the round trip above cannot check it), and its vocabulary becomes a `llama`
+/// sentencepiece one built from tokenizer.json.
+#[test]
+fn llama_cpp_reads_a_llama_vocabulary_and_llama3_rope() {
+    let dir = temp_dir("export-llama-cpp-tiny");
+    let probe = build_llama_cpp_probe(&dir);
+    let folder = fixture("tiny-llama");
+    let source = load(ModelSource::HfFolder(folder.clone()));
+    let tokenizer = ModelSource::HfFolder(folder.clone()).tokenizer().unwrap();
+    let prompt = tokenizer.encode(TEXT, true).unwrap();
+    let file = dir.join("tiny-f16.gguf");
+    export(&folder, &file, "f16", &[]);
+    let run = llama_cpp_greedy(&probe, &file, TEXT, 16);
+    assert_eq!(run.prompt, prompt, "llama.cpp tokenizes as tokenizer.json");
+    // Measured (logits up to 1.0): 3.0e-4; 2.9e-3 when the export leaves out
+    // rope_freqs, 3.1e-3 when it leaves k's rows unpermuted (the attention of a random
+    // tiny model is nearly uniform, so rotary errors move its logits little).
+    let diff = max_diff(&run.logits, &last_logits(&source, &prompt));
+    eprintln!("tiny f16: llama.cpp's logits within {diff:.2e} of amthal's on the source");
+    assert!(diff <= 1e-3, "llama.cpp's logits differ by {diff:e}");
+    assert_eq!(run.greedy, amthal_greedy(&source, &prompt, 16));
 }
