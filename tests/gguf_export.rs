@@ -240,17 +240,18 @@ fn llama_cpp_libs() -> PathBuf {
     libs
 }
 
-/// Compiles the probe into `dir` with the system's C compiler ($CC, else cc).
-fn build_llama_cpp_probe(dir: &Path) -> PathBuf {
+/// Compiles `tests/llama_cpp/{name}.c` into `dir` with the system's C compiler ($CC,
+/// else cc), linked against llama.cpp's libraries.
+fn build_llama_cpp_program(dir: &Path, name: &str) -> PathBuf {
     let libs = llama_cpp_libs();
-    let probe = dir.join("llama-cpp-greedy");
+    let program = dir.join(name);
     let compiler = std::env::var("CC").unwrap_or_else(|_| "cc".to_string());
     let sources = repo_root().join("tests/llama_cpp");
     let output = std::process::Command::new(&compiler)
         .arg("-O1")
         .arg("-o")
-        .arg(&probe)
-        .arg(sources.join("greedy.c"))
+        .arg(&program)
+        .arg(sources.join(format!("{name}.c")))
         .arg("-I")
         .arg(sources.join("include"))
         .args(["libllama.v0.5.0.so", "libggml.v0.5.0.so", "libggml-base.so"].map(|l| libs.join(l)))
@@ -259,10 +260,79 @@ fn build_llama_cpp_probe(dir: &Path) -> PathBuf {
         .unwrap_or_else(|e| panic!("could not run the C compiler {compiler:?}: {e}"));
     assert!(
         output.status.success(),
-        "compiling tests/llama_cpp/greedy.c: {}",
+        "compiling tests/llama_cpp/{name}.c: {}",
         stderr(&output)
     );
-    probe
+    program
+}
+
+fn build_llama_cpp_probe(dir: &Path) -> PathBuf {
+    build_llama_cpp_program(dir, "greedy")
+}
+
+/// ggml's own bytes for `values` in rows of `row` (tests/llama_cpp/quantize.c).
+fn ggml_quantize(program: &Path, ggml_type: u32, values: &[f32], row: usize) -> Vec<u8> {
+    let dir = program.parent().unwrap();
+    let (input, output) = (dir.join("values.f32"), dir.join("blocks.bin"));
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_ne_bytes()).collect();
+    std::fs::write(&input, bytes).unwrap();
+    let run = std::process::Command::new(program)
+        .args([ggml_type.to_string(), row.to_string()])
+        .arg(&input)
+        .arg(&output)
+        .output()
+        .unwrap();
+    assert!(
+        run.status.success(),
+        "ggml_quantize_chunk: {}",
+        stderr(&run)
+    );
+    std::fs::read(output).unwrap()
+}
+
+/// The block encoders give ggml's own bytes (`ggml_quantize_chunk`, what llama-quantize
+/// calls, from the prebuilt library) for every type the export writes: on the golden
+/// values above and on a real weight (SmolLM2's first down_proj, rows of 1536).
+#[test]
+fn block_encoders_match_ggml_itself() {
+    use amthal::export::ggml_quant::{encode, ggml_type};
+    let dir = temp_dir("export-ggml-quantize");
+    let program = build_llama_cpp_program(&dir, "quantize");
+    let golden_values: Vec<f32> = golden("ggml_quants.json")["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    let model = load(ModelSource::Gguf(smollm2()));
+    let (_, down) = model
+        .named_tensors()
+        .into_iter()
+        .find(|(name, _)| name == "model.layers.0.mlp.down_proj.weight")
+        .expect("SmolLM2's first down_proj");
+    let (rows, row) = down.size2().unwrap();
+    let weight = Vec::<f32>::try_from(down.to_kind(Kind::Float).reshape([-1])).unwrap();
+    for (name, ggml_type) in [
+        ("Q8_0", ggml_type::Q8_0),
+        ("Q5_0", ggml_type::Q5_0),
+        ("Q4_K", ggml_type::Q4_K),
+        ("Q6_K", ggml_type::Q6_K),
+    ] {
+        for (what, values, row) in [
+            ("golden values", &golden_values, 256),
+            ("down_proj", &weight, row as usize),
+        ] {
+            let ours = encode(ggml_type, values);
+            let theirs = ggml_quantize(&program, ggml_type, values, row);
+            assert_eq!(ours.len(), theirs.len(), "{name} {what}: length");
+            let first_difference = ours.iter().zip(&theirs).position(|(a, b)| a != b);
+            assert_eq!(
+                first_difference, None,
+                "{name} {what}: first differing byte"
+            );
+        }
+    }
+    eprintln!("ggml's bytes for 4 types on 512 golden values and a {rows} x {row} weight");
 }
 
 /// The prompt llama.cpp is given: the text itself, or a user message (after a system

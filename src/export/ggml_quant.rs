@@ -157,8 +157,9 @@ fn make_qkx2_quants(nmax: i32, x: &[f32], weights: &[f32], codes: &mut [u8]) -> 
 }
 
 /// ggml's `make_qx_quants` with rmse_type 1 (weights x^2): a signed scale for codes in
-/// -nmax..nmax-1, chosen among 19 candidates.
-fn make_qx_quants(nmax: i32, x: &[f32]) -> f32 {
+/// -nmax..nmax-1, chosen among 19 candidates; `codes` gets the chosen candidate's codes
+/// plus nmax (all 0 for an all-zero group), as ggml's `L`.
+fn make_qx_quants(nmax: i32, x: &[f32], codes: &mut [u8]) -> f32 {
     let (mut max, mut amax) = (0f32, 0f32);
     for &v in x {
         if v.abs() > amax {
@@ -167,27 +168,38 @@ fn make_qx_quants(nmax: i32, x: &[f32]) -> f32 {
         }
     }
     if amax < GROUP_MAX_EPS {
+        codes.fill(0);
         return 0.0;
     }
+    let code = |iscale: f32, v: f32| nearest(iscale * v).clamp(-nmax, nmax - 1);
     let sums = |iscale: f32| {
         let (mut sumlx, mut suml2) = (0f32, 0f32);
         for &v in x {
-            let l = nearest(iscale * v).clamp(-nmax, nmax - 1) as f32;
+            let l = code(iscale, v) as f32;
             let w = v * v;
             sumlx += w * v * l;
             suml2 += w * l * l;
         }
         (sumlx, suml2)
     };
-    let (sumlx, suml2) = sums(-(nmax as f32) / max);
+    let write_codes = |iscale: f32, codes: &mut [u8]| {
+        for (c, &v) in codes.iter_mut().zip(x) {
+            *c = (code(iscale, v) + nmax) as u8;
+        }
+    };
+    let iscale = -(nmax as f32) / max;
+    write_codes(iscale, codes);
+    let (sumlx, suml2) = sums(iscale);
     let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
     let mut best = scale * sumlx;
     for is in -9..=9 {
         if is == 0 {
             continue;
         }
-        let (sumlx, suml2) = sums(-(nmax as f32 + 0.1 * is as f32) / max);
+        let iscale = -(nmax as f32 + 0.1 * is as f32) / max;
+        let (sumlx, suml2) = sums(iscale);
         if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
+            write_codes(iscale, codes);
             scale = sumlx / suml2;
             best = scale * sumlx;
         }
@@ -264,9 +276,12 @@ fn q4_k(x: &[f32], out: &mut [u8]) {
 /// int8 sc; d f16. Layout: 128 bytes of low nibbles, 64 of high bit pairs, 16 scales, d.
 fn q6_k(x: &[f32], out: &mut [u8]) {
     let mut sub_scales = [0f32; 16];
+    // The search's codes stay where a sub-block's scale rounds to zero, as in ggml.
+    let mut codes = [0u8; QK_K];
     let (mut max_scale, mut max_abs_scale) = (0f32, 0f32);
     for (ib, scale) in sub_scales.iter_mut().enumerate() {
-        *scale = make_qx_quants(32, &x[16 * ib..16 * ib + 16]);
+        let range = 16 * ib..16 * ib + 16;
+        *scale = make_qx_quants(32, &x[range.clone()], &mut codes[range]);
         if scale.abs() > max_abs_scale {
             max_abs_scale = scale.abs();
             max_scale = *scale;
@@ -279,7 +294,6 @@ fn q6_k(x: &[f32], out: &mut [u8]) {
     let iscale = -128.0 / max_scale;
     let d = f16::from_f32(1.0 / iscale);
     let mut scales = [0i8; 16];
-    let mut codes = [32u8; QK_K];
     for ib in 0..16 {
         scales[ib] = nearest(iscale * sub_scales[ib]).min(127) as i8;
         let step = d.to_f32() * scales[ib] as f32;
