@@ -270,16 +270,33 @@ fn build_llama_cpp_probe(dir: &Path) -> PathBuf {
     build_llama_cpp_program(dir, "greedy")
 }
 
-/// ggml's own bytes for `values` in rows of `row` (tests/llama_cpp/quantize.c).
-fn ggml_quantize(program: &Path, ggml_type: u32, values: &[f32], row: usize) -> Vec<u8> {
+fn write_floats(path: &Path, values: &[f32]) {
+    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_ne_bytes()).collect();
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// ggml's own bytes for `values` in rows of `row` (tests/llama_cpp/quantize.c),
+/// weighted by `importance` (one value per column) when given.
+fn ggml_quantize(
+    program: &Path,
+    ggml_type: u32,
+    values: &[f32],
+    row: usize,
+    importance: Option<&[f32]>,
+) -> Vec<u8> {
     let dir = program.parent().unwrap();
     let (input, output) = (dir.join("values.f32"), dir.join("blocks.bin"));
-    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_ne_bytes()).collect();
-    std::fs::write(&input, bytes).unwrap();
+    write_floats(&input, values);
+    let importance_file = importance.map(|w| {
+        let path = dir.join("importance.f32");
+        write_floats(&path, w);
+        path
+    });
     let run = std::process::Command::new(program)
         .args([ggml_type.to_string(), row.to_string()])
         .arg(&input)
         .arg(&output)
+        .args(importance_file)
         .output()
         .unwrap();
     assert!(
@@ -291,11 +308,13 @@ fn ggml_quantize(program: &Path, ggml_type: u32, values: &[f32], row: usize) -> 
 }
 
 /// The block encoders give ggml's own bytes (`ggml_quantize_chunk`, what llama-quantize
-/// calls, from the prebuilt library) for every type the export writes: on the golden
-/// values above and on a real weight (SmolLM2's first down_proj, rows of 1536).
+/// calls, from the prebuilt library) for every type the export writes, without and
+/// with an importance matrix: on the golden values above and on a real weight
+/// (SmolLM2's first down_proj, rows of 1536).
 #[test]
 fn block_encoders_match_ggml_itself() {
     use amthal::export::ggml_quant::{encode, ggml_type};
+    use amthal::export::weighted_quant::encode_with_importance;
     let dir = temp_dir("export-ggml-quantize");
     let program = build_llama_cpp_program(&dir, "quantize");
     let golden_values: Vec<f32> = golden("ggml_quants.json")["values"]
@@ -322,17 +341,33 @@ fn block_encoders_match_ggml_itself() {
             ("golden values", &golden_values, 256),
             ("down_proj", &weight, row as usize),
         ] {
-            let ours = encode(ggml_type, values);
-            let theirs = ggml_quantize(&program, ggml_type, values, row);
-            assert_eq!(ours.len(), theirs.len(), "{name} {what}: length");
-            let first_difference = ours.iter().zip(&theirs).position(|(a, b)| a != b);
-            assert_eq!(
-                first_difference, None,
-                "{name} {what}: first differing byte"
-            );
+            // Importances as an imatrix's: positive, spread over three decades.
+            let importance: Vec<f32> = (0..row)
+                .map(|i| 1e-3 + ((i as f32 * 0.61).sin() * 3.0).exp())
+                .collect();
+            for weighted in [false, true] {
+                let ours = match weighted {
+                    false => encode(ggml_type, values),
+                    true => encode_with_importance(ggml_type, values, row, &importance),
+                };
+                let theirs = ggml_quantize(
+                    &program,
+                    ggml_type,
+                    values,
+                    row,
+                    weighted.then_some(&importance[..]),
+                );
+                let what = format!("{name} {what}, weighted: {weighted}");
+                assert_eq!(ours.len(), theirs.len(), "{what}: length");
+                let first_difference = ours.iter().zip(&theirs).position(|(a, b)| a != b);
+                assert_eq!(first_difference, None, "{what}: first differing byte");
+            }
         }
     }
-    eprintln!("ggml's bytes for 4 types on 512 golden values and a {rows} x {row} weight");
+    eprintln!(
+        "ggml's bytes for 4 types, with and without importances, on 512 golden values and a \
+         {rows} x {row} weight"
+    );
 }
 
 /// The prompt llama.cpp is given: the text itself, or a user message (after a system

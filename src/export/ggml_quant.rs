@@ -77,11 +77,20 @@ fn q5_0(x: &[f32], out: &mut [u8]) {
         .fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
     let d = max / -16.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut codes = [0u8; 32];
+    for (c, v) in codes.iter_mut().zip(x) {
+        *c = ((v * id + 16.5) as i8).min(31) as u8;
+    }
+    pack_q5_0(d, &codes, out);
+}
+
+/// Writes a Q5_0 block: the scale as f16, the low nibbles, the fifth bits in a u32 at
+/// each value's index.
+pub(super) fn pack_q5_0(d: f32, codes: &[u8; 32], out: &mut [u8]) {
     out[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
-    let code = |v: f32| ((v * id + 16.5) as i8).min(31) as u8;
     let mut high = 0u32;
     for j in 0..16 {
-        let (low, upper) = (code(x[j]), code(x[j + 16]));
+        let (low, upper) = (codes[j], codes[j + 16]);
         out[6 + j] = (low & 0x0F) | ((upper & 0x0F) << 4);
         high |= u32::from(low >> 4) << j;
         high |= u32::from(upper >> 4) << (j + 16);
@@ -89,11 +98,45 @@ fn q5_0(x: &[f32], out: &mut [u8]) {
     out[2..6].copy_from_slice(&high.to_le_bytes());
 }
 
-/// ggml's `make_qkx2_quants`: codes in 0..=nmax for `x ~ scale * code - min` (min >= 0
-/// returned), choosing among 21 scales the one with the least weighted squared error.
-/// Returns (scale, min) and writes the codes into `codes`.
-fn make_qkx2_quants(nmax: i32, x: &[f32], weights: &[f32], codes: &mut [u8]) -> (f32, f32) {
-    let (rmin, rdelta, nstep) = (-1.0f32, 0.1f32, 20);
+/// The candidate scales a `make_qkx*_quants` search tries: (rmin + rdelta * i + nmax) /
+/// range for i in 0..=nstep.
+#[derive(Clone, Copy)]
+pub(super) struct ScaleSearch {
+    rmin: f32,
+    rdelta: f32,
+    nstep: i32,
+}
+
+/// `make_qkx2_quants`' 21 candidates (Q4_K without an importance matrix).
+const QKX2: ScaleSearch = ScaleSearch {
+    rmin: -1.0,
+    rdelta: 0.1,
+    nstep: 20,
+};
+
+/// `make_qkx3_quants`' 37 candidates (Q4_K with an importance matrix).
+pub(super) const QKX3: ScaleSearch = ScaleSearch {
+    rmin: -0.9,
+    rdelta: 0.05,
+    nstep: 36,
+};
+
+/// ggml's `make_qkx2_quants` / `make_qkx3_quants` (the same code with other candidates):
+/// codes in 0..=nmax for `x ~ scale * code - min` (min >= 0 returned), choosing among
+/// the candidate scales the one with the least weighted squared error. Returns (scale,
+/// min) and writes the codes into `codes`.
+pub(super) fn make_qkx_quants(
+    nmax: i32,
+    x: &[f32],
+    weights: &[f32],
+    codes: &mut [u8],
+    search: ScaleSearch,
+) -> (f32, f32) {
+    let ScaleSearch {
+        rmin,
+        rdelta,
+        nstep,
+    } = search;
     let mut min = x[0];
     let mut max = x[0];
     let mut sum_w = weights[0];
@@ -156,10 +199,16 @@ fn make_qkx2_quants(nmax: i32, x: &[f32], weights: &[f32], codes: &mut [u8]) -> 
     (scale, -min)
 }
 
-/// ggml's `make_qx_quants` with rmse_type 1 (weights x^2): a signed scale for codes in
-/// -nmax..nmax-1, chosen among 19 candidates; `codes` gets the chosen candidate's codes
-/// plus nmax (all 0 for an all-zero group), as ggml's `L`.
-fn make_qx_quants(nmax: i32, x: &[f32], codes: &mut [u8]) -> f32 {
+/// ggml's `make_qx_quants` with rmse_type 1: a signed scale for codes in -nmax..nmax-1,
+/// chosen among 19 candidates for the least squared error weighted by `weights` (an
+/// importance matrix's), else by x^2; `codes` gets the chosen candidate's codes plus
+/// nmax (all 0 for an all-zero group), as ggml's `L`.
+pub(super) fn make_qx_quants(
+    nmax: i32,
+    x: &[f32],
+    weights: Option<&[f32]>,
+    codes: &mut [u8],
+) -> f32 {
     let (mut max, mut amax) = (0f32, 0f32);
     for &v in x {
         if v.abs() > amax {
@@ -174,9 +223,9 @@ fn make_qx_quants(nmax: i32, x: &[f32], codes: &mut [u8]) -> f32 {
     let code = |iscale: f32, v: f32| nearest(iscale * v).clamp(-nmax, nmax - 1);
     let sums = |iscale: f32| {
         let (mut sumlx, mut suml2) = (0f32, 0f32);
-        for &v in x {
+        for (i, &v) in x.iter().enumerate() {
             let l = code(iscale, v) as f32;
-            let w = v * v;
+            let w = weights.map_or(v * v, |w| w[i]);
             sumlx += w * v * l;
             suml2 += w * l * l;
         }
@@ -222,7 +271,8 @@ fn q4_k(x: &[f32], out: &mut [u8]) {
         for (w, v) in weights.iter_mut().zip(sub) {
             *w = av_x + v.abs();
         }
-        (scales[j], mins[j]) = make_qkx2_quants(15, sub, &weights, &mut codes[32 * j..32 * j + 32]);
+        (scales[j], mins[j]) =
+            make_qkx_quants(15, sub, &weights, &mut codes[32 * j..32 * j + 32], QKX2);
     }
     let max_scale = scales.iter().fold(0f32, |m, &v| m.max(v));
     let max_min = mins.iter().fold(0f32, |m, &v| m.max(v));
@@ -232,12 +282,25 @@ fn q4_k(x: &[f32], out: &mut [u8]) {
         0.0
     };
     let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
+    let ls = scales.map(|v| nearest(inv_scale * v).min(63) as u8);
+    let lm = mins.map(|v| nearest(inv_min * v).min(63) as u8);
+    let d = f16::from_f32(max_scale / 63.0);
+    let dmin = f16::from_f32(max_min / 63.0);
+    pack_q4_k(x, (d, ls), (dmin, lm), &mut codes, out);
+}
+
+/// Writes a Q4_K block from its super-block scales (d, dmin) and 6-bit sub-block scales
+/// (ls, lm), coding the values again against the scales as stored (rounded), as ggml
+/// does; a sub-block with a zero scale keeps `codes` from its search.
+pub(super) fn pack_q4_k(
+    x: &[f32],
+    (d, ls): (f16, [u8; 8]),
+    (dmin, lm): (f16, [u8; 8]),
+    codes: &mut [u8; QK_K],
+    out: &mut [u8],
+) {
     let mut packed = [0u8; 12];
-    let mut ls = [0u8; 8];
-    let mut lm = [0u8; 8];
     for j in 0..8 {
-        ls[j] = nearest(inv_scale * scales[j]).min(63) as u8;
-        lm[j] = nearest(inv_min * mins[j]).min(63) as u8;
         if j < 4 {
             packed[j] = ls[j];
             packed[j + 4] = lm[j];
@@ -247,13 +310,9 @@ fn q4_k(x: &[f32], out: &mut [u8]) {
             packed[j] |= (lm[j] >> 4) << 6;
         }
     }
-    let d = f16::from_f32(max_scale / 63.0);
-    let dmin = f16::from_f32(max_min / 63.0);
     out[0..2].copy_from_slice(&d.to_le_bytes());
     out[2..4].copy_from_slice(&dmin.to_le_bytes());
     out[4..16].copy_from_slice(&packed);
-    // Codes again against the scales as stored (rounded), as ggml does; a sub-block
-    // with a zero scale keeps its codes from the search.
     for j in 0..8 {
         let step = d.to_f32() * ls[j] as f32;
         if step == 0.0 {
@@ -275,13 +334,20 @@ fn q4_k(x: &[f32], out: &mut [u8]) {
 /// Q6_K: 256 values in 16 sub-blocks of 16, each `d * sc * (q - 32)` with 6-bit q and
 /// int8 sc; d f16. Layout: 128 bytes of low nibbles, 64 of high bit pairs, 16 scales, d.
 fn q6_k(x: &[f32], out: &mut [u8]) {
+    q6_k_weighted(x, None, out)
+}
+
+/// Q6_K with the sub-block scales searched for the least error weighted by `weights`
+/// (`quantize_row_q6_K_impl`'s importance-matrix route), else by x^2 (the reference).
+pub(super) fn q6_k_weighted(x: &[f32], weights: Option<&[f32]>, out: &mut [u8]) {
     let mut sub_scales = [0f32; 16];
     // The search's codes stay where a sub-block's scale rounds to zero, as in ggml.
     let mut codes = [0u8; QK_K];
     let (mut max_scale, mut max_abs_scale) = (0f32, 0f32);
     for (ib, scale) in sub_scales.iter_mut().enumerate() {
         let range = 16 * ib..16 * ib + 16;
-        *scale = make_qx_quants(32, &x[range.clone()], &mut codes[range]);
+        let sub_weights = weights.map(|w| &w[range.clone()]);
+        *scale = make_qx_quants(32, &x[range.clone()], sub_weights, &mut codes[range]);
         if scale.abs() > max_abs_scale {
             max_abs_scale = scale.abs();
             max_scale = *scale;

@@ -10,6 +10,7 @@ pub mod ggml_quant;
 pub mod gguf_writer;
 pub mod modelfile;
 pub mod vocab;
+pub mod weighted_quant;
 
 use std::path::Path;
 
