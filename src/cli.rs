@@ -391,6 +391,15 @@ pub struct ExportArgs {
     /// general.name in the file (default: the model's folder or file name).
     #[arg(long)]
     pub name: Option<String>,
+    /// Quantize q4_k_m with an importance matrix measured on this data (llama-quantize's
+    /// --imatrix): a data dir (its Train split) or a CSV/JSON/JSONL file of proverbs
+    /// with explanations, formatted as `train` formats them. The blocks' scales then
+    /// favour the input columns whose activations run large on this task's text.
+    #[arg(long, value_name = "DIR|FILE")]
+    pub imatrix_data: Option<PathBuf>,
+    /// How many rows of --imatrix-data to measure (from the top).
+    #[arg(long, default_value_t = 100, value_name = "N")]
+    pub imatrix_rows: usize,
 }
 
 /// Where and in which precision to run; shared by every command that runs a model.

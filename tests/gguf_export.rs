@@ -193,6 +193,138 @@ fn a_model_that_cannot_be_exported_is_a_clear_error_and_writes_nothing() {
     ]);
     assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
     assert!(!out.exists() && !dir.join("Modelfile").exists());
+    // An importance matrix weighs only q4_k_m's blocks: asked for with f16, refused.
+    let output = amthal(&[
+        "export",
+        "--model",
+        fixture("tiny-llama").to_str().unwrap(),
+        "--imatrix-data",
+        "data",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_refused(&output, "--imatrix-data with f16", "--imatrix-data");
+    assert!(!out.exists() && !dir.join("Modelfile").exists());
+}
+
+/// The importance matrix is each projection's mean squared input column: layer 0's
+/// q/k/v read the normed embeddings, computed here on their own from the weights.
+#[test]
+fn the_importance_matrix_is_the_mean_square_of_each_input_column() {
+    use amthal::export::imatrix::measure;
+    let model = load(ModelSource::HfFolder(fixture("tiny-llama")));
+    let sequences = vec![vec![1u32, 20, 30, 40, 50], vec![1, 7, 8], vec![]];
+    let matrix = measure(&model, &sequences, "two rows").unwrap();
+    assert_eq!((matrix.tokens, matrix.sequences), (8, 2));
+    let layers = model.config.num_hidden_layers;
+    assert_eq!(matrix.entries(), 7 * layers);
+    let config = &model.config;
+    for (projection, width) in [
+        ("self_attn.q_proj", config.hidden_size),
+        (
+            "self_attn.o_proj",
+            config.num_attention_heads * config.head_dim,
+        ),
+        ("mlp.up_proj", config.hidden_size),
+        ("mlp.down_proj", config.intermediate_size),
+    ] {
+        let name = format!("model.layers.{}.{projection}.weight", layers - 1);
+        assert_eq!(
+            matrix.for_tensor(&name).map(<[f32]>::len),
+            Some(width),
+            "{name}"
+        );
+    }
+    assert_eq!(matrix.for_tensor("lm_head.weight"), None);
+    let q = matrix
+        .for_tensor("model.layers.0.self_attn.q_proj.weight")
+        .unwrap();
+    for reader in ["k_proj", "v_proj"] {
+        let name = format!("model.layers.0.self_attn.{reader}.weight");
+        assert_eq!(
+            matrix.for_tensor(&name),
+            Some(q),
+            "{name} reads q_proj's input"
+        );
+    }
+    // RMSNorm of the embeddings, by hand.
+    let ids: Vec<i64> = sequences.concat().into_iter().map(i64::from).collect();
+    let embedded = model
+        .embed_tokens
+        .index_select(0, &Tensor::from_slice(&ids));
+    let rms = (embedded.square().mean_dim(-1, true, Kind::Float) + config.rms_norm_eps).rsqrt();
+    let weight = &model.layers[0].input_layernorm;
+    let expected = (embedded * rms * weight)
+        .square()
+        .mean_dim(0, false, Kind::Float);
+    let diff = max_diff(&Tensor::from_slice(q), &expected);
+    let scale = expected.abs().max().double_value(&[]);
+    assert!(
+        diff <= 1e-6 * scale,
+        "{diff:e} against values up to {scale:e}"
+    );
+}
+
+/// `--imatrix-data` through the command: the file says what it was measured on, as
+/// llama-quantize's does, and its 4-bit blocks differ from the unweighted export's
+/// (the tiny model's 64-wide rows are Q5_0, whose weighted route the byte test above
+/// checks against ggml).
+#[test]
+fn an_export_with_an_importance_matrix_records_it() {
+    let dir = temp_dir("export-imatrix");
+    let folder = tiny_default_rope(&dir);
+    let (plain, weighted) = (dir.join("plain.gguf"), dir.join("weighted.gguf"));
+    export(&folder, &plain, "q4_k_m", &[]);
+    export(
+        &folder,
+        &weighted,
+        "q4_k_m",
+        &["--imatrix-data", "data", "--imatrix-rows", "8"],
+    );
+    let (plain, weighted) = (
+        GgufFile::open(&plain).unwrap(),
+        GgufFile::open(&weighted).unwrap(),
+    );
+    assert_eq!(plain.get("quantize.imatrix.dataset"), None);
+    let dataset = weighted.get_str("quantize.imatrix.dataset").unwrap();
+    assert!(
+        dataset.contains("Train_data.csv") && dataset.contains("8 rows"),
+        "{dataset}"
+    );
+    assert_eq!(weighted.get_i64("quantize.imatrix.chunks_count"), Some(8));
+    assert_eq!(weighted.get_i64("quantize.imatrix.entries_count"), Some(14));
+    // A tensor's bytes: from its offset to the next tensor's (or the file's end).
+    let bytes = |file: &GgufFile, name: &str| -> Vec<u8> {
+        let all = std::fs::read(&file.path).unwrap();
+        let start = file.tensors.iter().find(|t| t.name == name).unwrap().offset;
+        let end = file
+            .tensors
+            .iter()
+            .map(|t| t.offset)
+            .filter(|&o| o > start)
+            .min()
+            .map_or(all.len(), |o| (file.data_offset + o) as usize);
+        all[(file.data_offset + start) as usize..end].to_vec()
+    };
+    for name in ["blk.0.attn_q.weight", "blk.1.ffn_up.weight"] {
+        assert!(
+            bytes(&plain, name) != bytes(&weighted, name),
+            "{name}: the same bytes"
+        );
+    }
+    // What has no weighted route is written as without it: the f32 norms, and the
+    // Q6_K tensors, which fall back to Q8_0 on rows of 64 (the tied embedding) and 96
+    // (ffn_down of the layers `use_more_bits` picks).
+    for name in [
+        "blk.0.attn_norm.weight",
+        "token_embd.weight",
+        "blk.1.ffn_down.weight",
+    ] {
+        assert!(
+            bytes(&plain, name) == bytes(&weighted, name),
+            "{name}: bytes differ"
+        );
+    }
 }
 
 /// Q8_0 and Q5_0 blocks byte for byte as the gguf package's `quantize` (its ports of

@@ -1,17 +1,34 @@
 //! `amthal export`: base model (+ adapter, folded) -> a GGUF file and an Ollama
 //! Modelfile beside it.
 
+use std::path::Path;
+
 use anyhow::Result;
 
 use crate::atomic::write_file;
+use crate::bail_input;
 use crate::cli::{ExportArgs, ExportFormat};
+use crate::data::{ReadOptions, References, Split, read_examples, read_split};
 use crate::device::Precision;
-use crate::export::{export_gguf, modelfile::modelfile};
+use crate::encode::Encoder;
+use crate::export::imatrix::{ImportanceMatrix, measure};
+use crate::export::{ExportQuant, export_gguf, modelfile::modelfile};
 use crate::model::lora::merge_adapters;
-use crate::runtime::load_model;
+use crate::prompt::{PromptBuilder, PromptFormat};
+use crate::runtime::{LoadedModel, load_model};
 
 pub fn run(args: &ExportArgs) -> Result<()> {
     let ExportFormat::Gguf = args.format;
+    if args.imatrix_data.is_some() && args.quant != ExportQuant::Q4KM {
+        bail_input!(
+            "--imatrix-data weighs the blocks of --quant q4_k_m; {:?} has no weighted route in \
+             llama.cpp (leave --imatrix-data out, or export q4_k_m)",
+            args.quant
+        );
+    }
+    if args.imatrix_rows == 0 {
+        bail_input!("--imatrix-rows must be at least 1");
+    }
     // f32 on the CPU: the adapter folds in f32 and every output type is rounded from
     // f32 once (a 7B needs ~27 GB of RAM for this).
     let mut loaded = load_model(
@@ -22,6 +39,10 @@ pub fn run(args: &ExportArgs) -> Result<()> {
         None,
     )?;
     merge_adapters(&mut loaded.model);
+    let importance = match &args.imatrix_data {
+        Some(data) => Some(measure_on_data(&loaded, data, args.imatrix_rows)?),
+        None => None,
+    };
     let name = args.name.clone().unwrap_or_else(|| {
         let source = loaded.source.display();
         let path = std::path::Path::new(&source);
@@ -35,6 +56,7 @@ pub fn run(args: &ExportArgs) -> Result<()> {
         &loaded.source,
         &name,
         args.quant,
+        importance.as_ref(),
         &args.out,
     )?;
     let file_name = args
@@ -60,4 +82,35 @@ pub fn run(args: &ExportArgs) -> Result<()> {
         modelfile_path.display()
     );
     Ok(())
+}
+
+/// The importance matrix of `--imatrix-data`: the first `rows` examples (a data dir's
+/// Train split, or a file), each prompt with its reference answer as `train` encodes
+/// them, through the model about to be written.
+fn measure_on_data(loaded: &LoadedModel, data: &Path, rows: usize) -> Result<ImportanceMatrix> {
+    let options = ReadOptions::default();
+    let set = if data.is_dir() {
+        read_split(data, Split::Train, options)?
+    } else {
+        read_examples(data, References::Required, options)?
+    };
+    let prompts = PromptBuilder::new(PromptFormat::Auto, &loaded.tokenizer)?;
+    let encoder = Encoder::new(&loaded.tokenizer, &prompts)?;
+    let examples = &set.examples[..rows.min(set.examples.len())];
+    // The training default's cutoff: one example is one forward pass of at most this.
+    let (encoded, _) = encoder.encode_all(examples, Some(1024))?;
+    let sequences: Vec<Vec<u32>> = encoded.into_iter().map(|e| e.input_ids).collect();
+    if sequences.is_empty() {
+        bail_input!("--imatrix-data {}: no rows to measure", set.path.display());
+    }
+    let dataset = format!("{} ({} rows)", set.path.display(), sequences.len());
+    let matrix = measure(&loaded.model, &sequences, &dataset)?;
+    eprintln!(
+        "importance matrix: {} tokens in {} sequences of {}, {} weights",
+        matrix.tokens,
+        matrix.sequences,
+        set.path.display(),
+        matrix.entries()
+    );
+    Ok(matrix)
 }

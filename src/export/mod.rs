@@ -8,6 +8,7 @@
 
 pub mod ggml_quant;
 pub mod gguf_writer;
+pub mod imatrix;
 pub mod modelfile;
 pub mod vocab;
 pub mod weighted_quant;
@@ -19,6 +20,8 @@ use tch::{Kind, Tensor};
 
 use self::ggml_quant::{QK_K, encode, ggml_type};
 use self::gguf_writer::{TensorEntry, write_gguf};
+use self::imatrix::ImportanceMatrix;
+use self::weighted_quant::encode_with_importance;
 use crate::bail_input;
 use crate::gguf::{GgufFile, Value};
 use crate::model::Llama;
@@ -140,16 +143,38 @@ pub struct ExportReport {
 }
 
 /// Writes `model` (dense; fold adapters first) and its tokenizer to `path` as GGUF.
+/// With `importance`, the projections it measured are quantized with their blocks
+/// weighted by it (llama-quantize's `--imatrix`; Q8_0, F16 and BF16 have no weighted
+/// route and are written as without it).
 pub fn export_gguf(
     model: &Llama,
     tokenizer: &ModelTokenizer,
     source: &ModelSource,
     name: &str,
     quant: ExportQuant,
+    importance: Option<&ImportanceMatrix>,
     path: &Path,
 ) -> Result<ExportReport> {
     let config = &model.config;
     let mut metadata = architecture_metadata(model, name, quant)?;
+    if let Some(matrix) = importance {
+        // The keys llama-quantize writes for an importance matrix.
+        let count = |n: usize| Value::I32(i32::try_from(n).unwrap_or(i32::MAX));
+        metadata.extend([
+            (
+                "quantize.imatrix.dataset".to_string(),
+                Value::String(matrix.dataset.clone()),
+            ),
+            (
+                "quantize.imatrix.entries_count".to_string(),
+                count(matrix.entries()),
+            ),
+            (
+                "quantize.imatrix.chunks_count".to_string(),
+                count(matrix.sequences),
+            ),
+        ]);
+    }
     match source {
         // A GGUF model keeps its tokenizer keys exactly (llama.cpp wrote them).
         ModelSource::Gguf(file) => {
@@ -202,7 +227,10 @@ pub fn export_gguf(
             name,
             dims: size.iter().rev().map(|&d| d as u64).collect(),
             ggml_type: ggml,
-            data: encode(ggml, &values),
+            data: match importance.and_then(|m| m.for_tensor(&hf)) {
+                Some(columns) => encode_with_importance(ggml, &values, row, columns),
+                None => encode(ggml, &values),
+            },
         });
     }
     write_gguf(path, &metadata, &tensors)?;

@@ -75,6 +75,38 @@ pub struct Llama {
     pub decode_folds: bool,
 }
 
+/// The inputs a decoder layer's projections read (`LayerContext::input_observer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ProjectionInput {
+    /// The normed hidden state q_proj, k_proj and v_proj read.
+    Attention,
+    /// The attention output o_proj reads.
+    AttentionOutput,
+    /// The normed hidden state gate_proj and up_proj read.
+    Mlp,
+    /// silu(gate) * up, which down_proj reads.
+    MlpHidden,
+}
+
+impl ProjectionInput {
+    /// The projections (module paths under `model.layers.N.`) that read this input.
+    pub fn readers(self) -> &'static [&'static str] {
+        match self {
+            ProjectionInput::Attention => {
+                &["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]
+            }
+            ProjectionInput::AttentionOutput => &["self_attn.o_proj"],
+            ProjectionInput::Mlp => &["mlp.gate_proj", "mlp.up_proj"],
+            ProjectionInput::MlpHidden => &["mlp.down_proj"],
+        }
+    }
+}
+
+/// Called with (layer, which input, the input [B, T, width]) as a forward pass reaches
+/// each projection's input: how `amthal export --imatrix-data` measures an importance
+/// matrix.
+pub type InputObserver = std::sync::Arc<dyn Fn(usize, ProjectionInput, &Tensor) + Send + Sync>;
+
 /// Per-forward values shared by all layers.
 pub struct LayerContext {
     pub cos: Tensor,
@@ -96,6 +128,8 @@ pub struct LayerContext {
     /// residual stream in place. Only where the caller owns the layer's input (a
     /// checkpointed training forward recomputes from it).
     pub residual_in_place: bool,
+    /// Sees each projection's input (None: nothing is observed).
+    pub input_observer: Option<InputObserver>,
 }
 
 impl LayerContext {
@@ -304,6 +338,7 @@ impl Llama {
                 .decode_folds
                 .then(|| self.rope.rotary_matrices(&cos, &sin, &rotation)),
             residual_in_place: self.decode_folds,
+            input_observer: None,
             cos,
             sin,
             rotation,
@@ -405,6 +440,7 @@ impl Llama {
             padded_layout: None,
             rotary_matrices: None,
             residual_in_place: false,
+            input_observer: None,
         }
     }
 
@@ -424,7 +460,13 @@ impl Llama {
         let kv_heads = config.num_key_value_heads as i64;
         let head_dim = config.head_dim as i64;
         let dropout = context.lora_dropout(train);
+        let observe = |input: ProjectionInput, x: &Tensor| {
+            if let Some(observer) = &context.input_observer {
+                observer(index, input, x)
+            }
+        };
         let x = self.norm(hidden, &layer.input_layernorm);
+        observe(ProjectionInput::Attention, &x);
         let attn = &layer.self_attn;
         // Rotated in [B, T, heads, D] (the projections' own layout, so the rotation's
         // matmul needs no copy), then heads first for attention.
@@ -503,8 +545,10 @@ impl Llama {
         let out = out
             .transpose(1, 2)
             .reshape([batch, steps, heads * head_dim]);
+        observe(ProjectionInput::AttentionOutput, &out);
         let hidden = add_projection(hidden, &attn.o_proj, &out, context, train);
         let x = self.norm(&hidden, &layer.post_attention_layernorm);
+        observe(ProjectionInput::Mlp, &x);
         let mlp = &layer.mlp;
         let (gate, up) = match &mlp.gate_up {
             Some(fused) if fused.is_current(&[&mlp.gate_proj, &mlp.up_proj]) => {
@@ -517,6 +561,7 @@ impl Llama {
             ),
         };
         let gated = gate.silu() * up;
+        observe(ProjectionInput::MlpHidden, &gated);
         add_projection(&hidden, &mlp.down_proj, &gated, context, train)
     }
 
