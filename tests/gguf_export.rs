@@ -204,6 +204,20 @@ fn a_model_that_cannot_be_exported_is_a_clear_error_and_writes_nothing() {
         out.to_str().unwrap(),
     ]);
     assert_refused(&output, "--imatrix-data with f16", "--imatrix-data");
+    // A missing calibration file is named (before the model is loaded).
+    let missing = dir.join("no-such-rows.csv");
+    let output = amthal(&[
+        "export",
+        "--model",
+        fixture("tiny-llama").to_str().unwrap(),
+        "--quant",
+        "q4_k_m",
+        "--imatrix-data",
+        missing.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_refused(&output, "missing --imatrix-data", "no-such-rows.csv");
     assert!(!out.exists() && !dir.join("Modelfile").exists());
 }
 
@@ -366,7 +380,8 @@ fn llama_cpp_libs() -> PathBuf {
     let libs = repo_root().join(".cache/llama-cpp");
     assert!(
         libs.join(".complete").is_file(),
-        "{} not found: run scripts/setup first",
+        "{} not found: run scripts/setup, which fetches llama.cpp's prebuilt libraries from \
+         the npm registry (x86-64 Linux with glibc >= 2.34; its warning says why it could not)",
         libs.display()
     );
     libs
@@ -377,9 +392,12 @@ fn llama_cpp_libs() -> PathBuf {
 fn build_llama_cpp_program(dir: &Path, name: &str) -> PathBuf {
     let libs = llama_cpp_libs();
     let program = dir.join(name);
+    // $CC may carry arguments ("ccache gcc").
     let compiler = std::env::var("CC").unwrap_or_else(|_| "cc".to_string());
+    let mut words = compiler.split_whitespace();
     let sources = repo_root().join("tests/llama_cpp");
-    let output = std::process::Command::new(&compiler)
+    let output = std::process::Command::new(words.next().unwrap_or("cc"))
+        .args(words)
         .arg("-O1")
         .arg("-o")
         .arg(&program)
@@ -677,7 +695,8 @@ fn llama_cpp_decodes_the_default_models_export_as_amthal() {
     assert_eq!(
         run.greedy,
         amthal_greedy(&source, &prompt, 16),
-        "f16: greedy tokens"
+        "f16: greedy tokens; llama.cpp's below amthal's best by {:?}",
+        shortfalls(&source, &run)
     );
 
     // q4_k_m: the same weights on both sides (amthal reads the file back), but llama.cpp

@@ -8,7 +8,7 @@ use anyhow::Result;
 use crate::atomic::write_file;
 use crate::bail_input;
 use crate::cli::{ExportArgs, ExportFormat};
-use crate::data::{ReadOptions, References, Split, read_examples, read_split};
+use crate::data::{Dataset, ReadOptions, References, Split, read_examples, read_split};
 use crate::device::Precision;
 use crate::encode::Encoder;
 use crate::export::imatrix::{ImportanceMatrix, measure};
@@ -20,15 +20,23 @@ use crate::runtime::{LoadedModel, load_model};
 pub fn run(args: &ExportArgs) -> Result<()> {
     let ExportFormat::Gguf = args.format;
     if args.imatrix_data.is_some() && args.quant != ExportQuant::Q4KM {
+        let quant = clap::ValueEnum::to_possible_value(&args.quant)
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default();
         bail_input!(
-            "--imatrix-data weighs the blocks of --quant q4_k_m; {:?} has no weighted route in \
-             llama.cpp (leave --imatrix-data out, or export q4_k_m)",
-            args.quant
+            "--imatrix-data weighs the blocks of --quant q4_k_m; {quant} has no weighted route \
+             in llama.cpp (leave --imatrix-data out, or export q4_k_m)"
         );
     }
     if args.imatrix_rows == 0 {
         bail_input!("--imatrix-rows must be at least 1");
     }
+    // The calibration rows are read before the model (a 7B takes minutes to load): a
+    // wrong path fails at once.
+    let calibration = match &args.imatrix_data {
+        Some(data) => Some(read_calibration(data)?),
+        None => None,
+    };
     // f32 on the CPU: the adapter folds in f32 and every output type is rounded from
     // f32 once (a 7B needs ~27 GB of RAM for this).
     let mut loaded = load_model(
@@ -39,8 +47,8 @@ pub fn run(args: &ExportArgs) -> Result<()> {
         None,
     )?;
     merge_adapters(&mut loaded.model);
-    let importance = match &args.imatrix_data {
-        Some(data) => Some(measure_on_data(&loaded, data, args.imatrix_rows)?),
+    let importance = match &calibration {
+        Some(set) => Some(measure_on_data(&loaded, set, args.imatrix_rows)?),
         None => None,
     };
     let name = args.name.clone().unwrap_or_else(|| {
@@ -84,16 +92,20 @@ pub fn run(args: &ExportArgs) -> Result<()> {
     Ok(())
 }
 
-/// The importance matrix of `--imatrix-data`: the first `rows` examples (a data dir's
-/// Train split, or a file), each prompt with its reference answer as `train` encodes
-/// them, through the model about to be written.
-fn measure_on_data(loaded: &LoadedModel, data: &Path, rows: usize) -> Result<ImportanceMatrix> {
+/// `--imatrix-data`'s rows: a data dir's Train split, or a file (explanations required).
+fn read_calibration(data: &Path) -> Result<Dataset> {
     let options = ReadOptions::default();
-    let set = if data.is_dir() {
-        read_split(data, Split::Train, options)?
+    if data.is_dir() {
+        read_split(data, Split::Train, options)
     } else {
-        read_examples(data, References::Required, options)?
-    };
+        read_examples(data, References::Required, options)
+    }
+}
+
+/// The importance matrix of `--imatrix-data`: the first `rows` examples of `set`, each
+/// prompt with its reference answer as `train` encodes them (prompt format auto: the
+/// chat template when the model has one), through the model about to be written.
+fn measure_on_data(loaded: &LoadedModel, set: &Dataset, rows: usize) -> Result<ImportanceMatrix> {
     let prompts = PromptBuilder::new(PromptFormat::Auto, &loaded.tokenizer)?;
     let encoder = Encoder::new(&loaded.tokenizer, &prompts)?;
     let examples = &set.examples[..rows.min(set.examples.len())];

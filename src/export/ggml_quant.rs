@@ -50,12 +50,12 @@ fn blocks(ggml_type: u32, values: &[f32], encode: fn(&[f32], &mut [u8])) -> Vec<
 }
 
 /// ggml's `nearest_int` (ties to even).
-fn nearest(x: f32) -> i32 {
+pub(super) fn nearest(x: f32) -> i32 {
     x.round_ties_even() as i32
 }
 
 /// ggml's GROUP_MAX_EPS: a sub-block whose largest magnitude is below it is all zero.
-const GROUP_MAX_EPS: f32 = 1e-15;
+pub(super) const GROUP_MAX_EPS: f32 = 1e-15;
 
 /// Q8_0: 32 values, an f16 scale (absmax / 127) and 32 int8 codes.
 fn q8_0(x: &[f32], out: &mut [u8]) {

@@ -19,9 +19,10 @@ use crate::model::llama::ProjectionInput;
 /// Mean squared input per column, by the HF name of the weight that reads it.
 pub struct ImportanceMatrix {
     columns: BTreeMap<String, Vec<f32>>,
-    /// Tokens measured (each counted once per projection it reached).
+    /// Tokens measured (every projection sees each of them).
     pub tokens: usize,
-    /// Sequences measured (llama.cpp's "chunks").
+    /// Sequences measured: one forward pass each (llama-imatrix's "chunks" are
+    /// n_ctx-token slices of one text; here each example is its own sequence).
     pub sequences: usize,
     /// What was measured, for the file's `quantize.imatrix.dataset`.
     pub dataset: String,
@@ -84,6 +85,15 @@ pub fn measure(model: &Llama, sequences: &[Vec<u32>], dataset: &str) -> Result<I
     let mut columns = BTreeMap::new();
     for ((layer, input), total) in sums {
         let means = Vec::<f64>::try_from(total.to_device(tch::Device::Cpu) / tokens as f64)?;
+        // As llama-quantize refuses a matrix with NaN or infinite entries: they would
+        // turn a block's scale into NaN and the file into garbage.
+        if means.iter().any(|v| !v.is_finite()) {
+            crate::bail_input!(
+                "the importance matrix of layer {layer}'s {} is not finite: the model's \
+                 activations overflow or are NaN (a broken adapter?)",
+                input.readers().join(" / ")
+            );
+        }
         let means: Vec<f32> = means.into_iter().map(|v| v as f32).collect();
         for reader in input.readers() {
             columns.insert(

@@ -158,8 +158,8 @@ pub fn export_gguf(
     let config = &model.config;
     let mut metadata = architecture_metadata(model, name, quant)?;
     if let Some(matrix) = importance {
-        // The keys llama-quantize writes for an importance matrix.
-        let count = |n: usize| Value::I32(i32::try_from(n).unwrap_or(i32::MAX));
+        // The keys llama-quantize writes for an importance matrix (counts as UINT32).
+        let count = |n: usize| Value::U32(u32::try_from(n).unwrap_or(u32::MAX));
         metadata.extend([
             (
                 "quantize.imatrix.dataset".to_string(),

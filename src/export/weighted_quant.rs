@@ -10,8 +10,8 @@
 use rayon::prelude::*;
 
 use super::ggml_quant::{
-    QK_K, QKX3, encode, ggml_type, make_qkx_quants, make_qx_quants, pack_q4_k, pack_q5_0,
-    q6_k_weighted,
+    GROUP_MAX_EPS, QK_K, QKX3, encode, ggml_type, make_qkx_quants, make_qx_quants, nearest,
+    pack_q4_k, pack_q5_0, q6_k_weighted,
 };
 use crate::model::dequant::block_layout;
 
@@ -69,6 +69,7 @@ fn blockwise(
 /// the 6-bit sub-block scales and mins by `make_qp_quants`, weighted by each sub-block's
 /// total weight.
 fn q4_k(x: &[f32], importance: &[f32], _row_sigma2: f32, out: &mut [u8]) {
+    // Q4_K's sigma2 is its own block's (the row's is Q5_0's).
     let sigma2 = 2.0 * x.iter().map(|v| v * v).sum::<f32>() / QK_K as f32;
     let (mut scales, mut mins, mut sub_weights) = ([0f32; 8], [0f32; 8], [0f32; 8]);
     let mut codes = [0u8; QK_K];
@@ -114,9 +115,8 @@ fn q5_0(x: &[f32], importance: &[f32], sigma2: f32, out: &mut [u8]) {
 /// candidates for the least weighted squared error and then refined code by code (up to
 /// 5 passes). Returns (scale, codes).
 fn make_qp_quants(nmax: i32, x: &[f32; 8], weights: &[f32; 8]) -> (f32, [u8; 8]) {
-    let nearest = |v: f32| v.round_ties_even() as i32;
     let max = x.iter().fold(0f32, |m, &v| m.max(v));
-    if max < 1e-15 {
+    if max < GROUP_MAX_EPS {
         return (0.0, [0; 8]);
     }
     let mut iscale = nmax as f32 / max;
