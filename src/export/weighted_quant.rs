@@ -25,14 +25,12 @@ pub fn encode_with_importance(
 ) -> Vec<u8> {
     assert_eq!(importance.len(), row_len, "one importance per column");
     assert_eq!(values.len() % row_len, 0, "whole rows");
-    let row_encoder: fn(&[f32], &[f32], &mut [u8]) = match ggml_type {
-        ggml_type::Q4_K => |x, w, out| blockwise(x, w, out, QK_K, 144, q4_k),
-        ggml_type::Q6_K => |x, w, out| {
-            blockwise(x, w, out, QK_K, 210, |x, w, _, out| {
-                q6_k_weighted(x, Some(w), out)
-            })
-        },
-        ggml_type::Q5_0 => |x, w, out| blockwise(x, w, out, 32, 22, q5_0),
+    // Each block from its values, their importances and the row's mean square (only
+    // Q5_0 weighs by the row's; Q4_K takes its own block's).
+    let block_encoder: fn(&[f32], &[f32], f32, &mut [u8]) = match ggml_type {
+        ggml_type::Q4_K => q4_k,
+        ggml_type::Q6_K => |x, w, _, out| q6_k_weighted(x, Some(w), out),
+        ggml_type::Q5_0 => q5_0,
         _ => return encode(ggml_type, values),
     };
     let (size, bytes) = block_layout(ggml_type).expect("a block type");
@@ -40,28 +38,17 @@ pub fn encode_with_importance(
     let mut out = vec![0u8; values.len() / size * bytes];
     out.par_chunks_mut(row_bytes)
         .zip(values.par_chunks(row_len))
-        .for_each(|(encoded, row)| row_encoder(row, importance, encoded));
+        .for_each(|(encoded, row)| {
+            let sigma2 = row.iter().map(|v| v * v).sum::<f32>() / row_len as f32;
+            for ((x, w), block) in row
+                .chunks(size)
+                .zip(importance.chunks(size))
+                .zip(encoded.chunks_mut(bytes))
+            {
+                block_encoder(x, w, sigma2, block);
+            }
+        });
     out
-}
-
-/// One row, block by block: `encode(block, its importances, sigma2, out)`, where
-/// sigma2 is the row's mean square (Q5_0 weighs by it).
-fn blockwise(
-    row: &[f32],
-    importance: &[f32],
-    out: &mut [u8],
-    size: usize,
-    bytes: usize,
-    encode: fn(&[f32], &[f32], f32, &mut [u8]),
-) {
-    let sigma2 = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
-    for ((x, w), block) in row
-        .chunks(size)
-        .zip(importance.chunks(size))
-        .zip(out.chunks_mut(bytes))
-    {
-        encode(x, w, sigma2, block);
-    }
 }
 
 /// `quantize_row_q4_K_impl`: each sub-block's scale and min by `make_qkx3_quants` with
@@ -69,7 +56,6 @@ fn blockwise(
 /// the 6-bit sub-block scales and mins by `make_qp_quants`, weighted by each sub-block's
 /// total weight.
 fn q4_k(x: &[f32], importance: &[f32], _row_sigma2: f32, out: &mut [u8]) {
-    // Q4_K's sigma2 is its own block's (the row's is Q5_0's).
     let sigma2 = 2.0 * x.iter().map(|v| v * v).sum::<f32>() / QK_K as f32;
     let (mut scales, mut mins, mut sub_weights) = ([0f32; 8], [0f32; 8], [0f32; 8]);
     let mut codes = [0u8; QK_K];
