@@ -127,20 +127,23 @@ pub fn report() -> Option<String> {
             let steps = totals.steps as f64;
             let all: u64 = totals.kernels.values().flat_map(|ops| ops.values()).sum();
             lines.push(format!(
-                "kernels per step: {:.0}; the most frequent per phase (per step):",
+                "kernels per step: {:.0}; the most frequent per phase (per occurrence):",
                 all as f64 / steps
             ));
             for (phase, ops) in &totals.kernels {
                 let mut top: Vec<(&String, &u64)> = ops.iter().collect();
                 top.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+                // Per occurrence of this phase (a decode step, one sampling), so that the
+                // counts add up to the phase's kernels above.
+                let occurrences = totals.phases.get(phase).map_or(1, |p| p.2.max(1)) as f64;
                 lines.push(format!(
                     "  {phase}: {}",
                     top.iter()
-                        .take(16)
+                        .take(24)
                         .map(|(name, count)| format!(
-                            "{} {:.0}",
+                            "{} {:.1}",
                             name.trim_start_matches("aten::"),
-                            **count as f64 / steps
+                            **count as f64 / occurrences
                         ))
                         .collect::<Vec<_>>()
                         .join(", ")
