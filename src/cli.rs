@@ -544,20 +544,21 @@ pub struct TrainArgs {
     #[arg(long, visible_alias = "lora_dropout")]
     pub lora_dropout: Option<f64>,
     /// Comma-separated projections (default all seven: q,k,v,o,gate,up,down).
-    #[arg(long, visible_alias = "lora_targets", value_delimiter = ',')]
+    #[arg(long, visible_aliases = ["lora_targets", "target_modules", "target-modules"], value_delimiter = ',')]
     pub lora_targets: Option<Vec<String>>,
     /// Rank-stabilised LoRA scaling (alpha / sqrt(r)).
-    #[arg(long)]
+    #[arg(long, visible_aliases = ["use_rslora", "use-rslora"])]
     pub rslora: bool,
-    #[arg(long)]
+    #[arg(long, visible_aliases = ["learning_rate", "learning-rate"])]
     pub lr: Option<f64>,
-    #[arg(long)]
+    #[arg(long, visible_aliases = ["num_train_epochs", "num-train-epochs"])]
     pub epochs: Option<f64>,
-    #[arg(long, visible_aliases = ["bsz", "batch_size"])]
+    #[arg(long, visible_aliases = ["bsz", "batch_size", "per_device_train_batch_size", "per-device-train-batch-size"])]
     pub batch_size: Option<usize>,
-    #[arg(long, visible_alias = "grad_accum")]
+    #[arg(long, visible_aliases = ["grad_accum", "gradient_accumulation_steps", "gradient-accumulation-steps"])]
     pub grad_accum: Option<usize>,
-    #[arg(long, visible_alias = "cutoff_len")]
+    /// Tokens per example, prompt and answer together (longer ones are cut; TRL's max_length).
+    #[arg(long, visible_aliases = ["cutoff_len", "max_length", "max-length", "max_seq_length", "max-seq-length"])]
     pub cutoff_len: Option<usize>,
     #[arg(long, value_enum)]
     pub precision: Option<Precision>,
@@ -574,9 +575,15 @@ pub struct TrainArgs {
     pub gradient_checkpointing: bool,
     #[arg(long)]
     pub seed: Option<u64>,
+    /// The share of the run's steps the learning rate warms up over (transformers 4's
+    /// warmup_ratio; default 0).
     #[arg(long, visible_alias = "warmup_ratio")]
     pub warmup_ratio: Option<f64>,
-    #[arg(long, visible_alias = "lr_scheduler", value_enum)]
+    /// Warmup as transformers 5 spells it: N >= 1 steps, or below 1 a share of the run.
+    #[arg(long, visible_alias = "warmup_steps", value_name = "N")]
+    pub warmup_steps: Option<f64>,
+    /// linear (default), cosine, constant (no warmup, as transformers'), constant_with_warmup.
+    #[arg(long, visible_aliases = ["lr_scheduler", "lr_scheduler_type", "lr-scheduler-type"], value_enum)]
     pub lr_scheduler: Option<crate::train::lr_schedule::Schedule>,
     #[arg(long, visible_alias = "weight_decay")]
     pub weight_decay: Option<f64>,

@@ -56,6 +56,9 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     if args.max_steps.is_some() {
         c.max_steps = args.max_steps;
     }
+    if args.warmup_steps.is_some() {
+        c.warmup_steps = args.warmup_steps;
+    }
     if args.early_stopping_patience.is_some() {
         c.early_stopping_patience = args.early_stopping_patience;
     }
@@ -194,6 +197,160 @@ fn strip_launch_flags(args: impl Iterator<Item = String>) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    /// The configuration `amthal ARGS...` resolves to.
+    fn config_of(args: &[&str]) -> TrainConfig {
+        let cli =
+            crate::cli::Cli::try_parse_from(std::iter::once("amthal").chain(args.iter().copied()))
+                .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        match cli.command {
+            crate::cli::Command::Train(args) => resolve_config(&args).unwrap(),
+            _ => panic!("not a train command"),
+        }
+    }
+
+    #[test]
+    fn hf_trainer_and_peft_spellings_set_the_same_settings() {
+        let amthal = config_of(&[
+            "train",
+            "--lr",
+            "3e-4",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "4",
+            "--grad-accum",
+            "2",
+            "--cutoff-len",
+            "512",
+            "--lr-scheduler",
+            "cosine",
+            "--lora-targets",
+            "q_proj,v_proj",
+            "--rslora",
+            "--warmup-steps",
+            "0.1",
+        ]);
+        let hf = config_of(&[
+            "train",
+            "--learning_rate",
+            "3e-4",
+            "--num_train_epochs",
+            "2",
+            "--per_device_train_batch_size",
+            "4",
+            "--gradient_accumulation_steps",
+            "2",
+            "--max_length",
+            "512",
+            "--lr_scheduler_type",
+            "cosine",
+            "--target_modules",
+            "q_proj,v_proj",
+            "--use_rslora",
+            "--warmup_steps",
+            "0.1",
+        ]);
+        let dashed = config_of(&[
+            "train",
+            "--learning-rate",
+            "3e-4",
+            "--num-train-epochs",
+            "2",
+            "--per-device-train-batch-size",
+            "4",
+            "--gradient-accumulation-steps",
+            "2",
+            "--max-seq-length",
+            "512",
+            "--lr-scheduler-type",
+            "cosine",
+            "--target-modules",
+            "q_proj,v_proj",
+            "--use-rslora",
+            "--warmup-steps",
+            "0.1",
+        ]);
+        assert_eq!(amthal, hf);
+        assert_eq!(amthal, dashed);
+        // And they differ from the defaults, so the comparison saw every flag.
+        let defaults = TrainConfig::default();
+        assert_ne!(amthal.lr, defaults.lr);
+        assert_ne!(amthal.epochs, defaults.epochs);
+        assert_ne!(amthal.batch_size, defaults.batch_size);
+        assert_ne!(amthal.grad_accum, defaults.grad_accum);
+        assert_ne!(amthal.cutoff_len, defaults.cutoff_len);
+        assert_ne!(amthal.lr_scheduler, defaults.lr_scheduler);
+        assert_ne!(amthal.lora_targets, defaults.lora_targets);
+        assert!(amthal.rslora && !defaults.rslora);
+        assert_eq!(amthal.warmup_steps, Some(0.1));
+    }
+
+    #[test]
+    fn a_config_file_takes_hf_names_too() {
+        let dir = std::env::temp_dir().join(format!("amthal-hf-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("hf.toml");
+        std::fs::write(
+            &path,
+            "learning_rate = 3e-4\nnum_train_epochs = 2.0\nper_device_train_batch_size = 4\n\
+             gradient_accumulation_steps = 2\nmax_seq_length = 512\n\
+             lr_scheduler_type = \"constant_with_warmup\"\ntarget_modules = [\"q_proj\"]\n\
+             use_rslora = true\nwarmup_steps = 10.0\n",
+        )
+        .unwrap();
+        let from_file = config_of(&["train", "--config", path.to_str().unwrap()]);
+        let from_flags = config_of(&[
+            "train",
+            "--lr",
+            "3e-4",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "4",
+            "--grad-accum",
+            "2",
+            "--cutoff-len",
+            "512",
+            "--lr-scheduler",
+            "constant_with_warmup",
+            "--lora-targets",
+            "q_proj",
+            "--rslora",
+            "--warmup-steps",
+            "10",
+        ]);
+        assert_eq!(from_file, from_flags);
+        // The saved form (training_config.toml) reads back as itself.
+        let saved = dir.join("saved.toml");
+        std::fs::write(&saved, from_file.to_toml()).unwrap();
+        assert_eq!(TrainConfig::from_toml(&saved).unwrap(), from_file);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn warmup_given_twice_or_negative_is_refused() {
+        let both = config_of(&["train", "--warmup-ratio", "0.1", "--warmup-steps", "5"]);
+        let message = both.validate().unwrap_err().to_string();
+        assert!(
+            message.contains("--warmup-steps 5") && message.contains("--warmup-ratio 0.1"),
+            "{message}"
+        );
+        let negative = config_of(&["train", "--warmup-steps=-1"]);
+        assert!(
+            negative
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("--warmup-steps must be")
+        );
+        assert!(
+            config_of(&["train", "--warmup-steps", "5"])
+                .validate()
+                .is_ok()
+        );
+    }
 
     #[test]
     fn workers_get_the_command_without_the_launcher_flags() {

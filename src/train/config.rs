@@ -1,6 +1,7 @@
 //! The training configuration: defaults as the seed's train.py and HF Trainer have
-//! them, a TOML file (`--config`, same keys as the flags with underscores), then
-//! command-line flags on top. The effective configuration is printed and saved.
+//! them, a TOML file (`--config`, same keys as the flags with underscores; HF's
+//! TrainingArguments / LoraConfig names where amthal's differ, such as learning_rate
+//! or gradient_accumulation_steps, are accepted too), then command-line flags on top. The effective configuration is printed and saved.
 
 use std::path::{Path, PathBuf};
 
@@ -42,18 +43,31 @@ pub struct TrainConfig {
     pub lora_r: i64,
     pub lora_alpha: f64,
     pub lora_dropout: f64,
+    #[serde(alias = "target_modules")]
     pub lora_targets: Vec<String>,
+    #[serde(alias = "use_rslora")]
     pub rslora: bool,
+    #[serde(alias = "learning_rate")]
     pub lr: f64,
+    #[serde(alias = "num_train_epochs")]
     pub epochs: f64,
+    #[serde(alias = "bsz")]
+    #[serde(alias = "per_device_train_batch_size")]
     pub batch_size: usize,
+    #[serde(alias = "gradient_accumulation_steps")]
     pub grad_accum: usize,
+    #[serde(alias = "max_length")]
+    #[serde(alias = "max_seq_length")]
     pub cutoff_len: usize,
     pub precision: Precision,
     pub device: String,
     pub gradient_checkpointing: bool,
     pub seed: u64,
     pub warmup_ratio: f64,
+    /// transformers 5's warmup_steps: >= 1 a number of steps, below 1 a share of the
+    /// run (its replacement for warmup_ratio); None: `warmup_ratio` decides.
+    pub warmup_steps: Option<f64>,
+    #[serde(alias = "lr_scheduler_type")]
     pub lr_scheduler: Schedule,
     pub weight_decay: f64,
     pub max_grad_norm: f64,
@@ -134,6 +148,7 @@ impl Default for TrainConfig {
             gradient_checkpointing: false,
             seed: 42,
             warmup_ratio: 0.0,
+            warmup_steps: None,
             lr_scheduler: Schedule::Linear,
             weight_decay: 0.0,
             max_grad_norm: 1.0,
@@ -182,6 +197,20 @@ impl TrainConfig {
         }
         if !(0.0..1.0).contains(&self.warmup_ratio) {
             bail_input!("--warmup-ratio must be in [0, 1)");
+        }
+        if let Some(steps) = self.warmup_steps {
+            if !(steps.is_finite() && steps >= 0.0) {
+                bail_input!(
+                    "--warmup-steps must be a number of steps (>= 1) or a share of the run (below 1), not {steps}"
+                );
+            }
+            if self.warmup_ratio > 0.0 {
+                bail_input!(
+                    "--warmup-steps {steps} and --warmup-ratio {}: both set the warmup (transformers 5 \
+                     replaced warmup_ratio by a warmup_steps below 1); give one",
+                    self.warmup_ratio
+                );
+            }
         }
         if self.eval_strategy == EvalStrategy::Steps && self.eval_steps == 0 {
             bail_input!("--eval-strategy steps needs --eval-steps > 0");

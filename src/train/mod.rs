@@ -126,11 +126,24 @@ impl Schedule {
             Some(steps) => steps as i64,
             None => (config.epochs * windows_per_epoch as f64).ceil() as i64,
         };
+        let asked =
+            lr_schedule::warmup_steps(config.warmup_steps, config.warmup_ratio, total_steps);
+        let warmup = if config.lr_scheduler.warms_up() {
+            asked
+        } else {
+            if asked > 0 {
+                tracing::warn!(
+                    "--lr-scheduler constant has no warmup, as in transformers: the {asked} \
+                     warmup steps asked are ignored (constant_with_warmup warms up)"
+                );
+            }
+            0
+        };
         Schedule {
             micro_per_epoch,
             windows_per_epoch,
             total_steps,
-            warmup: (config.warmup_ratio * total_steps as f64).ceil() as i64,
+            warmup,
         }
     }
 }
