@@ -664,6 +664,11 @@ pub struct TrainArgs {
     pub quantize: QuantizeArgs,
     #[command(flatten)]
     pub launch: LaunchArgs,
+    /// NEFTune: uniform noise on the input embeddings while training, scaled by
+    /// alpha / sqrt(length x hidden) (HF Trainer's neftune_noise_alpha; its paper uses 5
+    /// to 15). Not with --cuda-graphs.
+    #[arg(long, visible_aliases = ["neftune_noise_alpha"], value_name = "ALPHA")]
+    pub neftune_noise_alpha: Option<f64>,
     /// Continue from the latest checkpoint in --output-dir, or from the one named.
     #[arg(long, num_args = 0..=1, default_missing_value = "latest", value_name = "checkpoint-N")]
     pub resume: Option<String>,

@@ -44,6 +44,7 @@ fn settings(step: u64, checkpointing: bool, full: bool, tokens: i64) -> StepSett
         micro_offset: 0,
         micro_stride: 1,
         padding_only: false,
+        neftune_noise_alpha: None,
     }
 }
 

@@ -17,7 +17,7 @@ use amthal::train::loss_scale::LossScaler;
 use amthal::train::micro_step;
 use amthal::train::moments::OptimKind;
 use amthal::train::optim::AdamW;
-use amthal::train::step::{StepSettings, optimizer_step};
+use amthal::train::step::{Draws, StepSettings, optimizer_step, training_embeddings};
 use amthal::train::trainables::trainable_tensors;
 use common::tiny::{encoded_rows, model_for, window_tokens};
 use common::*;
@@ -52,7 +52,7 @@ fn packed_batches_give_the_padded_losses_and_gradients() {
                     &model,
                     batch,
                     1.0 / tokens as f64,
-                    (5, 0),
+                    Draws::new(5, 0),
                     checkpointing,
                     full,
                 )
@@ -114,6 +114,126 @@ fn packed_batches_give_the_padded_losses_and_gradients() {
             "checkpointed vs plain gradients: {difference}"
         );
     }
+}
+
+/// NEFTune (`--neftune-noise-alpha`): the embeddings get uniform noise within HF's
+/// bound alpha / sqrt(L x hidden), L the longest example (for a packed batch too, not
+/// the packed row's length); drawn from the micro-batch's place in the run, so the
+/// plain, checkpointed and in-backward routes train alike and a resume redraws it.
+#[test]
+fn neftune_noise_is_bounded_reproducible_and_the_same_on_every_route() {
+    let rows = encoded_rows();
+    let rows: Vec<&Encoded> = rows.iter().take(4).collect();
+    let longest = rows.iter().map(|r| r.input_ids.len()).max().unwrap() as i64;
+    let (model, mode) = model_for(false, true);
+    let hidden = model.config.hidden_size as i64;
+    let alpha = 5.0;
+    let bound = amthal::train::step::neftune_bound(alpha, longest, hidden);
+    assert!((bound - alpha / ((longest * hidden) as f64).sqrt()).abs() < 1e-15);
+    let draws = Draws {
+        neftune_noise_alpha: Some(alpha),
+        ..Draws::new(7, 3)
+    };
+    let padded = Batch::from_encoded(&rows, Device::Cpu);
+    let packed = Batch::packed(&rows, Device::Cpu);
+    for (name, batch) in [("padded", &padded), ("packed", &packed)] {
+        let plain = model.embed(&batch.input_ids);
+        let noise = training_embeddings(&model, batch, Some(draws)) - &plain;
+        let largest = noise.abs().max().double_value(&[]);
+        let mean = noise.abs().mean(tch::Kind::Float).double_value(&[]);
+        // Uniform in [-bound, bound]: the largest of thousands near the bound, the mean
+        // magnitude near half of it. A packed batch scaled by its whole row's length
+        // would stay under 0.6 x the bound here.
+        assert!(
+            largest <= bound * (1.0 + 1e-6),
+            "{name}: {largest} > {bound}"
+        );
+        assert!(largest > 0.95 * bound, "{name}: {largest} vs {bound}");
+        assert!(
+            (mean / bound - 0.5).abs() < 0.05,
+            "{name}: mean {mean} vs {bound}"
+        );
+        // The same place in the run draws the same noise; another place other noise.
+        let again = training_embeddings(&model, batch, Some(draws)) - &plain;
+        assert_eq!(max_difference(&noise, &again), 0.0, "{name}");
+        let elsewhere = Draws { micro: 4, ..draws };
+        let other = training_embeddings(&model, batch, Some(elsewhere)) - &plain;
+        assert!(max_difference(&noise, &other) > 0.5 * bound, "{name}");
+        // Without NEFTune, the embeddings themselves.
+        let off = training_embeddings(&model, batch, Some(Draws::new(7, 3)));
+        assert_eq!(max_difference(&off, &plain), 0.0, "{name}");
+    }
+
+    // The plain and checkpointed passes see the same noise: equal losses and gradients.
+    let tokens: i64 = rows.iter().map(|r| r.trained_tokens() as i64).sum();
+    let trainable = trainable_tensors(&model, &mode);
+    let run = |draws: Draws, checkpointing: bool| -> (f64, Vec<Tensor>) {
+        for (_, tensor, _) in &trainable {
+            tensor.shallow_clone().zero_grad();
+        }
+        let loss = micro_step(
+            &model,
+            &packed,
+            1.0 / tokens as f64,
+            draws,
+            checkpointing,
+            false,
+        )
+        .unwrap();
+        let grads = trainable.iter().map(|(_, t, _)| t.grad().copy()).collect();
+        (loss, grads)
+    };
+    let (plain_loss, plain_grads) = run(draws, false);
+    let (checkpointed_loss, checkpointed_grads) = run(draws, true);
+    let (quiet_loss, _) = run(Draws::new(7, 3), false);
+    assert!((plain_loss - checkpointed_loss).abs() < 1e-6 * plain_loss.abs());
+    for (a, b) in plain_grads.iter().zip(&checkpointed_grads) {
+        assert!(max_difference(a, b) < 1e-6);
+    }
+    assert!(
+        (plain_loss - quiet_loss).abs() > 1e-4 * quiet_loss.abs(),
+        "the noise changed the loss: {plain_loss} vs {quiet_loss}"
+    );
+
+    // The update inside the backward pass (its own forward route) takes the update
+    // after it's step.
+    let step = |in_backward: bool, neftune: Option<f64>| -> Vec<Tensor> {
+        let (model, mode) = model_for(false, true);
+        let mut optimizer =
+            AdamW::with_kind(trainable_tensors(&model, &mode), 0.01, OptimKind::AdamW);
+        let batches: Vec<Batch> = [&rows[..2], &rows[2..]]
+            .iter()
+            .map(|micro| Batch::packed(micro, Device::Cpu))
+            .collect();
+        let settings = StepSettings {
+            seed: 7,
+            first_micro: 0,
+            checkpointing: true,
+            full: false,
+            in_backward,
+            max_grad_norm: 0.0,
+            lr: 1e-3,
+            token_scale: 1.0 / tokens as f64,
+            micro_offset: 0,
+            micro_stride: 1,
+            padding_only: false,
+            neftune_noise_alpha: neftune,
+        };
+        optimizer_step(&model, &mut optimizer, &batches, &settings, None, None).unwrap();
+        optimizer.params.iter().map(|p| p.param.copy()).collect()
+    };
+    let after = step(false, Some(alpha));
+    let inside = step(true, Some(alpha));
+    let quiet = step(false, None);
+    for (a, b) in after.iter().zip(&inside) {
+        assert!(max_difference(a, b) < 1e-6);
+    }
+    assert!(
+        after
+            .iter()
+            .zip(&quiet)
+            .any(|(a, b)| max_difference(a, b) > 1e-6)
+    );
 }
 
 /// Sets every LoRA projection's dropout probability.
@@ -195,6 +315,7 @@ fn three_steps(
             micro_offset: 0,
             micro_stride: 1,
             padding_only: false,
+            neftune_noise_alpha: None,
         };
         let outcome = match graphs.as_mut() {
             Some(graphs) => optimizer_step_graphed(

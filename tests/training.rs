@@ -15,6 +15,7 @@ use amthal::model::lora::{load_adapter, named_adapter_tensors};
 use amthal::model::{LoadOptions, load_llama};
 use amthal::model_source::ModelSource;
 use amthal::train::micro_step;
+use amthal::train::step::Draws;
 use common::*;
 use tch::{Device, Kind, Tensor};
 
@@ -234,7 +235,7 @@ fn lora_training_leaves_the_base_bit_identical_and_accumulation_equals_a_bigger_
                 &model,
                 &batch,
                 1.0 / tokens as f64,
-                (1, i as u64),
+                Draws::new(1, i as u64),
                 false,
                 false,
             )
@@ -462,7 +463,8 @@ fn gradient_checkpointing_gives_the_same_gradients() {
             for (_, mut t) in trainable(&model) {
                 t.zero_grad();
             }
-            let loss = micro_step(&model, &batch, 0.01, (3, 0), checkpointing, full).unwrap();
+            let loss =
+                micro_step(&model, &batch, 0.01, Draws::new(3, 0), checkpointing, full).unwrap();
             (
                 loss,
                 trainable(&model)

@@ -59,6 +59,9 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     if args.warmup_steps.is_some() {
         c.warmup_steps = args.warmup_steps;
     }
+    if args.neftune_noise_alpha.is_some() {
+        c.neftune_noise_alpha = args.neftune_noise_alpha;
+    }
     if args.early_stopping_patience.is_some() {
         c.early_stopping_patience = args.early_stopping_patience;
     }

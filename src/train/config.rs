@@ -121,6 +121,9 @@ pub struct TrainConfig {
     pub world_size: usize,
     /// `--dist-backend`: auto (NCCL on CUDA, Gloo on the CPU), gloo or nccl.
     pub dist_backend: crate::distributed::DistBackend,
+    /// NEFTune: uniform noise on the input embeddings while training (HF Trainer's
+    /// neftune_noise_alpha; `step::Draws` says how it is drawn). None: off.
+    pub neftune_noise_alpha: Option<f64>,
 }
 
 impl Default for TrainConfig {
@@ -176,6 +179,7 @@ impl Default for TrainConfig {
             zero: 0,
             world_size: 1,
             dist_backend: crate::distributed::DistBackend::Auto,
+            neftune_noise_alpha: None,
         }
     }
 }
@@ -221,6 +225,13 @@ impl TrainConfig {
         if self.epochs <= 0.0 && self.max_steps.is_none() {
             bail_input!("--epochs must be positive (or give --max-steps)");
         }
+        if let Some(alpha) = self.neftune_noise_alpha
+            && !(alpha.is_finite() && alpha > 0.0)
+        {
+            bail_input!(
+                "--neftune-noise-alpha must be a positive number (HF's examples use 5), not {alpha}"
+            );
+        }
         if self.cuda_graphs {
             self.validate_cuda_graphs()?;
         }
@@ -251,6 +262,13 @@ impl TrainConfig {
             bail_input!(
                 "--cuda-graphs records the forward and backward pass of a micro-batch, while \
                  --optim-in-backward updates tensors in the middle of the backward pass: choose one"
+            );
+        }
+        if self.neftune_noise_alpha.is_some() {
+            bail_input!(
+                "--neftune-noise-alpha with --cuda-graphs: a recorded pass cannot reseed the \
+                 generator per micro-batch, which keeps the noise reproducible on resume; leave \
+                 out one of them"
             );
         }
         Ok(())

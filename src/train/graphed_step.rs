@@ -135,6 +135,11 @@ impl MicroBatch for FixedInputs {
             .to_kind(Kind::Float)
             .cross_entropy_loss::<Tensor>(&self.targets, None, Reduction::Sum, IGNORE_INDEX, 0.0)
     }
+
+    /// The recorded width (NEFTune, the only reader, is refused with --cuda-graphs).
+    fn padded_length(&self) -> i64 {
+        self.input_ids.size()[1]
+    }
 }
 
 /// The recorded work: forward and backward of the micro-batch in `inputs`, gradients

@@ -601,6 +601,7 @@ impl Run<'_> {
             micro_offset: rank as u64,
             micro_stride: world as u64,
             padding_only,
+            neftune_noise_alpha: config.neftune_noise_alpha,
         };
         let outcome = match self.graphs.as_mut().filter(|g| g.usable()) {
             Some(graphs) => optimizer_step_graphed(

@@ -63,6 +63,8 @@ pub struct StepSettings {
     /// Data parallelism: the window had no micro-batch for this rank, which runs one
     /// anyway with weight 0 so that every rank holds a gradient for the sum.
     pub padding_only: bool,
+    /// `--neftune-noise-alpha`: noise added to the input embeddings (`Draws`).
+    pub neftune_noise_alpha: Option<f64>,
 }
 
 impl StepSettings {
@@ -75,6 +77,79 @@ impl StepSettings {
     pub(super) fn weight(&self) -> f64 {
         if self.padding_only { 0.0 } else { 1.0 }
     }
+
+    /// What this rank's `index`-th micro-batch draws at random.
+    pub(super) fn draws(&self, index: usize) -> Draws {
+        Draws {
+            seed: self.seed,
+            micro: self.micro_position(index),
+            neftune_noise_alpha: self.neftune_noise_alpha,
+        }
+    }
+}
+
+/// What a micro-batch's forward pass draws at random, each from the run's seed and the
+/// micro-batch's place in the run (so a resumed run, a checkpointed recomputation and
+/// every world size draw the same): LoRA dropout's masks, reseeded per decoder layer,
+/// and NEFTune's noise on the input embeddings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Draws {
+    pub seed: u64,
+    /// The micro-batch's global position in the run.
+    pub micro: u64,
+    /// NEFTune (Jain et al. 2023, HF Trainer's `neftune_noise_alpha`): the embeddings
+    /// get uniform noise in [-a, a], a = alpha / sqrt(L x hidden), L the length of the
+    /// micro-batch's padded rows (its longest example: what HF's hook sees as
+    /// `output.size(1)` with the seed's collator, packed or not here). Training only.
+    pub neftune_noise_alpha: Option<f64>,
+}
+
+impl Draws {
+    /// Dropout only (no NEFTune).
+    pub fn new(seed: u64, micro: u64) -> Draws {
+        Draws {
+            seed,
+            micro,
+            neftune_noise_alpha: None,
+        }
+    }
+
+    /// Reseeds the generator for decoder layer `layer`'s dropout masks.
+    fn reseed_layer(&self, layer: usize) {
+        tch::manual_seed(dropout_seed(self.seed, self.micro, layer));
+    }
+}
+
+/// The seed stream of NEFTune's noise, apart from every decoder layer's (`dropout_seed`
+/// takes it as the layer number; no model has this many layers).
+const NEFTUNE_STREAM: usize = 1 << 20;
+
+/// NEFTune's bound for a micro-batch: alpha / sqrt(L x hidden).
+pub fn neftune_bound(alpha: f64, padded_length: i64, hidden_size: i64) -> f64 {
+    alpha / ((padded_length * hidden_size) as f64).sqrt()
+}
+
+/// `embed_for_training` for a batch (what the tests read NEFTune's noise from).
+pub fn training_embeddings(model: &Llama, batch: &Batch, draws: Option<Draws>) -> Tensor {
+    embed_for_training(model, batch, draws)
+}
+
+/// The micro-batch's input embeddings for training: with NEFTune, plus its uniform
+/// noise (drawn in the embeddings' dtype, as HF's hook draws it). The noise is a
+/// constant of the graph: the embedding's gradient is the same with it or without.
+fn embed_for_training(model: &Llama, batch: &dyn MicroBatch, draws: Option<Draws>) -> Tensor {
+    let embedded = model.embed(batch.input_ids());
+    let Some((draws, alpha)) = draws.and_then(|d| d.neftune_noise_alpha.map(|a| (d, a))) else {
+        return embedded;
+    };
+    let bound = neftune_bound(
+        alpha,
+        batch.padded_length(),
+        *embedded.size().last().expect("embeddings [B, T, hidden]"),
+    );
+    tch::manual_seed(dropout_seed(draws.seed, draws.micro, NEFTUNE_STREAM));
+    let noise = tch::no_grad(|| embedded.zeros_like().uniform_(-bound, bound));
+    embedded + noise
 }
 
 /// What a step did.
@@ -133,7 +208,7 @@ fn step_after_backward(
     // the window's last backward pass is done with them (`rank_sums`).
     let mut sums = group.map(|group| RankSums::new(group, optimizer, model));
     for (index, batch) in batches.iter().enumerate() {
-        let seeds = (settings.seed, settings.micro_position(index));
+        let draws = settings.draws(index);
         let last = index + 1 == batches.len();
         let mut layer_done = |layer: usize| match (&mut sums, last) {
             (Some(sums), true) => sums.layer_done(optimizer, layer),
@@ -143,7 +218,7 @@ fn step_after_backward(
             model,
             batch,
             loss_scale * settings.token_scale * weight,
-            seeds,
+            draws,
             (settings.checkpointing, settings.full),
             &mut layer_done,
         )? * weight;
@@ -217,7 +292,7 @@ pub fn micro_step(
     model: &Llama,
     batch: &Batch,
     scale: f64,
-    seeds: (u64, u64),
+    draws: Draws,
     checkpointing: bool,
     full: bool,
 ) -> Result<f64> {
@@ -225,7 +300,7 @@ pub fn micro_step(
         model,
         batch,
         scale,
-        seeds,
+        draws,
         (checkpointing, full),
         &mut |_| Ok(()),
     )
@@ -238,7 +313,7 @@ fn micro_step_with(
     model: &Llama,
     batch: &Batch,
     scale: f64,
-    seeds: (u64, u64),
+    draws: Draws,
     flags: (bool, bool),
     layer_done: &mut dyn FnMut(usize) -> Result<()>,
 ) -> Result<f64> {
@@ -258,7 +333,7 @@ fn micro_step_with(
     let _sum = forward_backward(
         model,
         batch,
-        Some(seeds),
+        Some(draws),
         flags,
         &|sum| sum * scale,
         &mut proceed,
@@ -280,6 +355,9 @@ pub(super) trait MicroBatch {
     fn layer_context(&self, model: &Llama) -> LayerContext;
     /// The loss summed over the trained positions, from the final norm's output.
     fn loss_sum(&self, model: &Llama, normed: &Tensor) -> Tensor;
+    /// The length of the micro-batch's rows padded as HF's collator pads them (its
+    /// longest example), which NEFTune's noise scale reads.
+    fn padded_length(&self) -> i64;
 }
 
 impl MicroBatch for Batch {
@@ -294,14 +372,26 @@ impl MicroBatch for Batch {
     fn loss_sum(&self, model: &Llama, normed: &Tensor) -> Tensor {
         losses_from_hidden(model, normed, &self.answers).sum()
     }
+
+    fn padded_length(&self) -> i64 {
+        match &self.packing {
+            Some(packing) => packing
+                .segments
+                .iter()
+                .map(|&(_, length)| length)
+                .max()
+                .unwrap_or(0),
+            None => self.input_ids.size()[1],
+        }
+    }
 }
 
 /// Forward and backward pass of one micro-batch, gradients added into `.grad`; returns
 /// the loss sum (a device scalar). Issues device work only, apart from what the
 /// callers' closures do, so a CUDA graph can record it:
-/// - `seeds`: (run seed, global micro-batch position) to reseed dropout with, per
-///   layer (so the checkpointed recomputation draws the forward's masks); `None` when
-///   nothing is random (a graph cannot reseed).
+/// - `draws`: what the pass draws at random (`Draws`): dropout reseeded per layer (so
+///   the checkpointed recomputation draws the forward's masks), NEFTune's noise; `None`
+///   when nothing is random (a graph cannot reseed).
 /// - `objective(sum)`: what the backward pass starts from (the sum times the step's
 ///   scale).
 /// - `proceed(sum)`: sees the loss sum before the backward pass and says whether to
@@ -310,15 +400,15 @@ impl MicroBatch for Batch {
 pub(super) fn forward_backward(
     model: &Llama,
     batch: &dyn MicroBatch,
-    seeds: Option<(u64, u64)>,
+    draws: Option<Draws>,
     (checkpointing, full): (bool, bool),
     objective: &dyn Fn(&Tensor) -> Tensor,
     proceed: &mut dyn FnMut(&Tensor) -> bool,
     layer_done: &mut dyn FnMut(usize) -> Result<()>,
 ) -> Result<Tensor> {
     let reseed = |layer: usize| {
-        if let Some((seed, micro)) = seeds {
-            tch::manual_seed(dropout_seed(seed, micro, layer));
+        if let Some(draws) = draws {
+            draws.reseed_layer(layer);
         }
     };
     if !checkpointing {
@@ -326,7 +416,7 @@ pub(super) fn forward_backward(
         // are, so every route draws the same dropout masks: gradient checkpointing
         // trades memory for time and changes nothing else.
         let context = batch.layer_context(model);
-        let mut hidden = model.embed(batch.input_ids());
+        let mut hidden = embed_for_training(model, batch, draws);
         for layer in 0..model.layers.len() {
             reseed(layer);
             hidden = model.layer_forward(layer, &hidden, &context, None, true);
@@ -341,7 +431,7 @@ pub(super) fn forward_backward(
     // Gradient checkpointing per decoder layer: a forward pass without a graph keeps
     // only each layer's input; the backward pass recomputes one layer at a time (with
     // the same dropout seed) and pushes the gradient through it.
-    let kept = forward_keeping_layer_inputs(model, batch, seeds);
+    let kept = forward_keeping_layer_inputs(model, batch, draws);
     let top = kept.top.detach().set_requires_grad(true);
     let sum = batch.loss_sum(model, &model.final_norm(&top));
     if !proceed(&sum) {
@@ -373,19 +463,19 @@ struct KeptForward {
     top: Tensor,
 }
 
-/// `seeds` as `forward_backward`'s.
+/// `draws` as `forward_backward`'s.
 fn forward_keeping_layer_inputs(
     model: &Llama,
     batch: &dyn MicroBatch,
-    seeds: Option<(u64, u64)>,
+    draws: Option<Draws>,
 ) -> KeptForward {
     let context = batch.layer_context(model);
     let mut inputs = Vec::with_capacity(model.layers.len());
-    let mut hidden = tch::no_grad(|| model.embed(batch.input_ids()));
+    let mut hidden = tch::no_grad(|| embed_for_training(model, batch, draws));
     for layer in 0..model.layers.len() {
         inputs.push(hidden.shallow_clone());
-        if let Some((seed, micro)) = seeds {
-            tch::manual_seed(dropout_seed(seed, micro, layer));
+        if let Some(draws) = draws {
+            draws.reseed_layer(layer);
         }
         hidden = tch::no_grad(|| model.layer_forward(layer, &hidden, &context, None, true));
     }
@@ -653,11 +743,7 @@ fn backward_by_stage(
             let input = forward.inputs[layer]
                 .detach()
                 .set_requires_grad(input_grad_needed);
-            tch::manual_seed(dropout_seed(
-                settings.seed,
-                settings.micro_position(micro),
-                layer,
-            ));
+            settings.draws(micro).reseed_layer(layer);
             let output = model.layer_forward(layer, &input, &forward.context, None, true);
             let objective = (output * &hidden_grads[micro]).sum(Kind::Float);
             let wrt: Vec<Tensor> = if input_grad_needed {
@@ -702,11 +788,7 @@ fn step_in_backward(
         .iter()
         .enumerate()
         .map(|(micro, batch)| {
-            forward_keeping_layer_inputs(
-                model,
-                batch,
-                Some((settings.seed, settings.micro_position(micro))),
-            )
+            forward_keeping_layer_inputs(model, batch, Some(settings.draws(micro)))
         })
         .collect();
     let loss_scale = scaler.as_ref().map_or(1.0, |s| s.scale);
