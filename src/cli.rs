@@ -549,6 +549,11 @@ pub struct TrainArgs {
     /// Rank-stabilised LoRA scaling (alpha / sqrt(r)).
     #[arg(long, visible_aliases = ["use_rslora", "use-rslora"])]
     pub rslora: bool,
+    /// DoRA (PEFT's use_dora): LoRA with a trainable magnitude per output row; saved
+    /// as PEFT saves it. Slower per step than LoRA (each projection's norm is taken
+    /// again at every forward pass, as PEFT does).
+    #[arg(long, visible_aliases = ["use_dora", "dora"])]
+    pub use_dora: bool,
     #[arg(long, visible_aliases = ["learning_rate", "learning-rate"])]
     pub lr: Option<f64>,
     #[arg(long, visible_aliases = ["num_train_epochs", "num-train-epochs"])]

@@ -287,3 +287,64 @@ fn quantize_flags_that_cannot_apply_are_clear_errors() {
         assert!(!dir.join("run").exists(), "{extra:?} left an output folder");
     }
 }
+
+/// QDoRA: a DoRA adapter on a quantized base (its norms taken from the dequantized
+/// weights) has the dense twin's magnitudes and gradients.
+#[test]
+fn dora_on_a_quantized_base_equals_the_dense_twin() {
+    for storage in storages() {
+        let mut quantized = tiny(Some(storage));
+        let mut twin = dequantized_twin(&quantized);
+        let config = LoraConfig {
+            r: 4,
+            dropout: 0.0,
+            use_dora: true,
+            ..LoraConfig::default()
+        };
+        tch::manual_seed(3);
+        attach_new(&mut quantized, &config).unwrap();
+        tch::manual_seed(3);
+        attach_new(&mut twin, &config).unwrap();
+        for ((name, a), (_, b)) in named_adapter_tensors(&quantized)
+            .into_iter()
+            .zip(named_adapter_tensors(&twin))
+        {
+            // The magnitudes start at the same row norms.
+            let start = (a - b).abs().max().double_value(&[]);
+            assert!(start <= 1e-6, "{storage}: {name} starts {start:e} apart");
+            tch::no_grad(|| {
+                let wave = Tensor::arange(a.numel() as i64, (Kind::Float, Device::Cpu))
+                    .sin()
+                    .view(a.size().as_slice());
+                let values = if name.ends_with("lora_magnitude_vector") {
+                    a * (wave * 0.1 + 1.0)
+                } else {
+                    wave * 0.05
+                };
+                a.shallow_clone().copy_(&values);
+                b.shallow_clone().copy_(&values);
+            });
+        }
+        let batch = batch();
+        answer_token_losses(&quantized, &batch, true)
+            .sum()
+            .backward();
+        answer_token_losses(&twin, &batch, true).sum().backward();
+        let mut compared = 0;
+        for ((name, ours), (_, theirs)) in named_adapter_tensors(&quantized)
+            .into_iter()
+            .zip(named_adapter_tensors(&twin))
+        {
+            let (g, h) = (ours.grad(), theirs.grad());
+            assert!(g.defined(), "{storage}: {name} has no gradient");
+            let diff = (&g - &h).abs().max().double_value(&[]);
+            let scale = h.abs().max().double_value(&[]);
+            assert!(
+                diff <= 1e-5 * scale.max(1e-6),
+                "{storage}: {name}: gradient differs by {diff:e} (scale {scale:e})"
+            );
+            compared += 1;
+        }
+        assert_eq!(compared, 2 * 7 * 3);
+    }
+}

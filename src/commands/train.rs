@@ -67,6 +67,7 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     }
     c.lora |= args.lora;
     c.rslora |= args.rslora;
+    c.use_dora |= args.use_dora;
     c.gradient_checkpointing |= args.gradient_checkpointing;
     c.skip_invalid_rows |= args.skip_invalid_rows;
     c.save_only_model |= args.save_only_model;

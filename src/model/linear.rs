@@ -191,6 +191,35 @@ pub struct Lora {
     pub b: Tensor,
     pub scaling: f64,
     pub dropout: f64,
+    /// DoRA (PEFT's `use_dora`, Liu et al. 2024): a trainable magnitude per output row
+    /// [out], f32. The projection's weight becomes `m * V / ||V||_row` with V = W +
+    /// scaling B A, the norm treated as a constant in the backward pass (the paper's
+    /// section 4.3, as PEFT does). None: plain LoRA.
+    pub magnitude: Option<Tensor>,
+}
+
+impl Lora {
+    /// B A [out, in] in f32, the adapter's change to the weight before scaling.
+    fn product(&self) -> Tensor {
+        self.b
+            .to_kind(Kind::Float)
+            .matmul(&self.a.to_kind(Kind::Float))
+    }
+
+    /// DoRA's per-row factor m / ||W + scaling B A||_row in f32, [out], without a
+    /// gradient through the norm (PEFT's `weight_norm.detach()`); `weight`: the base
+    /// weight in any dtype. The norm is taken in f32 (PEFT takes it in the
+    /// activations' dtype: the same in f32, rounding apart in bf16).
+    fn dora_factor(&self, magnitude: &Tensor, weight: &Tensor) -> Tensor {
+        let norm = tch::no_grad(|| {
+            (weight.to_kind(Kind::Float) + self.product() * self.scaling).norm_scalaropt_dim(
+                2.0,
+                [1i64].as_slice(),
+                false,
+            )
+        });
+        magnitude.to_kind(Kind::Float) / norm
+    }
 }
 
 impl Linear {
@@ -203,7 +232,9 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor, dropout: LoraDropout) -> Tensor {
-        if let (Some(lora), Weight::Dense(weight), Some(ops)) = (&self.lora, &self.weight, ops()) {
+        if let (Some(lora), Weight::Dense(weight), Some(ops)) = (&self.lora, &self.weight, ops())
+            && lora.magnitude.is_none()
+        {
             let frozen = !weight.requires_grad()
                 && self.bias.as_ref().is_none_or(|bias| !bias.requires_grad());
             if frozen {
@@ -227,8 +258,8 @@ impl Linear {
     }
 
     /// The same sum through autograd's own operations: a quantized base, trainable
-    /// base weights, or no ops library (and the reference the fused node is tested
-    /// against).
+    /// base weights, a DoRA adapter, or no ops library (and the reference the fused
+    /// node is tested against).
     pub fn forward_unfused(&self, x: &Tensor, dropout: LoraDropout) -> Tensor {
         let y = match &self.weight {
             Weight::Dense(w) => dense_linear(x, w, self.bias.as_ref()),
@@ -237,35 +268,57 @@ impl Linear {
                 None => q.linear(x),
             },
         };
-        match &self.lora {
-            None => y,
-            Some(lora) => {
-                // Trainable A/B are kept in f32 and cast to the activations' dtype, as autocast does.
-                let kind = x.kind();
-                let x = dropout
-                    .apply(x, lora.dropout)
-                    .unwrap_or_else(|| x.shallow_clone());
-                let update = x
-                    .linear::<&Tensor>(&lora.a.to_kind(kind), None)
-                    .linear::<&Tensor>(&lora.b.to_kind(kind), None);
-                y + update * lora.scaling
-            }
+        let Some(lora) = &self.lora else {
+            return y;
+        };
+        // Trainable A/B are kept in f32 and cast to the activations' dtype, as autocast does.
+        let kind = x.kind();
+        let dropped = dropout.apply(x, lora.dropout);
+        let lora_input = dropped.as_ref().unwrap_or(x);
+        let update = lora_input
+            .linear::<&Tensor>(&lora.a.to_kind(kind), None)
+            .linear::<&Tensor>(&lora.b.to_kind(kind), None);
+        let Some(magnitude) = &lora.magnitude else {
+            return y + update * lora.scaling;
+        };
+        // DoRA, as PEFT's DoraLinearLayer.forward adds it to the base output:
+        // (factor - 1) * x'W^T + factor * scaling * x'A^T B^T, where x' is the dropped
+        // input (with dropout the base product is taken again on it, as PEFT does).
+        let weight = match &self.weight {
+            Weight::Dense(w) => w.shallow_clone(),
+            Weight::Quantized(q) => tch::no_grad(|| q.dequantize(Kind::Float)),
+        };
+        let factor = lora.dora_factor(magnitude, &weight).to_kind(kind);
+        let base = match (&dropped, &self.bias) {
+            (None, None) => y.shallow_clone(),
+            (None, Some(bias)) => &y - bias,
+            (Some(dropped), _) => self.base_product(dropped),
+        };
+        y + (&factor - 1.0) * base + factor * update * lora.scaling
+    }
+
+    /// `x W^T` without the bias.
+    fn base_product(&self, x: &Tensor) -> Tensor {
+        match &self.weight {
+            Weight::Dense(w) => dense_linear(x, w, None),
+            Weight::Quantized(q) => q.linear(x),
         }
     }
 
     /// The dense weight with the adapter folded in: W + scaling * B A (computed in
-    /// f32). Dense weights only (a quantized one cannot hold the sum).
+    /// f32), and for DoRA that times m / ||W + scaling * B A||_row (PEFT's merge).
+    /// Dense weights only (a quantized one cannot hold the sum).
     pub fn merged_weight(&self) -> Tensor {
         let weight = self.weight.expect_dense();
         match &self.lora {
             None => weight.shallow_clone(),
             Some(lora) => {
-                let delta = lora
-                    .b
-                    .to_kind(Kind::Float)
-                    .matmul(&lora.a.to_kind(Kind::Float))
-                    * lora.scaling;
-                (weight.to_kind(Kind::Float) + delta).to_kind(weight.kind())
+                let merged = weight.to_kind(Kind::Float) + lora.product() * lora.scaling;
+                let merged = match &lora.magnitude {
+                    None => merged,
+                    Some(magnitude) => lora.dora_factor(magnitude, weight).unsqueeze(1) * merged,
+                };
+                merged.to_kind(weight.kind())
             }
         }
     }
@@ -288,6 +341,7 @@ mod tests {
             b: Tensor::randn([7, 3], options).set_requires_grad(true),
             scaling: 2.5,
             dropout: 0.0,
+            magnitude: None,
         });
         linear
     }

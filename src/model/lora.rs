@@ -6,10 +6,12 @@
 //!   fan_in_fan_out false, use_rslora. Only keys that peft before 0.14 knows, so old
 //!   versions load it too.
 //! - adapter_model.safetensors: `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`
-//!   [r, in] and `...lora_B.weight` [out, r].
+//!   [r, in] and `...lora_B.weight` [out, r]; with DoRA (`use_dora`: true, a key written
+//!   only then, as peft >= 0.9 knows it) also `...lora_magnitude_vector` [out].
 //!
 //! Scaling is alpha / r (alpha / sqrt(r) with rslora). New adapters start as PEFT's:
-//! A kaiming-uniform(a = sqrt(5)), B zeros.
+//! A kaiming-uniform(a = sqrt(5)), B zeros, and DoRA's magnitudes the base weight's
+//! row norms (so a new adapter changes nothing).
 
 use std::path::Path;
 
@@ -36,6 +38,8 @@ pub struct LoraConfig {
     /// Projection names ("q_proj", ...).
     pub targets: Vec<String>,
     pub rslora: bool,
+    /// DoRA: a trainable magnitude per output row beside A and B (`linear::Lora`).
+    pub use_dora: bool,
 }
 
 impl Default for LoraConfig {
@@ -46,6 +50,7 @@ impl Default for LoraConfig {
             dropout: 0.05,
             targets: PROJECTIONS.iter().map(|s| s.to_string()).collect(),
             rslora: false,
+            use_dora: false,
         }
     }
 }
@@ -119,11 +124,21 @@ pub fn attach_new(model: &mut Llama, config: &LoraConfig) -> Result<()> {
                 .uniform_(-bound, bound)
                 .set_requires_grad(true);
             let b = Tensor::zeros([out, config.r], (Kind::Float, device)).set_requires_grad(true);
+            // DoRA starts at the base weight's row norms (B = 0: ||W + 0||), in f32.
+            let magnitude = config.use_dora.then(|| {
+                let weight = match &linear.weight {
+                    Weight::Dense(w) => w.to_kind(Kind::Float),
+                    Weight::Quantized(q) => q.dequantize(Kind::Float),
+                };
+                tch::no_grad(|| weight.norm_scalaropt_dim(2.0, [1i64].as_slice(), false))
+                    .set_requires_grad(true)
+            });
             linear.lora = Some(Lora {
                 a,
                 b,
                 scaling: config.scaling(),
                 dropout: config.dropout,
+                magnitude,
             });
         }
     }
@@ -139,6 +154,9 @@ pub fn named_adapter_tensors(model: &Llama) -> Vec<(String, &Tensor)> {
                 let prefix = format!("base_model.model.model.layers.{i}.{path}");
                 named.push((format!("{prefix}.lora_A.weight"), &lora.a));
                 named.push((format!("{prefix}.lora_B.weight"), &lora.b));
+                if let Some(magnitude) = &lora.magnitude {
+                    named.push((format!("{prefix}.lora_magnitude_vector"), magnitude));
+                }
             }
         }
     }
@@ -171,7 +189,7 @@ pub fn save_adapter(
         bail_input!("the model has no LoRA adapter to save");
     }
     write_safetensors(&dir.join(ADAPTER_WEIGHTS), &tensors)?;
-    let json = json!({
+    let mut json = json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "r": config.r,
@@ -191,6 +209,9 @@ pub fn save_adapter(
         "alpha_pattern": {},
         "revision": null,
     });
+    if config.use_dora {
+        json["use_dora"] = Value::Bool(true);
+    }
     crate::atomic::write_file(
         &dir.join(ADAPTER_CONFIG),
         serde_json::to_string_pretty(&json)?.as_bytes(),
@@ -224,16 +245,16 @@ pub fn read_adapter_config(dir: &Path) -> Result<(LoraConfig, String)> {
             "bias '{bias}' is not supported (\"none\" is)"
         )));
     }
-    for (key, ok) in [
-        ("use_dora", Value::Bool(false)),
-        ("fan_in_fan_out", Value::Bool(false)),
-    ] {
-        if let Some(value) = field(key)
-            && value != &ok
-        {
-            return Err(fail(format!("{key} = {value} is not supported")));
-        }
+    if let Some(value) = field("fan_in_fan_out")
+        && value != &Value::Bool(false)
+    {
+        return Err(fail(format!("fan_in_fan_out = {value} is not supported")));
     }
+    let use_dora = match field("use_dora") {
+        None => false,
+        Some(Value::Bool(on)) => *on,
+        Some(other) => return Err(fail(format!("use_dora = {other} is not true or false"))),
+    };
     // Newer PEFT options that change the computation: refused unless off.
     for key in ["lora_bias", "use_qalora", "use_bdlora"] {
         if field(key).is_some_and(|v| v != &Value::Bool(false)) {
@@ -291,6 +312,7 @@ pub fn read_adapter_config(dir: &Path) -> Result<(LoraConfig, String)> {
         rslora: field("use_rslora")
             .and_then(Value::as_bool)
             .unwrap_or(false),
+        use_dora,
     };
     config.validate().map_err(|e| fail(format!("{e:#}")))?;
     let base = field("base_model_name_or_path")
@@ -354,11 +376,44 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
                     .expect("present")
                     .set_requires_grad(true))
             };
+            // DoRA's magnitudes: PEFT saves them without ".weight".
+            let magnitude_name = [
+                format!("{prefix}.lora_magnitude_vector"),
+                format!("{prefix}.lora_magnitude_vector.weight"),
+                format!("{prefix}.lora_magnitude_vector.default.weight"),
+            ]
+            .into_iter()
+            .find(|name| source.shape(name).is_some());
+            let magnitude = match (config.use_dora, magnitude_name) {
+                (false, None) => None,
+                (false, Some(name)) => bail_input!(
+                    "{}: {name} is a DoRA magnitude, but the adapter config does not set use_dora",
+                    weights_path.display()
+                ),
+                (true, None) => bail_input!(
+                    "{}: use_dora is set but {prefix}.lora_magnitude_vector is missing",
+                    weights_path.display()
+                ),
+                (true, Some(name)) => {
+                    let found = source.shape(&name).unwrap_or_default();
+                    if found != [size[0]] {
+                        bail_input!(
+                            "{}: tensor {name} has shape {found:?} but this base model needs [{}] \
+                             (an adapter for another base model?)",
+                            weights_path.display(),
+                            size[0]
+                        );
+                    }
+                    used += 1;
+                    Some(load(&name)?)
+                }
+            };
             linear.lora = Some(Lora {
                 a: load(&a_name)?,
                 b: load(&b_name)?,
                 scaling: config.scaling(),
                 dropout: config.dropout,
+                magnitude,
             });
             used += 2;
         }
@@ -374,7 +429,10 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
                     .and_then(|r| r.split('.').next())
                     .and_then(|i| i.parse::<usize>().ok())
                     .is_some_and(|i| i < layer_count);
-                !inside || !(n.contains(".lora_A.") || n.contains(".lora_B."))
+                !inside
+                    || !(n.contains(".lora_A.")
+                        || n.contains(".lora_B.")
+                        || n.contains(".lora_magnitude_vector"))
             })
             .take(3)
             .collect();

@@ -116,8 +116,13 @@ pub fn restore(
 
 /// A resumed run must use the settings that decide the computation.
 pub fn check_resumable(saved: &TrainConfig, now: &TrainConfig) -> Result<()> {
-    let fields: [(&str, String, String); 13] = [
+    let fields: [(&str, String, String); 14] = [
         ("lora", saved.lora.to_string(), now.lora.to_string()),
+        (
+            "use_dora",
+            saved.use_dora.to_string(),
+            now.use_dora.to_string(),
+        ),
         ("lora_r", saved.lora_r.to_string(), now.lora_r.to_string()),
         (
             "batch_size",

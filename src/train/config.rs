@@ -47,6 +47,8 @@ pub struct TrainConfig {
     pub lora_targets: Vec<String>,
     #[serde(alias = "use_rslora")]
     pub rslora: bool,
+    /// DoRA (PEFT's use_dora): a trainable magnitude per output row beside A and B.
+    pub use_dora: bool,
     #[serde(alias = "learning_rate")]
     pub lr: f64,
     #[serde(alias = "num_train_epochs")]
@@ -141,6 +143,7 @@ impl Default for TrainConfig {
                 .map(|s| s.to_string())
                 .collect(),
             rslora: false,
+            use_dora: false,
             lr: 2e-5,
             epochs: 3.0,
             batch_size: 2,
@@ -234,6 +237,9 @@ impl TrainConfig {
         }
         if self.cuda_graphs {
             self.validate_cuda_graphs()?;
+        }
+        if self.use_dora && !self.lora {
+            bail_input!("--use-dora trains a DoRA adapter: add --lora");
         }
         if let Some(quantization) = self.quantization()?
             && !self.lora

@@ -502,6 +502,7 @@ fn load_for_training(
         dropout: config.lora_dropout,
         targets: config.lora_targets.clone(),
         rslora: config.rslora,
+        use_dora: config.use_dora,
     };
     attach_new(&mut model, &lora)?;
     Ok((model, Mode::Lora(lora)))
@@ -510,7 +511,8 @@ fn load_for_training(
 fn describe_mode(mode: &Mode) -> String {
     match mode {
         Mode::Lora(l) => format!(
-            "LoRA r={} alpha={} on {}",
+            "{} r={} alpha={} on {}",
+            if l.use_dora { "DoRA" } else { "LoRA" },
             l.r,
             l.alpha,
             l.targets.join(",")

@@ -51,6 +51,7 @@ pub fn model_for(full: bool, tied: bool) -> (Llama, Mode) {
         dropout: 0.0,
         targets: vec![],
         rslora: false,
+        use_dora: false,
     };
     (model, Mode::Lora(config))
 }
