@@ -562,7 +562,8 @@ pub struct TrainArgs {
     pub batch_size: Option<usize>,
     #[arg(long, visible_aliases = ["grad_accum", "gradient_accumulation_steps", "gradient-accumulation-steps"])]
     pub grad_accum: Option<usize>,
-    /// Tokens per example, prompt and answer together (longer ones are cut; TRL's max_length).
+    /// Tokens per example, prompt and answer together (longer ones are cut; TRL's
+    /// max_length without its packing, which would mean the packed row's length).
     #[arg(long, visible_aliases = ["cutoff_len", "max_length", "max-length", "max_seq_length", "max-seq-length"])]
     pub cutoff_len: Option<usize>,
     #[arg(long, value_enum)]

@@ -619,7 +619,7 @@ fn continuous_inner(
             .iter()
             .map(|s| s.as_ref().map_or(0, |s| s.position))
             .collect();
-        crate::profile::start();
+        crate::profile::resume();
         let step_started = std::time::Instant::now();
         let recording = decode.records_next(device);
         let logits = decode.run(model, &mut cache, &ids, &positions)?;

@@ -58,16 +58,29 @@ pub fn enable_from_env(device: tch::Device) {
 
 /// Marks the start of a step's first phase.
 pub fn start() {
+    begin(true);
+}
+
+/// Marks the start of a later phase of the same step after host work that belongs to
+/// no phase (evaluate's decode step, after the admission of new prompts and the
+/// bookkeeping): the step count, which "kernels per step" divides by, stays.
+pub fn resume() {
+    begin(false);
+}
+
+fn begin(new_step: bool) {
     PROFILE.with(|p| {
         if let Some(totals) = p.borrow_mut().as_mut() {
             if let Some(device) = totals.device {
                 crate::cuda::synchronize(device);
             }
             if totals.counting {
-                // What ran between steps (data, logs) is not a phase's.
+                // What ran between phases (data, logs) is not a phase's.
                 let _ = take_kernels();
             }
-            totals.steps += 1;
+            if new_step {
+                totals.steps += 1;
+            }
             totals.last = Some(Instant::now());
         }
     });

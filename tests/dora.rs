@@ -180,6 +180,30 @@ fn a_new_dora_adapter_starts_at_the_base_model_and_round_trips() {
         assert_eq!(max_abs_diff(a, b), 0.0, "{a_name}");
     }
 
+    // A DoRA config whose file lacks the magnitudes is refused, naming the missing one.
+    let lacking = dir.join("lacking");
+    std::fs::create_dir_all(&lacking).unwrap();
+    std::fs::copy(
+        dir.join("adapter/adapter_config.json"),
+        lacking.join("adapter_config.json"),
+    )
+    .unwrap();
+    let without: Vec<(String, Tensor)> =
+        Tensor::read_safetensors(dir.join("adapter/adapter_model.safetensors"))
+            .unwrap()
+            .into_iter()
+            .filter(|(name, _)| !name.ends_with("lora_magnitude_vector"))
+            .collect();
+    Tensor::write_safetensors(&without, lacking.join("adapter_model.safetensors")).unwrap();
+    let message = format!(
+        "{:#}",
+        load_adapter(&mut load_tiny(), &lacking).unwrap_err()
+    );
+    assert!(
+        message.contains("use_dora is set but") && message.contains("lora_magnitude_vector"),
+        "{message}"
+    );
+
     // A plain LoRA adapter config with the magnitudes in its file is refused.
     let config_path = dir.join("adapter/adapter_config.json");
     let mut plain = written.clone();
@@ -237,6 +261,38 @@ fn dora_with_dropout_is_pefts_formula() {
         + &factor * x.linear::<&Tensor>(&a, None).linear::<&Tensor>(&b, None) * scaling;
     assert!(max_abs_diff(&off, &expected_off) < 1e-5);
     assert!(max_abs_diff(&ours, &off) > 1e-3);
+}
+
+/// In bf16 the DoRA term is formed in f32 and rounded once: a factor 0.3 % above 1
+/// (which bf16 would round to exactly 1) still scales the output, without bias.
+#[test]
+fn dora_in_bf16_keeps_a_factor_near_one() {
+    tch::manual_seed(6);
+    let options = (Kind::Float, Device::Cpu);
+    let weight = Tensor::randn([48, 32], options).to_kind(Kind::BFloat16);
+    let (a, b) = (
+        Tensor::randn([4, 32], options) * 0.01,
+        Tensor::randn([48, 4], options) * 0.01,
+    );
+    let scaling = 2.0;
+    let merged = weight.to_kind(Kind::Float) + b.matmul(&a) * scaling;
+    let norms = merged.norm_scalaropt_dim(2.0, [1i64].as_slice(), false);
+    let mut linear = Linear::new(weight.shallow_clone(), None);
+    linear.lora = Some(Lora {
+        a: a.shallow_clone(),
+        b: b.shallow_clone(),
+        scaling,
+        dropout: 0.0,
+        magnitude: Some(&norms * 1.003),
+    });
+    let x = Tensor::randn([64, 32], options).to_kind(Kind::BFloat16);
+    let ours = linear.forward(&x, LoraDropout::Off).to_kind(Kind::Float);
+    let reference = x.to_kind(Kind::Float).linear::<&Tensor>(&merged, None) * 1.003;
+    let large = reference.abs().gt(0.5);
+    let relative = ((&ours - &reference) / &reference).masked_select(&large);
+    let bias = relative.mean(Kind::Float).double_value(&[]);
+    assert!(relative.numel() > 1000);
+    assert!(bias.abs() < 5e-4, "mean relative error {bias:e}");
 }
 
 /// `train --lora --use-dora` writes a DoRA adapter that trained its magnitudes, which

@@ -136,6 +136,7 @@ fn neftune_noise_is_bounded_reproducible_and_the_same_on_every_route() {
     };
     let padded = Batch::from_encoded(&rows, Device::Cpu);
     let packed = Batch::packed(&rows, Device::Cpu);
+    let mut noises = Vec::new();
     for (name, batch) in [("padded", &padded), ("packed", &packed)] {
         let plain = model.embed(&batch.input_ids);
         let noise = training_embeddings(&model, batch, Some(draws)) - &plain;
@@ -162,7 +163,22 @@ fn neftune_noise_is_bounded_reproducible_and_the_same_on_every_route() {
         // Without NEFTune, the embeddings themselves.
         let off = training_embeddings(&model, batch, Some(Draws::new(7, 3)));
         assert_eq!(max_difference(&off, &plain), 0.0, "{name}");
+        noises.push(noise);
     }
+    // On the CPU a packed row draws the padded batch's noise: each token gets the noise
+    // its position in the padded batch gets (as LoRA dropout's masks).
+    let layout = packed
+        .packing
+        .as_ref()
+        .unwrap()
+        .padded_layout
+        .as_ref()
+        .unwrap();
+    let padded_at_tokens = noises[0].view([-1, hidden]).index_select(0, &layout.index);
+    assert_eq!(
+        max_difference(&padded_at_tokens, &noises[1].view([-1, hidden])),
+        0.0
+    );
 
     // The plain and checkpointed passes see the same noise: equal losses and gradients.
     let tokens: i64 = rows.iter().map(|r| r.trained_tokens() as i64).sum();

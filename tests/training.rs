@@ -757,3 +757,68 @@ fn save_only_model_skips_optimizer_state() {
     // The disk check counts no optimizer state for these checkpoints.
     assert_eq!(summary_of(&out)["checkpoint_bytes_estimated"][1], 0);
 }
+
+/// `--warmup-steps` and `--lr-scheduler` reach the loop (the logged rate of each step is
+/// transformers': linear with 2 warmup steps of 4; constant never warms up), and so does
+/// `--neftune-noise-alpha` (the same run with noise trains another adapter).
+#[test]
+fn warmup_schedules_and_neftune_reach_the_training_loop() {
+    let dir = temp_dir("warmup");
+    let data = sample_data();
+    let run = |name: &str, extra: &[&str]| -> std::path::PathBuf {
+        let out = dir.join(name);
+        let mut args = vec![
+            "--data-dir",
+            &data,
+            "--lora",
+            "--lr",
+            "1e-3",
+            "--max-steps",
+            "4",
+            "--bsz",
+            "2",
+            "--grad-accum",
+            "1",
+            "--eval-strategy",
+            "no",
+            "--previews",
+            "0",
+        ];
+        args.extend(extra);
+        let output = run_train(&out, &args);
+        assert!(output.status.success(), "{}", stderr(&output));
+        out
+    };
+    let rates = |out: &Path| -> Vec<f64> {
+        log_of(out)
+            .iter()
+            .filter_map(|entry| entry["learning_rate"].as_f64())
+            .collect()
+    };
+    let linear = run("linear", &["--warmup-steps", "2"]);
+    assert_eq!(rates(&linear), vec![0.0, 5e-4, 1e-3, 5e-4]);
+    let constant = run(
+        "constant",
+        &["--warmup_steps", "2", "--lr_scheduler_type", "constant"],
+    );
+    assert_eq!(rates(&constant), vec![1e-3; 4]);
+    let warm = run(
+        "constant-with-warmup",
+        &[
+            "--warmup-steps",
+            "0.5",
+            "--lr-scheduler",
+            "constant_with_warmup",
+        ],
+    );
+    assert_eq!(rates(&warm), vec![0.0, 5e-4, 1e-3, 1e-3]);
+    let noisy = run(
+        "neftune",
+        &["--warmup-steps", "2", "--neftune-noise-alpha", "5"],
+    );
+    let differs = tensors(&linear.join("adapter_model.safetensors"))
+        .iter()
+        .zip(tensors(&noisy.join("adapter_model.safetensors")).iter())
+        .any(|((_, a), (_, b))| !a.equal(b));
+    assert!(differs, "NEFTune changed nothing");
+}

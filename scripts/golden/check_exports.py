@@ -1,6 +1,7 @@
 """Checks, with transformers + PEFT, that what amthal writes loads in Python with the same
-logits: a LoRA adapter saved by amthal (PeftModel.from_pretrained), and merged HF model
-folders, single-file and sharded (AutoModelForCausalLM.from_pretrained).
+logits: a LoRA adapter saved by amthal (PeftModel.from_pretrained), merged HF model
+folders, single-file and sharded (AutoModelForCausalLM.from_pretrained), and LoRA and DoRA
+adapters trained by `amthal train` (the same loss).
 
     scripts/golden/check_exports.sh     # runs the Rust test that writes them, then this
 """
@@ -39,12 +40,14 @@ reference = AutoTokenizer.from_pretrained(ROOT / "tests" / "fixtures" / "tiny-ll
 same = tok("يضرب المثل")["input_ids"] == reference("يضرب المثل")["input_ids"]
 print(("ok" if same else "MISMATCH") + ": tokenizer saved by amthal")
 
-# An adapter trained by `amthal train`: PEFT's answer-token loss on amthal's token ids
-# equals `amthal loss` with that adapter.
-trained = export / "trained"
-if trained.is_dir():
+# Adapters trained by `amthal train` (LoRA, and DoRA with --use-dora): PEFT's answer-token
+# loss on amthal's token ids equals `amthal loss` with that adapter.
+for kind in ["lora", "dora"]:
+    trained = export / f"trained_{kind}"
+    if not trained.is_dir():
+        continue
     rows = [json.loads(l) for l in (export / "tokenized.jsonl").read_text().splitlines()]
-    ours = json.loads((export / "trained_loss.json").read_text())["loss"]
+    ours = json.loads((export / f"trained_{kind}_loss.json").read_text())["loss"]
     peft_model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(ROOT / "tests" / "fixtures" / "tiny-llama", dtype=torch.float32),
         trained).eval()
@@ -58,6 +61,6 @@ if trained.is_dir():
             count += int(mask.sum())
     theirs = total / count
     ok = abs(ours - theirs) / theirs <= 1e-5
-    print(("ok" if ok else "MISMATCH") + f": adapter trained by amthal in PeftModel: loss {theirs:.8f} vs amthal {ours:.8f}")
+    print(("ok" if ok else "MISMATCH") + f": {kind} adapter trained by amthal in PeftModel: loss {theirs:.8f} vs amthal {ours:.8f}")
     results.append(ok)
 sys.exit(0 if all(results) and same else 1)

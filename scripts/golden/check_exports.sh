@@ -10,12 +10,16 @@ cd "$root"
 cargo test --release --test model_layer adapter_round_trip_and_merge_keep_the_logits -- --exact --quiet
 amthal=$CARGO_TARGET_DIR/release/amthal
 tiny=tests/fixtures/tiny-llama
-"$amthal" train --model $tiny --data-dir examples/data --output-dir "$AMTHAL_EXPORT_DIR/trained" --lora \
-    --lr 5e-3 --max-steps 10 --bsz 4 --grad-accum 1 --precision f32 --device cpu --prompt-format plain \
-    --eval-strategy no --previews 0 >/dev/null 2>&1
 "$amthal" tokenize --model $tiny --data examples/data/Validation_data.csv --prompt-format plain --jsonl \
     > "$AMTHAL_EXPORT_DIR/tokenized.jsonl" 2>/dev/null
-"$amthal" loss --model $tiny --adapter "$AMTHAL_EXPORT_DIR/trained" --data examples/data/Validation_data.csv \
-    --prompt-format plain --precision f32 --device cpu --json > "$AMTHAL_EXPORT_DIR/trained_loss.json" 2>/dev/null
+# A LoRA and a DoRA adapter trained by amthal, each with amthal's loss on the Validation rows.
+for kind in lora dora; do
+    extra=""; [ $kind = dora ] && extra=--use-dora
+    "$amthal" train --model $tiny --data-dir examples/data --output-dir "$AMTHAL_EXPORT_DIR/trained_$kind" --lora $extra \
+        --lr 5e-3 --max-steps 10 --bsz 4 --grad-accum 1 --precision f32 --device cpu --prompt-format plain \
+        --eval-strategy no --previews 0 >/dev/null 2>&1
+    "$amthal" loss --model $tiny --adapter "$AMTHAL_EXPORT_DIR/trained_$kind" --data examples/data/Validation_data.csv \
+        --prompt-format plain --precision f32 --device cpu --json > "$AMTHAL_EXPORT_DIR/trained_${kind}_loss.json" 2>/dev/null
+done
 "$python" scripts/golden/check_exports.py "$AMTHAL_EXPORT_DIR"
 rm -rf "$AMTHAL_EXPORT_DIR"

@@ -56,8 +56,15 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     if args.max_steps.is_some() {
         c.max_steps = args.max_steps;
     }
-    if args.warmup_steps.is_some() {
-        c.warmup_steps = args.warmup_steps;
+    // A warmup flag replaces the --config file's warmup, whichever spelling it used.
+    match (args.warmup_steps, args.warmup_ratio) {
+        (Some(steps), None) => {
+            c.warmup_steps = Some(steps);
+            c.warmup_ratio = 0.0;
+        }
+        (None, Some(_)) => c.warmup_steps = None,
+        (Some(steps), Some(_)) => c.warmup_steps = Some(steps),
+        (None, None) => {}
     }
     if args.neftune_noise_alpha.is_some() {
         c.neftune_noise_alpha = args.neftune_noise_alpha;
@@ -331,6 +338,64 @@ mod tests {
         std::fs::write(&saved, from_file.to_toml()).unwrap();
         assert_eq!(TrainConfig::from_toml(&saved).unwrap(), from_file);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn other_spellings_of_the_cutoff_and_batch_size_and_a_flag_over_the_file() {
+        for spelling in [
+            "--max-length",
+            "--max_length",
+            "--max_seq_length",
+            "--max-seq-length",
+        ] {
+            assert_eq!(
+                config_of(&["train", spelling, "300"]).cutoff_len,
+                300,
+                "{spelling}"
+            );
+        }
+        let dir = std::env::temp_dir().join(format!("amthal-hf-config2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("seed.toml");
+        std::fs::write(&path, "bsz = 3\nmax_length = 256\nwarmup_ratio = 0.1\n").unwrap();
+        let path = path.to_str().unwrap();
+        let from_file = config_of(&["train", "--config", path]);
+        assert_eq!((from_file.batch_size, from_file.cutoff_len), (3, 256));
+        assert_eq!(
+            (from_file.warmup_ratio, from_file.warmup_steps),
+            (0.1, None)
+        );
+        // --warmup-steps replaces the file's warmup_ratio (flags override the file).
+        let flag = config_of(&["train", "--config", path, "--warmup-steps", "4"]);
+        assert_eq!((flag.warmup_ratio, flag.warmup_steps), (0.0, Some(4.0)));
+        assert!(flag.validate().is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn neftune_is_refused_with_cuda_graphs_and_must_be_positive() {
+        let graphs = config_of(&[
+            "train",
+            "--lora",
+            "--cuda-graphs",
+            "--neftune-noise-alpha",
+            "5",
+        ]);
+        let message = graphs.validate().unwrap_err().to_string();
+        assert!(
+            message.contains("--neftune-noise-alpha with --cuda-graphs"),
+            "{message}"
+        );
+        let zero = config_of(&["train", "--neftune_noise_alpha", "0"]);
+        assert!(
+            zero.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("positive")
+        );
+        let ok = config_of(&["train", "--lora", "--neftune-noise-alpha", "5"]);
+        assert_eq!(ok.neftune_noise_alpha, Some(5.0));
+        assert!(ok.validate().is_ok());
     }
 
     #[test]

@@ -211,13 +211,14 @@ impl Lora {
     /// weight in any dtype. The norm is taken in f32 (PEFT takes it in the
     /// activations' dtype: the same in f32, rounding apart in bf16).
     fn dora_factor(&self, magnitude: &Tensor, weight: &Tensor) -> Tensor {
-        let norm = tch::no_grad(|| {
-            (weight.to_kind(Kind::Float) + self.product() * self.scaling).norm_scalaropt_dim(
-                2.0,
-                [1i64].as_slice(),
-                false,
-            )
-        });
+        let merged = tch::no_grad(|| weight.to_kind(Kind::Float) + self.product() * self.scaling);
+        Self::factor_of_merged(magnitude, &merged)
+    }
+
+    /// m / ||merged||_row for merged = W + scaling B A in f32, the norm without a
+    /// gradient.
+    fn factor_of_merged(magnitude: &Tensor, merged: &Tensor) -> Tensor {
+        let norm = tch::no_grad(|| merged.norm_scalaropt_dim(2.0, [1i64].as_slice(), false));
         magnitude.to_kind(Kind::Float) / norm
     }
 }
@@ -284,17 +285,21 @@ impl Linear {
         // DoRA, as PEFT's DoraLinearLayer.forward adds it to the base output:
         // (factor - 1) * x'W^T + factor * scaling * x'A^T B^T, where x' is the dropped
         // input (with dropout the base product is taken again on it, as PEFT does).
+        // The term is formed in f32 (PEFT's f32 magnitudes promote it) and rounded
+        // once: in bf16 a factor within ~0.3 % of 1 would round to exactly 1.
         let weight = match &self.weight {
             Weight::Dense(w) => w.shallow_clone(),
             Weight::Quantized(q) => tch::no_grad(|| q.dequantize(Kind::Float)),
         };
-        let factor = lora.dora_factor(magnitude, &weight).to_kind(kind);
+        let factor = lora.dora_factor(magnitude, &weight);
         let base = match (&dropped, &self.bias) {
             (None, None) => y.shallow_clone(),
             (None, Some(bias)) => &y - bias,
             (Some(dropped), _) => self.base_product(dropped),
         };
-        y + (&factor - 1.0) * base + factor * update * lora.scaling
+        let term = (&factor - 1.0) * base.to_kind(Kind::Float)
+            + factor * update.to_kind(Kind::Float) * lora.scaling;
+        y + term.to_kind(kind)
     }
 
     /// `x W^T` without the bias.
@@ -316,7 +321,9 @@ impl Linear {
                 let merged = weight.to_kind(Kind::Float) + lora.product() * lora.scaling;
                 let merged = match &lora.magnitude {
                     None => merged,
-                    Some(magnitude) => lora.dora_factor(magnitude, weight).unsqueeze(1) * merged,
+                    Some(magnitude) => {
+                        Lora::factor_of_merged(magnitude, &merged).unsqueeze(1) * &merged
+                    }
                 };
                 merged.to_kind(weight.kind())
             }

@@ -116,7 +116,8 @@ pub fn restore(
 
 /// A resumed run must use the settings that decide the computation.
 pub fn check_resumable(saved: &TrainConfig, now: &TrainConfig) -> Result<()> {
-    let fields: [(&str, String, String); 14] = [
+    let warmup = |c: &TrainConfig| format!("steps {:?}, ratio {}", c.warmup_steps, c.warmup_ratio);
+    let fields: [(&str, String, String); 17] = [
         ("lora", saved.lora.to_string(), now.lora.to_string()),
         (
             "use_dora",
@@ -142,6 +143,17 @@ pub fn check_resumable(saved: &TrainConfig, now: &TrainConfig) -> Result<()> {
             now.cutoff_len.to_string(),
         ),
         ("lr", saved.lr.to_string(), now.lr.to_string()),
+        (
+            "lr_scheduler",
+            format!("{:?}", saved.lr_scheduler),
+            format!("{:?}", now.lr_scheduler),
+        ),
+        ("warmup", warmup(saved), warmup(now)),
+        (
+            "neftune_noise_alpha",
+            format!("{:?}", saved.neftune_noise_alpha),
+            format!("{:?}", now.neftune_noise_alpha),
+        ),
         (
             "data_dir",
             saved.data_dir.display().to_string(),

@@ -211,7 +211,7 @@ impl TrainConfig {
                     "--warmup-steps must be a number of steps (>= 1) or a share of the run (below 1), not {steps}"
                 );
             }
-            if self.warmup_ratio > 0.0 {
+            if steps > 0.0 && self.warmup_ratio > 0.0 {
                 bail_input!(
                     "--warmup-steps {steps} and --warmup-ratio {}: both set the warmup (transformers 5 \
                      replaced warmup_ratio by a warmup_steps below 1); give one",

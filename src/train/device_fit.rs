@@ -148,6 +148,7 @@ pub fn setup_of<'a>(
         lora: config
             .lora
             .then_some((config.lora_r, config.lora_targets.as_slice())),
+        dora: config.use_dora,
         optim: config.optim,
         batch_size: config.batch_size,
         tokens_per_row: config.cutoff_len,

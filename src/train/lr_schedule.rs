@@ -13,6 +13,7 @@ pub enum Schedule {
     /// warmup_steps; `constant_with_warmup` is the one with it).
     Constant,
     #[value(name = "constant_with_warmup", alias = "constant-with-warmup")]
+    #[serde(alias = "constant-with-warmup")]
     ConstantWithWarmup,
 }
 
@@ -25,13 +26,14 @@ impl Schedule {
 
 /// Warmup steps as transformers 5 counts them (`TrainingArguments.get_warmup_steps`):
 /// `warmup_steps` >= 1 is a number of steps, below 1 a share of `total` (rounded up);
-/// amthal's `--warmup-ratio` (transformers 4's warmup_ratio) is that share.
+/// amthal's `--warmup-ratio` (transformers 4's warmup_ratio) is that share, and decides
+/// when `warmup_steps` is 0 or unset (as in transformers 4).
 pub fn warmup_steps(warmup_steps: Option<f64>, warmup_ratio: f64, total: i64) -> i64 {
     let share = |ratio: f64| (ratio * total as f64).ceil() as i64;
     match warmup_steps {
         Some(steps) if steps >= 1.0 => steps as i64,
-        Some(ratio) => share(ratio),
-        None => share(warmup_ratio),
+        Some(ratio) if ratio > 0.0 => share(ratio),
+        _ => share(warmup_ratio),
     }
 }
 
@@ -88,8 +90,9 @@ mod tests {
         assert_eq!(warmup_steps(Some(3.7), 0.0, 100), 3);
         assert_eq!(warmup_steps(Some(0.05), 0.0, 90), 5);
         assert_eq!(warmup_steps(Some(0.0), 0.0, 90), 0);
-        // transformers 4's warmup_ratio: the same share.
+        // transformers 4's warmup_ratio: the same share, also beside warmup_steps = 0.
         assert_eq!(warmup_steps(None, 0.05, 90), 5);
+        assert_eq!(warmup_steps(Some(0.0), 0.05, 90), 5);
         assert_eq!(warmup_steps(None, 0.0, 90), 0);
     }
 }

@@ -59,6 +59,9 @@ pub struct Setup<'a> {
     pub kind: Kind,
     /// LoRA rank and target projections, or None for a full fine-tune.
     pub lora: Option<(i64, &'a [String])>,
+    /// `--use-dora`: a magnitude per output row beside each adapter, and DoRA's
+    /// working set (see `estimate`).
+    pub dora: bool,
     pub optim: OptimKind,
     pub batch_size: usize,
     pub tokens_per_row: usize,
@@ -107,8 +110,24 @@ fn model_parameters(config: &LlamaConfig) -> u64 {
         .sum()
 }
 
+/// A projection's (inputs, outputs) by its name ("q_proj", ...).
+fn projection_shape(config: &LlamaConfig, projection: &str) -> (u64, u64) {
+    let h = config.hidden_size as u64;
+    let i = config.intermediate_size as u64;
+    let q = (config.num_attention_heads * config.head_dim) as u64;
+    let kv = (config.num_key_value_heads * config.head_dim) as u64;
+    match projection {
+        "q_proj" => (h, q),
+        "k_proj" | "v_proj" => (h, kv),
+        "o_proj" => (q, h),
+        "down_proj" => (i, h),
+        _ => (h, i),
+    }
+}
+
 /// The value count of every tensor training updates: the whole model's, or the LoRA
-/// matrices' (A [r, in] and B [out, r] per targeted projection and layer).
+/// matrices' (A [r, in] and B [out, r] per targeted projection and layer, and DoRA's
+/// magnitude [out]).
 fn trained_tensor_sizes(setup: &Setup) -> Vec<u64> {
     let config = setup.config;
     match setup.lora {
@@ -117,22 +136,13 @@ fn trained_tensor_sizes(setup: &Setup) -> Vec<u64> {
             .map(|(_, shape)| shape.iter().product::<i64>() as u64)
             .collect(),
         Some((rank, targets)) => {
-            let h = config.hidden_size as u64;
-            let i = config.intermediate_size as u64;
-            let q = (config.num_attention_heads * config.head_dim) as u64;
-            let kv = (config.num_key_value_heads * config.head_dim) as u64;
             let rank = rank as u64;
             let per_layer: Vec<u64> = targets
                 .iter()
                 .flat_map(|t| {
-                    let (inputs, outputs) = match t.as_str() {
-                        "q_proj" => (h, q),
-                        "k_proj" | "v_proj" => (h, kv),
-                        "o_proj" => (q, h),
-                        "down_proj" => (i, h),
-                        _ => (h, i),
-                    };
-                    [rank * inputs, outputs * rank]
+                    let (inputs, outputs) = projection_shape(config, t);
+                    let magnitude = setup.dora.then_some(outputs);
+                    [rank * inputs, outputs * rank].into_iter().chain(magnitude)
                 })
                 .collect();
             (0..config.num_hidden_layers)
@@ -262,14 +272,30 @@ pub fn estimate(setup: &Setup) -> Estimate {
         // One projection dequantized at a time, and its dequantization's f32 scratch.
         working_layer += h * config.intermediate_size as u64 * (element + 8);
     }
+    // DoRA keeps two more outputs per adapted projection for the backward pass (the
+    // base product and the adapter's, which the magnitude's gradient reads), and takes
+    // each projection's norm through f32 copies of W, B A and their sum.
+    let mut dora_per_layer = 0;
+    if let (true, Some((_, targets))) = (setup.dora, setup.lora) {
+        let shapes: Vec<(u64, u64)> = targets
+            .iter()
+            .map(|t| projection_shape(config, t))
+            .collect();
+        dora_per_layer = 2 * tokens * shapes.iter().map(|s| s.1).sum::<u64>() * element;
+        working_layer += 12 * shapes.iter().map(|(i, o)| i * o).max().unwrap_or(0);
+    }
     let kept = if setup.optim_in_backward {
         // Every micro-batch's layer inputs, and its gradient at the current layer.
         (layers + 1) * tokens * h * element * setup.grad_accum.max(1) as u64
     } else if setup.gradient_checkpointing {
         layers * tokens * h * element
     } else {
-        layers * tokens * (34 * h) * element / 2
+        layers * (tokens * (34 * h) * element / 2 + dora_per_layer)
     };
+    if setup.gradient_checkpointing || setup.optim_in_backward {
+        // The recomputed layer's.
+        working_layer += dora_per_layer;
+    }
     let logits = tokens * config.vocab_size as u64 * 4;
     Estimate {
         weights,
@@ -303,6 +329,7 @@ mod tests {
             config: &config,
             kind: Kind::BFloat16,
             lora: None,
+            dora: false,
             optim,
             batch_size: 2,
             tokens_per_row: 1024,
@@ -393,6 +420,7 @@ mod tests {
             config: &config,
             kind: Kind::BFloat16,
             lora: Some((16, &targets)),
+            dora: false,
             optim: OptimKind::AdamW,
             batch_size: 2,
             tokens_per_row: 1024,
@@ -409,6 +437,34 @@ mod tests {
             16 * 32 * (4 * (4096 + 4096) + 3 * (4096 + 11008))
         );
         assert!(lora.total() < 40_000_000_000, "{}", lora.describe());
+        // DoRA: a magnitude per output row more (q, k, v, o, down: 4096; gate, up:
+        // 11008), and two more kept outputs per projection and layer.
+        let dora_setup = |gradient_checkpointing| Setup {
+            config: &config,
+            kind: Kind::BFloat16,
+            lora: Some((16, &targets)),
+            dora: true,
+            optim: OptimKind::AdamW,
+            batch_size: 2,
+            tokens_per_row: 1024,
+            gradient_checkpointing,
+            optim_in_backward: false,
+            grad_accum: 1,
+            quantize: None,
+            optimizer_shards: 1,
+            offload_optimizer: false,
+        };
+        let dora = estimate(&dora_setup(false));
+        assert_eq!(
+            dora.gradients / 4 - lora.gradients / 4,
+            32 * (5 * 4096 + 2 * 11008)
+        );
+        let outputs_per_layer = 5 * 4096 + 2 * 11008;
+        let kept_outputs = 32 * 2 * 2048 * outputs_per_layer * 2;
+        assert!(dora.activations >= lora.activations + kept_outputs);
+        // With gradient checkpointing only the recomputed layer keeps them.
+        let checkpointed = estimate(&dora_setup(true));
+        assert!(checkpointed.activations < dora.activations / 4);
     }
 
     /// QLoRA on ALLaM-7B's shape (issue 14's setup: r16 on 7 projections, bsz 2,
@@ -425,6 +481,7 @@ mod tests {
             config: &config,
             kind: Kind::BFloat16,
             lora: Some((16, &targets)),
+            dora: false,
             optim: OptimKind::AdamW,
             batch_size: 2,
             tokens_per_row: 1024,

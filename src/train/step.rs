@@ -36,6 +36,7 @@ use crate::batch::Batch;
 use crate::distributed::{Distributed, Pending};
 use crate::loss::{batch_context, losses_from_hidden};
 use crate::model::Llama;
+use crate::model::linear::PaddedLayout;
 use crate::model::llama::LayerContext;
 use crate::profile;
 
@@ -120,9 +121,10 @@ impl Draws {
     }
 }
 
-/// The seed stream of NEFTune's noise, apart from every decoder layer's (`dropout_seed`
-/// takes it as the layer number; no model has this many layers).
-const NEFTUNE_STREAM: usize = 1 << 20;
+/// NEFTune's noise is seeded as dropout is, from the run's seed changed by this salt:
+/// its stream is then apart from this run's dropout streams (barring a collision of
+/// the 47-bit seeds), which a layer number of its own would not guarantee.
+const NEFTUNE_SALT: u64 = 0x004E_4546_5455_4E45; // "NEFTUNE"
 
 /// NEFTune's bound for a micro-batch: alpha / sqrt(L x hidden).
 pub fn neftune_bound(alpha: f64, padded_length: i64, hidden_size: i64) -> f64 {
@@ -147,8 +149,27 @@ fn embed_for_training(model: &Llama, batch: &dyn MicroBatch, draws: Option<Draws
         batch.padded_length(),
         *embedded.size().last().expect("embeddings [B, T, hidden]"),
     );
-    tch::manual_seed(dropout_seed(draws.seed, draws.micro, NEFTUNE_STREAM));
-    let noise = tch::no_grad(|| embedded.zeros_like().uniform_(-bound, bound));
+    tch::manual_seed(dropout_seed(draws.seed ^ NEFTUNE_SALT, draws.micro, 0));
+    let noise = tch::no_grad(|| match batch.padded_layout() {
+        // A packed row on the CPU draws the padded batch's noise and keeps its tokens'
+        // rows, as `LoraDropout::Padded` draws dropout: packing changes no draw.
+        Some(layout) => {
+            let [rows, longest] = layout.shape;
+            let hidden = *embedded.size().last().expect("embeddings [B, T, hidden]");
+            let all = Tensor::zeros(
+                [rows * longest, hidden],
+                (embedded.kind(), embedded.device()),
+            )
+            .uniform_(-bound, bound);
+            let kept = if layout.index.size()[0] == rows * longest {
+                all
+            } else {
+                all.index_select(0, &layout.index)
+            };
+            kept.view(embedded.size().as_slice())
+        }
+        None => embedded.zeros_like().uniform_(-bound, bound),
+    });
     embedded + noise
 }
 
@@ -358,6 +379,11 @@ pub(super) trait MicroBatch {
     /// The length of the micro-batch's rows padded as HF's collator pads them (its
     /// longest example), which NEFTune's noise scale reads.
     fn padded_length(&self) -> i64;
+    /// A packed row on the CPU: where its tokens sit in the padded batch
+    /// (`LoraDropout::Padded`), in whose shape NEFTune draws its noise too.
+    fn padded_layout(&self) -> Option<&PaddedLayout> {
+        None
+    }
 }
 
 impl MicroBatch for Batch {
@@ -371,6 +397,10 @@ impl MicroBatch for Batch {
 
     fn loss_sum(&self, model: &Llama, normed: &Tensor) -> Tensor {
         losses_from_hidden(model, normed, &self.answers).sum()
+    }
+
+    fn padded_layout(&self) -> Option<&PaddedLayout> {
+        self.packing.as_ref()?.padded_layout.as_ref()
     }
 
     fn padded_length(&self) -> i64 {
