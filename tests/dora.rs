@@ -237,6 +237,7 @@ fn dora_with_dropout_is_pefts_formula() {
         scaling,
         dropout: p,
         magnitude: Some(magnitude.shallow_clone()),
+        frozen_factor: None,
     });
     let x = Tensor::randn([3, 4, 5], options);
     tch::manual_seed(9);
@@ -284,6 +285,7 @@ fn dora_in_bf16_keeps_a_factor_near_one() {
         scaling,
         dropout: 0.0,
         magnitude: Some(&norms * 1.003),
+        frozen_factor: None,
     });
     let x = Tensor::randn([64, 32], options).to_kind(Kind::BFloat16);
     let ours = linear.forward(&x, LoraDropout::Off).to_kind(Kind::Float);

@@ -12,7 +12,7 @@ use amthal::encode::Encoded;
 use amthal::loss::answer_token_losses;
 use amthal::model::fuse::fuse_projections;
 use amthal::model::linear::{Weight, dequantization_count};
-use amthal::model::lora::{LoraConfig, attach_new, named_adapter_tensors};
+use amthal::model::lora::{LoraConfig, attach_new, fold_adapters, named_adapter_tensors};
 use amthal::model::quantized::{QuantKind, Quantization};
 use amthal::model::{Llama, LoadOptions, load_llama};
 use amthal::model_source::ModelSource;
@@ -346,5 +346,32 @@ fn dora_on_a_quantized_base_equals_the_dense_twin() {
             compared += 1;
         }
         assert_eq!(compared, 2 * 7 * 3);
+        // Generation: the quantized projections cannot fold, and keep DoRA beside them
+        // with its factor taken once; the logits stay those of the factor per forward.
+        let before = logits(&quantized);
+        assert_eq!(fold_adapters(&mut quantized), 0, "{storage}");
+        let frozen = quantized
+            .layers
+            .iter()
+            .flat_map(|layer| layer.linears())
+            .filter(|(_, linear)| {
+                linear
+                    .lora
+                    .as_ref()
+                    .is_some_and(|lora| lora.frozen_factor.is_some())
+            })
+            .count();
+        assert_eq!(frozen, 14, "{storage}");
+        let after = logits(&quantized);
+        let difference = (&after - &before).abs().max().double_value(&[]);
+        assert!(difference <= 1e-6, "{storage}: {difference:e}");
+        // And the forward reads the kept factor (not the weight again).
+        let q = &mut quantized.layers[0].self_attn.q_proj;
+        let lora = q.lora.as_mut().unwrap();
+        lora.frozen_factor = lora.frozen_factor.as_ref().map(|f| f * 2.0);
+        assert!(
+            !logits(&quantized).allclose(&after, 1e-3, 1e-3, false),
+            "{storage}"
+        );
     }
 }

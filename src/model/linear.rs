@@ -196,6 +196,10 @@ pub struct Lora {
     /// scaling B A, the norm treated as a constant in the backward pass (the paper's
     /// section 4.3, as PEFT does). None: plain LoRA.
     pub magnitude: Option<Tensor>,
+    /// DoRA beside a quantized weight, which cannot hold the folded sum: the factor
+    /// m / ||V||_row computed once for generation (`lora::fold_adapters`), instead of
+    /// from the dequantized weight at every decoded token. None: computed per forward.
+    pub frozen_factor: Option<Tensor>,
 }
 
 impl Lora {
@@ -210,7 +214,7 @@ impl Lora {
     /// gradient through the norm (PEFT's `weight_norm.detach()`); `weight`: the base
     /// weight in any dtype. The norm is taken in f32 (PEFT takes it in the
     /// activations' dtype: the same in f32, rounding apart in bf16).
-    fn dora_factor(&self, magnitude: &Tensor, weight: &Tensor) -> Tensor {
+    pub fn dora_factor(&self, magnitude: &Tensor, weight: &Tensor) -> Tensor {
         let merged = tch::no_grad(|| weight.to_kind(Kind::Float) + self.product() * self.scaling);
         Self::factor_of_merged(magnitude, &merged)
     }
@@ -287,11 +291,16 @@ impl Linear {
         // input (with dropout the base product is taken again on it, as PEFT does).
         // The term is formed in f32 (PEFT's f32 magnitudes promote it) and rounded
         // once: in bf16 a factor within ~0.3 % of 1 would round to exactly 1.
-        let weight = match &self.weight {
-            Weight::Dense(w) => w.shallow_clone(),
-            Weight::Quantized(q) => tch::no_grad(|| q.dequantize(Kind::Float)),
+        let factor = match &lora.frozen_factor {
+            Some(factor) => factor.shallow_clone(),
+            None => {
+                let weight = match &self.weight {
+                    Weight::Dense(w) => w.shallow_clone(),
+                    Weight::Quantized(q) => tch::no_grad(|| q.dequantize(Kind::Float)),
+                };
+                lora.dora_factor(magnitude, &weight)
+            }
         };
-        let factor = lora.dora_factor(magnitude, &weight);
         let base = match (&dropped, &self.bias) {
             (None, None) => y.shallow_clone(),
             (None, Some(bias)) => &y - bias,
@@ -349,6 +358,7 @@ mod tests {
             scaling: 2.5,
             dropout: 0.0,
             magnitude: None,
+            frozen_factor: None,
         });
         linear
     }

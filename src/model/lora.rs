@@ -89,17 +89,24 @@ impl LoraConfig {
 /// Folds every attached adapter into its projection's weight, `W + scaling * B A`
 /// (computed in f32, stored in the weight's dtype), and detaches it: PEFT's
 /// `merge_and_unload`, in memory. Generation then runs one matmul per projection
-/// instead of three. Returns how many projections were folded.
+/// instead of three. Returns how many projections were folded. For generation only.
 pub fn fold_adapters(model: &mut Llama) -> usize {
     let mut folded = 0;
     for layer in model.layers.iter_mut() {
         for (_, linear) in layer.linears_mut() {
-            // A quantized projection keeps its adapter beside it: the sum would not
-            // fit its 4- or 8-bit storage without another rounding.
             if linear.lora.is_some() && linear.weight.dense().is_some() {
                 linear.weight = Weight::Dense(tch::no_grad(|| linear.merged_weight()));
                 linear.lora = None;
                 folded += 1;
+            } else if let (Some(lora), Weight::Quantized(q)) = (&mut linear.lora, &linear.weight)
+                && let Some(magnitude) = &lora.magnitude
+            {
+                // A quantized projection keeps its adapter beside it: the sum would not
+                // fit its 4- or 8-bit storage without another rounding. DoRA's factor,
+                // constant while generating, is taken once from the dequantized weight.
+                let factor =
+                    tch::no_grad(|| lora.dora_factor(magnitude, &q.dequantize(Kind::Float)));
+                lora.frozen_factor = Some(factor);
             }
         }
     }
@@ -139,6 +146,7 @@ pub fn attach_new(model: &mut Llama, config: &LoraConfig) -> Result<()> {
                 scaling: config.scaling(),
                 dropout: config.dropout,
                 magnitude,
+                frozen_factor: None,
             });
         }
     }
@@ -414,6 +422,7 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
                 scaling: config.scaling(),
                 dropout: config.dropout,
                 magnitude,
+                frozen_factor: None,
             });
             used += 2;
         }
