@@ -49,6 +49,20 @@ impl Weight {
         self.dense()
             .expect("a dense weight (quantized models are refused before this point)")
     }
+
+    /// The weight in f32 (a quantized one dequantized), without a gradient: what
+    /// DoRA's norms are taken from.
+    pub fn to_f32(&self) -> Tensor {
+        tch::no_grad(|| match self {
+            Weight::Dense(w) => w.to_kind(Kind::Float),
+            Weight::Quantized(q) => q.dequantize(Kind::Float),
+        })
+    }
+}
+
+/// The L2 norm of each row of a matrix [out, in] -> [out], without a gradient.
+pub fn row_norms(matrix: &Tensor) -> Tensor {
+    tch::no_grad(|| matrix.norm_scalaropt_dim(2.0, [1i64].as_slice(), false))
 }
 
 impl QuantizedWeight {
@@ -129,6 +143,18 @@ impl PaddedLayout {
             index: self.index.shallow_clone(),
         }
     }
+
+    /// The packed tokens' rows of `drawn` [documents x longest, width], values drawn
+    /// for every position of the padded batch (all of them when no document is
+    /// shorter than the longest).
+    pub fn tokens_of(&self, drawn: Tensor) -> Tensor {
+        let [rows, longest] = self.shape;
+        if self.index.size()[0] == rows * longest {
+            drawn
+        } else {
+            drawn.index_select(0, &self.index)
+        }
+    }
 }
 
 /// How a forward pass applies LoRA dropout to a projection's input.
@@ -172,14 +198,7 @@ impl LoraDropout<'_> {
                 let masks = Tensor::ones([rows, longest, width], (x.kind(), x.device()))
                     .dropout(p, true)
                     .view([-1, width]);
-                // Documents of one length leave no padding: every row is kept, in order.
-                let tokens = layout.index.size()[0];
-                let masks = if tokens == rows * longest {
-                    masks
-                } else {
-                    masks.index_select(0, &layout.index)
-                };
-                Some(x * masks.view(x.size().as_slice()))
+                Some(x * layout.tokens_of(masks).view(x.size().as_slice()))
             }
         }
     }
@@ -216,14 +235,7 @@ impl Lora {
     /// activations' dtype: the same in f32, rounding apart in bf16).
     pub fn dora_factor(&self, magnitude: &Tensor, weight: &Tensor) -> Tensor {
         let merged = tch::no_grad(|| weight.to_kind(Kind::Float) + self.product() * self.scaling);
-        Self::factor_of_merged(magnitude, &merged)
-    }
-
-    /// m / ||merged||_row for merged = W + scaling B A in f32, the norm without a
-    /// gradient.
-    fn factor_of_merged(magnitude: &Tensor, merged: &Tensor) -> Tensor {
-        let norm = tch::no_grad(|| merged.norm_scalaropt_dim(2.0, [1i64].as_slice(), false));
-        magnitude.to_kind(Kind::Float) / norm
+        magnitude.to_kind(Kind::Float) / row_norms(&merged)
     }
 }
 
@@ -293,13 +305,7 @@ impl Linear {
         // once: in bf16 a factor within ~0.3 % of 1 would round to exactly 1.
         let factor = match &lora.frozen_factor {
             Some(factor) => factor.shallow_clone(),
-            None => {
-                let weight = match &self.weight {
-                    Weight::Dense(w) => w.shallow_clone(),
-                    Weight::Quantized(q) => tch::no_grad(|| q.dequantize(Kind::Float)),
-                };
-                lora.dora_factor(magnitude, &weight)
-            }
+            None => lora.dora_factor(magnitude, &self.weight.to_f32()),
         };
         let base = match (&dropped, &self.bias) {
             (None, None) => y.shallow_clone(),
@@ -331,7 +337,7 @@ impl Linear {
                 let merged = match &lora.magnitude {
                     None => merged,
                     Some(magnitude) => {
-                        Lora::factor_of_merged(magnitude, &merged).unsqueeze(1) * &merged
+                        (magnitude.to_kind(Kind::Float) / row_norms(&merged)).unsqueeze(1) * &merged
                     }
                 };
                 merged.to_kind(weight.kind())

@@ -19,7 +19,7 @@ use anyhow::Result;
 use serde_json::{Value, json};
 use tch::{Kind, Tensor};
 
-use super::linear::{Lora, Weight};
+use super::linear::{Lora, Weight, row_norms};
 use super::llama::{Llama, PROJECTIONS};
 use super::safetensors_source::SafetensorsSource;
 use super::tensor_io::{WritableTensor, write_safetensors};
@@ -98,14 +98,13 @@ pub fn fold_adapters(model: &mut Llama) -> usize {
                 linear.weight = Weight::Dense(tch::no_grad(|| linear.merged_weight()));
                 linear.lora = None;
                 folded += 1;
-            } else if let (Some(lora), Weight::Quantized(q)) = (&mut linear.lora, &linear.weight)
+            } else if let (Some(lora), Weight::Quantized(_)) = (&mut linear.lora, &linear.weight)
                 && let Some(magnitude) = &lora.magnitude
             {
                 // A quantized projection keeps its adapter beside it: the sum would not
                 // fit its 4- or 8-bit storage without another rounding. DoRA's factor,
                 // constant while generating, is taken once from the dequantized weight.
-                let factor =
-                    tch::no_grad(|| lora.dora_factor(magnitude, &q.dequantize(Kind::Float)));
+                let factor = lora.dora_factor(magnitude, &linear.weight.to_f32());
                 lora.frozen_factor = Some(factor);
             }
         }
@@ -132,14 +131,9 @@ pub fn attach_new(model: &mut Llama, config: &LoraConfig) -> Result<()> {
                 .set_requires_grad(true);
             let b = Tensor::zeros([out, config.r], (Kind::Float, device)).set_requires_grad(true);
             // DoRA starts at the base weight's row norms (B = 0: ||W + 0||), in f32.
-            let magnitude = config.use_dora.then(|| {
-                let weight = match &linear.weight {
-                    Weight::Dense(w) => w.to_kind(Kind::Float),
-                    Weight::Quantized(q) => q.dequantize(Kind::Float),
-                };
-                tch::no_grad(|| weight.norm_scalaropt_dim(2.0, [1i64].as_slice(), false))
-                    .set_requires_grad(true)
-            });
+            let magnitude = config
+                .use_dora
+                .then(|| row_norms(&linear.weight.to_f32()).set_requires_grad(true));
             linear.lora = Some(Lora {
                 a,
                 b,

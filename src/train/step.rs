@@ -161,12 +161,7 @@ fn embed_for_training(model: &Llama, batch: &dyn MicroBatch, draws: Option<Draws
                 (embedded.kind(), embedded.device()),
             )
             .uniform_(-bound, bound);
-            let kept = if layout.index.size()[0] == rows * longest {
-                all
-            } else {
-                all.index_select(0, &layout.index)
-            };
-            kept.view(embedded.size().as_slice())
+            layout.tokens_of(all).view(embedded.size().as_slice())
         }
         None => embedded.zeros_like().uniform_(-bound, bound),
     });
