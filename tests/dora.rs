@@ -297,17 +297,15 @@ fn dora_in_bf16_keeps_a_factor_near_one() {
     assert!(bias.abs() < 5e-4, "mean relative error {bias:e}");
 }
 
-/// `train --lora --use-dora` writes a DoRA adapter that trained its magnitudes, which
-/// `loss` and `evaluate` read back.
-#[test]
-fn train_use_dora_trains_the_magnitudes_and_saves_them() {
-    let dir = temp_dir("dora-train");
-    let out = dir.join("out");
+/// `amthal train --lora --use-dora` on the tiny model and the sample data (f32, CPU,
+/// lr 1e-2, batches of 2, no previews) with `extra` flags; panics if it fails.
+fn train_dora(out: &std::path::Path, extra: &[&str]) {
+    let model = fixture("tiny-llama");
     let data = repo_root().join("examples/data");
-    let output = amthal(&[
+    let mut args = vec![
         "train",
         "--model",
-        fixture("tiny-llama").to_str().unwrap(),
+        model.to_str().unwrap(),
         "--data-dir",
         data.to_str().unwrap(),
         "--output-dir",
@@ -316,22 +314,38 @@ fn train_use_dora_trains_the_magnitudes_and_saves_them() {
         "--use-dora",
         "--lr",
         "1e-2",
-        "--max-steps",
-        "3",
         "--bsz",
         "2",
-        "--grad-accum",
-        "1",
-        "--eval-strategy",
-        "no",
         "--previews",
         "0",
         "--precision",
         "f32",
         "--device",
         "cpu",
-    ]);
+    ];
+    args.extend(extra);
+    let output = amthal(&args);
     assert!(output.status.success(), "{}", stderr(&output));
+}
+
+/// `train --lora --use-dora` writes a DoRA adapter that trained its magnitudes, which
+/// `loss` reads back.
+#[test]
+fn train_use_dora_trains_the_magnitudes_and_saves_them() {
+    let dir = temp_dir("dora-train");
+    let out = dir.join("out");
+    let data = repo_root().join("examples/data");
+    train_dora(
+        &out,
+        &[
+            "--max-steps",
+            "3",
+            "--grad-accum",
+            "1",
+            "--eval-strategy",
+            "no",
+        ],
+    );
     let (config, _) = read_adapter_config(&out).unwrap();
     assert!(config.use_dora);
     let mut model = load_tiny();
@@ -366,50 +380,25 @@ fn train_use_dora_trains_the_magnitudes_and_saves_them() {
 #[test]
 fn a_dora_run_with_dropout_and_neftune_resumes_exactly() {
     let dir = temp_dir("dora-resume");
-    let data = repo_root().join("examples/data");
     let run = |out: &std::path::Path, resume: Option<&str>| {
-        let mut args = vec![
-            "train",
-            "--model",
-            fixture("tiny-llama").to_str().unwrap(),
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--output-dir",
-            out.to_str().unwrap(),
-            "--lora",
-            "--use-dora",
+        let mut extra = vec![
             "--lora-dropout",
             "0.1",
             "--neftune-noise-alpha",
             "5",
-            "--lr",
-            "1e-2",
             "--max-steps",
             "4",
-            "--bsz",
-            "2",
             "--grad-accum",
             "2",
             "--eval-strategy",
             "steps",
             "--eval-steps",
             "2",
-            "--previews",
-            "0",
-            "--precision",
-            "f32",
-            "--device",
-            "cpu",
-        ]
-        .into_iter()
-        .map(str::to_string)
-        .collect::<Vec<_>>();
+        ];
         if let Some(checkpoint) = resume {
-            args.extend(["--resume".to_string(), checkpoint.to_string()]);
+            extra.extend(["--resume", checkpoint]);
         }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let output = amthal(&args);
-        assert!(output.status.success(), "{}", stderr(&output));
+        train_dora(out, &extra);
     };
     let whole = dir.join("whole");
     run(&whole, None);

@@ -111,6 +111,33 @@ fn quantized_projections_compute_what_their_dequantized_weights_compute() {
     }
 }
 
+/// Every adapter tensor of `quantized` has a gradient within `limit` (relative to the
+/// largest value) of its twin's in `dense`; `count` tensors in all.
+fn assert_same_gradients(
+    storage: impl std::fmt::Display,
+    quantized: &Llama,
+    dense: &Llama,
+    limit: f64,
+    count: usize,
+) {
+    let mut compared = 0;
+    for ((name, ours), (_, theirs)) in named_adapter_tensors(quantized)
+        .into_iter()
+        .zip(named_adapter_tensors(dense))
+    {
+        let (g, h) = (ours.grad(), theirs.grad());
+        assert!(g.defined(), "{storage}: {name} has no gradient");
+        let diff = (&g - &h).abs().max().double_value(&[]);
+        let scale = h.abs().max().double_value(&[]);
+        assert!(
+            diff <= limit * scale.max(1e-6),
+            "{storage}: {name}: gradient differs by {diff:e} (scale {scale:e})"
+        );
+        compared += 1;
+    }
+    assert_eq!(compared, count);
+}
+
 /// The adapter's gradients through a quantized base (the weight dequantized again in
 /// the backward pass, never saved) equal those through the dequantized dense twin.
 #[test]
@@ -155,22 +182,7 @@ fn lora_gradients_through_a_quantized_base_equal_the_dense_ones() {
         let backward = dequantization_count() - before - forward;
         assert_eq!((forward, backward), (14, 11), "{storage}: dequantizations");
         answer_token_losses(&twin, &batch, true).sum().backward();
-        let mut compared = 0;
-        for ((name, ours), (_, theirs)) in named_adapter_tensors(&quantized)
-            .into_iter()
-            .zip(named_adapter_tensors(&twin))
-        {
-            let (g, h) = (ours.grad(), theirs.grad());
-            assert!(g.defined(), "{storage}: {name} has no gradient");
-            let diff = (&g - &h).abs().max().double_value(&[]);
-            let scale = h.abs().max().double_value(&[]);
-            assert!(
-                diff <= 1e-6 * scale.max(1e-6),
-                "{storage}: {name}: gradient differs by {diff:e} (scale {scale:e})"
-            );
-            compared += 1;
-        }
-        assert_eq!(compared, 2 * 7 * 2);
+        assert_same_gradients(storage, &quantized, &twin, 1e-6, 2 * 7 * 2);
     }
 }
 
@@ -330,22 +342,7 @@ fn dora_on_a_quantized_base_equals_the_dense_twin() {
             .sum()
             .backward();
         answer_token_losses(&twin, &batch, true).sum().backward();
-        let mut compared = 0;
-        for ((name, ours), (_, theirs)) in named_adapter_tensors(&quantized)
-            .into_iter()
-            .zip(named_adapter_tensors(&twin))
-        {
-            let (g, h) = (ours.grad(), theirs.grad());
-            assert!(g.defined(), "{storage}: {name} has no gradient");
-            let diff = (&g - &h).abs().max().double_value(&[]);
-            let scale = h.abs().max().double_value(&[]);
-            assert!(
-                diff <= 1e-5 * scale.max(1e-6),
-                "{storage}: {name}: gradient differs by {diff:e} (scale {scale:e})"
-            );
-            compared += 1;
-        }
-        assert_eq!(compared, 2 * 7 * 3);
+        assert_same_gradients(storage, &quantized, &twin, 1e-5, 2 * 7 * 3);
         // Generation: the quantized projections cannot fold, and keep DoRA beside them
         // with its factor taken once; the logits stay those of the factor per forward.
         let before = logits(&quantized);
