@@ -111,6 +111,24 @@ fn quantized_projections_compute_what_their_dequantized_weights_compute() {
     }
 }
 
+/// The tiny model with `storage` and its dequantized dense twin, each with the same
+/// fresh r4 adapter (DoRA when `dora`), no dropout.
+fn adapted_pair(storage: Quantization, dora: bool) -> (Llama, Llama) {
+    let mut quantized = tiny(Some(storage));
+    let mut twin = dequantized_twin(&quantized);
+    let config = LoraConfig {
+        r: 4,
+        dropout: 0.0,
+        use_dora: dora,
+        ..LoraConfig::default()
+    };
+    tch::manual_seed(3);
+    attach_new(&mut quantized, &config).unwrap();
+    tch::manual_seed(3);
+    attach_new(&mut twin, &config).unwrap();
+    (quantized, twin)
+}
+
 /// Every adapter tensor of `quantized` has a gradient within `limit` (relative to the
 /// largest value) of its twin's in `dense`; `count` tensors in all.
 fn assert_same_gradients(
@@ -145,17 +163,7 @@ fn lora_gradients_through_a_quantized_base_equal_the_dense_ones() {
     // The recomputing backward lives in the embedded ops library: it must load here.
     assert!(amthal::torch_ops::ops().is_some());
     for storage in storages() {
-        let mut quantized = tiny(Some(storage));
-        let mut twin = dequantized_twin(&quantized);
-        let config = LoraConfig {
-            r: 4,
-            dropout: 0.0,
-            ..LoraConfig::default()
-        };
-        tch::manual_seed(3);
-        attach_new(&mut quantized, &config).unwrap();
-        tch::manual_seed(3);
-        attach_new(&mut twin, &config).unwrap();
+        let (quantized, twin) = adapted_pair(storage, false);
         // Nonzero B (fresh adapters start at B = 0), the same in both, so every
         // adapter's A gets a gradient through the layers above it.
         for ((_, a), (_, b)) in named_adapter_tensors(&quantized)
@@ -305,18 +313,7 @@ fn quantize_flags_that_cannot_apply_are_clear_errors() {
 #[test]
 fn dora_on_a_quantized_base_equals_the_dense_twin() {
     for storage in storages() {
-        let mut quantized = tiny(Some(storage));
-        let mut twin = dequantized_twin(&quantized);
-        let config = LoraConfig {
-            r: 4,
-            dropout: 0.0,
-            use_dora: true,
-            ..LoraConfig::default()
-        };
-        tch::manual_seed(3);
-        attach_new(&mut quantized, &config).unwrap();
-        tch::manual_seed(3);
-        attach_new(&mut twin, &config).unwrap();
+        let (mut quantized, twin) = adapted_pair(storage, true);
         for ((name, a), (_, b)) in named_adapter_tensors(&quantized)
             .into_iter()
             .zip(named_adapter_tensors(&twin))

@@ -20,19 +20,13 @@ import torch
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
+from make_model_golden import padded_logits  # this folder's; its work runs only as a script
+
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES, GOLDEN = ROOT / "tests" / "fixtures", ROOT / "tests" / "golden"
 SEQUENCES = json.loads((GOLDEN / "tiny_llama.json").read_text())["sequences"]
 GRADIENT_OF = ["base_model.model.model.layers.0.self_attn.q_proj",
                "base_model.model.model.layers.1.mlp.down_proj"]
-
-
-def padded(rows):
-    width = max(r.shape[0] for r in rows)
-    out = torch.zeros(len(rows), width, rows[0].shape[1])
-    for i, r in enumerate(rows):
-        out[i, : r.shape[0]] = r
-    return out
 
 
 def main():
@@ -57,7 +51,7 @@ def main():
 
     tensors = {}
     with torch.no_grad():
-        tensors["dora"] = padded([model(torch.tensor([s])).logits[0] for s in SEQUENCES])
+        tensors["dora"] = padded_logits([model(torch.tensor([s])).logits[0] for s in SEQUENCES])
     logits = model(torch.tensor([SEQUENCES[0]])).logits
     probe = torch.arange(logits.numel(), dtype=torch.float32).sin().view(logits.shape)
     (logits * probe).sum().backward()
@@ -70,7 +64,7 @@ def main():
         tensors[f"grad.{short}.lora_magnitude_vector"] = module.lora_magnitude_vector["default"].weight.grad.clone()
     merged = model.merge_and_unload().eval()
     with torch.no_grad():
-        tensors["dora_merged"] = padded([merged(torch.tensor([s])).logits[0] for s in SEQUENCES])
+        tensors["dora_merged"] = padded_logits([merged(torch.tensor([s])).logits[0] for s in SEQUENCES])
     save_file({k: v.contiguous() for k, v in tensors.items()}, GOLDEN / "tiny_llama_dora.safetensors")
     (GOLDEN / "tiny_llama_dora.json").write_text(json.dumps({
         "source": f"peft {peft.__version__}, transformers {__import__('transformers').__version__}",
