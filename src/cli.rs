@@ -601,6 +601,15 @@ pub struct TrainArgs {
     pub eval_steps: Option<usize>,
     #[arg(long, visible_alias = "logging_steps")]
     pub logging_steps: Option<usize>,
+    /// When checkpoints are written: auto (at every evaluation; the default), steps
+    /// (every --save-steps, and at a new best eval loss), epoch (each epoch's end, and
+    /// at a new best), best (only at a new best), no (only the final model). The last
+    /// step is always saved.
+    #[arg(long, visible_alias = "save_strategy", value_enum)]
+    pub save_strategy: Option<crate::train::config::SaveStrategy>,
+    /// With --save-strategy steps: every N optimizer steps (default 500, as HF's).
+    #[arg(long, visible_alias = "save_steps", value_name = "N")]
+    pub save_steps: Option<usize>,
     #[arg(long, visible_alias = "save_total_limit")]
     pub save_total_limit: Option<usize>,
     #[arg(long, visible_alias = "max_steps")]

@@ -758,6 +758,135 @@ fn save_only_model_skips_optimizer_state() {
     assert_eq!(summary_of(&out)["checkpoint_bytes_estimated"][1], 0);
 }
 
+/// `--save-strategy`: `steps` saves every --save-steps steps and at each new best eval
+/// loss (so the published best exists), `no` writes only the final model (without
+/// optimizer state), `best` needs evaluations.
+#[test]
+fn save_strategies_write_the_checkpoints_they_name() {
+    let dir = temp_dir("save-strategy");
+    let data = sample_data();
+    let run = |name: &str, extra: &[&str]| -> (PathBuf, std::process::Output) {
+        let out = dir.join(name);
+        let mut args = vec![
+            "--data-dir",
+            &data,
+            "--lora",
+            "--lr",
+            "3e-2",
+            "--bsz",
+            "4",
+            "--grad-accum",
+            "1",
+            "--previews",
+            "0",
+        ];
+        args.extend(extra);
+        let output = run_train(&out, &args);
+        (out, output)
+    };
+    let checkpoints = |out: &Path| -> Vec<i64> {
+        let mut steps: Vec<i64> = std::fs::read_dir(out)
+            .unwrap()
+            .filter_map(|e| {
+                let name = e.unwrap().file_name().to_string_lossy().into_owned();
+                name.strip_prefix("checkpoint-")?.parse().ok()
+            })
+            .collect();
+        steps.sort();
+        steps
+    };
+    let state_of = |out: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(out.join("trainer_state.json")).unwrap())
+            .unwrap()
+    };
+
+    let (steps, output) = run(
+        "steps",
+        &[
+            "--save-strategy",
+            "steps",
+            "--save-steps",
+            "3",
+            "--eval-strategy",
+            "steps",
+            "--eval-steps",
+            "2",
+            "--max-steps",
+            "7",
+        ],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    // Evaluations at 2, 4, 6 and 7; the ones that lowered the best loss are saved too.
+    let mut best = f64::MAX;
+    let mut expected = vec![3, 6, 7];
+    for entry in log_of(&steps) {
+        if let (Some(step), Some(loss)) = (entry["step"].as_i64(), entry["eval_loss"].as_f64())
+            && loss < best
+        {
+            best = loss;
+            expected.push(step);
+        }
+    }
+    expected.sort();
+    expected.dedup();
+    assert_eq!(checkpoints(&steps), expected);
+    let state = state_of(&steps);
+    let best_step = state["best_step"].as_i64().unwrap();
+    assert_eq!(
+        state["best_model_checkpoint"].as_str().unwrap(),
+        format!("checkpoint-{best_step}")
+    );
+    assert_eq!(
+        std::fs::read(steps.join("adapter_model.safetensors")).unwrap(),
+        std::fs::read(steps.join(format!("checkpoint-{best_step}/adapter_model.safetensors")))
+            .unwrap()
+    );
+
+    let (no, output) = run(
+        "no",
+        &[
+            "--save-strategy",
+            "no",
+            "--eval-strategy",
+            "steps",
+            "--eval-steps",
+            "2",
+            "--max-steps",
+            "4",
+        ],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(checkpoints(&no), [4]);
+    assert!(no.join("checkpoint-4/adapter_model.safetensors").is_file());
+    assert!(!no.join("checkpoint-4/optimizer.safetensors").exists());
+    // The published model is the final one; a best evaluation is named only if saved.
+    let state = state_of(&no);
+    let named = state["best_model_checkpoint"].as_str();
+    assert!(named.is_none() || named == Some("checkpoint-4"), "{state}");
+    assert_eq!(
+        std::fs::read(no.join("adapter_model.safetensors")).unwrap(),
+        std::fs::read(no.join("checkpoint-4/adapter_model.safetensors")).unwrap()
+    );
+
+    let (_, output) = run(
+        "best-without-evaluations",
+        &[
+            "--save-strategy",
+            "best",
+            "--eval-strategy",
+            "no",
+            "--max-steps",
+            "2",
+        ],
+    );
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("--save-strategy best"),
+        "{}",
+        stderr(&output)
+    );
+}
+
 /// `--warmup-steps` and `--lr-scheduler` reach the loop (the logged rate of each step is
 /// transformers': linear with 2 warmup steps of 4; constant never warms up), and so does
 /// `--neftune-noise-alpha` (the same run with noise trains another adapter).

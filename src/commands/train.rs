@@ -40,6 +40,8 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
         eval_strategy,
         eval_steps,
         logging_steps,
+        save_strategy,
+        save_steps,
         prompt_format,
         previews,
         data_order,
@@ -242,6 +244,10 @@ mod tests {
             "--rslora",
             "--warmup-steps",
             "0.1",
+            "--save-strategy",
+            "steps",
+            "--save-steps",
+            "100",
         ]);
         let hf = config_of(&[
             "train",
@@ -262,6 +268,10 @@ mod tests {
             "--use_rslora",
             "--warmup_steps",
             "0.1",
+            "--save_strategy",
+            "steps",
+            "--save_steps",
+            "100",
         ]);
         let dashed = config_of(&[
             "train",
@@ -282,6 +292,10 @@ mod tests {
             "--use-rslora",
             "--warmup-steps",
             "0.1",
+            "--save-strategy",
+            "steps",
+            "--save-steps",
+            "100",
         ]);
         assert_eq!(amthal, hf);
         assert_eq!(amthal, dashed);
@@ -296,6 +310,8 @@ mod tests {
         assert_ne!(amthal.lora_targets, defaults.lora_targets);
         assert!(amthal.rslora && !defaults.rslora);
         assert_eq!(amthal.warmup_steps, Some(0.1));
+        assert_ne!(amthal.save_strategy, defaults.save_strategy);
+        assert_ne!(amthal.save_steps, defaults.save_steps);
     }
 
     #[test]

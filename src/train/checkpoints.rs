@@ -305,7 +305,7 @@ fn fill_checkpoint(tmp: &Path, source: &CheckpointSource) -> Result<()> {
             }
         }
         std::fs::remove_dir_all(shards)?;
-    } else if !config.save_only_model {
+    } else if config.checkpoints_hold_optimizer() {
         write_optimizer_state(&tmp.join("optimizer.safetensors"), source.optimizer)?;
     }
     write_file(

@@ -25,6 +25,26 @@ pub enum EvalStrategy {
     No,
 }
 
+/// When checkpoints are written (HF's save_strategy). Whatever the strategy, the last
+/// step is saved (the published final model comes from it), and so is a stop by early
+/// stopping. Decided in `save_schedule.rs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SaveStrategy {
+    /// At every evaluation (each epoch's end when there is none): amthal's default.
+    Auto,
+    /// Every --save-steps steps, and at every evaluation that improves the best eval
+    /// loss (the best model is published at the end, so it must be on disk).
+    Steps,
+    /// At each epoch's end, and at every evaluation that improves the best eval loss.
+    Epoch,
+    /// Only at evaluations that improve the best eval loss (needs an --eval-strategy).
+    Best,
+    /// No checkpoints while training; the last step writes the model alone (no
+    /// optimizer state), as HF's trainer.save_model after a run with save_strategy no.
+    No,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum DataOrder {
@@ -76,6 +96,9 @@ pub struct TrainConfig {
     pub eval_strategy: EvalStrategy,
     pub eval_steps: usize,
     pub logging_steps: usize,
+    pub save_strategy: SaveStrategy,
+    /// With `save_strategy = steps`: every this many optimizer steps (HF's default 500).
+    pub save_steps: usize,
     pub save_total_limit: Option<usize>,
     pub max_steps: Option<usize>,
     pub early_stopping_patience: Option<usize>,
@@ -161,6 +184,8 @@ impl Default for TrainConfig {
             eval_strategy: EvalStrategy::Epoch,
             eval_steps: 50,
             logging_steps: 1,
+            save_strategy: SaveStrategy::Auto,
+            save_steps: 500,
             save_total_limit: None,
             max_steps: None,
             early_stopping_patience: None,
@@ -221,6 +246,15 @@ impl TrainConfig {
         }
         if self.eval_strategy == EvalStrategy::Steps && self.eval_steps == 0 {
             bail_input!("--eval-strategy steps needs --eval-steps > 0");
+        }
+        if self.save_strategy == SaveStrategy::Steps && self.save_steps == 0 {
+            bail_input!("--save-strategy steps needs --save-steps > 0");
+        }
+        if self.save_strategy == SaveStrategy::Best && self.eval_strategy == EvalStrategy::No {
+            bail_input!(
+                "--save-strategy best saves when an evaluation improves the best eval loss, \
+                 and --eval-strategy no evaluates never: give --eval-strategy epoch or steps"
+            );
         }
         if !(self.loss_scale_init.is_finite() && self.loss_scale_init > 0.0) {
             bail_input!("--loss-scale-init must be a positive number");
@@ -302,6 +336,12 @@ impl TrainConfig {
             );
         }
         Ok(())
+    }
+
+    /// Whether checkpoints carry the optimizer state: not with --save-only-model, nor
+    /// with --save-strategy no (whose one checkpoint is the final model).
+    pub fn checkpoints_hold_optimizer(&self) -> bool {
+        !self.save_only_model && self.save_strategy != SaveStrategy::No
     }
 
     /// The base model's storage (`--quantize`, `--double-quant`).

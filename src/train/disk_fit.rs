@@ -19,7 +19,6 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use super::config::{EvalStrategy, TrainConfig};
 use crate::bail_input;
 
 /// One checkpoint's size and how many a run can hold at once.
@@ -57,17 +56,6 @@ impl CheckpointPlan {
             }
         }
     }
-}
-
-/// How many checkpoints a run of `total_steps` writes: one per evaluation (or per epoch
-/// without evaluation) and one at the last step.
-pub fn planned_saves(config: &TrainConfig, total_steps: i64, windows_per_epoch: usize) -> usize {
-    let total = total_steps.max(0) as usize;
-    let every = match config.eval_strategy {
-        EvalStrategy::Steps => config.eval_steps.max(1),
-        EvalStrategy::Epoch | EvalStrategy::No => windows_per_epoch.max(1),
-    };
-    total.div_ceil(every)
 }
 
 /// What the check says: fine, a warning to print, or a refusal (an error).
@@ -344,25 +332,6 @@ mod tests {
             judge(&seven_b(Some(1), true), 130 * GB, out).unwrap(),
             Verdict::Fits
         );
-    }
-
-    #[test]
-    fn counts_the_saves_of_a_run() {
-        let mut config = TrainConfig {
-            eval_strategy: EvalStrategy::Steps,
-            eval_steps: 50,
-            ..TrainConfig::default()
-        };
-        // Steps 50, 100 and the last (120).
-        assert_eq!(planned_saves(&config, 120, 7), 3);
-        assert_eq!(planned_saves(&config, 100, 7), 2);
-        config.eval_strategy = EvalStrategy::Epoch;
-        // 3 epochs of 21 windows: one per epoch.
-        assert_eq!(planned_saves(&config, 63, 21), 3);
-        // --max-steps ending inside the second epoch: the first epoch and the last step.
-        assert_eq!(planned_saves(&config, 30, 21), 2);
-        config.eval_strategy = EvalStrategy::No;
-        assert_eq!(planned_saves(&config, 63, 21), 3);
     }
 
     /// The checks on a real folder: a plan no disk holds is refused (before the run,

@@ -37,7 +37,7 @@ pub fn sharded_eval_loss(
     Ok(sums.double_value(&[0]) / sums.double_value(&[1]).max(1.0))
 }
 
-/// Records an evaluation: the best metric and checkpoint, and the count of
+/// Records an evaluation: the best metric and its step, and the count of
 /// evaluations without improvement. Returns whether early stopping ends the run.
 pub fn record_evaluation(
     state: &mut TrainerState,
@@ -47,7 +47,6 @@ pub fn record_evaluation(
     if state.best_metric.is_none_or(|best| eval_loss < best) {
         state.best_metric = Some(eval_loss);
         state.best_step = Some(state.global_step);
-        state.best_model_checkpoint = Some(format!("checkpoint-{}", state.global_step));
         state.evals_without_improvement = 0;
     } else {
         state.evals_without_improvement += 1;

@@ -13,6 +13,7 @@
 //! optimizer step (forward, loss, backward, update); `evaluation.rs`,
 //! `checkpoints.rs` and `logging.rs` are what happens between steps.
 
+pub mod cadence;
 pub mod checkpoints;
 pub mod code_map;
 pub mod compensation;
@@ -409,11 +410,11 @@ fn plan_checkpoints(
 ) -> Result<disk_fit::CheckpointPlan> {
     let setup = device_fit::setup_of(config, model_config, kind)?;
     let (model_bytes, optimizer_bytes) =
-        memory_estimate::checkpoint_bytes(&setup, config.save_only_model);
+        memory_estimate::checkpoint_bytes(&setup, !config.checkpoints_hold_optimizer());
     Ok(disk_fit::CheckpointPlan {
         model_bytes,
         optimizer_bytes,
-        saves: disk_fit::planned_saves(config, schedule.total_steps, schedule.windows_per_epoch),
+        saves: cadence::planned_saves(config, schedule.total_steps, schedule.windows_per_epoch),
         limit: config.save_total_limit,
         keeps_best: config.eval_strategy != EvalStrategy::No,
     })
@@ -717,14 +718,14 @@ impl Run<'_> {
         let step = self.state.global_step;
         let epoch_end = self.state.windows_done_in_epoch == windows_in_epoch;
         let last_step = step == self.schedule.total_steps;
-        let evaluate_now = match config.eval_strategy {
-            EvalStrategy::Epoch => epoch_end || last_step,
-            EvalStrategy::Steps => (step as usize).is_multiple_of(config.eval_steps) || last_step,
-            EvalStrategy::No => false,
+        let place = cadence::StepPlace {
+            step,
+            epoch_end,
+            last_step,
         };
-        let mut save_now =
-            evaluate_now || (config.eval_strategy == EvalStrategy::No && (epoch_end || last_step));
+        let evaluate_now = cadence::evaluation_due(config, place);
         let mut stop_early = false;
+        let mut new_best = false;
         if evaluate_now {
             let eval_loss = match &self.group {
                 None => evaluate_loss(&self.model, &self.eval_examples, config.batch_size * 2),
@@ -750,14 +751,23 @@ impl Run<'_> {
                 eval_loss,
                 config.early_stopping_patience,
             );
+            new_best = self.state.best_step == Some(step);
             if stop_early {
                 self.progress.println(format!(
                     "early stopping: no improvement in {} evaluation(s)",
                     self.state.evals_without_improvement
                 ));
-                save_now = true;
             }
         }
+        let save_now = cadence::save_due(
+            config,
+            place,
+            cadence::EvaluationOutcome {
+                evaluated: evaluate_now,
+                new_best,
+                stopping_early: stop_early,
+            },
+        );
         if epoch_end {
             // The checkpoint records where the next step starts.
             self.state.epoch += 1;
@@ -816,6 +826,11 @@ impl Run<'_> {
     fn save(&mut self) -> Result<()> {
         let saving = Instant::now();
         let step = self.state.global_step;
+        // As HF, the best checkpoint is named once it exists: a best evaluation that
+        // is not saved (--save-strategy no) leaves the final model to be published.
+        if self.state.best_step == Some(step) {
+            self.state.best_model_checkpoint = Some(format!("checkpoint-{step}"));
+        }
         // One checkpoint in flight at a time; its error (a full disk) ends the run here.
         self.wait_for_checkpoint_writer()?;
         if self.is_main() {
@@ -827,7 +842,7 @@ impl Run<'_> {
             )?;
         }
         let shards = match (&self.group, &self.optimizer.owners) {
-            (Some(group), Some(_)) if !self.config.save_only_model => {
+            (Some(group), Some(_)) if self.config.checkpoints_hold_optimizer() => {
                 let dir = self
                     .config
                     .output_dir
