@@ -209,6 +209,23 @@ pub struct EvaluateArgs {
         value_name = "N"
     )]
     pub no_repeat_ngram_size: usize,
+    /// Beam search with N beams (HF's num_beams; 1 = off): greedy only, each prompt's
+    /// beams decode together, --batch-size prompts at a time.
+    #[arg(
+        long,
+        visible_alias = "num_beams",
+        default_value_t = 1,
+        value_name = "N"
+    )]
+    pub num_beams: usize,
+    /// Beam search: a finished beam's summed log-probability is divided by its length
+    /// to this power (HF's length_penalty; > 0 favours longer answers).
+    #[arg(long, visible_alias = "length_penalty", default_value_t = 1.0)]
+    pub length_penalty: f64,
+    /// Beam search: false (HF's default: stop when no running beam can beat the
+    /// finished ones), true (as soon as N beams finished), never (the canonical search).
+    #[arg(long, visible_alias = "early_stopping", value_enum, default_value_t = crate::generate::EarlyStopping::Heuristic)]
+    pub early_stopping: crate::generate::EarlyStopping,
     /// Seeds sampling (per row, so outputs do not depend on the batch size) and shot choice.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,

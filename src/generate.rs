@@ -37,6 +37,33 @@ pub struct SamplingConfig {
     /// no_repeat_ngram_size).
     pub no_repeat_ngram_size: usize,
     pub seed: u64,
+    /// 1 = no beam search; more: HF's beam search with this many beams
+    /// (`beam_search.rs`), greedy only.
+    pub num_beams: usize,
+    /// Beam search: a finished beam scores its summed log-probabilities divided by its
+    /// length to this power (HF's length_penalty; > 0 favours longer answers).
+    pub length_penalty: f64,
+    /// Beam search: when it stops (HF's early_stopping).
+    pub early_stopping: EarlyStopping,
+}
+
+/// HF's `early_stopping` for beam search.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+pub enum EarlyStopping {
+    /// HF's default (False): stop once no running beam, scored at its current length,
+    /// can beat the worst of `num_beams` finished ones.
+    #[value(name = "false")]
+    #[serde(rename = "false")]
+    Heuristic,
+    /// True: stop as soon as `num_beams` beams have finished.
+    #[value(name = "true")]
+    #[serde(rename = "true")]
+    WhenFull,
+    /// "never": as the heuristic, but with a positive length penalty a running beam is
+    /// scored at the longest length it could reach (the canonical beam search).
+    #[value(name = "never")]
+    #[serde(rename = "never")]
+    Never,
 }
 
 impl Default for SamplingConfig {
@@ -50,6 +77,9 @@ impl Default for SamplingConfig {
             repetition_penalty: 1.0,
             no_repeat_ngram_size: 0,
             seed: 42,
+            num_beams: 1,
+            length_penalty: 1.0,
+            early_stopping: EarlyStopping::Heuristic,
         }
     }
 }
@@ -237,41 +267,12 @@ fn generate_batch_inner(
     if batch == 0 || config.max_new_tokens == 0 {
         return Ok(outputs);
     }
-    let width = requests
-        .iter()
-        .map(|r| r.prompt_ids.len())
-        .max()
-        .unwrap_or(0);
-    anyhow::ensure!(width > 0, "empty prompt");
-    let mut ids = Vec::with_capacity(batch * width);
-    let mut mask = Vec::with_capacity(batch * width);
-    let mut positions = Vec::with_capacity(batch * width);
-    for request in requests {
-        let pad = width - request.prompt_ids.len();
-        ids.extend(
-            std::iter::repeat_n(0i64, pad).chain(request.prompt_ids.iter().map(|&i| i as i64)),
-        );
-        mask.extend(
-            std::iter::repeat_n(false, pad)
-                .chain(std::iter::repeat_n(true, request.prompt_ids.len())),
-        );
-        positions.extend(std::iter::repeat_n(0i64, pad).chain(0..request.prompt_ids.len() as i64));
-    }
-    let shape = [batch as i64, width as i64];
-    let mut key_mask = Tensor::from_slice(&mask).view(shape).to_device(device);
-    let padded = requests.iter().any(|r| r.prompt_ids.len() != width);
+    let prompts = LeftPadded::new(requests, device)?;
+    let (width, padded) = (prompts.width, prompts.padded);
+    let mut key_mask = prompts.key_mask.shallow_clone();
     // Static: every position the batch can reach, allocated once and written in place.
     let mut cache = KvCache::with_capacity((width + config.max_new_tokens) as i64);
-    let hidden = model.forward_hidden(
-        &Tensor::from_slice(&ids).view(shape).to_device(device),
-        &Tensor::from_slice(&positions).view(shape).to_device(device),
-        padded.then_some(&key_mask),
-        Some(&mut cache),
-        false,
-    );
-    let mut logits = model
-        .logits(&hidden.select(1, width as i64 - 1))
-        .to_kind(Kind::Float);
+    let mut logits = prompts.prefill(model, &mut cache);
 
     let mut rngs: Vec<ChaCha8Rng> = requests
         .iter()
@@ -350,6 +351,68 @@ fn generate_batch_inner(
         logits = model.logits(&hidden.select(1, 0)).to_kind(Kind::Float);
     }
     Ok(outputs)
+}
+
+/// Prompts of different lengths left-padded into one batch: ids, positions (each
+/// prompt's from 0) and the key mask that hides the padding, on the model's device.
+pub(crate) struct LeftPadded {
+    pub ids: Tensor,
+    pub positions: Tensor,
+    /// [batch, width]: true at real tokens.
+    pub key_mask: Tensor,
+    pub width: usize,
+    /// Whether any prompt is shorter than the widest (else no mask is needed).
+    pub padded: bool,
+}
+
+impl LeftPadded {
+    pub fn new(requests: &[GenerationRequest], device: Device) -> Result<LeftPadded> {
+        let width = requests
+            .iter()
+            .map(|r| r.prompt_ids.len())
+            .max()
+            .unwrap_or(0);
+        anyhow::ensure!(width > 0, "empty prompt");
+        let batch = requests.len();
+        let mut ids = Vec::with_capacity(batch * width);
+        let mut mask = Vec::with_capacity(batch * width);
+        let mut positions = Vec::with_capacity(batch * width);
+        for request in requests {
+            let pad = width - request.prompt_ids.len();
+            ids.extend(
+                std::iter::repeat_n(0i64, pad).chain(request.prompt_ids.iter().map(|&i| i as i64)),
+            );
+            mask.extend(
+                std::iter::repeat_n(false, pad)
+                    .chain(std::iter::repeat_n(true, request.prompt_ids.len())),
+            );
+            positions
+                .extend(std::iter::repeat_n(0i64, pad).chain(0..request.prompt_ids.len() as i64));
+        }
+        let shape = [batch as i64, width as i64];
+        Ok(LeftPadded {
+            ids: Tensor::from_slice(&ids).view(shape).to_device(device),
+            positions: Tensor::from_slice(&positions).view(shape).to_device(device),
+            key_mask: Tensor::from_slice(&mask).view(shape).to_device(device),
+            width,
+            padded: requests.iter().any(|r| r.prompt_ids.len() != width),
+        })
+    }
+
+    /// Runs the prompts through the model into `cache`; returns the f32 logits of each
+    /// prompt's last token, [batch, vocab].
+    pub fn prefill(&self, model: &Llama, cache: &mut KvCache) -> Tensor {
+        let hidden = model.forward_hidden(
+            &self.ids,
+            &self.positions,
+            self.padded.then_some(&self.key_mask),
+            Some(cache),
+            false,
+        );
+        model
+            .logits(&hidden.select(1, self.width as i64 - 1))
+            .to_kind(Kind::Float)
+    }
 }
 
 /// The next token of each row of `logits` [R, V]: the argmax on the device when no

@@ -6,6 +6,7 @@
 
 pub mod atomic;
 pub mod batch;
+pub mod beam_search;
 pub mod cli;
 pub mod commands;
 pub mod cuda;

@@ -676,3 +676,46 @@ fn continuous_batching_gives_each_prompt_its_output_alone() {
         }
     }
 }
+
+/// `--num-beams`: the CSV holds each prompt's beam-search answer (unlike greedy's), the
+/// same whether prompts are searched one at a time or together; the sidecar records
+/// the setting; beam sampling is refused before anything is written.
+#[test]
+fn evaluate_with_beams_gives_the_same_answers_at_any_batch_size() {
+    let dir = temp_dir("beams");
+    let one = dir.join("one.csv");
+    // 3 slots: one prompt (3 beams) at a time; 12: all four prompts together.
+    let output = evaluate(
+        &one,
+        &["--num-beams", "3", "--batch-size", "3", "--limit", "4"],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    let together = dir.join("together.csv");
+    let output = evaluate(
+        &together,
+        &["--num_beams", "3", "--batch-size", "12", "--limit", "4"],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(generated(&one).len(), 4);
+    assert_eq!(generated(&one), generated(&together));
+    assert!(generated(&one).iter().any(|text| !text.is_empty()));
+    let greedy = dir.join("greedy.csv");
+    let output = evaluate(&greedy, &["--limit", "4"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_ne!(generated(&greedy), generated(&one));
+    let sidecar: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(one.with_extension("json")).unwrap())
+            .unwrap();
+    assert_eq!(sidecar["sampling"]["num_beams"], 3);
+    assert_eq!(sidecar["sampling"]["early_stopping"], "false");
+
+    let refused = dir.join("refused.csv");
+    let output = evaluate(&refused, &["--num-beams", "2", "--temperature", "0.7"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("beam sampling"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(!refused.exists());
+}

@@ -107,7 +107,27 @@ fn pick_shots(
         .collect())
 }
 
+/// Beam-search flags that cannot work together, refused before loading anything.
+fn check_beam_flags(args: &EvaluateArgs) -> Result<()> {
+    if args.num_beams == 0 {
+        bail_input!("--num-beams must be at least 1 (1: no beam search)");
+    }
+    if args.num_beams > 1 && args.temperature > 0.0 {
+        bail_input!(
+            "--num-beams {} with --temperature {}: beam sampling (HF's do_sample with \
+             num_beams) is not built; beam search is greedy, so leave out one of them",
+            args.num_beams,
+            args.temperature
+        );
+    }
+    if !args.length_penalty.is_finite() {
+        bail_input!("--length-penalty must be a number");
+    }
+    Ok(())
+}
+
 pub fn run(args: &EvaluateArgs) -> Result<()> {
+    check_beam_flags(args)?;
     let (model, adapter) = model_and_adapter(args)?;
     let test = read_examples(
         &args.test_path,
@@ -190,6 +210,9 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
         repetition_penalty: args.repetition_penalty,
         no_repeat_ngram_size: args.no_repeat_ngram_size,
         seed: args.seed,
+        num_beams: args.num_beams,
+        length_penalty: args.length_penalty,
+        early_stopping: args.early_stopping,
     };
     let mut sidecar = json!({
         "predictions": out.display().to_string(),
@@ -224,7 +247,9 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
         } else {
             format!(" with {} shots", shots.len())
         },
-        if sampling.is_greedy() {
+        if sampling.num_beams > 1 {
+            format!("beam search with {} beams", sampling.num_beams)
+        } else if sampling.is_greedy() {
             "greedy".to_string()
         } else {
             format!("sampling T={}", sampling.temperature)
@@ -267,48 +292,62 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
     let mut finished: Vec<Option<PredictionRow>> = vec![None; requests.len()];
     let (mut done, mut last_written) = (0usize, rows.len());
     crate::profile::enable_from_env(loaded.model.device);
-    let report = generate_continuous(
-        &loaded.model,
-        &requests,
-        &stops,
-        &sampling,
-        slots,
-        if args.no_cuda_graph {
-            DecodeMode::Eager
-        } else {
-            DecodeMode::Graph
-        },
-        &mut |index, generation| {
-            new_tokens += generation.tokens.len();
-            let example = &examples[start + index];
-            finished[index] = Some(PredictionRow {
-                proverb: example.proverb.clone(),
-                reference: example.reference.clone().unwrap_or_default(),
-                generated: completion_text(&loaded.tokenizer, &prompts, &generation.tokens)?,
-            });
-            done += 1;
-            while let Some(row) = finished.get_mut(rows.len() - start).and_then(Option::take) {
-                rows.push(row);
-            }
-            if rows.len() - last_written >= slots || rows.len() == examples.len() {
-                write_predictions(&out, &rows)?;
-                last_written = rows.len();
-                // Peak host and GPU memory so far, next to the settings.
-                sidecar["memory"] = serde_json::to_value(MemoryReport::now(loaded.model.device))?;
-                write_file(
-                    &sidecar_path,
-                    serde_json::to_string_pretty(&sidecar)?.as_bytes(),
-                )?;
-            }
-            let seconds = started.elapsed().as_secs_f64();
-            progress.set_position((start + done) as u64);
-            progress.set_message(format!(
-                "{:.1} new tokens/s",
-                new_tokens as f64 / seconds.max(1e-9)
-            ));
-            Ok(())
-        },
-    )?;
+    let mut on_finished = |index: usize, generation: crate::generate::Generation| {
+        new_tokens += generation.tokens.len();
+        let example = &examples[start + index];
+        finished[index] = Some(PredictionRow {
+            proverb: example.proverb.clone(),
+            reference: example.reference.clone().unwrap_or_default(),
+            generated: completion_text(&loaded.tokenizer, &prompts, &generation.tokens)?,
+        });
+        done += 1;
+        while let Some(row) = finished.get_mut(rows.len() - start).and_then(Option::take) {
+            rows.push(row);
+        }
+        if rows.len() - last_written >= slots || rows.len() == examples.len() {
+            write_predictions(&out, &rows)?;
+            last_written = rows.len();
+            // Peak host and GPU memory so far, next to the settings.
+            sidecar["memory"] = serde_json::to_value(MemoryReport::now(loaded.model.device))?;
+            write_file(
+                &sidecar_path,
+                serde_json::to_string_pretty(&sidecar)?.as_bytes(),
+            )?;
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        progress.set_position((start + done) as u64);
+        progress.set_message(format!(
+            "{:.1} new tokens/s",
+            new_tokens as f64 / seconds.max(1e-9)
+        ));
+        Ok(())
+    };
+    let report = if sampling.num_beams > 1 {
+        // Each prompt takes num_beams rows of the --batch-size slots.
+        let prompts_at_once = (slots / sampling.num_beams).max(1);
+        crate::beam_search::beam_search_all(
+            &loaded.model,
+            &requests,
+            &stops,
+            &sampling,
+            prompts_at_once,
+            &mut on_finished,
+        )?
+    } else {
+        generate_continuous(
+            &loaded.model,
+            &requests,
+            &stops,
+            &sampling,
+            slots,
+            if args.no_cuda_graph {
+                DecodeMode::Eager
+            } else {
+                DecodeMode::Graph
+            },
+            &mut on_finished,
+        )?
+    };
     progress.finish_and_clear();
     if let Some(table) = crate::profile::report() {
         eprintln!("{table}");
