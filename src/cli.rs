@@ -612,10 +612,39 @@ pub struct TrainArgs {
     pub weight_decay: Option<f64>,
     #[arg(long, visible_alias = "max_grad_norm")]
     pub max_grad_norm: Option<f64>,
+    /// AdamW's beta1 (default 0.9, HF's adam_beta1).
+    #[arg(long, visible_alias = "adam_beta1")]
+    pub adam_beta1: Option<f64>,
+    /// AdamW's beta2 (default 0.999, HF's adam_beta2).
+    #[arg(long, visible_alias = "adam_beta2")]
+    pub adam_beta2: Option<f64>,
+    /// AdamW's epsilon (default 1e-8, HF's adam_epsilon).
+    #[arg(long, visible_alias = "adam_epsilon")]
+    pub adam_epsilon: Option<f64>,
     #[arg(long, visible_alias = "eval_strategy", value_enum)]
     pub eval_strategy: Option<crate::train::config::EvalStrategy>,
     #[arg(long, visible_alias = "eval_steps")]
     pub eval_steps: Option<usize>,
+    /// Rows per evaluation batch (default: twice --batch-size).
+    #[arg(long, visible_aliases = ["eval_batch_size", "per_device_eval_batch_size", "per-device-eval-batch-size"], value_name = "N")]
+    pub eval_batch_size: Option<usize>,
+    /// Whether OUT holds the best checkpoint's model at the end (default true) or the
+    /// last one's (false, HF's default); OUT/final/ is the last one's either way.
+    #[arg(
+        long,
+        visible_alias = "load_best_model_at_end",
+        value_name = "true|false",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub load_best_model_at_end: Option<bool>,
+    /// What the best checkpoint is chosen by: only eval_loss (or loss) is built.
+    #[arg(
+        long,
+        visible_alias = "metric_for_best_model",
+        value_name = "eval_loss"
+    )]
+    pub metric_for_best_model: Option<String>,
     #[arg(long, visible_alias = "logging_steps")]
     pub logging_steps: Option<usize>,
     /// When checkpoints are written: auto (at every evaluation; the default), steps

@@ -887,6 +887,101 @@ fn save_strategies_write_the_checkpoints_they_name() {
     );
 }
 
+/// HF's AdamW settings reach the optimizer (the defaults spelled out give the same
+/// adapter bit for bit, another beta1 another one), a resume must keep them, and
+/// `--load-best-model-at-end false` leaves the last model in OUT.
+#[test]
+fn adam_settings_and_load_best_model_at_end_reach_the_run() {
+    let dir = temp_dir("adam-settings");
+    let data = sample_data();
+    let run = |name: &str, extra: &[&str]| -> (PathBuf, std::process::Output) {
+        let out = dir.join(name);
+        let mut args = vec![
+            "--data-dir",
+            &data,
+            "--lora",
+            "--lr",
+            "3e-1",
+            "--bsz",
+            "4",
+            "--grad-accum",
+            "1",
+            "--max-steps",
+            "3",
+            "--eval-strategy",
+            "steps",
+            "--eval-steps",
+            "1",
+            "--previews",
+            "0",
+        ];
+        args.extend(extra);
+        (out.clone(), run_train(&out, &args))
+    };
+    let adapter = |out: &Path| std::fs::read(out.join("final/adapter_model.safetensors")).unwrap();
+    let (default, output) = run("default", &[]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let (spelled, output) = run(
+        "spelled-out",
+        &[
+            "--adam_beta1",
+            "0.9",
+            "--adam_beta2",
+            "0.999",
+            "--adam_epsilon",
+            "1e-8",
+        ],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(adapter(&default), adapter(&spelled));
+    let (other, output) = run(
+        "other-beta",
+        &["--adam-beta1", "0.5", "--load-best-model-at-end", "false"],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_ne!(adapter(&default), adapter(&other));
+    // OUT holds the last model, not the best one (this run's best is an earlier step).
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(other.join("trainer_state.json")).unwrap())
+            .unwrap();
+    let best_step = state["best_step"].as_i64().unwrap();
+    assert_ne!(best_step, 3);
+    assert_ne!(
+        std::fs::read(other.join("adapter_model.safetensors")).unwrap(),
+        std::fs::read(other.join(format!("checkpoint-{best_step}/adapter_model.safetensors")))
+            .unwrap()
+    );
+    assert_eq!(
+        std::fs::read(other.join("adapter_model.safetensors")).unwrap(),
+        adapter(&other)
+    );
+    // Resuming with other AdamW settings is refused.
+    std::fs::remove_dir_all(other.join("checkpoint-3")).unwrap();
+    let output = run_train(
+        &other,
+        &[
+            "--data-dir",
+            &data,
+            "--lora",
+            "--lr",
+            "3e-1",
+            "--bsz",
+            "4",
+            "--grad-accum",
+            "1",
+            "--max-steps",
+            "3",
+            "--resume",
+        ],
+    );
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("adam betas and epsilon"),
+        "{}",
+        stderr(&output)
+    );
+}
+
 /// `--warmup-steps` and `--lr-scheduler` reach the loop (the logged rate of each step is
 /// transformers': linear with 2 warmup steps of 4; constant never warms up), and so does
 /// `--neftune-noise-alpha` (the same run with noise trains another adapter).

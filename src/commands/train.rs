@@ -36,9 +36,14 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
         warmup_ratio,
         lr_scheduler,
         weight_decay,
+        adam_beta1,
+        adam_beta2,
+        adam_epsilon,
         max_grad_norm,
         eval_strategy,
         eval_steps,
+        load_best_model_at_end,
+        metric_for_best_model,
         logging_steps,
         save_strategy,
         save_steps,
@@ -54,6 +59,9 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     }
     if args.save_total_limit.is_some() {
         c.save_total_limit = args.save_total_limit;
+    }
+    if args.eval_batch_size.is_some() {
+        c.eval_batch_size = args.eval_batch_size;
     }
     if args.max_steps.is_some() {
         c.max_steps = args.max_steps;
@@ -248,6 +256,18 @@ mod tests {
             "steps",
             "--save-steps",
             "100",
+            "--adam-beta1",
+            "0.8",
+            "--adam-beta2",
+            "0.95",
+            "--adam-epsilon",
+            "1e-6",
+            "--eval-batch-size",
+            "16",
+            "--load-best-model-at-end",
+            "false",
+            "--metric-for-best-model",
+            "loss",
         ]);
         let hf = config_of(&[
             "train",
@@ -272,6 +292,18 @@ mod tests {
             "steps",
             "--save_steps",
             "100",
+            "--adam_beta1",
+            "0.8",
+            "--adam_beta2",
+            "0.95",
+            "--adam_epsilon",
+            "1e-6",
+            "--per_device_eval_batch_size",
+            "16",
+            "--load_best_model_at_end",
+            "false",
+            "--metric_for_best_model",
+            "loss",
         ]);
         let dashed = config_of(&[
             "train",
@@ -296,6 +328,18 @@ mod tests {
             "steps",
             "--save-steps",
             "100",
+            "--adam-beta1",
+            "0.8",
+            "--adam-beta2",
+            "0.95",
+            "--adam-epsilon",
+            "1e-6",
+            "--per-device-eval-batch-size",
+            "16",
+            "--load-best-model-at-end",
+            "false",
+            "--metric-for-best-model",
+            "loss",
         ]);
         assert_eq!(amthal, hf);
         assert_eq!(amthal, dashed);
@@ -312,6 +356,23 @@ mod tests {
         assert_eq!(amthal.warmup_steps, Some(0.1));
         assert_ne!(amthal.save_strategy, defaults.save_strategy);
         assert_ne!(amthal.save_steps, defaults.save_steps);
+        assert_ne!(
+            (amthal.adam_beta1, amthal.adam_beta2, amthal.adam_epsilon),
+            (
+                defaults.adam_beta1,
+                defaults.adam_beta2,
+                defaults.adam_epsilon
+            )
+        );
+        assert_eq!(amthal.eval_rows(), 16);
+        assert!(!amthal.load_best_model_at_end && defaults.load_best_model_at_end);
+        amthal.validate().unwrap();
+        // HF's bare boolean flag means true.
+        let bare = config_of(&["train", "--load_best_model_at_end"]);
+        assert!(bare.load_best_model_at_end);
+        let other_metric = config_of(&["train", "--metric-for-best-model", "bleu"]);
+        let error = other_metric.validate().unwrap_err().to_string();
+        assert!(error.contains("eval_loss"), "{error}");
     }
 
     #[test]

@@ -117,7 +117,8 @@ pub fn restore(
 /// A resumed run must use the settings that decide the computation.
 pub fn check_resumable(saved: &TrainConfig, now: &TrainConfig) -> Result<()> {
     let warmup = |c: &TrainConfig| format!("steps {:?}, ratio {}", c.warmup_steps, c.warmup_ratio);
-    let fields: [(&str, String, String); 17] = [
+    let adam = |c: &TrainConfig| format!("{} {} {}", c.adam_beta1, c.adam_beta2, c.adam_epsilon);
+    let fields: [(&str, String, String); 18] = [
         ("lora", saved.lora.to_string(), now.lora.to_string()),
         (
             "use_dora",
@@ -149,6 +150,7 @@ pub fn check_resumable(saved: &TrainConfig, now: &TrainConfig) -> Result<()> {
             format!("{:?}", now.lr_scheduler),
         ),
         ("warmup", warmup(saved), warmup(now)),
+        ("adam betas and epsilon", adam(saved), adam(now)),
         (
             "neftune_noise_alpha",
             format!("{:?}", saved.neftune_noise_alpha),
@@ -423,14 +425,16 @@ fn copy_model_files(from: &Path, to: &Path) -> Result<()> {
 }
 
 /// At the end of a run: OUT/final holds the last model, OUT itself the best one by
-/// eval loss (or the last), and OUT/trainer_state.json the whole history. Returns the
-/// best model's folder.
-pub fn publish_models(out: &Path, state: &TrainerState) -> Result<PathBuf> {
+/// eval loss (the last one without evaluations, or when `best_in_out` is false: HF's
+/// load_best_model_at_end), and OUT/trainer_state.json the whole history. Returns the
+/// folder of the model OUT holds.
+pub fn publish_models(out: &Path, state: &TrainerState, best_in_out: bool) -> Result<PathBuf> {
     let final_dir = out.join(format!("checkpoint-{}", state.global_step));
     copy_model_files(&final_dir, &out.join("final"))?;
     let best_dir = state
         .best_model_checkpoint
         .as_ref()
+        .filter(|_| best_in_out)
         .map(|name| out.join(name))
         .filter(|d| d.is_dir())
         .unwrap_or(final_dir);

@@ -92,9 +92,24 @@ pub struct TrainConfig {
     #[serde(alias = "lr_scheduler_type")]
     pub lr_scheduler: Schedule,
     pub weight_decay: f64,
+    /// AdamW's betas and epsilon (HF's adam_beta1, adam_beta2, adam_epsilon).
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
     pub max_grad_norm: f64,
     pub eval_strategy: EvalStrategy,
     pub eval_steps: usize,
+    /// Rows per evaluation batch (HF's per_device_eval_batch_size); None: twice
+    /// `batch_size` (no gradients are kept, so twice the rows fit).
+    #[serde(alias = "per_device_eval_batch_size")]
+    pub eval_batch_size: Option<usize>,
+    /// OUT holds the best checkpoint's model at the end (true, amthal's default) or the
+    /// last one's (false: HF's default load_best_model_at_end = False). OUT/final/ is
+    /// the last one's either way.
+    pub load_best_model_at_end: bool,
+    /// What "best" means (HF's metric_for_best_model): only the validation loss,
+    /// `eval_loss` (or `loss`, which HF reads as the same), lower is better.
+    pub metric_for_best_model: String,
     pub logging_steps: usize,
     pub save_strategy: SaveStrategy,
     /// With `save_strategy = steps`: every this many optimizer steps (HF's default 500).
@@ -180,9 +195,15 @@ impl Default for TrainConfig {
             warmup_steps: None,
             lr_scheduler: Schedule::Linear,
             weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
             max_grad_norm: 1.0,
             eval_strategy: EvalStrategy::Epoch,
             eval_steps: 50,
+            eval_batch_size: None,
+            load_best_model_at_end: true,
+            metric_for_best_model: "eval_loss".into(),
             logging_steps: 1,
             save_strategy: SaveStrategy::Auto,
             save_steps: 500,
@@ -246,6 +267,31 @@ impl TrainConfig {
         }
         if self.eval_strategy == EvalStrategy::Steps && self.eval_steps == 0 {
             bail_input!("--eval-strategy steps needs --eval-steps > 0");
+        }
+        for (name, beta) in [
+            ("--adam-beta1", self.adam_beta1),
+            ("--adam-beta2", self.adam_beta2),
+        ] {
+            if !(0.0..1.0).contains(&beta) {
+                bail_input!("{name} must be in [0, 1), not {beta}");
+            }
+        }
+        if !(self.adam_epsilon.is_finite() && self.adam_epsilon > 0.0) {
+            bail_input!(
+                "--adam-epsilon must be a positive number, not {}",
+                self.adam_epsilon
+            );
+        }
+        if self.eval_batch_size == Some(0) {
+            bail_input!("--eval-batch-size must be at least 1");
+        }
+        if !matches!(self.metric_for_best_model.as_str(), "eval_loss" | "loss") {
+            bail_input!(
+                "--metric-for-best-model {}: amthal evaluates the validation loss only \
+                 (eval_loss, lower is better); the other metrics come from `amthal score` \
+                 after generation",
+                self.metric_for_best_model
+            );
         }
         if self.save_strategy == SaveStrategy::Steps && self.save_steps == 0 {
             bail_input!("--save-strategy steps needs --save-steps > 0");
@@ -312,6 +358,11 @@ impl TrainConfig {
             );
         }
         Ok(())
+    }
+
+    /// Rows per evaluation batch.
+    pub fn eval_rows(&self) -> usize {
+        self.eval_batch_size.unwrap_or(self.batch_size * 2)
     }
 
     /// Micro-batches per optimizer step over all ranks.

@@ -306,6 +306,8 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
             offload::StatePlacement::WithWeights
         },
     );
+    (optimizer.beta1, optimizer.beta2, optimizer.eps) =
+        (config.adam_beta1, config.adam_beta2, config.adam_epsilon);
     // Recorded graphs add into the same gradient tensors at every replay.
     optimizer.keep_grads = config.cuda_graphs;
     let mut state = match &resume_dir {
@@ -728,11 +730,11 @@ impl Run<'_> {
         let mut new_best = false;
         if evaluate_now {
             let eval_loss = match &self.group {
-                None => evaluate_loss(&self.model, &self.eval_examples, config.batch_size * 2),
+                None => evaluate_loss(&self.model, &self.eval_examples, config.eval_rows()),
                 Some(group) => evaluation::sharded_eval_loss(
                     &self.model,
                     &self.eval_examples,
-                    config.batch_size * 2,
+                    config.eval_rows(),
                     group,
                 )?,
             };
@@ -937,12 +939,12 @@ impl Run<'_> {
             .iter()
             .rev()
             .find_map(|e| e.eval_loss.filter(|_| e.step == state.global_step));
-        let best_dir = publish_models(out, state)?;
+        let best_dir = publish_models(out, state, self.config.load_best_model_at_end)?;
         if let Err(error) = plot::write_loss_plots(out, &state.log_history) {
             tracing::warn!("could not draw the loss curves: {error:#}");
         }
 
-        // Previews with the best model, as the seed prints them.
+        // Previews with the model OUT holds (the best one by default), as the seed prints them.
         restore_trained(&self.model, &self.mode, &best_dir)?;
         let previews = evaluation::previews(
             &self.model,
