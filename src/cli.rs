@@ -605,9 +605,16 @@ pub struct TrainArgs {
     /// Warmup as transformers 5 spells it: N >= 1 steps, or below 1 a share of the run.
     #[arg(long, visible_alias = "warmup_steps", value_name = "N")]
     pub warmup_steps: Option<f64>,
-    /// linear (default), cosine, constant (no warmup, as transformers'), constant_with_warmup.
+    /// transformers' schedules: linear (default), cosine, cosine_with_restarts,
+    /// polynomial, inverse_sqrt, cosine_with_min_lr, constant (no warmup, as
+    /// transformers'), constant_with_warmup.
     #[arg(long, visible_aliases = ["lr_scheduler", "lr_scheduler_type", "lr-scheduler-type"], value_enum)]
     pub lr_scheduler: Option<crate::train::lr_schedule::Schedule>,
+    /// The schedule's settings as a JSON object, as HF's lr_scheduler_kwargs:
+    /// num_cycles, min_lr / min_lr_rate (cosine_with_min_lr), lr_end and power
+    /// (polynomial), timescale (inverse_sqrt); e.g. '{"min_lr_rate": 0.1}'.
+    #[arg(long, visible_alias = "lr_scheduler_kwargs", value_name = "JSON", value_parser = parse_scheduler_kwargs)]
+    pub lr_scheduler_kwargs: Option<crate::train::lr_schedule::SchedulerKwargs>,
     #[arg(long, visible_alias = "weight_decay")]
     pub weight_decay: Option<f64>,
     #[arg(long, visible_alias = "max_grad_norm")]
@@ -733,4 +740,15 @@ pub struct TrainArgs {
     /// Continue from the latest checkpoint in --output-dir, or from the one named.
     #[arg(long, num_args = 0..=1, default_missing_value = "latest", value_name = "checkpoint-N")]
     pub resume: Option<String>,
+}
+
+/// `--lr-scheduler-kwargs`: a JSON object of the schedule's settings.
+fn parse_scheduler_kwargs(
+    text: &str,
+) -> Result<crate::train::lr_schedule::SchedulerKwargs, String> {
+    serde_json::from_str(text).map_err(|e| {
+        format!(
+            "not a JSON object of num_cycles, min_lr, min_lr_rate, lr_end, power, timescale: {e}"
+        )
+    })
 }

@@ -1036,6 +1036,40 @@ fn warmup_schedules_and_neftune_reach_the_training_loop() {
         ],
     );
     assert_eq!(rates(&warm), vec![0.0, 5e-4, 1e-3, 1e-3]);
+    // A schedule with settings of its own: the loop's rates are the schedule's.
+    let with_minimum = run(
+        "cosine-with-min-lr",
+        &[
+            "--lr-scheduler",
+            "cosine_with_min_lr",
+            "--lr_scheduler_kwargs",
+            r#"{"min_lr_rate": 0.5}"#,
+        ],
+    );
+    let kwargs = amthal::train::lr_schedule::SchedulerKwargs {
+        min_lr_rate: Some(0.5),
+        ..Default::default()
+    };
+    let expected: Vec<f64> = (0..4)
+        .map(|step| {
+            amthal::train::lr_schedule::learning_rate(
+                amthal::train::lr_schedule::Schedule::CosineWithMinLr,
+                &kwargs,
+                1e-3,
+                step,
+                0,
+                4,
+            )
+        })
+        .collect();
+    // serde_json reads floats to within an ulp (its exact parser is a feature not
+    // enabled here), so the comparison allows that much.
+    let logged = rates(&with_minimum);
+    assert_eq!(logged.len(), expected.len());
+    for (a, b) in logged.iter().zip(&expected) {
+        assert!((a - b).abs() <= 1e-15 * b, "{logged:?} vs {expected:?}");
+    }
+    assert!(expected[3] > 5e-4 && expected[3] < expected[1]);
     let noisy = run(
         "neftune",
         &["--warmup-steps", "2", "--neftune-noise-alpha", "5"],

@@ -35,6 +35,7 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
         seed,
         warmup_ratio,
         lr_scheduler,
+        lr_scheduler_kwargs,
         weight_decay,
         adam_beta1,
         adam_beta2,
@@ -376,6 +377,19 @@ mod tests {
     }
 
     #[test]
+    fn scheduler_kwargs_that_are_not_a_json_object_are_refused() {
+        let error = crate::cli::Cli::try_parse_from([
+            "amthal",
+            "train",
+            "--lr-scheduler-kwargs",
+            "min_lr_rate=0.1",
+        ])
+        .expect_err("refused")
+        .to_string();
+        assert!(error.contains("not a JSON object"), "{error}");
+    }
+
+    #[test]
     fn a_config_file_takes_hf_names_too() {
         let dir = std::env::temp_dir().join(format!("amthal-hf-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -384,8 +398,8 @@ mod tests {
             &path,
             "learning_rate = 3e-4\nnum_train_epochs = 2.0\nper_device_train_batch_size = 4\n\
              gradient_accumulation_steps = 2\nmax_seq_length = 512\n\
-             lr_scheduler_type = \"constant_with_warmup\"\ntarget_modules = [\"q_proj\"]\n\
-             use_rslora = true\nwarmup_steps = 10.0\n",
+             lr_scheduler_type = \"cosine_with_min_lr\"\ntarget_modules = [\"q_proj\"]\n\
+             use_rslora = true\nwarmup_steps = 10.0\n[lr_scheduler_kwargs]\nmin_lr_rate = 0.1\n",
         )
         .unwrap();
         let from_file = config_of(&["train", "--config", path.to_str().unwrap()]);
@@ -402,7 +416,9 @@ mod tests {
             "--cutoff-len",
             "512",
             "--lr-scheduler",
-            "constant_with_warmup",
+            "cosine_with_min_lr",
+            "--lr-scheduler-kwargs",
+            r#"{"min_lr_rate": 0.1}"#,
             "--lora-targets",
             "q_proj",
             "--rslora",
@@ -410,6 +426,8 @@ mod tests {
             "10",
         ]);
         assert_eq!(from_file, from_flags);
+        assert_eq!(from_file.lr_scheduler_kwargs.min_lr_rate, Some(0.1));
+        from_file.validate().unwrap();
         // The saved form (training_config.toml) reads back as itself.
         let saved = dir.join("saved.toml");
         std::fs::write(&saved, from_file.to_toml()).unwrap();

@@ -146,8 +146,8 @@ pub fn check_resumable(saved: &TrainConfig, now: &TrainConfig) -> Result<()> {
         ("lr", saved.lr.to_string(), now.lr.to_string()),
         (
             "lr_scheduler",
-            format!("{:?}", saved.lr_scheduler),
-            format!("{:?}", now.lr_scheduler),
+            format!("{:?} {:?}", saved.lr_scheduler, saved.lr_scheduler_kwargs),
+            format!("{:?} {:?}", now.lr_scheduler, now.lr_scheduler_kwargs),
         ),
         ("warmup", warmup(saved), warmup(now)),
         ("adam betas and epsilon", adam(saved), adam(now)),

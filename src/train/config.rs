@@ -164,6 +164,9 @@ pub struct TrainConfig {
     /// NEFTune: uniform noise on the input embeddings while training (HF Trainer's
     /// neftune_noise_alpha; `step::Draws` says how it is drawn). None: off.
     pub neftune_noise_alpha: Option<f64>,
+    /// The schedule's own settings (HF's lr_scheduler_kwargs: num_cycles, min_lr,
+    /// min_lr_rate, lr_end, power, timescale). Last: TOML writes tables after values.
+    pub lr_scheduler_kwargs: super::lr_schedule::SchedulerKwargs,
 }
 
 impl Default for TrainConfig {
@@ -229,6 +232,7 @@ impl Default for TrainConfig {
             world_size: 1,
             dist_backend: crate::distributed::DistBackend::Auto,
             neftune_noise_alpha: None,
+            lr_scheduler_kwargs: Default::default(),
         }
     }
 }
@@ -268,6 +272,9 @@ impl TrainConfig {
         if self.eval_strategy == EvalStrategy::Steps && self.eval_steps == 0 {
             bail_input!("--eval-strategy steps needs --eval-steps > 0");
         }
+        self.lr_scheduler_kwargs
+            .check(self.lr_scheduler, self.lr)
+            .map_err(bad_input)?;
         for (name, beta) in [
             ("--adam-beta1", self.adam_beta1),
             ("--adam-beta2", self.adam_beta2),

@@ -589,6 +589,7 @@ impl Run<'_> {
             .sum();
         let lr = learning_rate(
             config.lr_scheduler,
+            &config.lr_scheduler_kwargs,
             config.lr,
             state.global_step,
             self.schedule.warmup,
