@@ -72,6 +72,17 @@ pub fn beam_search(
     stop_ids: &[u32],
     config: &SamplingConfig,
 ) -> Result<Vec<Generation>> {
+    let (answers, _) = searched(model, requests, stop_ids, config)?;
+    Ok(answers)
+}
+
+/// `beam_search`, with the decoding steps it ran.
+fn searched(
+    model: &Llama,
+    requests: &[GenerationRequest],
+    stop_ids: &[u32],
+    config: &SamplingConfig,
+) -> Result<(Vec<Generation>, usize)> {
     anyhow::ensure!(config.num_beams >= 2, "beam search needs at least 2 beams");
     anyhow::ensure!(
         config.is_greedy(),
@@ -80,15 +91,16 @@ pub fn beam_search(
     tch::no_grad(|| search_batch(model, requests, stop_ids, config))
 }
 
+/// The search; returns the answers and the decoding steps it ran.
 fn search_batch(
     model: &Llama,
     requests: &[GenerationRequest],
     stop_ids: &[u32],
     config: &SamplingConfig,
-) -> Result<Vec<Generation>> {
+) -> Result<(Vec<Generation>, usize)> {
     let mut outputs = vec![Generation::default(); requests.len()];
     if requests.is_empty() || config.max_new_tokens == 0 {
-        return Ok(outputs);
+        return Ok((outputs, 0));
     }
     let device = model.device;
     let beams = config.num_beams;
@@ -116,7 +128,9 @@ fn search_batch(
         .collect();
     let keep = beams * (1 + stop_ids.len()).max(2);
 
+    let mut steps_run = 0;
     for step in 0..config.max_new_tokens {
+        steps_run = step + 1;
         let log_probs = processed_log_probs(&logits, &searches, requests, stop_ids, config, step);
         let candidates = top_candidates(&log_probs, &searches, keep)?;
         let generated = step + 1;
@@ -136,15 +150,10 @@ fn search_batch(
             break;
         }
         // The cache rows follow the surviving beams' sources (a copy of the cache,
-        // as HF's reorder_cache; none when every beam continues itself).
+        // as HF's reorder_cache).
         let count = sources.len() as i64;
-        if sources
-            .iter()
-            .enumerate()
-            .any(|(row, &source)| row != source)
-        {
-            let rows = Tensor::from_slice(&sources.iter().map(|&r| r as i64).collect::<Vec<_>>())
-                .to_device(device);
+        if let Some(rows) = rows_to_select(key_mask.size()[0] as usize, &sources) {
+            let rows = Tensor::from_slice(&rows).to_device(device);
             cache.select_rows(&rows);
             key_mask = key_mask.index_select(0, &rows);
         }
@@ -172,16 +181,27 @@ fn search_batch(
         );
         logits = model.logits(&hidden.select(1, 0)).to_kind(Kind::Float);
     }
-    // A prompt still searching when max_new_tokens ran out was finished by `advance`.
-    for search in &searches {
-        outputs[search.request] = answer(search, stop_ids);
-    }
-    Ok(outputs)
+    debug_assert!(
+        searches.is_empty(),
+        "`advance` ends every search at max_new_tokens"
+    );
+    Ok((outputs, steps_run))
+}
+
+/// The cache rows to keep, in order, when the next step's beams continue from
+/// `sources` out of `rows_now` rows; None when they are the rows as they are (every
+/// beam continues itself and no prompt left the batch).
+fn rows_to_select(rows_now: usize, sources: &[usize]) -> Option<Vec<i64>> {
+    let unchanged =
+        sources.len() == rows_now && sources.iter().enumerate().all(|(row, &s)| row == s);
+    (!unchanged).then(|| sources.iter().map(|&row| row as i64).collect())
 }
 
 /// `beam_search` over any number of prompts, `prompts_at_once` at a time (each with
 /// its K beams), calling `finished(index, generation)` for each prompt in order.
-/// Returns how the decoding went, as continuous batching reports it.
+/// Returns how the decoding went, as continuous batching reports it: the steps the
+/// searches ran, the answers' tokens (not the K rows decoded per prompt) and the
+/// seconds, prefills included.
 pub fn beam_search_all(
     model: &Llama,
     requests: &[GenerationRequest],
@@ -193,19 +213,13 @@ pub fn beam_search_all(
     let started = std::time::Instant::now();
     let mut report = ContinuousReport::default();
     for (chunk_index, chunk) in requests.chunks(prompts_at_once.max(1)).enumerate() {
-        let generations = beam_search(model, chunk, stop_ids, config)?;
-        // The chunk's search ran as many steps as its longest answer (or one more).
-        report.decode_steps += generations
-            .iter()
-            .map(|g| g.tokens.len())
-            .max()
-            .unwrap_or(0);
+        let (generations, steps) = searched(model, chunk, stop_ids, config)?;
+        report.decode_steps += steps;
         for (offset, generation) in generations.into_iter().enumerate() {
             report.decode_tokens += generation.tokens.len();
             finished(chunk_index * prompts_at_once.max(1) + offset, generation)?;
         }
     }
-    // Prefills included: beam search is timed as a whole.
     report.decode_seconds = started.elapsed().as_secs_f64();
     Ok(report)
 }
@@ -230,7 +244,13 @@ fn processed_log_probs(
     for (row, (prompt, beam)) in rows.enumerate() {
         let at = |id: u32| row as i64 * vocab + id as i64;
         if step < config.min_new_tokens {
-            banned.extend(stop_ids.iter().map(|&id| at(id)));
+            // A stop id outside the vocabulary cannot be chosen anyway.
+            banned.extend(
+                stop_ids
+                    .iter()
+                    .filter(|&&id| (id as i64) < vocab)
+                    .map(|&id| at(id)),
+            );
         }
         if config.no_repeat_ngram_size > 0 || config.repetition_penalty != 1.0 {
             let sequence: Vec<u32> = prompt.iter().chain(beam.iter()).copied().collect();
@@ -452,6 +472,19 @@ mod tests {
             early_stopping: rule,
             ..SamplingConfig::default()
         }
+    }
+
+    #[test]
+    fn cache_rows_are_reselected_when_beams_move_or_prompts_leave() {
+        // Every beam continues itself, nobody left: nothing to copy.
+        assert_eq!(rows_to_select(4, &[0, 1, 2, 3]), None);
+        // Beams swapped.
+        assert_eq!(rows_to_select(4, &[1, 0, 2, 3]), Some(vec![1, 0, 2, 3]));
+        // The last prompt (rows 2 and 3) finished while the first one's beams
+        // continue themselves: the rows must still shrink.
+        assert_eq!(rows_to_select(4, &[0, 1]), Some(vec![0, 1]));
+        // The first prompt finished.
+        assert_eq!(rows_to_select(4, &[2, 3]), Some(vec![2, 3]));
     }
 
     #[test]

@@ -654,6 +654,10 @@ pub struct TrainArgs {
     pub metric_for_best_model: Option<String>,
     #[arg(long, visible_alias = "logging_steps")]
     pub logging_steps: Option<usize>,
+    /// Also log to: none (default, as transformers 5), tensorboard (an event file in
+    /// OUT/runs/, HF's folder and tags), all (every integration built: tensorboard).
+    #[arg(long, visible_alias = "report_to", value_enum)]
+    pub report_to: Option<crate::train::config::ReportTo>,
     /// When checkpoints are written: auto (at every evaluation; the default), steps
     /// (every --save-steps, and at a new best eval loss), epoch (each epoch's end, and
     /// at a new best), best (only at a new best), no (only the final model). The last

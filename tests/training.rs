@@ -771,8 +771,6 @@ fn save_strategies_write_the_checkpoints_they_name() {
             "--data-dir",
             &data,
             "--lora",
-            "--lr",
-            "3e-2",
             "--bsz",
             "4",
             "--grad-accum",
@@ -813,6 +811,8 @@ fn save_strategies_write_the_checkpoints_they_name() {
             "2",
             "--max-steps",
             "7",
+            "--lr",
+            "3e-2",
         ],
     );
     assert!(output.status.success(), "{}", stderr(&output));
@@ -842,6 +842,7 @@ fn save_strategies_write_the_checkpoints_they_name() {
             .unwrap()
     );
 
+    // A run whose best evaluation is not its last (a high rate, a short memory).
     let (no, output) = run(
         "no",
         &[
@@ -850,22 +851,27 @@ fn save_strategies_write_the_checkpoints_they_name() {
             "--eval-strategy",
             "steps",
             "--eval-steps",
-            "2",
+            "1",
             "--max-steps",
-            "4",
+            "3",
+            "--lr",
+            "3e-1",
+            "--adam-beta1",
+            "0.5",
         ],
     );
     assert!(output.status.success(), "{}", stderr(&output));
-    assert_eq!(checkpoints(&no), [4]);
-    assert!(no.join("checkpoint-4/adapter_model.safetensors").is_file());
-    assert!(!no.join("checkpoint-4/optimizer.safetensors").exists());
-    // The published model is the final one; a best evaluation is named only if saved.
+    assert_eq!(checkpoints(&no), [3]);
+    assert!(no.join("checkpoint-3/adapter_model.safetensors").is_file());
+    assert!(!no.join("checkpoint-3/optimizer.safetensors").exists());
+    // The published model is the final one; the best evaluation, never saved, is not
+    // named as a checkpoint.
     let state = state_of(&no);
-    let named = state["best_model_checkpoint"].as_str();
-    assert!(named.is_none() || named == Some("checkpoint-4"), "{state}");
+    assert_ne!(state["best_step"].as_i64(), Some(3), "{state}");
+    assert!(state["best_model_checkpoint"].is_null(), "{state}");
     assert_eq!(
         std::fs::read(no.join("adapter_model.safetensors")).unwrap(),
-        std::fs::read(no.join("checkpoint-4/adapter_model.safetensors")).unwrap()
+        std::fs::read(no.join("checkpoint-3/adapter_model.safetensors")).unwrap()
     );
 
     let (_, output) = run(
@@ -940,6 +946,18 @@ fn adam_settings_and_load_best_model_at_end_reach_the_run() {
     );
     assert!(output.status.success(), "{}", stderr(&output));
     assert_ne!(adapter(&default), adapter(&other));
+    for (name, flag, value) in [
+        ("other-beta2", "--adam-beta2", "0.5"),
+        ("other-epsilon", "--adam-epsilon", "1e-2"),
+    ] {
+        let (changed, output) = run(name, &[flag, value]);
+        assert!(output.status.success(), "{}", stderr(&output));
+        assert_ne!(
+            adapter(&default),
+            adapter(&changed),
+            "{flag} changed nothing"
+        );
+    }
     // OUT holds the last model, not the best one (this run's best is an earlier step).
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(other.join("trainer_state.json")).unwrap())

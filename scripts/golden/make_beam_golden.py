@@ -102,11 +102,36 @@ while deciding["true"] < 6 and tries < 200:
                                   generated=answers[s["early_stopping"]], **s))
 assert deciding["true"] >= 6, deciding
 
+# Prompts searched together: one setting and one stop id for all (a token several
+# prompts' searches reach), each prompt's answer alone (f32 equal to float64) being
+# what the batched search must give. Their answers end at different steps, so prompts
+# leave the batch while others go on.
+batch_setting = dict(num_beams=3, length_penalty=1.0, early_stopping="false",
+                     no_repeat_ngram_size=0, repetition_penalty=1.0, min_new_tokens=0)
+batch_prompts = prompts + [[1] + [random.randint(3, 379) for _ in range(n)] for n in (1, 3, 5, 8, 2)]
+counts = {}
+for prompt in batch_prompts:
+    for token in search(model, prompt, UNREACHABLE, batch_setting)[1:10]:
+        counts[token] = counts.get(token, 0) + 1
+best = None
+for stop in sorted(counts, key=counts.get, reverse=True)[:8]:
+    answers = [search(model, prompt, stop, batch_setting) for prompt in batch_prompts]
+    variety = len({len(a) for a in answers})
+    if best is None or variety > best[0]:
+        best = (variety, stop, answers)
+_, batch_stop, answers = best
+batch_cases = []
+for prompt, generated in zip(batch_prompts, answers):
+    if generated == search(model64, prompt, batch_stop, batch_setting):
+        batch_cases.append({"prompt_ids": prompt, "generated": generated})
+
 stopped = sum(c["generated"][-1] == c["stop_id"] for c in cases)
 (GOLDEN / "beam_search.json").write_text(json.dumps({
     "source": f"transformers {__import__('transformers').__version__}: generate(do_sample=False, "
               "num_beams=K) on tests/fixtures/tiny-llama, f32 (cases equal in float64)",
-    "max_new_tokens": MAX_NEW, "cases": cases}, indent=1) + "\n")
+    "max_new_tokens": MAX_NEW, "cases": cases,
+    "batch": {"setting": batch_setting, "stop_id": batch_stop, "cases": batch_cases}}, indent=1) + "\n")
 print(f"wrote beam_search.json: {len(cases)} cases ({stopped} ended by the stop id), "
       f"{dropped} left out (f32 and float64 disagree); the stopping rule decides "
-      f"{deciding} pairs ({tries} random prompts tried)")
+      f"{deciding} pairs ({tries} random prompts tried); batch: {len(batch_cases)} prompts, lengths "
+      f"{[len(c['generated']) for c in batch_cases]}")

@@ -280,9 +280,10 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
         .map(|r| r.prompt_ids.len())
         .max()
         .unwrap_or(0);
+    // Beam search decodes num_beams rows per prompt.
     let slots = args.batch_size.resolve(
         &loaded.model,
-        requests.len(),
+        requests.len() * sampling.num_beams.max(1),
         longest_prompt + sampling.max_new_tokens,
     );
     sidecar["slots"] = json!(slots);
@@ -323,8 +324,12 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
         Ok(())
     };
     let report = if sampling.num_beams > 1 {
-        // Each prompt takes num_beams rows of the --batch-size slots.
-        let prompts_at_once = (slots / sampling.num_beams).max(1);
+        // Each prompt takes num_beams rows of the --batch-size slots, and the prompts
+        // searched together are prefilled in one pass: at most PREFILL_TOKENS
+        // positions, as continuous batching admits them (what `auto` reserves for).
+        let prompts_at_once = (slots / sampling.num_beams)
+            .min(crate::generate::PREFILL_TOKENS / longest_prompt.max(1))
+            .max(1);
         crate::beam_search::beam_search_all(
             &loaded.model,
             &requests,

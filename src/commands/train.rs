@@ -46,6 +46,7 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
         load_best_model_at_end,
         metric_for_best_model,
         logging_steps,
+        report_to,
         save_strategy,
         save_steps,
         prompt_format,

@@ -8,7 +8,9 @@
 //! best model at the end of every run (HF's load_best_model_at_end), and HF, which
 //! publishes the best *saved* checkpoint, insists on saves that coincide with
 //! evaluations for that; saving the new best instead lets the two schedules differ
-//! (evaluate every 50 steps, save every 500) and still publish the true best.
+//! (evaluate every 50 steps, save every 500) and still publish the true best. With
+//! `--load-best-model-at-end false` OUT holds the last model, and the schedules save
+//! only on their schedule, as HF's.
 
 use super::config::{EvalStrategy, SaveStrategy, TrainConfig};
 
@@ -46,13 +48,15 @@ pub fn save_due(config: &TrainConfig, place: StepPlace, outcome: EvaluationOutco
     if place.last_step || outcome.stopping_early {
         return true;
     }
+    // A new best goes to disk when OUT is to hold the best model at the end.
+    let best_for_out = outcome.new_best && config.load_best_model_at_end;
     match config.save_strategy {
         SaveStrategy::Auto => match config.eval_strategy {
             EvalStrategy::No => place.epoch_end,
             _ => outcome.evaluated,
         },
-        SaveStrategy::Steps => every(place.step, config.save_steps) || outcome.new_best,
-        SaveStrategy::Epoch => place.epoch_end || outcome.new_best,
+        SaveStrategy::Steps => every(place.step, config.save_steps) || best_for_out,
+        SaveStrategy::Epoch => place.epoch_end || best_for_out,
         SaveStrategy::Best => outcome.new_best,
         SaveStrategy::No => false,
     }
@@ -156,6 +160,12 @@ mod tests {
         assert_eq!(saved_steps(&steps, &[5]), [4, 5, 8, 12]);
         let epoch = config(EvalStrategy::Steps, SaveStrategy::Epoch);
         assert_eq!(saved_steps(&epoch, &[10]), [6, 10, 12]);
+        // Not when OUT is to hold the last model.
+        let last_in_out = TrainConfig {
+            load_best_model_at_end: false,
+            ..steps
+        };
+        assert_eq!(saved_steps(&last_in_out, &[5]), [4, 8, 12]);
     }
 
     #[test]

@@ -102,7 +102,8 @@ pub fn restore(
         // A --save-only-model checkpoint: the weights and the position are restored,
         // AdamW starts with fresh moments (so the run is no longer bit-exact).
         tracing::warn!(
-            "{} has no optimizer state (--save-only-model): resuming with fresh AdamW moments",
+            "{} has no optimizer state (--save-only-model, or --save-strategy no): resuming \
+             with fresh AdamW moments",
             dir.display()
         );
     }
@@ -321,7 +322,8 @@ fn fill_checkpoint(tmp: &Path, source: &CheckpointSource) -> Result<()> {
 }
 
 /// Writes OUT/checkpoint-STEP (through a temp folder renamed when complete), then
-/// prunes by --save-total-limit.
+/// prunes by --save-total-limit (keeping the best one when it is what OUT will hold,
+/// with --load-best-model-at-end, the default; without, as HF, the oldest go).
 pub fn save_checkpoint(out: &Path, source: &CheckpointSource) -> Result<()> {
     let state = source.state;
     write_dir_with(&checkpoint_dir(out, state.global_step), |tmp| {
@@ -331,7 +333,9 @@ pub fn save_checkpoint(out: &Path, source: &CheckpointSource) -> Result<()> {
     prune_checkpoints(
         out,
         source.config.save_total_limit,
-        state.best_step,
+        state
+            .best_step
+            .filter(|_| source.config.load_best_model_at_end),
         state.global_step,
     )
 }
@@ -371,7 +375,8 @@ pub fn start_checkpoint_in_background(
         crate::model::tensor_io::deferring(|| fill_checkpoint(tmp, source))
     })?;
     let out = out.to_path_buf();
-    let (limit, best) = (source.config.save_total_limit, source.state.best_step);
+    let best = (source.state.best_step).filter(|_| source.config.load_best_model_at_end);
+    let limit = source.config.save_total_limit;
     let writer = std::thread::Builder::new()
         .name(format!("checkpoint-{step} writer"))
         .spawn(move || {

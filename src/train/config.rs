@@ -27,7 +27,7 @@ pub enum EvalStrategy {
 
 /// When checkpoints are written (HF's save_strategy). Whatever the strategy, the last
 /// step is saved (the published final model comes from it), and so is a stop by early
-/// stopping. Decided in `save_schedule.rs`.
+/// stopping. Decided in `cadence.rs`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum SaveStrategy {
@@ -43,6 +43,18 @@ pub enum SaveStrategy {
     /// No checkpoints while training; the last step writes the model alone (no
     /// optimizer state), as HF's trainer.save_model after a run with save_strategy no.
     No,
+}
+
+/// Where the logs also go (HF's report_to); OUT/log.jsonl and the loss plots are
+/// always written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ReportTo {
+    None,
+    /// A TensorBoard event file under OUT/runs/ (`tensorboard.rs`).
+    Tensorboard,
+    /// Every integration built: TensorBoard (HF's "all": every one installed).
+    All,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -111,6 +123,7 @@ pub struct TrainConfig {
     /// `eval_loss` (or `loss`, which HF reads as the same), lower is better.
     pub metric_for_best_model: String,
     pub logging_steps: usize,
+    pub report_to: ReportTo,
     pub save_strategy: SaveStrategy,
     /// With `save_strategy = steps`: every this many optimizer steps (HF's default 500).
     pub save_steps: usize,
@@ -208,6 +221,7 @@ impl Default for TrainConfig {
             load_best_model_at_end: true,
             metric_for_best_model: "eval_loss".into(),
             logging_steps: 1,
+            report_to: ReportTo::None,
             save_strategy: SaveStrategy::Auto,
             save_steps: 500,
             save_total_limit: None,

@@ -35,6 +35,7 @@ mod rank_sums;
 pub mod state;
 pub mod step;
 pub mod step_values;
+pub mod tensorboard;
 pub mod trainables;
 
 use std::path::PathBuf;
@@ -57,7 +58,7 @@ use crate::prompt::PromptBuilder;
 use crate::tokenizer::ModelTokenizer;
 pub use checkpoints::find_checkpoint;
 use checkpoints::{checkpoints, publish_models, save_checkpoint};
-use config::{EvalStrategy, TrainConfig};
+use config::{EvalStrategy, ReportTo, TrainConfig};
 pub use evaluation::evaluate_loss;
 use graphed_step::{GraphedSteps, optimizer_step_graphed};
 use lr_schedule::learning_rate;
@@ -175,6 +176,8 @@ struct Run<'a> {
     checkpoint_writer: Option<checkpoints::BackgroundSave>,
     /// `--async-checkpoint`: the longest a background write took.
     slowest_checkpoint_write_seconds: Option<f64>,
+    /// `--report-to tensorboard` (rank 0): the event file the logs also go to.
+    tensorboard: Option<tensorboard::EventWriter>,
     /// Data parallelism (`crate::distributed`): this worker's group; None alone.
     group: Option<Distributed>,
     /// `--cuda-graphs`: the recorded micro-steps.
@@ -350,7 +353,16 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
             matches!(mode, Mode::Full),
         )
     });
+    let tensorboard = match config.report_to {
+        ReportTo::Tensorboard | ReportTo::All if main_rank => {
+            let writer = tensorboard::EventWriter::create(out)?;
+            eprintln!("TensorBoard: {}", writer.path().display());
+            Some(writer)
+        }
+        _ => None,
+    };
     let mut run = Run {
+        tensorboard,
         config,
         progress: if main_rank {
             logging::progress_bar(schedule.total_steps, state.global_step)
@@ -418,7 +430,7 @@ fn plan_checkpoints(
         optimizer_bytes,
         saves: cadence::planned_saves(config, schedule.total_steps, schedule.windows_per_epoch),
         limit: config.save_total_limit,
-        keeps_best: config.eval_strategy != EvalStrategy::No,
+        keeps_best: config.eval_strategy != EvalStrategy::No && config.load_best_model_at_end,
     })
 }
 
@@ -711,6 +723,9 @@ impl Run<'_> {
             if self.group.as_ref().is_none_or(|g| g.rank() == 0) {
                 logging::write_log(&self.config.output_dir, &state.log_history)?;
             }
+            if let (Some(writer), Some(entry)) = (&mut self.tensorboard, state.log_history.last()) {
+                writer.log(entry)?;
+            }
         }
         Ok(())
     }
@@ -746,6 +761,11 @@ impl Run<'_> {
                 .push(logging::eval_entry(step, epoch, eval_loss));
             if self.is_main() {
                 logging::write_log(&config.output_dir, &self.state.log_history)?;
+            }
+            if let (Some(writer), Some(entry)) =
+                (&mut self.tensorboard, self.state.log_history.last())
+            {
+                writer.log(entry)?;
             }
             self.progress
                 .println(format!("step {step}: eval_loss {eval_loss:.6}"));
