@@ -5,5 +5,5 @@
 set -euo pipefail
 venv=${1:-$HOME/.cache/amthal-anchor}
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-"$venv/bin/pip" install -q torch transformers peft gguf sacrebleu rouge rouge-score nltk bert-score sentence-transformers pandas bitsandbytes==0.50.2
+"$venv/bin/pip" install -q torch transformers peft gguf sacrebleu rouge rouge-score nltk bert-score sentence-transformers pandas bitsandbytes==0.50.2 tensorboard
 echo "anchor venv ready: $venv/bin/python"
