@@ -542,6 +542,19 @@ impl Run<'_> {
         self.group.as_ref().is_none_or(|g| g.rank() == 0)
     }
 
+    /// After a log entry was added: OUT/log.jsonl rewritten (rank 0) and the entry sent
+    /// to TensorBoard (`--report-to`, rank 0 only holds a writer).
+    fn publish_log(&mut self) -> Result<()> {
+        if self.is_main() {
+            logging::write_log(&self.config.output_dir, &self.state.log_history)?;
+        }
+        if let (Some(writer), Some(entry)) = (&mut self.tensorboard, self.state.log_history.last())
+        {
+            writer.log(entry)?;
+        }
+        Ok(())
+    }
+
     /// Epochs of accumulation windows until the last step or early stopping.
     fn train_loop(&mut self) -> Result<()> {
         let lengths: Vec<usize> = self
@@ -720,12 +733,7 @@ impl Run<'_> {
                     .as_ref()
                     .map(|graphs| graphs.summary().recorded_widths.len()),
             });
-            if self.group.as_ref().is_none_or(|g| g.rank() == 0) {
-                logging::write_log(&self.config.output_dir, &state.log_history)?;
-            }
-            if let (Some(writer), Some(entry)) = (&mut self.tensorboard, state.log_history.last()) {
-                writer.log(entry)?;
-            }
+            self.publish_log()?;
         }
         Ok(())
     }
@@ -759,14 +767,7 @@ impl Run<'_> {
             self.state
                 .log_history
                 .push(logging::eval_entry(step, epoch, eval_loss));
-            if self.is_main() {
-                logging::write_log(&config.output_dir, &self.state.log_history)?;
-            }
-            if let (Some(writer), Some(entry)) =
-                (&mut self.tensorboard, self.state.log_history.last())
-            {
-                writer.log(entry)?;
-            }
+            self.publish_log()?;
             self.progress
                 .println(format!("step {step}: eval_loss {eval_loss:.6}"));
             stop_early = evaluation::record_evaluation(
