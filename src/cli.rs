@@ -659,9 +659,9 @@ pub struct TrainArgs {
     #[arg(long, visible_alias = "report_to", value_enum)]
     pub report_to: Option<crate::train::config::ReportTo>,
     /// When checkpoints are written: auto (at every evaluation; the default), steps
-    /// (every --save-steps, and at a new best eval loss), epoch (each epoch's end, and
-    /// at a new best), best (only at a new best), no (only the final model). The last
-    /// step is always saved.
+    /// (every --save-steps), epoch (each epoch's end), best (only at a new best eval
+    /// loss), no (only the final model). The last step is always saved, and so, unless
+    /// --load-best-model-at-end false, is every new best (OUT holds it at the end).
     #[arg(long, visible_alias = "save_strategy", value_enum)]
     pub save_strategy: Option<crate::train::config::SaveStrategy>,
     /// With --save-strategy steps: every N optimizer steps (default 500, as HF's).
