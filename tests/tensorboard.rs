@@ -99,36 +99,46 @@ fn event_files(out: &Path) -> Vec<PathBuf> {
 #[test]
 fn the_event_file_holds_what_the_log_holds_under_hf_tags() {
     let dir = temp_dir("tensorboard");
-    let out = dir.join("out");
     let data = repo_root().join("examples/data");
-    let output = amthal(&[
-        "train",
-        "--model",
-        fixture("tiny-llama").to_str().unwrap(),
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--output-dir",
-        out.to_str().unwrap(),
-        "--precision",
-        "f32",
-        "--device",
-        "cpu",
-        "--lora",
-        "--max-steps",
-        "3",
-        "--bsz",
-        "4",
-        "--grad-accum",
-        "1",
-        "--eval-strategy",
-        "steps",
-        "--eval-steps",
-        "2",
-        "--previews",
-        "0",
-        "--report_to",
-        "tensorboard",
-    ]);
+    let model = fixture("tiny-llama");
+    let train = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--output-dir",
+            out.to_str().unwrap(),
+            "--precision",
+            "f32",
+            "--device",
+            "cpu",
+            "--lora",
+            "--bsz",
+            "4",
+            "--grad-accum",
+            "1",
+            "--previews",
+            "0",
+        ];
+        args.extend(extra);
+        amthal(&args)
+    };
+    let out = dir.join("out");
+    let output = train(
+        &out,
+        &[
+            "--max-steps",
+            "3",
+            "--eval-strategy",
+            "steps",
+            "--eval-steps",
+            "2",
+            "--report_to",
+            "tensorboard",
+        ],
+    );
     assert!(output.status.success(), "{}", stderr(&output));
     let files = event_files(&out);
     assert_eq!(files.len(), 1, "{files:?}");
@@ -172,24 +182,7 @@ fn the_event_file_holds_what_the_log_holds_under_hf_tags() {
 
     // Without the flag, no runs/ folder.
     let plain = dir.join("plain");
-    let output = amthal(&[
-        "train",
-        "--model",
-        fixture("tiny-llama").to_str().unwrap(),
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--output-dir",
-        plain.to_str().unwrap(),
-        "--precision",
-        "f32",
-        "--device",
-        "cpu",
-        "--lora",
-        "--max-steps",
-        "1",
-        "--previews",
-        "0",
-    ]);
+    let output = train(&plain, &["--max-steps", "1"]);
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(!plain.join("runs").exists());
 }

@@ -51,6 +51,24 @@ fn run_train(out: &Path, extra: &[&str]) -> std::process::Output {
     train_command(out, extra).output().unwrap()
 }
 
+/// A LoRA run on the sample data, one micro-batch a step, no previews, with a test's
+/// `settings` and then one run's `extra` flags.
+fn run_lora(out: &Path, settings: &[&str], extra: &[&str]) -> std::process::Output {
+    let data = sample_data();
+    let mut args = vec![
+        "--data-dir",
+        &data,
+        "--lora",
+        "--grad-accum",
+        "1",
+        "--previews",
+        "0",
+    ];
+    args.extend(settings);
+    args.extend(extra);
+    run_train(out, &args)
+}
+
 fn log_of(out: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(out.join("log.jsonl"))
         .unwrap()
@@ -764,22 +782,9 @@ fn save_only_model_skips_optimizer_state() {
 #[test]
 fn save_strategies_write_the_checkpoints_they_name() {
     let dir = temp_dir("save-strategy");
-    let data = sample_data();
     let run = |name: &str, extra: &[&str]| -> (PathBuf, std::process::Output) {
         let out = dir.join(name);
-        let mut args = vec![
-            "--data-dir",
-            &data,
-            "--lora",
-            "--bsz",
-            "4",
-            "--grad-accum",
-            "1",
-            "--previews",
-            "0",
-        ];
-        args.extend(extra);
-        let output = run_train(&out, &args);
+        let output = run_lora(&out, &["--bsz", "4"], extra);
         (out, output)
     };
     let checkpoints = |out: &Path| -> Vec<i64> {
@@ -899,30 +904,13 @@ fn save_strategies_write_the_checkpoints_they_name() {
 #[test]
 fn adam_settings_and_load_best_model_at_end_reach_the_run() {
     let dir = temp_dir("adam-settings");
-    let data = sample_data();
+    let settings = ["--lr", "3e-1", "--bsz", "4", "--max-steps", "3"];
+    let evaluations = ["--eval-strategy", "steps", "--eval-steps", "1"];
     let run = |name: &str, extra: &[&str]| -> (PathBuf, std::process::Output) {
         let out = dir.join(name);
-        let mut args = vec![
-            "--data-dir",
-            &data,
-            "--lora",
-            "--lr",
-            "3e-1",
-            "--bsz",
-            "4",
-            "--grad-accum",
-            "1",
-            "--max-steps",
-            "3",
-            "--eval-strategy",
-            "steps",
-            "--eval-steps",
-            "1",
-            "--previews",
-            "0",
-        ];
-        args.extend(extra);
-        (out.clone(), run_train(&out, &args))
+        let extra = [&evaluations[..], extra].concat();
+        let output = run_lora(&out, &settings, &extra);
+        (out, output)
     };
     let adapter = |out: &Path| std::fs::read(out.join("final/adapter_model.safetensors")).unwrap();
     let (default, output) = run("default", &[]);
@@ -975,23 +963,7 @@ fn adam_settings_and_load_best_model_at_end_reach_the_run() {
     );
     // Resuming with other AdamW settings is refused.
     std::fs::remove_dir_all(other.join("checkpoint-3")).unwrap();
-    let output = run_train(
-        &other,
-        &[
-            "--data-dir",
-            &data,
-            "--lora",
-            "--lr",
-            "3e-1",
-            "--bsz",
-            "4",
-            "--grad-accum",
-            "1",
-            "--max-steps",
-            "3",
-            "--resume",
-        ],
-    );
+    let output = run_lora(&other, &settings, &["--resume"]);
     assert!(!output.status.success());
     assert!(
         stderr(&output).contains("adam betas and epsilon"),
@@ -1006,28 +978,19 @@ fn adam_settings_and_load_best_model_at_end_reach_the_run() {
 #[test]
 fn warmup_schedules_and_neftune_reach_the_training_loop() {
     let dir = temp_dir("warmup");
-    let data = sample_data();
+    let settings = [
+        "--lr",
+        "1e-3",
+        "--max-steps",
+        "4",
+        "--bsz",
+        "2",
+        "--eval-strategy",
+        "no",
+    ];
     let run = |name: &str, extra: &[&str]| -> std::path::PathBuf {
         let out = dir.join(name);
-        let mut args = vec![
-            "--data-dir",
-            &data,
-            "--lora",
-            "--lr",
-            "1e-3",
-            "--max-steps",
-            "4",
-            "--bsz",
-            "2",
-            "--grad-accum",
-            "1",
-            "--eval-strategy",
-            "no",
-            "--previews",
-            "0",
-        ];
-        args.extend(extra);
-        let output = run_train(&out, &args);
+        let output = run_lora(&out, &settings, extra);
         assert!(output.status.success(), "{}", stderr(&output));
         out
     };
