@@ -741,8 +741,15 @@ pub struct TrainArgs {
     /// to 15). Not with --cuda-graphs.
     #[arg(long, visible_aliases = ["neftune_noise_alpha"], value_name = "ALPHA")]
     pub neftune_noise_alpha: Option<f64>,
-    /// Continue from the latest checkpoint in --output-dir, or from the one named.
-    #[arg(long, num_args = 0..=1, default_missing_value = "latest", value_name = "checkpoint-N")]
+    /// Continue from the latest checkpoint in --output-dir, or from the one named
+    /// (HF's resume_from_checkpoint).
+    #[arg(
+        long,
+        visible_aliases = ["resume_from_checkpoint", "resume-from-checkpoint"],
+        num_args = 0..=1,
+        default_missing_value = "latest",
+        value_name = "checkpoint-N"
+    )]
     pub resume: Option<String>,
 }
 

@@ -378,6 +378,29 @@ mod tests {
     }
 
     #[test]
+    fn resume_from_checkpoint_is_resume() {
+        let resume_of = |args: &[&str]| {
+            let cli = crate::cli::Cli::try_parse_from(
+                std::iter::once("amthal").chain(args.iter().copied()),
+            )
+            .unwrap();
+            match cli.command {
+                crate::cli::Command::Train(args) => args.resume,
+                _ => panic!("not a train command"),
+            }
+        };
+        assert_eq!(
+            resume_of(&["train", "--resume_from_checkpoint", "checkpoint-4"]),
+            Some("checkpoint-4".into())
+        );
+        assert_eq!(
+            resume_of(&["train", "--resume-from-checkpoint"]),
+            Some("latest".into())
+        );
+        assert_eq!(resume_of(&["train"]), None);
+    }
+
+    #[test]
     fn scheduler_kwargs_that_are_not_a_json_object_are_refused() {
         let error = crate::cli::Cli::try_parse_from([
             "amthal",
