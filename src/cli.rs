@@ -606,13 +606,15 @@ pub struct TrainArgs {
     #[arg(long, visible_alias = "warmup_steps", value_name = "N")]
     pub warmup_steps: Option<f64>,
     /// transformers' schedules: linear (default), cosine, cosine_with_restarts,
-    /// polynomial, inverse_sqrt, cosine_with_min_lr, constant (no warmup, as
-    /// transformers'), constant_with_warmup.
+    /// polynomial, inverse_sqrt, cosine_with_min_lr, warmup_stable_decay, constant (no
+    /// warmup, as transformers'), constant_with_warmup.
     #[arg(long, visible_aliases = ["lr_scheduler", "lr_scheduler_type", "lr-scheduler-type"], value_enum)]
     pub lr_scheduler: Option<crate::train::lr_schedule::Schedule>,
     /// The schedule's settings as a JSON object, as HF's lr_scheduler_kwargs:
     /// num_cycles, min_lr / min_lr_rate (cosine_with_min_lr), lr_end and power
-    /// (polynomial), timescale (inverse_sqrt); e.g. '{"min_lr_rate": 0.1}'.
+    /// (polynomial), timescale (inverse_sqrt), num_decay_steps, num_stable_steps,
+    /// warmup_type, decay_type, min_lr_ratio (warmup_stable_decay); e.g.
+    /// '{"min_lr_rate": 0.1}'.
     #[arg(long, visible_alias = "lr_scheduler_kwargs", value_name = "JSON", value_parser = parse_scheduler_kwargs)]
     pub lr_scheduler_kwargs: Option<crate::train::lr_schedule::SchedulerKwargs>,
     #[arg(long, visible_alias = "weight_decay")]
@@ -759,7 +761,9 @@ fn parse_scheduler_kwargs(
 ) -> Result<crate::train::lr_schedule::SchedulerKwargs, String> {
     serde_json::from_str(text).map_err(|e| {
         format!(
-            "not a JSON object of num_cycles, min_lr, min_lr_rate, lr_end, power, timescale: {e}"
+            "not a JSON object of the schedule's settings (num_cycles, min_lr, min_lr_rate, \
+             lr_end, power, timescale, num_decay_steps, num_stable_steps, warmup_type, \
+             decay_type, min_lr_ratio): {e}"
         )
     })
 }

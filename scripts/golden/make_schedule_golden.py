@@ -21,6 +21,11 @@ settings = [
     ("polynomial", {}), ("polynomial", {"lr_end": 1e-5, "power": 2.0}),
     ("inverse_sqrt", {}), ("inverse_sqrt", {"timescale": 7}),
     ("cosine_with_min_lr", {"min_lr_rate": 0.1}), ("cosine_with_min_lr", {"min_lr": 5e-5, "num_cycles": 0.75}),
+    ("warmup_stable_decay", {"num_decay_steps": 5}),
+    ("warmup_stable_decay", {"num_decay_steps": 4, "warmup_type": "cosine", "decay_type": "1-sqrt",
+                             "min_lr_ratio": 0.1}),
+    ("warmup_stable_decay", {"num_decay_steps": 3, "num_stable_steps": 4, "warmup_type": "1-sqrt",
+                             "decay_type": "linear", "num_cycles": 0.5}),
     ("constant", {}), ("constant_with_warmup", {}),
 ]
 for name, kwargs in settings:

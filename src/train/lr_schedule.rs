@@ -1,6 +1,6 @@
 //! transformers' learning-rate schedules (linear, cosine, cosine with restarts,
-//! polynomial, inverse square root, cosine with a minimum, constant, constant with
-//! warmup) and their `lr_scheduler_kwargs`, so a run here and a run with HF Trainer use
+//! polynomial, inverse square root, cosine with a minimum, warmup-stable-decay,
+//! constant, constant with warmup) and their `lr_scheduler_kwargs`, so a run here and a run with HF Trainer use
 //! the same rate at every step.
 
 use clap::ValueEnum;
@@ -28,6 +28,13 @@ pub enum Schedule {
     #[value(name = "cosine_with_min_lr", alias = "cosine-with-min-lr")]
     #[serde(alias = "cosine-with-min-lr")]
     CosineWithMinLr,
+    /// Warmup, stable, decay (get_wsd_schedule): `num_decay_steps` (required) at the
+    /// end, `num_stable_steps` (default: the rest) at the base rate; `warmup_type` and
+    /// `decay_type` linear, cosine or 1-sqrt (defaults linear and cosine), from and to
+    /// `min_lr_ratio` x the base rate.
+    #[value(name = "warmup_stable_decay", alias = "warmup-stable-decay")]
+    #[serde(alias = "warmup-stable-decay")]
+    WarmupStableDecay,
     /// The base rate at every step: transformers' `constant` has no warmup (it ignores
     /// warmup_steps; `constant_with_warmup` is the one with it).
     Constant,
@@ -47,6 +54,42 @@ pub struct SchedulerKwargs {
     pub lr_end: Option<f64>,
     pub power: Option<f64>,
     pub timescale: Option<f64>,
+    pub num_decay_steps: Option<u64>,
+    pub num_stable_steps: Option<u64>,
+    pub warmup_type: Option<Shape>,
+    pub decay_type: Option<Shape>,
+    pub min_lr_ratio: Option<f64>,
+}
+
+/// warmup_stable_decay's curve for its warmup and its decay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Shape {
+    #[serde(rename = "linear")]
+    Linear,
+    #[serde(rename = "cosine")]
+    Cosine,
+    #[serde(rename = "1-sqrt")]
+    OneMinusSqrt,
+}
+
+impl Shape {
+    /// The warmup's factor at `progress` in [0, 1) (rising).
+    fn rising(self, progress: f64) -> f64 {
+        match self {
+            Shape::Linear => progress,
+            Shape::Cosine => 0.5 * (1.0 - (std::f64::consts::PI * progress).cos()),
+            Shape::OneMinusSqrt => 1.0 - (1.0 - progress).sqrt(),
+        }
+    }
+
+    /// The decay's factor at `progress` in [0, 1) (falling; `cycles` for cosine).
+    fn falling(self, progress: f64, cycles: f64) -> f64 {
+        match self {
+            Shape::Linear => 1.0 - progress,
+            Shape::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * cycles * 2.0 * progress).cos()),
+            Shape::OneMinusSqrt => 1.0 - progress.sqrt(),
+        }
+    }
 }
 
 impl SchedulerKwargs {
@@ -59,6 +102,11 @@ impl SchedulerKwargs {
             ("lr_end", self.lr_end),
             ("power", self.power),
             ("timescale", self.timescale),
+            ("num_decay_steps", self.num_decay_steps.map(|v| v as f64)),
+            ("num_stable_steps", self.num_stable_steps.map(|v| v as f64)),
+            ("warmup_type", self.warmup_type.map(|_| 0.0)),
+            ("decay_type", self.decay_type.map(|_| 0.0)),
+            ("min_lr_ratio", self.min_lr_ratio),
         ]
         .into_iter()
         .filter_map(|(name, value)| value.map(|_| name))
@@ -76,6 +124,14 @@ impl SchedulerKwargs {
             Schedule::Polynomial => &["lr_end", "power"],
             Schedule::InverseSqrt => &["timescale"],
             Schedule::CosineWithMinLr => &["num_cycles", "min_lr", "min_lr_rate"],
+            Schedule::WarmupStableDecay => &[
+                "num_decay_steps",
+                "num_stable_steps",
+                "warmup_type",
+                "decay_type",
+                "min_lr_ratio",
+                "num_cycles",
+            ],
         };
         if let Some(key) = self.given().into_iter().find(|key| !takes.contains(key)) {
             let name = schedule
@@ -105,6 +161,13 @@ impl SchedulerKwargs {
                 }
                 _ => {}
             }
+        }
+        if schedule == Schedule::WarmupStableDecay && self.num_decay_steps.is_none() {
+            return Err(
+                "warmup_stable_decay needs num_decay_steps in lr_scheduler_kwargs (for example \
+                 --lr-scheduler-kwargs '{\"num_decay_steps\": 100}')"
+                    .into(),
+            );
         }
         if schedule == Schedule::Polynomial {
             let end = self.lr_end.unwrap_or(POLYNOMIAL_LR_END);
@@ -157,6 +220,9 @@ pub fn learning_rate(
     total: i64,
 ) -> f64 {
     use std::f64::consts::PI;
+    if schedule == Schedule::WarmupStableDecay {
+        return base * warmup_stable_decay(kwargs, step, warmup, total);
+    }
     let warmup = if schedule.warms_up() { warmup } else { 0 };
     if step < warmup {
         return base * (step as f64 / warmup.max(1) as f64);
@@ -203,8 +269,39 @@ pub fn learning_rate(
             (cosine * (1.0 - rate) + rate).max(0.0)
         }
         Schedule::Constant | Schedule::ConstantWithWarmup => 1.0,
+        Schedule::WarmupStableDecay => unreachable!("computed above"),
     };
     base * factor
+}
+
+/// _get_wsd_scheduler_lambda's factor: its warmup has a shape of its own and starts
+/// from min_lr_ratio, so it is not the other schedules' linear warmup.
+fn warmup_stable_decay(kwargs: &SchedulerKwargs, step: i64, warmup: i64, total: i64) -> f64 {
+    let floor = kwargs.min_lr_ratio.unwrap_or(0.0);
+    let decay = kwargs.num_decay_steps.unwrap_or(0) as i64;
+    // As Trainer calls get_wsd_schedule: the stable phase is the rest of the run unless given.
+    let stable = kwargs
+        .num_stable_steps
+        .map_or(total - warmup - decay, |steps| steps as i64);
+    let towards_floor = |factor: f64| (factor * (1.0 - floor) + floor).max(0.0);
+    if step < warmup {
+        let progress = step as f64 / warmup.max(1) as f64;
+        return towards_floor(kwargs.warmup_type.unwrap_or(Shape::Linear).rising(progress));
+    }
+    if step < warmup + stable {
+        return 1.0;
+    }
+    if step < warmup + stable + decay {
+        let progress = (step - warmup - stable) as f64 / decay.max(1) as f64;
+        let cycles = kwargs.num_cycles.unwrap_or(0.5);
+        return towards_floor(
+            kwargs
+                .decay_type
+                .unwrap_or(Shape::Cosine)
+                .falling(progress, cycles),
+        );
+    }
+    floor
 }
 
 #[cfg(test)]
@@ -250,7 +347,7 @@ mod tests {
             serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         let base = golden["base_lr"].as_f64().unwrap();
         let cases = golden["cases"].as_array().unwrap();
-        assert!(cases.len() >= 39);
+        assert!(cases.len() >= 48);
         for case in cases {
             let schedule: Schedule = serde_json::from_value(case["schedule"].clone()).unwrap();
             let kwargs: SchedulerKwargs = serde_json::from_value(case["kwargs"].clone()).unwrap();
@@ -293,6 +390,11 @@ mod tests {
             .unwrap_err();
         assert!(error.contains("must be smaller"), "{error}");
         assert!(serde_json::from_str::<SchedulerKwargs>(r#"{"cycles": 2}"#).is_err());
+        let error = kwargs("{}")
+            .check(Schedule::WarmupStableDecay, 1e-3)
+            .unwrap_err();
+        assert!(error.contains("needs num_decay_steps"), "{error}");
+        assert!(serde_json::from_str::<SchedulerKwargs>(r#"{"decay_type": "exp"}"#).is_err());
     }
 
     #[test]
