@@ -233,7 +233,7 @@ fn processed_log_probs(
     config: &SamplingConfig,
     step: usize,
 ) -> Tensor {
-    let mut log_probs = logits.log_softmax(-1, Kind::Float);
+    let log_probs = logits.log_softmax(-1, Kind::Float);
     let vocab = log_probs.size()[1];
     let rows = searches.iter().flat_map(|search| {
         let prompt = &requests[search.request].prompt_ids;
@@ -268,6 +268,7 @@ fn processed_log_probs(
         }
     }
     let device = log_probs.device();
+    // A flat view: the processors write into `log_probs` itself.
     let mut flat = log_probs.view([-1]);
     if !penalised.is_empty() {
         // HF's RepetitionPenaltyLogitsProcessor: negative scores (all of them, for
@@ -284,7 +285,6 @@ fn processed_log_probs(
         let index = Tensor::from_slice(&banned).to_device(device);
         let _ = flat.index_fill_(0, &index, f64::NEG_INFINITY);
     }
-    log_probs = flat.view([-1, vocab]);
     log_probs
 }
 

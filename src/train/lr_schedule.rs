@@ -96,20 +96,20 @@ impl SchedulerKwargs {
     /// The keys given, by name.
     fn given(&self) -> Vec<&'static str> {
         [
-            ("num_cycles", self.num_cycles),
-            ("min_lr", self.min_lr),
-            ("min_lr_rate", self.min_lr_rate),
-            ("lr_end", self.lr_end),
-            ("power", self.power),
-            ("timescale", self.timescale),
-            ("num_decay_steps", self.num_decay_steps.map(|v| v as f64)),
-            ("num_stable_steps", self.num_stable_steps.map(|v| v as f64)),
-            ("warmup_type", self.warmup_type.map(|_| 0.0)),
-            ("decay_type", self.decay_type.map(|_| 0.0)),
-            ("min_lr_ratio", self.min_lr_ratio),
+            ("num_cycles", self.num_cycles.is_some()),
+            ("min_lr", self.min_lr.is_some()),
+            ("min_lr_rate", self.min_lr_rate.is_some()),
+            ("lr_end", self.lr_end.is_some()),
+            ("power", self.power.is_some()),
+            ("timescale", self.timescale.is_some()),
+            ("num_decay_steps", self.num_decay_steps.is_some()),
+            ("num_stable_steps", self.num_stable_steps.is_some()),
+            ("warmup_type", self.warmup_type.is_some()),
+            ("decay_type", self.decay_type.is_some()),
+            ("min_lr_ratio", self.min_lr_ratio.is_some()),
         ]
         .into_iter()
-        .filter_map(|(name, value)| value.map(|_| name))
+        .filter_map(|(name, given)| given.then_some(name))
         .collect()
     }
 
