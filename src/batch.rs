@@ -50,6 +50,11 @@ pub struct Answers {
     pub rows: Tensor,
     /// [N] int64 the token each position is trained to predict.
     pub targets: Tensor,
+    /// Label smoothing (HF Trainer's label_smoothing_factor): each position's loss is
+    /// (1 - e) x its cross-entropy + e x the mean over the vocabulary of -log p, as
+    /// transformers' `LabelSmoother` and torch's `label_smoothing` compute it. 0: plain
+    /// cross-entropy (every batch starts so; `Batch::with_label_smoothing` sets it).
+    pub label_smoothing: f64,
 }
 
 impl Answers {
@@ -70,6 +75,7 @@ impl Answers {
             positions: tensor(&positions),
             rows: tensor(&rows),
             targets: tensor(&targets),
+            label_smoothing: 0.0,
         }
     }
 }
@@ -118,6 +124,12 @@ impl Batch {
             }),
             answers: Answers::from_labels(&packed.labels, total, device),
         }
+    }
+
+    /// The batch with its loss label-smoothed by `factor` (`Answers::label_smoothing`).
+    pub fn with_label_smoothing(mut self, factor: f64) -> Batch {
+        self.answers.label_smoothing = factor;
+        self
     }
 
     /// A padded batch, or a packed one when `packing`.

@@ -621,6 +621,11 @@ pub struct TrainArgs {
     pub weight_decay: Option<f64>,
     #[arg(long, visible_alias = "max_grad_norm")]
     pub max_grad_norm: Option<f64>,
+    /// Label smoothing (HF's label_smoothing_factor, default 0): each answer token's
+    /// loss is (1 - F) x its cross-entropy + F x the mean of -log p over the vocabulary,
+    /// as transformers' LabelSmoother; the logged train and eval losses are smoothed too.
+    #[arg(long, visible_alias = "label_smoothing_factor", value_name = "F")]
+    pub label_smoothing_factor: Option<f64>,
     /// AdamW's beta1 (default 0.9, HF's adam_beta1).
     #[arg(long, visible_alias = "adam_beta1")]
     pub adam_beta1: Option<f64>,

@@ -83,7 +83,7 @@ pub fn losses_from_hidden(model: &Llama, hidden: &Tensor, answers: &Answers) -> 
         None,
         Reduction::None,
         IGNORE_INDEX,
-        0.0,
+        answers.label_smoothing,
     );
     TokenLosses {
         nll,
@@ -92,11 +92,14 @@ pub fn losses_from_hidden(model: &Llama, hidden: &Tensor, answers: &Answers) -> 
 }
 
 /// (loss sum, answer tokens) of every example, in the given order. Examples are
-/// batched by length (less padding) without gradients.
+/// batched by length (less padding) without gradients. `label_smoothing`: 0 for the
+/// plain cross-entropy (`amthal loss`, perplexity), else as `Answers::label_smoothing`
+/// (a training run's eval_loss, as HF Trainer's).
 pub fn per_example_losses(
     model: &Llama,
     examples: &[&Encoded],
     batch_size: usize,
+    label_smoothing: f64,
 ) -> Vec<(f64, i64)> {
     let mut order: Vec<usize> = (0..examples.len()).collect();
     order.sort_by_key(|&i| examples[i].input_ids.len());
@@ -104,7 +107,8 @@ pub fn per_example_losses(
     tch::no_grad(|| {
         for chunk in order.chunks(batch_size.max(1)) {
             let rows: Vec<&Encoded> = chunk.iter().map(|&i| examples[i]).collect();
-            let batch = Batch::from_encoded(&rows, model.device);
+            let batch =
+                Batch::from_encoded(&rows, model.device).with_label_smoothing(label_smoothing);
             let losses = answer_token_losses(model, &batch, false);
             for (&slot, result) in chunk.iter().zip(losses.per_row(chunk.len() as i64)) {
                 results[slot] = result;
@@ -115,14 +119,24 @@ pub fn per_example_losses(
 }
 
 /// Token-weighted mean answer-token loss over a set.
-pub fn mean_loss(model: &Llama, examples: &[&Encoded], batch_size: usize) -> f64 {
-    let (total, tokens) = loss_sums(model, examples, batch_size);
+pub fn mean_loss(
+    model: &Llama,
+    examples: &[&Encoded],
+    batch_size: usize,
+    label_smoothing: f64,
+) -> f64 {
+    let (total, tokens) = loss_sums(model, examples, batch_size, label_smoothing);
     total / tokens.max(1) as f64
 }
 
 /// (loss sum, answer tokens) over a set.
-pub fn loss_sums(model: &Llama, examples: &[&Encoded], batch_size: usize) -> (f64, i64) {
-    let results = per_example_losses(model, examples, batch_size);
+pub fn loss_sums(
+    model: &Llama,
+    examples: &[&Encoded],
+    batch_size: usize,
+    label_smoothing: f64,
+) -> (f64, i64) {
+    let results = per_example_losses(model, examples, batch_size, label_smoothing);
     (
         results.iter().map(|(s, _)| s).sum(),
         results.iter().map(|(_, c)| c).sum(),

@@ -139,6 +139,50 @@ fn tiny_llama_logits_and_loss_match_transformers() {
     );
 }
 
+/// HF Trainer's label_smoothing_factor: transformers' LabelSmoother on the golden rows
+/// (scripts/golden/make_label_smoothing_golden.py), normalised by the step's answer
+/// tokens, whether the rows come as one padded batch, as micro-batches or packed.
+#[test]
+fn label_smoothing_matches_transformers_label_smoother() {
+    let model = load_tiny();
+    let golden = golden("label_smoothing.json");
+    let rows = encoded_rows();
+    let tokens = golden["answer_tokens"].as_i64().unwrap();
+    let smoothed_sum = |indices: &[usize], packed: bool, factor: f64| -> (f64, i64) {
+        let refs: Vec<&Encoded> = indices.iter().map(|&i| &rows[i]).collect();
+        let batch = Batch::build(&refs, Device::Cpu, packed).with_label_smoothing(factor);
+        let losses = tch::no_grad(|| answer_token_losses(&model, &batch, false));
+        (losses.sum().double_value(&[]), losses.count())
+    };
+    let cases = golden["cases"].as_array().unwrap();
+    assert!(cases.len() >= 3);
+    let mut previous: Option<f64> = None;
+    for case in cases {
+        let factor = case["epsilon"].as_f64().unwrap();
+        let expected = case["loss"].as_f64().unwrap();
+        for packed in [false, true] {
+            let (sum, count) = smoothed_sum(&[0, 1, 2], packed, factor);
+            assert_eq!(count, tokens);
+            let what = format!("epsilon {factor}, one batch, packed {packed}");
+            assert_relative(sum / tokens as f64, expected, 2e-6, &what);
+        }
+        let (first, _) = smoothed_sum(&[0, 1], false, factor);
+        let (second, _) = smoothed_sum(&[2], false, factor);
+        assert_relative(
+            (first + second) / tokens as f64,
+            case["micro_batches_loss"].as_f64().unwrap(),
+            2e-6,
+            &format!("epsilon {factor}, micro-batches"),
+        );
+        // The golden factors rise, and so does the loss of this model: each factor
+        // is a different number, not the plain cross-entropy again.
+        if let Some(previous) = previous {
+            assert!(expected > previous + 1e-4, "{expected} after {previous}");
+        }
+        previous = Some(expected);
+    }
+}
+
 #[test]
 fn padded_batches_equal_rows_one_by_one() {
     let model = load_tiny();

@@ -285,13 +285,13 @@ enum Route {
     FixedWidth { checkpointing: bool },
 }
 
-/// Trains three optimizer steps of two micro-batches each; returns the trained
-/// tensors and the reported gradient norms.
+/// Trains three optimizer steps of two micro-batches each, the loss label-smoothed by
+/// `label_smoothing`; returns the trained tensors and the reported gradient norms.
 fn three_steps(
     full: bool,
     tied: bool,
     optim: OptimKind,
-    max_grad_norm: f64,
+    (max_grad_norm, label_smoothing): (f64, f64),
     scaled: bool,
     route: Route,
 ) -> (Vec<(String, Tensor)>, Vec<f64>) {
@@ -302,7 +302,12 @@ fn three_steps(
     let mut graphs = match route {
         Route::FixedWidth { checkpointing } => {
             optimizer.keep_grads = true;
-            Some(GraphedSteps::new(Device::Cpu, checkpointing, full))
+            Some(GraphedSteps::new(
+                Device::Cpu,
+                checkpointing,
+                full,
+                label_smoothing,
+            ))
         }
         _ => None,
     };
@@ -317,7 +322,9 @@ fn three_steps(
         let tokens = window_tokens(&window);
         let batches: Vec<Batch> = window
             .iter()
-            .map(|micro| Batch::from_encoded(micro, Device::Cpu))
+            .map(|micro| {
+                Batch::from_encoded(micro, Device::Cpu).with_label_smoothing(label_smoothing)
+            })
             .collect();
         let settings = StepSettings {
             seed: 7,
@@ -367,24 +374,28 @@ fn three_steps(
 #[test]
 fn the_update_inside_the_backward_pass_takes_the_same_steps() {
     let cases = [
-        // (full, tied lm_head, optimizer, max_grad_norm, loss scaler)
-        (false, true, OptimKind::AdamW, 0.0, false),
-        (false, true, OptimKind::AdamW, 0.05, false),
-        (true, true, OptimKind::AdamW, 0.0, false),
-        (true, true, OptimKind::AdamW, 0.05, false),
-        (true, false, OptimKind::AdamW, 0.05, false),
-        (true, false, OptimKind::AdamW, 0.0, true),
-        (true, true, OptimKind::AdamWBf16, 0.05, false),
-        (true, false, OptimKind::AdamW8bit, 0.05, false),
-        (false, true, OptimKind::AdamW8bit, 0.0, false),
+        // (full, tied lm_head, optimizer, (max_grad_norm, label smoothing), loss scaler)
+        (false, true, OptimKind::AdamW, (0.0, 0.0), false),
+        (false, true, OptimKind::AdamW, (0.05, 0.0), false),
+        (false, true, OptimKind::AdamW, (0.0, 0.3), false),
+        (true, true, OptimKind::AdamW, (0.0, 0.0), false),
+        (true, true, OptimKind::AdamW, (0.05, 0.0), false),
+        (true, false, OptimKind::AdamW, (0.05, 0.0), false),
+        (true, false, OptimKind::AdamW, (0.0, 0.0), true),
+        (true, false, OptimKind::AdamW, (0.05, 0.3), true),
+        (true, true, OptimKind::AdamWBf16, (0.05, 0.0), false),
+        (true, false, OptimKind::AdamW8bit, (0.05, 0.0), false),
+        (false, true, OptimKind::AdamW8bit, (0.0, 0.0), false),
     ];
-    for (full, tied, optim, max_grad_norm, scaled) in cases {
-        let case =
-            format!("full={full} tied={tied} {optim:?} clip={max_grad_norm} scaled={scaled}");
-        let (after, after_norms) =
-            three_steps(full, tied, optim, max_grad_norm, scaled, Route::After);
+    for (full, tied, optim, (max_grad_norm, smoothing), scaled) in cases {
+        let case = format!(
+            "full={full} tied={tied} {optim:?} clip={max_grad_norm} smoothing={smoothing} \
+             scaled={scaled}"
+        );
+        let settings = (max_grad_norm, smoothing);
+        let (after, after_norms) = three_steps(full, tied, optim, settings, scaled, Route::After);
         let (inside, inside_norms) =
-            three_steps(full, tied, optim, max_grad_norm, scaled, Route::InBackward);
+            three_steps(full, tied, optim, settings, scaled, Route::InBackward);
         for (a, b) in after_norms.iter().zip(&inside_norms) {
             assert!(
                 (a - b).abs() <= 1e-5 * a,
@@ -427,25 +438,27 @@ fn the_update_inside_the_backward_pass_takes_the_same_steps() {
 #[test]
 fn the_fixed_width_step_of_cuda_graphs_takes_the_same_steps() {
     let cases = [
-        // (full, tied lm_head, max_grad_norm, loss scaler, checkpointing)
-        (false, true, 0.0, false, false),
-        (false, true, 0.05, false, true),
-        (true, true, 0.05, false, false),
-        (true, false, 0.05, false, true),
-        (true, false, 0.0, true, true),
+        // (full, tied lm_head, (max_grad_norm, label smoothing), loss scaler, checkpointing)
+        (false, true, (0.0, 0.0), false, false),
+        (false, true, (0.05, 0.0), false, true),
+        (false, true, (0.0, 0.3), false, true),
+        (true, true, (0.05, 0.0), false, false),
+        (true, false, (0.05, 0.0), false, true),
+        (true, false, (0.0, 0.0), true, true),
+        (true, true, (0.05, 0.3), false, false),
     ];
-    for (full, tied, max_grad_norm, scaled, checkpointing) in cases {
+    for (full, tied, settings, scaled, checkpointing) in cases {
         let case = format!(
-            "full={full} tied={tied} clip={max_grad_norm} scaled={scaled} checkpointing={checkpointing}"
+            "full={full} tied={tied} (clip, smoothing)={settings:?} scaled={scaled} \
+             checkpointing={checkpointing}"
         );
         let optim = OptimKind::AdamW;
-        let (eager, eager_norms) =
-            three_steps(full, tied, optim, max_grad_norm, scaled, Route::After);
+        let (eager, eager_norms) = three_steps(full, tied, optim, settings, scaled, Route::After);
         let (fixed, fixed_norms) = three_steps(
             full,
             tied,
             optim,
-            max_grad_norm,
+            settings,
             scaled,
             Route::FixedWidth { checkpointing },
         );

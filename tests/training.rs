@@ -1061,3 +1061,75 @@ fn warmup_schedules_and_neftune_reach_the_training_loop() {
         .any(|((_, a), (_, b))| !a.equal(b));
     assert!(differs, "NEFTune changed nothing");
 }
+
+/// `--label-smoothing-factor` reaches the training loss, the evaluation loss and the
+/// gradients, and a resume with another factor is refused. A label-smoothed loss is
+/// (1 - e) x cross-entropy + e x the vocabulary's mean -log p, linear in e: with the
+/// first step's rate 0 (warmup) every run scores the same model, so the logged losses
+/// at e = 0.5 differ from e = 0's by 5 times those at e = 0.1. (The formula itself is
+/// checked against transformers' LabelSmoother in tests/model_layer.rs.)
+#[test]
+fn label_smoothing_reaches_the_losses_and_the_gradients() {
+    let dir = temp_dir("label-smoothing");
+    let settings = [
+        "--bsz",
+        "2",
+        "--max-steps",
+        "1",
+        "--eval-strategy",
+        "steps",
+        "--eval-steps",
+        "1",
+    ];
+    let run = |name: &str, extra: &[&str]| -> PathBuf {
+        let out = dir.join(name);
+        let extra = [&["--warmup-steps", "5"][..], extra].concat();
+        let output = run_lora(&out, &settings, &extra);
+        assert!(output.status.success(), "{}", stderr(&output));
+        out
+    };
+    let losses = |out: &Path| -> (f64, f64) {
+        let log = log_of(out);
+        let value = |key: &str| {
+            log.iter()
+                .find_map(|entry| entry[key].as_f64())
+                .unwrap_or_else(|| panic!("no {key} in {log:?}"))
+        };
+        (value("loss"), value("eval_loss"))
+    };
+    let (plain_train, plain_eval) = losses(&run("plain", &[]));
+    let tenth = run("tenth", &["--label-smoothing-factor", "0.1"]);
+    let (tenth_train, tenth_eval) = losses(&tenth);
+    let (half_train, half_eval) = losses(&run("half", &["--label_smoothing_factor", "0.5"]));
+    for (what, plain, tenth, half) in [
+        ("train loss", plain_train, tenth_train, half_train),
+        ("eval loss", plain_eval, tenth_eval, half_eval),
+    ] {
+        let step = tenth - plain;
+        assert!(step.abs() > 1e-4, "{what}: smoothing changed nothing");
+        let ratio = (half - plain) / step;
+        assert!((ratio - 5.0).abs() < 0.1, "{what}: {plain} {tenth} {half}");
+    }
+    // The gradients: one step at a real rate trains another adapter.
+    let adapter = |name: &str, extra: &[&str]| {
+        let out = dir.join(name);
+        let extra = [&["--lr", "1e-2"][..], extra].concat();
+        let output = run_lora(&out, &settings, &extra);
+        assert!(output.status.success(), "{}", stderr(&output));
+        tensors(&out.join("adapter_model.safetensors"))
+    };
+    let differs = adapter("trained-plain", &[])
+        .iter()
+        .zip(adapter("trained-smoothed", &["--label-smoothing-factor", "0.5"]).iter())
+        .any(|((_, a), (_, b))| !a.equal(b));
+    assert!(differs, "label smoothing changed no gradient");
+    // Resuming with another factor is refused: it changes what the losses mean.
+    std::fs::remove_dir_all(tenth.join("final")).ok();
+    let output = run_lora(&tenth, &settings, &["--warmup-steps", "5", "--resume"]);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("label_smoothing_factor"),
+        "{}",
+        stderr(&output)
+    );
+}

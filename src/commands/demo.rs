@@ -61,7 +61,7 @@ fn validation_loss(
     let encoder = crate::encode::Encoder::new(&loaded.tokenizer, &prompts)?;
     let set = crate::data::read_split(data, Split::Validation, read_options)?;
     let (encoded, _) = encoder.encode_all(&set.examples, Some(1024))?;
-    Ok(crate::train::evaluate_loss(&loaded.model, &encoded, 8))
+    Ok(crate::train::evaluate_loss(&loaded.model, &encoded, 8, 0.0))
 }
 
 fn shorten(text: &str, chars: usize) -> String {

@@ -50,7 +50,7 @@ pub fn run(args: &LossArgs) -> Result<()> {
     );
 
     let rows: Vec<&crate::encode::Encoded> = encoded.iter().map(|(_, e)| e).collect();
-    let per_row = per_example_losses(&loaded.model, &rows, args.batch_size);
+    let per_row = per_example_losses(&loaded.model, &rows, args.batch_size, 0.0);
 
     let total: f64 = per_row.iter().map(|(s, _)| s).sum();
     let tokens: i64 = per_row.iter().map(|(_, c)| c).sum();

@@ -41,6 +41,7 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
         adam_beta2,
         adam_epsilon,
         max_grad_norm,
+        label_smoothing_factor,
         eval_strategy,
         eval_steps,
         load_best_model_at_end,
@@ -264,6 +265,8 @@ mod tests {
             "0.95",
             "--adam-epsilon",
             "1e-6",
+            "--label-smoothing-factor",
+            "0.1",
             "--eval-batch-size",
             "16",
             "--load-best-model-at-end",
@@ -300,6 +303,8 @@ mod tests {
             "0.95",
             "--adam_epsilon",
             "1e-6",
+            "--label_smoothing_factor",
+            "0.1",
             "--per_device_eval_batch_size",
             "16",
             "--load_best_model_at_end",
@@ -336,6 +341,8 @@ mod tests {
             "0.95",
             "--adam-epsilon",
             "1e-6",
+            "--label-smoothing-factor",
+            "0.1",
             "--per-device-eval-batch-size",
             "16",
             "--load-best-model-at-end",
@@ -366,6 +373,8 @@ mod tests {
                 defaults.adam_epsilon
             )
         );
+        assert_eq!(amthal.label_smoothing_factor, 0.1);
+        assert_eq!(defaults.label_smoothing_factor, 0.0);
         assert_eq!(amthal.eval_rows(), 16);
         assert!(!amthal.load_best_model_at_end && defaults.load_best_model_at_end);
         amthal.validate().unwrap();
@@ -514,6 +523,20 @@ mod tests {
         );
         let ok = config_of(&["train", "--lora", "--neftune-noise-alpha", "5"]);
         assert_eq!(ok.neftune_noise_alpha, Some(5.0));
+        assert!(ok.validate().is_ok());
+    }
+
+    #[test]
+    fn label_smoothing_outside_zero_to_one_is_refused() {
+        for bad in ["1", "1.5", "-0.1", "NaN"] {
+            let config = config_of(&["train", &format!("--label-smoothing-factor={bad}")]);
+            let message = config.validate().unwrap_err().to_string();
+            assert!(
+                message.contains("--label-smoothing-factor must be in [0, 1)"),
+                "{bad}: {message}"
+            );
+        }
+        let ok = config_of(&["train", "--label-smoothing-factor", "0.999"]);
         assert!(ok.validate().is_ok());
     }
 

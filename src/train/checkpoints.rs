@@ -119,7 +119,7 @@ pub fn restore(
 pub fn check_resumable(saved: &TrainConfig, now: &TrainConfig) -> Result<()> {
     let warmup = |c: &TrainConfig| format!("steps {:?}, ratio {}", c.warmup_steps, c.warmup_ratio);
     let adam = |c: &TrainConfig| format!("{} {} {}", c.adam_beta1, c.adam_beta2, c.adam_epsilon);
-    let fields: [(&str, String, String); 18] = [
+    let fields: [(&str, String, String); 19] = [
         ("lora", saved.lora.to_string(), now.lora.to_string()),
         (
             "use_dora",
@@ -152,6 +152,13 @@ pub fn check_resumable(saved: &TrainConfig, now: &TrainConfig) -> Result<()> {
         ),
         ("warmup", warmup(saved), warmup(now)),
         ("adam betas and epsilon", adam(saved), adam(now)),
+        (
+            // The objective: a resumed run's losses and best checkpoint compare with
+            // the saved ones only under the same smoothing.
+            "label_smoothing_factor",
+            saved.label_smoothing_factor.to_string(),
+            now.label_smoothing_factor.to_string(),
+        ),
         (
             "neftune_noise_alpha",
             format!("{:?}", saved.neftune_noise_alpha),

@@ -109,6 +109,9 @@ pub struct TrainConfig {
     pub adam_beta2: f64,
     pub adam_epsilon: f64,
     pub max_grad_norm: f64,
+    /// HF's label_smoothing_factor: 0 (plain cross-entropy) to below 1; the training
+    /// and evaluation losses are smoothed (`batch::Answers::label_smoothing`).
+    pub label_smoothing_factor: f64,
     pub eval_strategy: EvalStrategy,
     pub eval_steps: usize,
     /// Rows per evaluation batch (HF's per_device_eval_batch_size); None: twice
@@ -215,6 +218,7 @@ impl Default for TrainConfig {
             adam_beta2: 0.999,
             adam_epsilon: 1e-8,
             max_grad_norm: 1.0,
+            label_smoothing_factor: 0.0,
             eval_strategy: EvalStrategy::Epoch,
             eval_steps: 50,
             eval_batch_size: None,
@@ -296,6 +300,13 @@ impl TrainConfig {
             if !(0.0..1.0).contains(&beta) {
                 bail_input!("{name} must be in [0, 1), not {beta}");
             }
+        }
+        if !(0.0..1.0).contains(&self.label_smoothing_factor) {
+            bail_input!(
+                "--label-smoothing-factor must be in [0, 1) (0 is plain cross-entropy; HF's \
+                 examples use 0.1), not {}",
+                self.label_smoothing_factor
+            );
         }
         if !(self.adam_epsilon.is_finite() && self.adam_epsilon > 0.0) {
             bail_input!(

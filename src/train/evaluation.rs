@@ -13,9 +13,16 @@ use crate::model::Llama;
 use crate::prompt::PromptBuilder;
 use crate::tokenizer::ModelTokenizer;
 
-/// Token-weighted mean answer-token loss over a set (no gradients).
-pub fn evaluate_loss(model: &Llama, examples: &[Encoded], batch_size: usize) -> f64 {
-    crate::loss::mean_loss(model, &examples.iter().collect::<Vec<_>>(), batch_size)
+/// Token-weighted mean answer-token loss over a set (no gradients), label-smoothed
+/// by `label_smoothing` as the training loss is (HF Trainer's eval_loss is too).
+pub fn evaluate_loss(
+    model: &Llama,
+    examples: &[Encoded],
+    batch_size: usize,
+    label_smoothing: f64,
+) -> f64 {
+    let examples: Vec<&Encoded> = examples.iter().collect();
+    crate::loss::mean_loss(model, &examples, batch_size, label_smoothing)
 }
 
 /// `evaluate_loss` split across data-parallel ranks: each rank scores every
@@ -24,6 +31,7 @@ pub fn sharded_eval_loss(
     model: &Llama,
     examples: &[Encoded],
     batch_size: usize,
+    label_smoothing: f64,
     group: &crate::distributed::Distributed,
 ) -> Result<f64> {
     let mine: Vec<&Encoded> = examples
@@ -31,7 +39,7 @@ pub fn sharded_eval_loss(
         .skip(group.rank())
         .step_by(group.world())
         .collect();
-    let (total, tokens) = crate::loss::loss_sums(model, &mine, batch_size);
+    let (total, tokens) = crate::loss::loss_sums(model, &mine, batch_size, label_smoothing);
     let sums = tch::Tensor::from_slice(&[total, tokens as f64]);
     group.allreduce_sum(&[&sums])?;
     Ok(sums.double_value(&[0]) / sums.double_value(&[1]).max(1.0))

@@ -85,10 +85,12 @@ struct FixedInputs {
     targets: Tensor,
     /// [] f32: the loss scale x 1 / the window's answer tokens.
     scale: Tensor,
+    /// `Answers::label_smoothing`, fixed for the run (a constant of the recording).
+    label_smoothing: f64,
 }
 
 impl FixedInputs {
-    fn new(width: usize, device: Device) -> FixedInputs {
+    fn new(width: usize, device: Device, label_smoothing: f64) -> FixedInputs {
         let width = width as i64;
         let table = Tensor::zeros([4, width], (Kind::Int64, device));
         FixedInputs {
@@ -98,6 +100,7 @@ impl FixedInputs {
             targets: table.get(3),
             table,
             scale: Tensor::zeros([], (Kind::Float, device)),
+            label_smoothing,
         }
     }
 
@@ -133,7 +136,13 @@ impl MicroBatch for FixedInputs {
         model
             .logits(&normed.reshape([-1, hidden_size]))
             .to_kind(Kind::Float)
-            .cross_entropy_loss::<Tensor>(&self.targets, None, Reduction::Sum, IGNORE_INDEX, 0.0)
+            .cross_entropy_loss::<Tensor>(
+                &self.targets,
+                None,
+                Reduction::Sum,
+                IGNORE_INDEX,
+                self.label_smoothing,
+            )
     }
 
     /// The recorded width (NEFTune, the only reader, is refused with --cuda-graphs).
@@ -182,6 +191,8 @@ pub struct GraphedSteps {
     device: Device,
     /// (gradient checkpointing, full fine-tune)
     flags: (bool, bool),
+    /// `--label-smoothing-factor`, recorded into every micro-batch's loss.
+    label_smoothing: f64,
     pool: Option<GraphPool>,
     buckets: BTreeMap<usize, Bucket>,
     /// Why recording failed, if it did: training then goes on without graphs.
@@ -195,9 +206,15 @@ pub struct GraphedSteps {
 }
 
 impl GraphedSteps {
-    pub fn new(device: Device, checkpointing: bool, full: bool) -> GraphedSteps {
+    pub fn new(
+        device: Device,
+        checkpointing: bool,
+        full: bool,
+        label_smoothing: f64,
+    ) -> GraphedSteps {
         GraphedSteps {
             device,
+            label_smoothing,
             flags: (checkpointing, full),
             pool: None,
             buckets: BTreeMap::new(),
@@ -254,7 +271,7 @@ impl GraphedSteps {
         let tokens = rows.iter().map(|r| r.input_ids.len()).sum();
         let width = bucket_width(tokens, BUCKET_TOKENS);
         let layout = FixedWidthLayout::new(rows, width);
-        let (device, flags) = (self.device, self.flags);
+        let (device, flags, label_smoothing) = (self.device, self.flags, self.label_smoothing);
         let to_record = device.is_cuda()
             && self.failure.is_none()
             && self
@@ -263,7 +280,7 @@ impl GraphedSteps {
                 .is_none_or(|bucket| bucket.recorded.is_none());
         let pool = to_record.then(|| self.pool());
         let bucket = self.buckets.entry(width).or_insert_with(|| Bucket {
-            inputs: FixedInputs::new(width, device),
+            inputs: FixedInputs::new(width, device, label_smoothing),
             recorded: None,
         });
         if let Some(pool) = pool {

@@ -351,6 +351,7 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
             device,
             config.gradient_checkpointing,
             matches!(mode, Mode::Full),
+            config.label_smoothing_factor,
         )
     });
     let tensorboard = match config.report_to {
@@ -647,7 +648,10 @@ impl Run<'_> {
             None => {
                 let batches: Vec<Batch> = mine
                     .iter()
-                    .map(|micro| Batch::build(&rows(micro), self.device, config.packing))
+                    .map(|micro| {
+                        Batch::build(&rows(micro), self.device, config.packing)
+                            .with_label_smoothing(config.label_smoothing_factor)
+                    })
                     .collect();
                 optimizer_step(
                     &self.model,
@@ -754,11 +758,17 @@ impl Run<'_> {
         let mut new_best = false;
         if evaluate_now {
             let eval_loss = match &self.group {
-                None => evaluate_loss(&self.model, &self.eval_examples, config.eval_rows()),
+                None => evaluate_loss(
+                    &self.model,
+                    &self.eval_examples,
+                    config.eval_rows(),
+                    config.label_smoothing_factor,
+                ),
                 Some(group) => evaluation::sharded_eval_loss(
                     &self.model,
                     &self.eval_examples,
                     config.eval_rows(),
+                    config.label_smoothing_factor,
                     group,
                 )?,
             };
