@@ -198,6 +198,40 @@ pub struct EvaluateArgs {
     /// 0 = no top-k filter.
     #[arg(long, visible_alias = "top_k", default_value_t = 0)]
     pub top_k: usize,
+    /// Sampling: drop tokens less probable than P x the most probable one (HF's min_p;
+    /// 0.05-0.1 is common).
+    #[arg(long, visible_alias = "min_p", value_name = "P")]
+    pub min_p: Option<f64>,
+    /// Sampling: locally typical sampling's mass (HF's typical_p; 1 = off).
+    #[arg(
+        long,
+        visible_alias = "typical_p",
+        default_value_t = 1.0,
+        value_name = "MASS"
+    )]
+    pub typical_p: f64,
+    /// Sampling: drop tokens below this probability (HF's epsilon_cutoff; 0 = off; its
+    /// paper suggests 3e-4 to 9e-4).
+    #[arg(
+        long,
+        visible_alias = "epsilon_cutoff",
+        default_value_t = 0.0,
+        value_name = "P"
+    )]
+    pub epsilon_cutoff: f64,
+    /// Sampling: eta sampling's cutoff, min(eta, sqrt(eta) x e^-entropy) (HF's
+    /// eta_cutoff; 0 = off; its paper suggests 3e-4 to 2e-3).
+    #[arg(
+        long,
+        visible_alias = "eta_cutoff",
+        default_value_t = 0.0,
+        value_name = "ETA"
+    )]
+    pub eta_cutoff: f64,
+    /// Sampling: top-h, keep the top tokens within H x the entropy of the 100 most
+    /// probable (HF's top_h, in (0, 1]).
+    #[arg(long, visible_alias = "top_h", value_name = "H")]
+    pub top_h: Option<f64>,
     #[arg(long, visible_alias = "repetition_penalty", default_value_t = 1.0)]
     pub repetition_penalty: f64,
     /// No n-gram of this size may occur twice in prompt + answer (HF's

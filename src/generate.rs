@@ -26,11 +26,22 @@ pub struct SamplingConfig {
     pub max_new_tokens: usize,
     /// Stop ids are suppressed until this many tokens were generated (benchmarks force length).
     pub min_new_tokens: usize,
-    /// 0 = greedy.
+    /// 0 = greedy. Sampling's warpers (`logits_warpers.rs`) follow, in HF's order.
     pub temperature: f64,
+    /// 1 = off (HF's top_p).
     pub top_p: f64,
     /// 0 = no top-k filter.
     pub top_k: usize,
+    /// None = off; else HF's min_p: tokens below min_p x the top probability go.
+    pub min_p: Option<f64>,
+    /// 1 = off; else HF's typical_p (locally typical sampling's mass).
+    pub typical_p: f64,
+    /// 0 = off; else HF's epsilon_cutoff (a fixed probability floor).
+    pub epsilon_cutoff: f64,
+    /// 0 = off; else HF's eta_cutoff (a floor that falls as the entropy rises).
+    pub eta_cutoff: f64,
+    /// None = off; else HF's top_h (an entropy budget over the 100 top tokens).
+    pub top_h: Option<f64>,
     /// 1.0 = off; HF semantics (divide positive logits, multiply negative ones).
     pub repetition_penalty: f64,
     /// 0 = off; else no n-gram of this size occurs twice in prompt + answer (HF's
@@ -74,6 +85,11 @@ impl Default for SamplingConfig {
             temperature: 0.0,
             top_p: 1.0,
             top_k: 0,
+            min_p: None,
+            typical_p: 1.0,
+            epsilon_cutoff: 0.0,
+            eta_cutoff: 0.0,
+            top_h: None,
             repetition_penalty: 1.0,
             no_repeat_ngram_size: 0,
             seed: 42,
@@ -731,8 +747,10 @@ fn continuous_inner(
 }
 
 /// Picks one token from one row's logits with HF's processors in HF's order:
-/// repetition penalty, no-repeat n-grams, temperature, top-k, top-p, then a draw (or
-/// argmax if greedy). `seen`: the prompt and the tokens generated so far, in order.
+/// repetition penalty, no-repeat n-grams, then argmax if greedy, else the sampling
+/// warpers (`logits_warpers::warp`: temperature, top-h, top-k, top-p, min-p,
+/// typical-p, epsilon, eta) and a draw. `seen`: the prompt and the tokens generated
+/// so far, in order.
 pub fn pick_token<'a>(
     logits: &mut [f32],
     seen: impl Iterator<Item = &'a u32>,
@@ -765,37 +783,23 @@ pub fn pick_token<'a>(
     if config.is_greedy() {
         return argmax(logits);
     }
-    let temperature = config.temperature as f32;
-    for value in logits.iter_mut() {
-        *value /= temperature;
+    crate::logits_warpers::warp(logits, config);
+    // The kept tokens, highest first (ties by id, for determinism).
+    let mut order: Vec<usize> = (0..logits.len())
+        .filter(|&i| logits[i] > f32::NEG_INFINITY)
+        .collect();
+    if order.is_empty() {
+        // Every token banned by the processors: HF would draw from NaNs; amthal picks
+        // the lowest id rather than fail a whole run.
+        return 0;
     }
-    let mut order: Vec<usize> = (0..logits.len()).collect();
-    // Highest first; ties by id for determinism.
     order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
-    let mut keep = order.len();
-    if config.top_k > 0 {
-        keep = keep.min(config.top_k);
-    }
+    let keep = order.len();
     let max = logits[order[0]] as f64;
-    let weights: Vec<f64> = order[..keep]
+    let kept: Vec<f64> = order
         .iter()
         .map(|&i| ((logits[i] as f64) - max).exp())
         .collect();
-    let total: f64 = weights.iter().sum();
-    if config.top_p < 1.0 {
-        // HF keeps the smallest top set whose probability reaches top_p (at least one token).
-        let mut cumulative = 0.0;
-        let mut cut = keep;
-        for (n, w) in weights.iter().enumerate() {
-            cumulative += w / total;
-            if cumulative >= config.top_p {
-                cut = n + 1;
-                break;
-            }
-        }
-        keep = cut.max(1);
-    }
-    let kept = &weights[..keep];
     let kept_total: f64 = kept.iter().sum();
     let draw = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * kept_total;
     let mut acc = 0.0;

@@ -20,6 +20,7 @@ pub mod export;
 pub mod generate;
 pub mod gguf;
 pub mod hub;
+pub mod logits_warpers;
 pub mod loss;
 pub mod memory;
 pub mod model;

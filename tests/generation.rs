@@ -301,6 +301,103 @@ fn few_shot_prompts_put_the_examples_first() {
     );
 }
 
+/// HF's sampling warpers reach generation: each one, set to keep a single token, makes
+/// sampling give the greedy answers (min-p 1, top-h and top-p near 0, an epsilon
+/// cutoff near 1, top-k 1); typical-p near 0 keeps the single most typical token, so
+/// the seed no longer matters; the sidecar records every setting; values outside HF's
+/// ranges are refused. (Which tokens each warper keeps is checked against transformers
+/// in `logits_warpers`.)
+#[test]
+fn sampling_warpers_reach_generation() {
+    let dir = temp_dir("warpers");
+    let run = |name: &str, extra: &[&str]| -> (PathBuf, Vec<String>) {
+        let out = dir.join(name);
+        let output = evaluate(&out, &[&["--limit", "3"][..], extra].concat());
+        assert!(output.status.success(), "{name}: {}", stderr(&output));
+        let texts = generated(&out);
+        (out, texts)
+    };
+    let (_, greedy) = run("greedy.csv", &[]);
+    let sample = ["--temperature", "1.5", "--seed", "3"];
+    let (_, free) = run("free.csv", &sample);
+    assert_ne!(free, greedy, "sampling at T=1.5 differs from greedy");
+    for (name, flag, value) in [
+        ("min-p", "--min-p", "1"),
+        ("top-h", "--top_h", "1e-9"),
+        ("top-p", "--top-p", "1e-9"),
+        ("epsilon", "--epsilon-cutoff", "0.999"),
+        ("top-k", "--top-k", "1"),
+    ] {
+        let (_, texts) = run(
+            &format!("{name}.csv"),
+            &[&sample[..], &[flag, value]].concat(),
+        );
+        assert_eq!(texts, greedy, "{flag} {value}");
+    }
+    let typical = |seed: &str| {
+        run(
+            &format!("typical-{seed}.csv"),
+            &[
+                "--temperature",
+                "1.5",
+                "--typical-p",
+                "1e-9",
+                "--seed",
+                seed,
+            ],
+        )
+        .1
+    };
+    assert_eq!(typical("3"), typical("4"));
+    let (out, _) = run(
+        "all.csv",
+        &[
+            "--temperature",
+            "0.8",
+            "--min_p",
+            "0.05",
+            "--typical_p",
+            "0.9",
+            "--epsilon_cutoff",
+            "3e-4",
+            "--eta_cutoff",
+            "1e-3",
+            "--top-h",
+            "0.9",
+        ],
+    );
+    let sidecar: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.with_extension("json")).unwrap())
+            .unwrap();
+    let sampling = &sidecar["sampling"];
+    for (key, value) in [
+        ("min_p", 0.05),
+        ("typical_p", 0.9),
+        ("epsilon_cutoff", 3e-4),
+        ("eta_cutoff", 1e-3),
+        ("top_h", 0.9),
+    ] {
+        assert_eq!(sampling[key].as_f64(), Some(value), "{key}: {sampling}");
+    }
+    for (flag, value) in [
+        ("--min-p", "1.5"),
+        ("--top-h", "0"),
+        ("--typical-p", "0"),
+        ("--eta-cutoff", "1"),
+        ("--top-p", "1.2"),
+    ] {
+        let out = dir.join("refused.csv");
+        let output = evaluate(&out, &["--temperature", "0.7", flag, value]);
+        assert_eq!(output.status.code(), Some(2), "{flag}: {}", stderr(&output));
+        assert!(
+            stderr(&output).contains(&format!("{flag} must be in")),
+            "{}",
+            stderr(&output)
+        );
+        assert!(!out.exists());
+    }
+}
+
 #[test]
 fn bad_input_exits_2_and_leaves_no_file() {
     let dir = temp_dir("eval-bad");

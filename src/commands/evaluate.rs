@@ -126,8 +126,87 @@ fn check_beam_flags(args: &EvaluateArgs) -> Result<()> {
     Ok(())
 }
 
+/// Sampling settings out of HF's ranges, refused before loading anything; set without
+/// --temperature (greedy), they are ignored with a warning, as HF warns.
+fn check_sampling_flags(args: &EvaluateArgs) -> Result<()> {
+    if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
+        bail_input!(
+            "--temperature must be 0 (greedy) or positive, not {}",
+            args.temperature
+        );
+    }
+    let ranges: [(&str, Option<f64>, bool, &str); 6] = [
+        (
+            "--top-p",
+            Some(args.top_p),
+            args.top_p > 0.0 && args.top_p <= 1.0,
+            "in (0, 1]",
+        ),
+        (
+            "--min-p",
+            args.min_p,
+            args.min_p.is_none_or(|p| (0.0..=1.0).contains(&p)),
+            "in [0, 1]",
+        ),
+        (
+            "--typical-p",
+            Some(args.typical_p),
+            args.typical_p > 0.0 && args.typical_p <= 1.0,
+            "in (0, 1]",
+        ),
+        (
+            "--epsilon-cutoff",
+            Some(args.epsilon_cutoff),
+            (0.0..1.0).contains(&args.epsilon_cutoff),
+            "in [0, 1)",
+        ),
+        (
+            "--eta-cutoff",
+            Some(args.eta_cutoff),
+            (0.0..1.0).contains(&args.eta_cutoff),
+            "in [0, 1)",
+        ),
+        (
+            "--top-h",
+            args.top_h,
+            args.top_h.is_none_or(|h| h > 0.0 && h <= 1.0),
+            "in (0, 1]",
+        ),
+    ];
+    for (flag, value, valid, range) in ranges {
+        if let Some(value) = value
+            && !valid
+        {
+            bail_input!("{flag} must be {range}, not {value}");
+        }
+    }
+    if args.temperature == 0.0 {
+        let set: Vec<&str> = [
+            ("--top-p", args.top_p != 1.0),
+            ("--top-k", args.top_k != 0),
+            ("--min-p", args.min_p.is_some()),
+            ("--typical-p", args.typical_p != 1.0),
+            ("--epsilon-cutoff", args.epsilon_cutoff != 0.0),
+            ("--eta-cutoff", args.eta_cutoff != 0.0),
+            ("--top-h", args.top_h.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(flag, given)| given.then_some(flag))
+        .collect();
+        if !set.is_empty() {
+            tracing::warn!(
+                "{} only apply when sampling (--temperature above 0); decoding greedily \
+                 without them",
+                set.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
 pub fn run(args: &EvaluateArgs) -> Result<()> {
     check_beam_flags(args)?;
+    check_sampling_flags(args)?;
     let (model, adapter) = model_and_adapter(args)?;
     let test = read_examples(
         &args.test_path,
@@ -207,6 +286,11 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
         temperature: args.temperature,
         top_p: args.top_p,
         top_k: args.top_k,
+        min_p: args.min_p,
+        typical_p: args.typical_p,
+        epsilon_cutoff: args.epsilon_cutoff,
+        eta_cutoff: args.eta_cutoff,
+        top_h: args.top_h,
         repetition_penalty: args.repetition_penalty,
         no_repeat_ngram_size: args.no_repeat_ngram_size,
         seed: args.seed,
