@@ -1133,3 +1133,63 @@ fn label_smoothing_reaches_the_losses_and_the_gradients() {
         stderr(&output)
     );
 }
+
+/// `--lr-scheduler reduce_lr_on_plateau` (HF's; torch's ReduceLROnPlateau stepped with
+/// eval_loss after each evaluation): with a threshold no eval loss can meet, the rate
+/// halves after every evaluation but the first, no warmup applies, a run resumed from
+/// a checkpoint keeps the lowered rate (the same final adapter), and a run that never
+/// evaluates is refused.
+#[test]
+fn reduce_lr_on_plateau_lowers_the_rate_after_evaluations_and_resumes() {
+    let dir = temp_dir("plateau");
+    let settings = [
+        "--lr",
+        "1e-3",
+        "--bsz",
+        "2",
+        "--max-steps",
+        "4",
+        "--warmup-steps",
+        "2",
+        "--lr-scheduler",
+        "reduce_lr_on_plateau",
+        "--lr-scheduler-kwargs",
+        r#"{"patience": 0, "factor": 0.5, "threshold": 10}"#,
+    ];
+    let evaluations = ["--eval-strategy", "steps", "--eval-steps", "1"];
+    let whole = dir.join("whole");
+    let output = run_lora(&whole, &settings, &evaluations);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let rates: Vec<f64> = log_of(&whole)
+        .iter()
+        .filter_map(|entry| entry["learning_rate"].as_f64())
+        .collect();
+    assert_eq!(rates, vec![1e-3, 1e-3, 5e-4, 2.5e-4]);
+
+    let resumed = dir.join("resumed");
+    copy_checkpoint(&whole.join("checkpoint-2"), &resumed);
+    let output = run_lora(
+        &resumed,
+        &settings,
+        &[&evaluations[..], &["--resume"]].concat(),
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    let resumed_rates: Vec<f64> = log_of(&resumed)
+        .iter()
+        .filter_map(|entry| entry["learning_rate"].as_f64())
+        .collect();
+    // The log carries the checkpoint's history, then the steps after it.
+    assert_eq!(resumed_rates, rates);
+    assert_eq!(
+        std::fs::read(resumed.join("final/adapter_model.safetensors")).unwrap(),
+        std::fs::read(whole.join("final/adapter_model.safetensors")).unwrap()
+    );
+
+    let output = run_lora(&dir.join("never"), &settings, &["--eval-strategy", "no"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("reduce_lr_on_plateau"),
+        "{}",
+        stderr(&output)
+    );
+}

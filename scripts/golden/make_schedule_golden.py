@@ -21,6 +21,8 @@ settings = [
     ("polynomial", {}), ("polynomial", {"lr_end": 1e-5, "power": 2.0}),
     ("inverse_sqrt", {}), ("inverse_sqrt", {"timescale": 7}),
     ("cosine_with_min_lr", {"min_lr_rate": 0.1}), ("cosine_with_min_lr", {"min_lr": 5e-5, "num_cycles": 0.75}),
+    ("cosine_warmup_with_min_lr", {"min_lr_rate": 0.1}),
+    ("cosine_warmup_with_min_lr", {"min_lr": 5e-5, "num_cycles": 0.75, "warmup_lr_rate": 0.2}),
     ("warmup_stable_decay", {"num_decay_steps": 5}),
     ("warmup_stable_decay", {"num_decay_steps": 4, "warmup_type": "cosine", "decay_type": "1-sqrt",
                              "min_lr_ratio": 0.1}),
@@ -40,7 +42,31 @@ for name, kwargs in settings:
             scheduler.step()
         cases.append({"schedule": name, "kwargs": kwargs, "warmup": warmup, "total": total, "rates": rates})
 
+# reduce_lr_on_plateau: get_scheduler gives torch's ReduceLROnPlateau, which Trainer steps with
+# eval_loss after each evaluation; the rate after each evaluation of a metric sequence.
+METRICS = [5.0, 4.0, 3.9, 3.9, 3.95, 3.9, 3.91, 3.9, 3.8999, 3.9, 3.5, 3.6, 3.6, 3.6, 3.6, 3.6,
+           3.6, 3.6, 3.6, 3.6, 3.6, 3.6, 3.6, 3.6, 3.6, 3.6, 3.6, 3.6, 3.6, 3.6]
+plateau_settings = [
+    {}, {"patience": 2}, {"patience": 1, "factor": 0.5, "cooldown": 2},
+    {"patience": 0, "threshold": 0.01}, {"patience": 1, "threshold": 0.05, "threshold_mode": "abs"},
+    {"patience": 1, "mode": "max"}, {"patience": 1, "mode": "max", "threshold_mode": "abs", "threshold": 0.5},
+    {"patience": 0, "factor": 0.5, "min_lr": 5e-5}, {"patience": 0, "factor": 0.9, "eps": 1e-4},
+]
+plateau_cases = []
+for kwargs in plateau_settings:
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=BASE_LR)
+    scheduler = get_scheduler("reduce_lr_on_plateau", optimizer, num_warmup_steps=3, num_training_steps=20,
+                              scheduler_specific_kwargs=dict(kwargs))
+    rates = []
+    for metric in METRICS:
+        scheduler.step(metric)
+        rates.append(optimizer.param_groups[0]["lr"])
+    plateau_cases.append({"kwargs": kwargs, "rates": rates})
+
 (ROOT / "tests" / "golden" / "lr_schedules.json").write_text(json.dumps({
     "source": f"transformers {__import__('transformers').__version__}: get_scheduler + LambdaLR, base lr {BASE_LR}",
-    "base_lr": BASE_LR, "cases": cases}, indent=1) + "\n")
-print(f"wrote lr_schedules.json: {len(cases)} cases")
+    "base_lr": BASE_LR, "cases": cases, "plateau_metrics": METRICS, "plateau_cases": plateau_cases},
+    indent=1) + "\n")
+print(f"wrote lr_schedules.json: {len(cases)} cases, {len(plateau_cases)} plateau cases")
+for case in plateau_cases:
+    print(case["kwargs"], sorted(set(case["rates"]), reverse=True))

@@ -328,6 +328,15 @@ impl TrainConfig {
         if self.save_strategy == SaveStrategy::Steps && self.save_steps == 0 {
             bail_input!("--save-strategy steps needs --save-steps > 0");
         }
+        if self.lr_scheduler == Schedule::ReduceLrOnPlateau
+            && self.eval_strategy == EvalStrategy::No
+        {
+            bail_input!(
+                "--lr-scheduler reduce_lr_on_plateau lowers the rate when the eval loss stops \
+                 improving, and --eval-strategy no evaluates never: give --eval-strategy epoch \
+                 or steps"
+            );
+        }
         if self.save_strategy == SaveStrategy::Best && self.eval_strategy == EvalStrategy::No {
             bail_input!(
                 "--save-strategy best saves when an evaluation improves the best eval loss, \

@@ -1,6 +1,6 @@
 //! transformers' learning-rate schedules (linear, cosine, cosine with restarts,
-//! polynomial, inverse square root, cosine with a minimum, warmup-stable-decay,
-//! constant, constant with warmup) and their `lr_scheduler_kwargs`, so a run here and a run with HF Trainer use
+//! polynomial, inverse square root, cosine with a minimum (and its variant with a
+//! shifted warmup), warmup-stable-decay, constant, constant with warmup) and their `lr_scheduler_kwargs`, so a run here and a run with HF Trainer use
 //! the same rate at every step.
 
 use clap::ValueEnum;
@@ -28,6 +28,15 @@ pub enum Schedule {
     #[value(name = "cosine_with_min_lr", alias = "cosine-with-min-lr")]
     #[serde(alias = "cosine-with-min-lr")]
     CosineWithMinLr,
+    /// As cosine_with_min_lr, counted one step ahead, with a warmup from
+    /// `warmup_lr_rate` x the base rate (default 1 / warmup steps):
+    /// get_cosine_with_min_lr_schedule_with_warmup_lr_rate.
+    #[value(
+        name = "cosine_warmup_with_min_lr",
+        alias = "cosine-warmup-with-min-lr"
+    )]
+    #[serde(alias = "cosine-warmup-with-min-lr")]
+    CosineWarmupWithMinLr,
     /// Warmup, stable, decay (get_wsd_schedule): `num_decay_steps` (required) at the
     /// end, `num_stable_steps` (default: the rest) at the base rate; `warmup_type` and
     /// `decay_type` linear, cosine or 1-sqrt (defaults linear and cosine), from and to
@@ -35,6 +44,14 @@ pub enum Schedule {
     #[value(name = "warmup_stable_decay", alias = "warmup-stable-decay")]
     #[serde(alias = "warmup-stable-decay")]
     WarmupStableDecay,
+    /// torch's ReduceLROnPlateau, stepped with eval_loss at every evaluation (needs an
+    /// --eval-strategy): the rate times `factor` (0.1) after more than `patience` (10)
+    /// evaluations without improving by `threshold` (1e-4, `threshold_mode` rel or abs),
+    /// then `cooldown` (0) evaluations' pause, never below `min_lr`; `mode` min or max.
+    /// No warmup, as in transformers.
+    #[value(name = "reduce_lr_on_plateau", alias = "reduce-lr-on-plateau")]
+    #[serde(alias = "reduce-lr-on-plateau")]
+    ReduceLrOnPlateau,
     /// The base rate at every step: transformers' `constant` has no warmup (it ignores
     /// warmup_steps; `constant_with_warmup` is the one with it).
     Constant,
@@ -59,6 +76,15 @@ pub struct SchedulerKwargs {
     pub warmup_type: Option<Shape>,
     pub decay_type: Option<Shape>,
     pub min_lr_ratio: Option<f64>,
+    pub warmup_lr_rate: Option<f64>,
+    /// reduce_lr_on_plateau's (torch's ReduceLROnPlateau arguments; `min_lr` above too).
+    pub mode: Option<super::plateau::PlateauMode>,
+    pub factor: Option<f64>,
+    pub patience: Option<u64>,
+    pub threshold: Option<f64>,
+    pub threshold_mode: Option<super::plateau::ThresholdMode>,
+    pub cooldown: Option<u64>,
+    pub eps: Option<f64>,
 }
 
 /// warmup_stable_decay's curve for its warmup and its decay.
@@ -107,6 +133,14 @@ impl SchedulerKwargs {
             ("warmup_type", self.warmup_type.is_some()),
             ("decay_type", self.decay_type.is_some()),
             ("min_lr_ratio", self.min_lr_ratio.is_some()),
+            ("warmup_lr_rate", self.warmup_lr_rate.is_some()),
+            ("mode", self.mode.is_some()),
+            ("factor", self.factor.is_some()),
+            ("patience", self.patience.is_some()),
+            ("threshold", self.threshold.is_some()),
+            ("threshold_mode", self.threshold_mode.is_some()),
+            ("cooldown", self.cooldown.is_some()),
+            ("eps", self.eps.is_some()),
         ]
         .into_iter()
         .filter_map(|(name, given)| given.then_some(name))
@@ -124,6 +158,19 @@ impl SchedulerKwargs {
             Schedule::Polynomial => &["lr_end", "power"],
             Schedule::InverseSqrt => &["timescale"],
             Schedule::CosineWithMinLr => &["num_cycles", "min_lr", "min_lr_rate"],
+            Schedule::CosineWarmupWithMinLr => {
+                &["num_cycles", "min_lr", "min_lr_rate", "warmup_lr_rate"]
+            }
+            Schedule::ReduceLrOnPlateau => &[
+                "mode",
+                "factor",
+                "patience",
+                "threshold",
+                "threshold_mode",
+                "cooldown",
+                "min_lr",
+                "eps",
+            ],
             Schedule::WarmupStableDecay => &[
                 "num_decay_steps",
                 "num_stable_steps",
@@ -134,10 +181,7 @@ impl SchedulerKwargs {
             ],
         };
         if let Some(key) = self.given().into_iter().find(|key| !takes.contains(key)) {
-            let name = schedule
-                .to_possible_value()
-                .map(|v| v.get_name().to_string())
-                .unwrap_or_default();
+            let name = schedule_name(schedule);
             return Err(format!(
                 "lr_scheduler_kwargs: {name} takes {}, not {key}",
                 if takes.is_empty() {
@@ -147,17 +191,20 @@ impl SchedulerKwargs {
                 }
             ));
         }
-        if schedule == Schedule::CosineWithMinLr {
+        if matches!(
+            schedule,
+            Schedule::CosineWithMinLr | Schedule::CosineWarmupWithMinLr
+        ) {
             match (self.min_lr, self.min_lr_rate) {
                 (Some(_), Some(_)) => {
                     return Err("lr_scheduler_kwargs: give min_lr or min_lr_rate, not both".into());
                 }
                 (None, None) => {
-                    return Err(
-                        "cosine_with_min_lr needs min_lr or min_lr_rate in lr_scheduler_kwargs \
-                         (for example --lr-scheduler-kwargs '{\"min_lr_rate\": 0.1}')"
-                            .into(),
-                    );
+                    return Err(format!(
+                        "{} needs min_lr or min_lr_rate in lr_scheduler_kwargs (for example \
+                         --lr-scheduler-kwargs '{{\"min_lr_rate\": 0.1}}')",
+                        schedule_name(schedule)
+                    ));
                 }
                 _ => {}
             }
@@ -177,6 +224,9 @@ impl SchedulerKwargs {
                 ));
             }
         }
+        if schedule == Schedule::ReduceLrOnPlateau {
+            super::plateau::check(self)?;
+        }
         if self.timescale.is_some_and(|t| t <= 0.0 || t.is_nan()) {
             return Err("lr_scheduler_kwargs: timescale must be positive".into());
         }
@@ -184,13 +234,22 @@ impl SchedulerKwargs {
     }
 }
 
+/// The schedule's name as transformers spells it.
+fn schedule_name(schedule: Schedule) -> String {
+    schedule
+        .to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_default()
+}
+
 /// get_polynomial_decay_schedule_with_warmup's default lr_end.
 const POLYNOMIAL_LR_END: f64 = 1e-7;
 
 impl Schedule {
-    /// Whether the schedule has a warmup phase (all but `constant`, as in transformers).
+    /// Whether the schedule has a warmup phase (all but `constant` and
+    /// `reduce_lr_on_plateau`, as in transformers).
     pub fn warms_up(self) -> bool {
-        self != Schedule::Constant
+        !matches!(self, Schedule::Constant | Schedule::ReduceLrOnPlateau)
     }
 }
 
@@ -210,7 +269,8 @@ pub fn warmup_steps(warmup_steps: Option<f64>, warmup_ratio: f64, total: i64) ->
 /// The learning rate for optimizer step `step` (0-based): the base rate times the
 /// factor transformers' schedule function (get_*_schedule_with_warmup) gives, computed
 /// in the same order (LambdaLR multiplies the base rate by it). `constant` never warms
-/// up, as in transformers.
+/// up, as in transformers. `reduce_lr_on_plateau` gives the base rate here: its rate
+/// after evaluations is the run's state (`plateau::Plateau`).
 pub fn learning_rate(
     schedule: Schedule,
     kwargs: &SchedulerKwargs,
@@ -222,6 +282,9 @@ pub fn learning_rate(
     use std::f64::consts::PI;
     if schedule == Schedule::WarmupStableDecay {
         return base * warmup_stable_decay(kwargs, step, warmup, total);
+    }
+    if schedule == Schedule::CosineWarmupWithMinLr {
+        return base * cosine_warmup_with_min_lr(kwargs, base, step, warmup, total);
     }
     let warmup = if schedule.warms_up() { warmup } else { 0 };
     if step < warmup {
@@ -260,18 +323,45 @@ pub fn learning_rate(
             let shift = timescale - warmup as f64;
             1.0 / ((step as f64 + shift) / timescale).sqrt()
         }
-        Schedule::CosineWithMinLr => {
-            let cycles = kwargs.num_cycles.unwrap_or(0.5);
-            let rate = kwargs
-                .min_lr_rate
-                .unwrap_or_else(|| kwargs.min_lr.unwrap_or(0.0) / base);
-            let cosine = 0.5 * (1.0 + (PI * cycles * 2.0 * progress).cos());
-            (cosine * (1.0 - rate) + rate).max(0.0)
+        Schedule::CosineWithMinLr => cosine_towards_min(kwargs, base, progress),
+        Schedule::Constant | Schedule::ConstantWithWarmup | Schedule::ReduceLrOnPlateau => 1.0,
+        Schedule::WarmupStableDecay | Schedule::CosineWarmupWithMinLr => {
+            unreachable!("computed above")
         }
-        Schedule::Constant | Schedule::ConstantWithWarmup => 1.0,
-        Schedule::WarmupStableDecay => unreachable!("computed above"),
     };
     base * factor
+}
+
+/// The cosine_with_min_lr factors' decay: `num_cycles` cosine waves from 1 down
+/// towards `min_lr_rate` (or `min_lr` / the base rate).
+fn cosine_towards_min(kwargs: &SchedulerKwargs, base: f64, progress: f64) -> f64 {
+    let cycles = kwargs.num_cycles.unwrap_or(0.5);
+    let rate = kwargs
+        .min_lr_rate
+        .unwrap_or_else(|| kwargs.min_lr.unwrap_or(0.0) / base);
+    let cosine = 0.5 * (1.0 + (std::f64::consts::PI * cycles * 2.0 * progress).cos());
+    (cosine * (1.0 - rate) + rate).max(0.0)
+}
+
+/// _get_cosine_with_min_lr_schedule_with_warmup_lr_rate_lambda's factor: its warmup
+/// starts at 1 / warmup (or at `warmup_lr_rate`) and reaches the base rate at the
+/// warmup's last step, and its decay counts one step ahead of cosine_with_min_lr's.
+fn cosine_warmup_with_min_lr(
+    kwargs: &SchedulerKwargs,
+    base: f64,
+    step: i64,
+    warmup: i64,
+    total: i64,
+) -> f64 {
+    let (step, warmup, total) = (step as f64, warmup as f64, total as f64);
+    if step < warmup {
+        return match kwargs.warmup_lr_rate {
+            None => (step + 1.0) / warmup.max(1.0),
+            Some(start) => start + (1.0 - start) * step / (warmup - 1.0).max(1.0),
+        };
+    }
+    let progress = (step - warmup + 1.0) / (total - warmup).max(1.0);
+    cosine_towards_min(kwargs, base, progress)
 }
 
 /// _get_wsd_scheduler_lambda's factor: its warmup has a shape of its own and starts
@@ -347,7 +437,7 @@ mod tests {
             serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         let base = golden["base_lr"].as_f64().unwrap();
         let cases = golden["cases"].as_array().unwrap();
-        assert!(cases.len() >= 48);
+        assert!(cases.len() >= 54);
         for case in cases {
             let schedule: Schedule = serde_json::from_value(case["schedule"].clone()).unwrap();
             let kwargs: SchedulerKwargs = serde_json::from_value(case["kwargs"].clone()).unwrap();

@@ -30,6 +30,7 @@ pub mod memory_estimate;
 pub mod moments;
 pub mod offload;
 pub mod optim;
+pub mod plateau;
 pub mod plot;
 mod rank_sums;
 pub mod state;
@@ -318,6 +319,10 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
         None => TrainerState::default(),
     };
     state.max_steps = schedule.total_steps;
+    // reduce_lr_on_plateau's rate is state; a resumed run keeps its own.
+    if config.lr_scheduler == lr_schedule::Schedule::ReduceLrOnPlateau && state.plateau.is_none() {
+        state.plateau = Some(plateau::Plateau::new(config.lr));
+    }
     // f16 needs dynamic loss scaling (GradScaler); a resumed run keeps its scaler.
     if kind == Kind::Half && state.loss_scaler.is_none() {
         state.loss_scaler = Some(loss_scale::LossScaler::new(config.loss_scale_init));
@@ -613,14 +618,17 @@ impl Run<'_> {
             .flat_map(rows)
             .map(|e| e.trained_tokens() as i64)
             .sum();
-        let lr = learning_rate(
-            config.lr_scheduler,
-            &config.lr_scheduler_kwargs,
-            config.lr,
-            state.global_step,
-            self.schedule.warmup,
-            self.schedule.total_steps,
-        );
+        let lr = match &state.plateau {
+            Some(plateau) => plateau.lr,
+            None => learning_rate(
+                config.lr_scheduler,
+                &config.lr_scheduler_kwargs,
+                config.lr,
+                state.global_step,
+                self.schedule.warmup,
+                self.schedule.total_steps,
+            ),
+        };
         let settings = StepSettings {
             seed: config.seed,
             first_micro: state.micro_steps,
@@ -780,6 +788,17 @@ impl Run<'_> {
             self.publish_log()?;
             self.progress
                 .println(format!("step {step}: eval_loss {eval_loss:.6}"));
+            // As HF Trainer: ReduceLROnPlateau steps with eval_loss after each evaluation.
+            if let Some(plateau) = self.state.plateau.as_mut() {
+                let before = plateau.lr;
+                plateau.step(eval_loss, &config.lr_scheduler_kwargs);
+                if plateau.lr < before {
+                    self.progress.println(format!(
+                        "step {step}: no eval_loss improvement, learning rate {before:e} -> {:e}",
+                        plateau.lr
+                    ));
+                }
+            }
             stop_early = evaluation::record_evaluation(
                 &mut self.state,
                 eval_loss,

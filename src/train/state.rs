@@ -59,4 +59,8 @@ pub struct TrainerState {
     /// The f16 loss scaler, carried across a resume (None in bf16/f32).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loss_scaler: Option<super::loss_scale::LossScaler>,
+    /// reduce_lr_on_plateau's scheduler (its rate and counters), carried across a
+    /// resume (None with the other schedules, which are functions of the step).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plateau: Option<super::plateau::Plateau>,
 }
