@@ -540,6 +540,9 @@ pub struct TokenizeArgs {
     /// Print one JSON object per example: {"input_ids": [...], "labels": [...]}.
     #[arg(long)]
     pub jsonl: bool,
+    /// Label the prompt's tokens too, as `train --train-on-inputs` trains them.
+    #[arg(long, visible_alias = "train_on_inputs")]
+    pub train_on_inputs: bool,
     #[command(flatten)]
     pub data_options: DataArgs,
 }
@@ -660,6 +663,10 @@ pub struct TrainArgs {
     /// as transformers' LabelSmoother; the logged train and eval losses are smoothed too.
     #[arg(long, visible_alias = "label_smoothing_factor", value_name = "F")]
     pub label_smoothing_factor: Option<f64>,
+    /// Train on the prompt's tokens too, not only the answer's (axolotl's
+    /// train_on_inputs; TRL's completion_only_loss = false); the eval loss counts them too.
+    #[arg(long, visible_alias = "train_on_inputs")]
+    pub train_on_inputs: bool,
     /// AdamW's beta1 (default 0.9, HF's adam_beta1).
     #[arg(long, visible_alias = "adam_beta1")]
     pub adam_beta1: Option<f64>,

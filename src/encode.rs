@@ -31,6 +31,16 @@ pub struct Encoded {
 }
 
 impl Encoded {
+    /// The example with its prompt trained too (axolotl's train_on_inputs, TRL's
+    /// completion_only_loss = false): every label is its token, but the first, which
+    /// no earlier position predicts (HF's collator copies it, and the shift drops it).
+    pub fn with_prompt_trained(mut self) -> Encoded {
+        for (label, &id) in self.labels.iter_mut().zip(&self.input_ids).skip(1) {
+            *label = id as i64;
+        }
+        self
+    }
+
     /// Tokens the loss is computed on.
     pub fn trained_tokens(&self) -> usize {
         self.labels.iter().filter(|&&l| l != IGNORE_INDEX).count()

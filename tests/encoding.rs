@@ -266,4 +266,35 @@ fn cli_tokenize_jsonl_matches_transformers() {
         "the end-of-turn token is marked as trained"
     );
     assert!(view.contains("<|im_start|>assistant"));
+
+    // --train-on-inputs labels the prompt too: every token but the first (which no
+    // position predicts) is its own label, as HF's language-modelling collator makes it.
+    let output = amthal(&[
+        "tokenize",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        test.to_str().unwrap(),
+        "--prompt-format",
+        "plain",
+        "--jsonl",
+        "--limit",
+        "5",
+        "--train_on_inputs",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let encoded: Vec<serde_json::Value> = stdout(&output)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(encoded.len(), 5);
+    for (line, plain) in encoded.iter().zip(&lines) {
+        assert_eq!(line["input_ids"], plain["input_ids"]);
+        let ids = ids(&line["input_ids"]);
+        let labels: Vec<i64> = serde_json::from_value(line["labels"].clone()).unwrap();
+        assert_eq!(labels[0], -100);
+        for (label, id) in labels[1..].iter().zip(&ids[1..]) {
+            assert_eq!(*label, *id as i64);
+        }
+    }
 }

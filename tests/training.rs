@@ -1193,3 +1193,73 @@ fn reduce_lr_on_plateau_lowers_the_rate_after_evaluations_and_resumes() {
         stderr(&output)
     );
 }
+
+/// `--train-on-inputs` (axolotl's train_on_inputs) trains the prompt's tokens too: the
+/// first step's trained tokens are those `amthal tokenize --train-on-inputs` labels for
+/// its two rows (every token but the first), the losses change, and a resume without
+/// the flag is refused.
+#[test]
+fn train_on_inputs_trains_the_prompt_tokens() {
+    let dir = temp_dir("train-on-inputs");
+    let settings = [
+        "--bsz",
+        "2",
+        "--max-steps",
+        "1",
+        "--data-order",
+        "file",
+        "--eval-strategy",
+        "steps",
+        "--eval-steps",
+        "1",
+    ];
+    let run = |name: &str, extra: &[&str]| -> (PathBuf, i64, f64) {
+        let out = dir.join(name);
+        let output = run_lora(&out, &settings, extra);
+        assert!(output.status.success(), "{}", stderr(&output));
+        let state: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("trainer_state.json")).unwrap())
+                .unwrap();
+        let eval_loss = log_of(&out)
+            .iter()
+            .find_map(|entry| entry["eval_loss"].as_f64())
+            .unwrap();
+        (out, state["trained_tokens"].as_i64().unwrap(), eval_loss)
+    };
+    let (_, answers_only, plain_eval) = run("answers", &[]);
+    let (both, with_prompts, prompts_eval) = run("prompts", &["--train-on-inputs"]);
+    let train_file = repo_root().join("examples/data/Train_data.csv");
+    let output = amthal(&[
+        "tokenize",
+        "--model",
+        &tiny(),
+        "--data",
+        train_file.to_str().unwrap(),
+        "--jsonl",
+        "--limit",
+        "2",
+        "--train-on-inputs",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let labelled: i64 = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| {
+            let row: serde_json::Value = serde_json::from_str(line).unwrap();
+            row["input_ids"].as_array().unwrap().len() as i64 - 1
+        })
+        .sum();
+    assert_eq!(with_prompts, labelled);
+    assert!(
+        with_prompts > answers_only,
+        "{with_prompts} vs {answers_only}"
+    );
+    assert_ne!(prompts_eval, plain_eval);
+    std::fs::remove_dir_all(both.join("final")).ok();
+    let output = run_lora(&both, &settings, &["--resume"]);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("train_on_inputs"),
+        "{}",
+        stderr(&output)
+    );
+}

@@ -41,6 +41,11 @@ pub fn run(args: &TokenizeArgs) -> Result<()> {
         };
         stats.kept += 1;
         stats.truncated += usize::from(encoded.truncated);
+        let encoded = if args.train_on_inputs {
+            encoded.with_prompt_trained()
+        } else {
+            encoded
+        };
         if args.jsonl {
             serde_json::to_writer(&mut out, &encoded)?;
             writeln!(out)?;

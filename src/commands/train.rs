@@ -86,6 +86,7 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
         c.early_stopping_patience = args.early_stopping_patience;
     }
     c.lora |= args.lora;
+    c.train_on_inputs |= args.train_on_inputs;
     c.rslora |= args.rslora;
     c.use_dora |= args.use_dora;
     c.gradient_checkpointing |= args.gradient_checkpointing;

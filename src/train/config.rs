@@ -112,6 +112,9 @@ pub struct TrainConfig {
     /// HF's label_smoothing_factor: 0 (plain cross-entropy) to below 1; the training
     /// and evaluation losses are smoothed (`batch::Answers::label_smoothing`).
     pub label_smoothing_factor: f64,
+    /// Train on the prompt's tokens too, not only the answer's (axolotl's
+    /// train_on_inputs; TRL's completion_only_loss = false). Off: answer-only labels.
+    pub train_on_inputs: bool,
     pub eval_strategy: EvalStrategy,
     pub eval_steps: usize,
     /// Rows per evaluation batch (HF's per_device_eval_batch_size); None: twice
@@ -219,6 +222,7 @@ impl Default for TrainConfig {
             adam_epsilon: 1e-8,
             max_grad_norm: 1.0,
             label_smoothing_factor: 0.0,
+            train_on_inputs: false,
             eval_strategy: EvalStrategy::Epoch,
             eval_steps: 50,
             eval_batch_size: None,

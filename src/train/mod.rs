@@ -272,6 +272,17 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
     let encoder = Encoder::new(&tokenizer, &prompts)?;
     let (train_examples, train_stats) =
         encoder.encode_all(&train_set.examples, Some(config.cutoff_len))?;
+    let trained_as_configured = |examples: Vec<Encoded>| -> Vec<Encoded> {
+        if config.train_on_inputs {
+            examples
+                .into_iter()
+                .map(Encoded::with_prompt_trained)
+                .collect()
+        } else {
+            examples
+        }
+    };
+    let train_examples = trained_as_configured(train_examples);
     if train_examples.is_empty() {
         bail_input!(
             "{}: no example fits --cutoff-len {}",
@@ -282,7 +293,7 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
     let (eval_examples, eval_stats) = match &validation_set {
         Some(set) => {
             let (e, s) = encoder.encode_all(&set.examples, Some(config.cutoff_len))?;
-            (e, Some(s.to_string()))
+            (trained_as_configured(e), Some(s.to_string()))
         }
         None => (Vec::new(), None),
     };
