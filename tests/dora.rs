@@ -133,6 +133,7 @@ fn a_new_dora_adapter_starts_at_the_base_model_and_round_trips() {
         r: 4,
         targets: vec!["q_proj".into(), "down_proj".into()],
         use_dora: true,
+        init: Default::default(),
         ..LoraConfig::default()
     };
     attach_new(&mut model, &config).unwrap();
@@ -238,6 +239,7 @@ fn dora_with_dropout_is_pefts_formula() {
         dropout: p,
         magnitude: Some(magnitude.shallow_clone()),
         frozen_factor: None,
+        residual_init: None,
     });
     let x = Tensor::randn([3, 4, 5], options);
     tch::manual_seed(9);
@@ -286,6 +288,7 @@ fn dora_in_bf16_keeps_a_factor_near_one() {
         dropout: 0.0,
         magnitude: Some(&norms * 1.003),
         frozen_factor: None,
+        residual_init: None,
     });
     let x = Tensor::randn([64, 32], options).to_kind(Kind::BFloat16);
     let ours = linear.forward(&x, LoraDropout::Off).to_kind(Kind::Float);

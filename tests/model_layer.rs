@@ -693,3 +693,165 @@ fn bf16_compute_stays_close_to_f32() {
     assert_relative(bf16_loss, f32_loss, 2e-2, "bf16 vs f32 loss");
     assert!(bf16_loss != f32_loss, "bf16 really computed in bf16");
 }
+
+/// The linear a golden's module path ("model.layers.1.mlp.down_proj") names.
+fn linear_at<'a>(model: &'a Llama, module: &str) -> &'a amthal::model::linear::Linear {
+    let rest = module.strip_prefix("model.layers.").unwrap();
+    let (layer, path) = rest.split_once('.').unwrap();
+    let layer = &model.layers[layer.parse::<usize>().unwrap()];
+    layer
+        .linears()
+        .into_iter()
+        .find(|(p, _)| *p == path)
+        .unwrap()
+        .1
+}
+
+/// PEFT's residual initialisations (init_lora_weights "pissa" and "olora", goldens from
+/// scripts/golden/make_pissa_golden.py): the same initial factors (each singular or QR
+/// direction up to its sign, which LAPACK builds may choose differently) and residual
+/// weights; after the factors move, the same logits in memory, and the adapter amthal
+/// saves is PEFT's converted one (rank 2r, alpha doubled or x sqrt(2) with rslora),
+/// which gives those logits on the original base.
+#[test]
+fn pissa_and_olora_start_and_convert_as_peft() {
+    use amthal::model::lora_init::LoraInit;
+    let expected_tensors = golden_tensors("tiny_llama_pissa.safetensors");
+    let meta = golden("tiny_llama_pissa.json");
+    let modules: Vec<String> = serde_json::from_value(meta["modules"].clone()).unwrap();
+    let dir = temp_dir("pissa");
+    for (name, init) in [("pissa", LoraInit::Pissa), ("olora", LoraInit::Olora)] {
+        let settings = &meta["inits"][name]["settings"];
+        let config = LoraConfig {
+            r: settings["r"].as_i64().unwrap(),
+            alpha: settings["lora_alpha"].as_f64().unwrap(),
+            dropout: 0.0,
+            rslora: settings["use_rslora"].as_bool().unwrap(),
+            init,
+            ..LoraConfig::default()
+        };
+        let mut model = load_tiny();
+        attach_new(&mut model, &config).unwrap();
+        for module in &modules {
+            let linear = linear_at(&model, module);
+            let lora = linear.lora.as_ref().unwrap();
+            let (a, b) = (
+                &expected_tensors[&format!("{name}.{module}.lora_A")],
+                &expected_tensors[&format!("{name}.{module}.lora_B")],
+            );
+            for i in 0..config.r {
+                let sign = lora.a.get(i).dot(&a.get(i)).double_value(&[]).signum();
+                let a_diff = max_abs_diff(&(lora.a.get(i) * sign), &a.get(i));
+                let b_diff = max_abs_diff(&(lora.b.select(1, i) * sign), &b.select(1, i));
+                assert!(
+                    a_diff < 1e-4 && b_diff < 1e-4,
+                    "{name} {module} direction {i}: {a_diff:e} {b_diff:e}"
+                );
+            }
+            let residual = linear.weight.dense().unwrap();
+            let diff = max_abs_diff(
+                residual,
+                &expected_tensors[&format!("{name}.{module}.residual")],
+            );
+            assert!(diff < 1e-5, "{name} {module} residual: {diff:e}");
+        }
+        // Move every factor as the golden script does, as training would.
+        tch::no_grad(|| {
+            for layer in model.layers.iter_mut() {
+                for (_, linear) in layer.linears_mut() {
+                    let lora = linear.lora.as_mut().unwrap();
+                    for (tensor, cosine) in [(&mut lora.a, false), (&mut lora.b, true)] {
+                        let wave =
+                            Tensor::arange(tensor.numel() as i64, (Kind::Float, Device::Cpu));
+                        let wave = if cosine { wave.cos() } else { wave.sin() };
+                        let _ = tensor.g_add_(&(wave.view(tensor.size().as_slice()) * 0.01));
+                    }
+                }
+            }
+        });
+        let trained = &expected_tensors[&format!("{name}.trained_logits")];
+        assert_matches_golden(&model, trained, 1e-4);
+        let out = dir.join(name);
+        save_adapter(&model, &config, "tiny", &out).unwrap();
+        let saved: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        let expected = &meta["inits"][name]["converted_config"];
+        assert_eq!(saved["r"], expected["r"]);
+        assert!(
+            (saved["lora_alpha"].as_f64().unwrap() - expected["lora_alpha"].as_f64().unwrap())
+                .abs()
+                < 1e-12
+        );
+        assert_eq!(saved["init_lora_weights"], true);
+        let tensors: std::collections::HashMap<String, Tensor> =
+            Tensor::read_safetensors(out.join("adapter_model.safetensors"))
+                .unwrap()
+                .into_iter()
+                .collect();
+        for module in &modules {
+            for part in ["lora_A", "lora_B"] {
+                let ours = &tensors[&format!("base_model.model.{module}.{part}.weight")];
+                let theirs = &expected_tensors[&format!("{name}.converted.{module}.{part}")];
+                assert_eq!(ours.size(), theirs.size());
+            }
+            // Up to each direction's sign: compare the change B' A' they make.
+            let product =
+                |source: &dyn Fn(&str) -> Tensor| source("lora_B").matmul(&source("lora_A"));
+            let ours = product(&|part| {
+                tensors[&format!("base_model.model.{module}.{part}.weight")].shallow_clone()
+            });
+            let theirs = product(&|part| {
+                expected_tensors[&format!("{name}.converted.{module}.{part}")].shallow_clone()
+            });
+            let diff = max_abs_diff(&ours, &theirs);
+            assert!(
+                diff < 1e-5,
+                "{name} {module}: converted B'A' differs by {diff:e}"
+            );
+        }
+        // The converted adapter on the original base gives the trained logits.
+        let mut original = load_tiny();
+        load_adapter(&mut original, &out).unwrap();
+        assert_matches_golden(&original, trained, 1e-4);
+    }
+}
+
+/// `--init-lora-weights gaussian` (PEFT's "gaussian"): A normal with standard deviation
+/// 1 / r, B zeros, so the new adapter changes nothing; the default's A is uniform in
+/// +-1/sqrt(in).
+#[test]
+fn gaussian_adapters_draw_a_with_deviation_one_over_r() {
+    use amthal::model::lora_init::LoraInit;
+    tch::manual_seed(3);
+    let mut model = load_tiny();
+    let config = LoraConfig {
+        r: 8,
+        init: LoraInit::Gaussian,
+        ..LoraConfig::default()
+    };
+    attach_new(&mut model, &config).unwrap();
+    let a: Vec<Tensor> = named_adapter_tensors(&model)
+        .into_iter()
+        .filter(|(name, _)| name.contains("lora_A"))
+        .map(|(_, t)| t.flatten(0, -1))
+        .collect();
+    let a = Tensor::cat(&a, 0);
+    let deviation = a.std(true).double_value(&[]);
+    assert!((deviation - 0.125).abs() < 0.01, "{deviation}");
+    assert!(
+        a.abs().max().double_value(&[]) > 0.3,
+        "not a bounded uniform draw"
+    );
+    for (name, tensor) in named_adapter_tensors(&model) {
+        if name.contains("lora_B") {
+            assert_eq!(tensor.abs().sum(Kind::Float).double_value(&[]), 0.0);
+        }
+    }
+    assert_matches_golden(
+        &model,
+        &golden_tensors("tiny_llama.safetensors")["base"],
+        1e-4,
+    );
+}

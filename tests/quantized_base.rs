@@ -120,6 +120,7 @@ fn adapted_pair(storage: Quantization, dora: bool) -> (Llama, Llama) {
         r: 4,
         dropout: 0.0,
         use_dora: dora,
+        init: Default::default(),
         ..LoraConfig::default()
     };
     tch::manual_seed(3);

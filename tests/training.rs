@@ -1263,3 +1263,92 @@ fn train_on_inputs_trains_the_prompt_tokens() {
         stderr(&output)
     );
 }
+
+/// `--init-lora-weights pissa|olora` (PEFT's residual initialisations): the adapter
+/// saved in OUT is converted for the original base (rank 2r, alpha doubled), so
+/// `amthal loss` with it on the original model gives the eval loss the run computed on
+/// its residual model; a run resumed from a checkpoint (whose converted adapter holds
+/// the initial factors) ends with the same adapter; DoRA and a quantized base are
+/// refused. (The factors themselves are checked against PEFT in tests/model_layer.rs.)
+#[test]
+fn pissa_and_olora_adapters_are_saved_for_the_original_base_and_resume() {
+    let dir = temp_dir("pissa-train");
+    let validation = repo_root().join("examples/data/Validation_data.csv");
+    for init in ["pissa", "olora"] {
+        let settings = [
+            "--lora-r",
+            "4",
+            "--lr",
+            "1e-2",
+            "--bsz",
+            "2",
+            "--max-steps",
+            "3",
+            "--eval-strategy",
+            "steps",
+            "--eval-steps",
+            "1",
+            "--load-best-model-at-end",
+            "false",
+            "--init-lora-weights",
+            init,
+        ];
+        let whole = dir.join(init);
+        let output = run_lora(&whole, &settings, &[]);
+        assert!(output.status.success(), "{init}: {}", stderr(&output));
+        let config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(whole.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            (config["r"].as_i64(), config["lora_alpha"].as_f64()),
+            (Some(8), Some(64.0))
+        );
+        let output = amthal(&[
+            "loss",
+            "--model",
+            &tiny(),
+            "--adapter",
+            whole.to_str().unwrap(),
+            "--data",
+            validation.to_str().unwrap(),
+            "--precision",
+            "f32",
+            "--device",
+            "cpu",
+            "--json",
+        ]);
+        assert!(output.status.success(), "{}", stderr(&output));
+        let scored: serde_json::Value =
+            serde_json::from_str(String::from_utf8_lossy(&output.stdout).trim()).unwrap();
+        let loss = scored["loss"].as_f64().unwrap();
+        let last_eval = final_eval(&whole);
+        assert!(
+            ((loss - last_eval) / last_eval).abs() < 1e-6,
+            "{init}: the original base with the saved adapter scores {loss}, the run {last_eval}"
+        );
+
+        let resumed = dir.join(format!("{init}-resumed"));
+        copy_checkpoint(&whole.join("checkpoint-1"), &resumed);
+        let output = run_lora(&resumed, &settings, &["--resume"]);
+        assert!(output.status.success(), "{init}: {}", stderr(&output));
+        assert_eq!(
+            std::fs::read(resumed.join("final/adapter_model.safetensors")).unwrap(),
+            std::fs::read(whole.join("final/adapter_model.safetensors")).unwrap(),
+            "{init}: the resumed run ends with the same adapter"
+        );
+    }
+    for (extra, expected) in [
+        (&["--use-dora"][..], "--use-dora"),
+        (&["--quantize", "nf4"][..], "--quantize"),
+    ] {
+        let flags = [
+            &["--init-lora-weights", "pissa", "--max-steps", "1"][..],
+            extra,
+        ]
+        .concat();
+        let output = run_lora(&dir.join("refused"), &flags, &[]);
+        assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+        assert!(stderr(&output).contains(expected), "{}", stderr(&output));
+    }
+}

@@ -87,6 +87,9 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     }
     c.lora |= args.lora;
     c.train_on_inputs |= args.train_on_inputs;
+    if let Some(init) = args.init_lora_weights {
+        c.init_lora_weights = init;
+    }
     c.rslora |= args.rslora;
     c.use_dora |= args.use_dora;
     c.gradient_checkpointing |= args.gradient_checkpointing;

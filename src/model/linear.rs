@@ -219,6 +219,10 @@ pub struct Lora {
     /// m / ||V||_row computed once for generation (`lora::fold_adapters`), instead of
     /// from the dequantized weight at every decoded token. None: computed per forward.
     pub frozen_factor: Option<Tensor>,
+    /// PiSSA / OLoRA (`lora_init`): the factors (A0, B0) this adapter started from,
+    /// which the base weight gave up (it holds W - scaling B0 A0). Saving converts the
+    /// adapter with them into a plain one on the original base. None: a plain adapter.
+    pub residual_init: Option<(Tensor, Tensor)>,
 }
 
 impl Lora {
@@ -365,6 +369,7 @@ mod tests {
             dropout: 0.0,
             magnitude: None,
             frozen_factor: None,
+            residual_init: None,
         });
         linear
     }

@@ -21,6 +21,7 @@ use tch::{Kind, Tensor};
 
 use super::linear::{Lora, Weight, row_norms};
 use super::llama::{Llama, PROJECTIONS};
+use super::lora_init::{self, LoraInit};
 use super::safetensors_source::SafetensorsSource;
 use super::tensor_io::{WritableTensor, write_safetensors};
 use crate::bail_input;
@@ -40,6 +41,8 @@ pub struct LoraConfig {
     pub rslora: bool,
     /// DoRA: a trainable magnitude per output row beside A and B (`linear::Lora`).
     pub use_dora: bool,
+    /// How new adapters start (PEFT's init_lora_weights, `lora_init`).
+    pub init: LoraInit,
 }
 
 impl Default for LoraConfig {
@@ -51,6 +54,7 @@ impl Default for LoraConfig {
             targets: PROJECTIONS.iter().map(|s| s.to_string()).collect(),
             rslora: false,
             use_dora: false,
+            init: LoraInit::Default,
         }
     }
 }
@@ -112,23 +116,101 @@ pub fn fold_adapters(model: &mut Llama) -> usize {
     folded
 }
 
-/// Attaches fresh adapters (A kaiming-uniform, B zeros, f32, trainable) to the target
-/// projections. Draws from torch's global generator: seed it for reproducibility.
+/// Attaches fresh adapters (f32, trainable) to the target projections, started as
+/// `config.init` says (`lora_init`; PEFT's default: A kaiming-uniform, B zeros). Draws
+/// from torch's global generator: seed it for reproducibility.
 pub fn attach_new(model: &mut Llama, config: &LoraConfig) -> Result<()> {
+    attach(model, config, None)
+}
+
+/// Attaches the adapters of a resumed PiSSA / OLoRA run: the initial factors come
+/// from the checkpoint's converted adapter in `dir` (its second halves), the residual
+/// is taken from the original weights with them, and A and B are then restored from
+/// the first halves with the rest of the checkpoint.
+pub fn attach_resumed_residual(model: &mut Llama, config: &LoraConfig, dir: &Path) -> Result<()> {
+    let path = dir.join(ADAPTER_WEIGHTS);
+    let source = SafetensorsSource::open_files(std::slice::from_ref(&path))?;
+    attach(model, config, Some(&source))
+}
+
+fn attach(
+    model: &mut Llama,
+    config: &LoraConfig,
+    saved_initial: Option<&SafetensorsSource>,
+) -> Result<()> {
     config.validate()?;
     let device = model.device;
-    for layer in model.layers.iter_mut() {
+    for (i, layer) in model.layers.iter_mut().enumerate() {
         for (path, linear) in layer.linears_mut() {
             if !config.targets_module(path) {
                 continue;
             }
             let size = linear.weight.size();
             let (out, inp) = (size[0], size[1]);
-            // kaiming_uniform(a=sqrt(5)) on [r, in] is U(-1/sqrt(in), 1/sqrt(in)).
-            let bound = 1.0 / (inp as f64).sqrt();
-            let a = Tensor::empty([config.r, inp], (Kind::Float, device))
-                .uniform_(-bound, bound)
-                .set_requires_grad(true);
+            if config.init.changes_the_base() {
+                let Some(weight) = linear.weight.dense() else {
+                    bail_input!(
+                        "--init-lora-weights {:?} changes the base weights, which a quantized \
+                         base cannot hold: leave out --quantize",
+                        config.init
+                    );
+                };
+                if config.r > out.min(inp) {
+                    bail_input!(
+                        "--init-lora-weights {:?} takes r directions of {path} ({out} x {inp}); \
+                         r = {} is more than it has",
+                        config.init,
+                        config.r
+                    );
+                }
+                let scaling = config.scaling();
+                let (a0, b0) = match saved_initial {
+                    None => lora_init::residual_factors(config.init, weight, config.r, scaling),
+                    Some(source) => {
+                        let prefix = format!("base_model.model.model.layers.{i}.{path}");
+                        let load = |part: &str, shape: [i64; 2]| -> Result<Tensor> {
+                            let name = format!("{prefix}.{part}.weight");
+                            match source.shape(&name) {
+                                Some(found) if found == shape => {
+                                    Ok(source.load(&name, Kind::Float, device)?.expect("present"))
+                                }
+                                found => bail_input!(
+                                    "checkpoint adapter: {name} has shape {found:?}, a converted \
+                                     {:?} adapter of r = {} needs {shape:?}",
+                                    config.init,
+                                    config.r
+                                ),
+                            }
+                        };
+                        let a = load("lora_A", [2 * config.r, inp])?;
+                        let b = load("lora_B", [out, 2 * config.r])?;
+                        lora_init::split_converted(&a, &b, config.r).1
+                    }
+                };
+                let residual = lora_init::residual_weight(weight, &a0, &b0, scaling, weight.kind());
+                linear.weight = Weight::Dense(residual);
+                linear.lora = Some(Lora {
+                    a: a0.copy().set_requires_grad(true),
+                    b: b0.copy().set_requires_grad(true),
+                    scaling,
+                    dropout: config.dropout,
+                    magnitude: None,
+                    frozen_factor: None,
+                    residual_init: Some((a0, b0)),
+                });
+                continue;
+            }
+            let a = match config.init {
+                LoraInit::Gaussian => {
+                    Tensor::randn([config.r, inp], (Kind::Float, device)) / config.r as f64
+                }
+                _ => {
+                    // kaiming_uniform(a=sqrt(5)) on [r, in] is U(-1/sqrt(in), 1/sqrt(in)).
+                    let bound = 1.0 / (inp as f64).sqrt();
+                    Tensor::empty([config.r, inp], (Kind::Float, device)).uniform_(-bound, bound)
+                }
+            }
+            .set_requires_grad(true);
             let b = Tensor::zeros([out, config.r], (Kind::Float, device)).set_requires_grad(true);
             // DoRA starts at the base weight's row norms (B = 0: ||W + 0||), in f32.
             let magnitude = config
@@ -141,6 +223,7 @@ pub fn attach_new(model: &mut Llama, config: &LoraConfig) -> Result<()> {
                 dropout: config.dropout,
                 magnitude,
                 frozen_factor: None,
+                residual_init: None,
             });
         }
     }
@@ -173,8 +256,38 @@ pub fn adapter_parameters(model: &Llama) -> Vec<Tensor> {
         .collect()
 }
 
+/// The tensors an adapter is saved as, by PEFT name, in f32; a PiSSA / OLoRA adapter
+/// converted to a plain one on the original base (`lora_init`), with whether it was.
+fn tensors_to_save(model: &Llama) -> (Vec<(String, Tensor)>, bool) {
+    let mut converted = false;
+    let mut tensors = Vec::new();
+    for (i, layer) in model.layers.iter().enumerate() {
+        for (path, linear) in layer.linears() {
+            let Some(lora) = &linear.lora else { continue };
+            let prefix = format!("base_model.model.model.layers.{i}.{path}");
+            let (a, b) = match &lora.residual_init {
+                Some(initial) => {
+                    converted = true;
+                    lora_init::converted(&lora.a, &lora.b, initial)
+                }
+                None => (lora.a.to_kind(Kind::Float), lora.b.to_kind(Kind::Float)),
+            };
+            tensors.push((format!("{prefix}.lora_A.weight"), a));
+            tensors.push((format!("{prefix}.lora_B.weight"), b));
+            if let Some(magnitude) = &lora.magnitude {
+                tensors.push((
+                    format!("{prefix}.lora_magnitude_vector"),
+                    magnitude.to_kind(Kind::Float),
+                ));
+            }
+        }
+    }
+    (tensors, converted)
+}
+
 /// Writes adapter_config.json and adapter_model.safetensors into `dir` (each through a
-/// temp file and a rename).
+/// temp file and a rename). A PiSSA / OLoRA adapter is written converted: rank 2r,
+/// alpha doubled (sqrt(2) x alpha with rslora), PEFT's conversion.
 pub fn save_adapter(
     model: &Llama,
     config: &LoraConfig,
@@ -183,19 +296,25 @@ pub fn save_adapter(
 ) -> Result<()> {
     std::fs::create_dir_all(dir)
         .map_err(|e| bad_input(format!("{}: cannot create: {e}", dir.display())))?;
-    let tensors: Vec<(String, WritableTensor)> = named_adapter_tensors(model)
+    let (tensors, converted) = tensors_to_save(model);
+    let tensors: Vec<(String, WritableTensor)> = tensors
         .into_iter()
-        .map(|(name, t)| (name, WritableTensor::new(&t.to_kind(Kind::Float))))
+        .map(|(name, t)| (name, WritableTensor::new(&t)))
         .collect();
     if tensors.is_empty() {
         bail_input!("the model has no LoRA adapter to save");
     }
     write_safetensors(&dir.join(ADAPTER_WEIGHTS), &tensors)?;
+    let (r, alpha) = match (converted, config.rslora) {
+        (false, _) => (config.r, config.alpha),
+        (true, false) => (2 * config.r, 2.0 * config.alpha),
+        (true, true) => (2 * config.r, std::f64::consts::SQRT_2 * config.alpha),
+    };
     let mut json = json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "r": config.r,
-        "lora_alpha": config.alpha,
+        "r": r,
+        "lora_alpha": alpha,
         "lora_dropout": config.dropout,
         "target_modules": config.targets,
         "bias": "none",
@@ -251,6 +370,22 @@ pub fn read_adapter_config(dir: &Path) -> Result<(LoraConfig, String)> {
         && value != &Value::Bool(false)
     {
         return Err(fail(format!("fan_in_fan_out = {value} is not supported")));
+    }
+    // An adapter PEFT saved right after a residual initialisation belongs to the residual
+    // base it came with, not to the original one (a converted one says true here).
+    if let Some(init) = field("init_lora_weights").and_then(Value::as_str) {
+        let lowered = init.to_lowercase();
+        if ["pissa", "olora", "corda", "loftq", "lora_ga"]
+            .iter()
+            .any(|method| lowered.starts_with(method))
+        {
+            return Err(fail(format!(
+                "init_lora_weights '{init}': PEFT saved this adapter for the residual base its \
+                 initialisation left, not for the original model; save it converted \
+                 (save_pretrained(..., path_initial_model_for_weight_conversion=...)), as \
+                 amthal saves its own"
+            )));
+        }
     }
     let use_dora = match field("use_dora") {
         None => false,
@@ -315,6 +450,9 @@ pub fn read_adapter_config(dir: &Path) -> Result<(LoraConfig, String)> {
             .and_then(Value::as_bool)
             .unwrap_or(false),
         use_dora,
+        // How it started no longer matters to a saved adapter (amthal saves PiSSA and
+        // OLoRA ones converted, with init_lora_weights true).
+        init: LoraInit::Default,
     };
     config.validate().map_err(|e| fail(format!("{e:#}")))?;
     let base = field("base_model_name_or_path")
@@ -417,6 +555,7 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
                 dropout: config.dropout,
                 magnitude,
                 frozen_factor: None,
+                residual_init: None,
             });
             used += 2;
         }

@@ -13,6 +13,7 @@ pub mod linear;
 pub mod llama;
 pub mod load;
 pub mod lora;
+pub mod lora_init;
 pub mod quantized;
 pub mod rope;
 pub mod safetensors_source;

@@ -119,7 +119,7 @@ pub fn restore(
 pub fn check_resumable(saved: &TrainConfig, now: &TrainConfig) -> Result<()> {
     let warmup = |c: &TrainConfig| format!("steps {:?}, ratio {}", c.warmup_steps, c.warmup_ratio);
     let adam = |c: &TrainConfig| format!("{} {} {}", c.adam_beta1, c.adam_beta2, c.adam_epsilon);
-    let fields: [(&str, String, String); 20] = [
+    let fields: [(&str, String, String); 21] = [
         ("lora", saved.lora.to_string(), now.lora.to_string()),
         (
             "use_dora",
@@ -152,6 +152,11 @@ pub fn check_resumable(saved: &TrainConfig, now: &TrainConfig) -> Result<()> {
         ),
         ("warmup", warmup(saved), warmup(now)),
         ("adam betas and epsilon", adam(saved), adam(now)),
+        (
+            "init_lora_weights",
+            format!("{:?}", saved.init_lora_weights),
+            format!("{:?}", now.init_lora_weights),
+        ),
         (
             "train_on_inputs",
             saved.train_on_inputs.to_string(),

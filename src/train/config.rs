@@ -81,6 +81,8 @@ pub struct TrainConfig {
     pub rslora: bool,
     /// DoRA (PEFT's use_dora): a trainable magnitude per output row beside A and B.
     pub use_dora: bool,
+    /// How the adapter starts (PEFT's init_lora_weights: true, gaussian, pissa, olora).
+    pub init_lora_weights: crate::model::lora_init::LoraInit,
     #[serde(alias = "learning_rate")]
     pub lr: f64,
     #[serde(alias = "num_train_epochs")]
@@ -204,6 +206,7 @@ impl Default for TrainConfig {
                 .collect(),
             rslora: false,
             use_dora: false,
+            init_lora_weights: Default::default(),
             lr: 2e-5,
             epochs: 3.0,
             batch_size: 2,
@@ -362,6 +365,28 @@ impl TrainConfig {
         }
         if self.cuda_graphs {
             self.validate_cuda_graphs()?;
+        }
+        if self.init_lora_weights.changes_the_base() {
+            if !self.lora {
+                bail_input!(
+                    "--init-lora-weights {:?} starts a LoRA adapter: add --lora",
+                    self.init_lora_weights
+                );
+            }
+            if self.use_dora {
+                bail_input!(
+                    "--init-lora-weights {:?} with --use-dora is not built (the magnitudes \
+                     would start from the residual weights); leave out one of them",
+                    self.init_lora_weights
+                );
+            }
+            if self.quantize.is_some() {
+                bail_input!(
+                    "--init-lora-weights {:?} changes the base weights, which a quantized base \
+                     cannot hold: leave out --quantize",
+                    self.init_lora_weights
+                );
+            }
         }
         if self.use_dora && !self.lora {
             bail_input!("--use-dora trains a DoRA adapter: add --lora");

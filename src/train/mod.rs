@@ -306,7 +306,7 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
     if main_rank {
         disk_fit::check_checkpoints_fit_the_disk(&checkpoint_plan, out)?;
     }
-    let (model, mode) = load_for_training(config, &source, device, kind)?;
+    let (model, mode) = load_for_training(config, &source, device, kind, resume_dir.as_deref())?;
     let mut optimizer = AdamW::sharded(
         trainable_tensors(&model, &mode),
         config.weight_decay,
@@ -509,12 +509,15 @@ fn print_start(
     }
 }
 
-/// Loads the model and makes it trainable: a fresh LoRA adapter, or every weight.
+/// Loads the model and makes it trainable: a fresh LoRA adapter, or every weight. A
+/// resumed PiSSA / OLoRA run takes its initial factors from the checkpoint in
+/// `resume_dir` (`lora::attach_resumed_residual`).
 fn load_for_training(
     config: &TrainConfig,
     source: &ModelSource,
     device: Device,
     kind: Kind,
+    resume_dir: Option<&std::path::Path>,
 ) -> Result<(Llama, Mode)> {
     let options = LoadOptions {
         device,
@@ -535,8 +538,14 @@ fn load_for_training(
         targets: config.lora_targets.clone(),
         rslora: config.rslora,
         use_dora: config.use_dora,
+        init: config.init_lora_weights,
     };
-    attach_new(&mut model, &lora)?;
+    match resume_dir {
+        Some(dir) if lora.init.changes_the_base() => {
+            crate::model::lora::attach_resumed_residual(&mut model, &lora, dir)?
+        }
+        _ => attach_new(&mut model, &lora)?,
+    }
     Ok((model, Mode::Lora(lora)))
 }
 

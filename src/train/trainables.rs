@@ -61,8 +61,14 @@ pub fn save_trained(
     }
 }
 
-/// Loads trained tensors saved by `save_trained` back into the model, in place.
+/// Loads trained tensors saved by `save_trained` back into the model, in place. A
+/// PiSSA / OLoRA adapter was saved converted (`lora_init`): A and B are its first r
+/// rows and columns.
 pub fn restore_trained(model: &Llama, mode: &Mode, dir: &Path) -> Result<()> {
+    let converted_rank = match mode {
+        Mode::Lora(config) if config.init.changes_the_base() => Some(config.r),
+        _ => None,
+    };
     let source = match mode {
         Mode::Lora(_) => {
             SafetensorsSource::open_files(&[dir.join(crate::model::lora::ADAPTER_WEIGHTS)])?
@@ -76,6 +82,11 @@ pub fn restore_trained(model: &Llama, mode: &Mode, dir: &Path) -> Result<()> {
                 .ok_or_else(|| {
                     crate::error::bad_input(format!("{}: checkpoint has no {name}", dir.display()))
                 })?;
+            let saved = match converted_rank {
+                Some(r) if name.ends_with("lora_A.weight") => saved.narrow(0, 0, r),
+                Some(r) if name.ends_with("lora_B.weight") => saved.narrow(1, 0, r),
+                _ => saved,
+            };
             tensor.copy_(&saved);
         }
         Ok(())

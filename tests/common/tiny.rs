@@ -52,6 +52,7 @@ pub fn model_for(full: bool, tied: bool) -> (Llama, Mode) {
         targets: vec![],
         rslora: false,
         use_dora: false,
+        init: Default::default(),
     };
     (model, Mode::Lora(config))
 }

@@ -1,0 +1,154 @@
+//! How a new LoRA adapter starts (PEFT's `init_lora_weights`):
+//! - `true` (PEFT's default): A kaiming-uniform(a = sqrt(5)), B zeros.
+//! - `gaussian`: A normal with standard deviation 1 / r, B zeros.
+//! - `pissa` (Meng et al. 2024): A and B span the weight's top r singular directions,
+//!   B A = U_r S_r V_r^T / scaling, and the base keeps the residual W - scaling B A.
+//! - `olora` (Büyükakyüz 2024): B and A are the first r columns of Q and rows of R of
+//!   the weight's QR decomposition, and the base keeps W - scaling B A.
+//!
+//! The two residual methods change the base weights, so their adapters only apply to
+//! the residual model. What amthal saves is therefore always converted to a plain
+//! adapter on the original base, as PEFT's `save_pretrained(...,
+//! path_initial_model_for_weight_conversion=...)` converts: W_res + s B A equals
+//! W + s (B A minus B0 A0), which is W + s [B | -B0] [A ; A0], an adapter of rank 2r
+//! with alpha doubled (sqrt(2) x alpha with rslora), so the scaling stays. A resume splits the saved
+//! factors back and takes B0 and A0 from them (no second decomposition, which could
+//! differ in sign on another machine). Factorisations run in f32, as PEFT's.
+
+use tch::{Kind, Tensor};
+
+/// PEFT's `init_lora_weights` values amthal builds.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum LoraInit {
+    /// PEFT's default (`true`): A kaiming-uniform, B zeros.
+    #[default]
+    #[value(name = "true", alias = "default")]
+    #[serde(rename = "true", alias = "default")]
+    Default,
+    /// A normal with standard deviation 1 / r, B zeros.
+    Gaussian,
+    /// The top r singular directions in the adapter, the rest in the base (exact SVD).
+    Pissa,
+    /// The first r columns of Q and rows of R (QR) in the adapter, the rest in the base.
+    Olora,
+}
+
+impl LoraInit {
+    /// Whether the base keeps a residual (and saved adapters are converted).
+    pub fn changes_the_base(self) -> bool {
+        matches!(self, LoraInit::Pissa | LoraInit::Olora)
+    }
+}
+
+/// The initial (A [r, in], B [out, r]) of a residual method for `weight` [out, in] in
+/// f32, as PEFT's `pissa_init` / `olora_init` compute them.
+pub fn residual_factors(init: LoraInit, weight: &Tensor, r: i64, scaling: f64) -> (Tensor, Tensor) {
+    let weight = weight.to_kind(Kind::Float);
+    match init {
+        LoraInit::Pissa => {
+            // W = U S V^T: B = U_r sqrt(S_r / s), A = sqrt(S_r / s) V_r^T (PEFT calls U
+            // "V" and V^T "Uh"). torch.svd is linalg_svd with full_matrices = False and
+            // the default driver, which tch's linalg_svd cannot leave unset.
+            let (u, s, v) = weight.svd(true, true);
+            let root = (s.narrow(0, 0, r) / scaling).sqrt();
+            let a = root.unsqueeze(1) * v.narrow(1, 0, r).tr();
+            let b = u.narrow(1, 0, r) * root.unsqueeze(0);
+            (a.contiguous(), b.contiguous())
+        }
+        LoraInit::Olora => {
+            let (q, rr) = Tensor::linalg_qr(&weight, "reduced");
+            (
+                rr.narrow(0, 0, r).contiguous(),
+                q.narrow(1, 0, r).contiguous(),
+            )
+        }
+        LoraInit::Default | LoraInit::Gaussian => {
+            unreachable!("{init:?} leaves the base as it is")
+        }
+    }
+}
+
+/// W - scaling B A, computed in f32 and stored in `kind` (PEFT's residual weight).
+pub fn residual_weight(
+    weight: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scaling: f64,
+    kind: Kind,
+) -> Tensor {
+    (weight.to_kind(Kind::Float) - b.matmul(a) * scaling).to_kind(kind)
+}
+
+/// A saved (converted) adapter's factors split into the trained ones and the initial
+/// ones: A' = [A ; A0], B' = [B | -B0] (see the module's comment).
+pub fn split_converted(a: &Tensor, b: &Tensor, r: i64) -> ((Tensor, Tensor), (Tensor, Tensor)) {
+    (
+        (a.narrow(0, 0, r), b.narrow(1, 0, r)),
+        (a.narrow(0, r, r), -b.narrow(1, r, r)),
+    )
+}
+
+/// The converted factors of a residual-initialised adapter (see the module's comment).
+pub fn converted(a: &Tensor, b: &Tensor, initial: &(Tensor, Tensor)) -> (Tensor, Tensor) {
+    let (a0, b0) = initial;
+    (
+        Tensor::cat(&[a.to_kind(Kind::Float), a0.to_kind(Kind::Float)], 0),
+        Tensor::cat(&[b.to_kind(Kind::Float), -b0.to_kind(Kind::Float)], 1),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wave(shape: [i64; 2], phase: f64) -> Tensor {
+        (Tensor::arange(shape[0] * shape[1], (Kind::Float, tch::Device::Cpu)) * 0.37 + phase)
+            .sin()
+            .view(shape)
+    }
+
+    /// Both residual methods leave the weight unchanged at the start: residual +
+    /// scaling B0 A0 = W; and a converted adapter splits back into what it was made of.
+    #[test]
+    fn residual_plus_adapter_is_the_weight_and_conversion_round_trips() {
+        let weight = wave([12, 10], 0.3);
+        for init in [LoraInit::Pissa, LoraInit::Olora] {
+            let (a0, b0) = residual_factors(init, &weight, 3, 2.0);
+            assert_eq!(a0.size(), [3, 10]);
+            assert_eq!(b0.size(), [12, 3]);
+            let residual = residual_weight(&weight, &a0, &b0, 2.0, Kind::Float);
+            let back = &residual + b0.matmul(&a0) * 2.0;
+            let error = (back - &weight).abs().max().double_value(&[]);
+            assert!(error < 1e-5, "{init:?}: {error}");
+            if init == LoraInit::Pissa {
+                // PiSSA's residual keeps the other singular directions: its largest
+                // singular value is the weight's (r + 1)-th.
+                let (_, of_weight, _) = weight.svd(true, true);
+                let (_, of_residual, _) = residual.svd(true, true);
+                let (expected, found) =
+                    (of_weight.double_value(&[3]), of_residual.double_value(&[0]));
+                assert!((expected - found).abs() < 1e-4, "{expected} vs {found}");
+            }
+
+            let (a, b) = (wave([3, 10], 1.0), wave([12, 3], 2.0));
+            let (a2, b2) = converted(&a, &b, &(a0.shallow_clone(), b0.shallow_clone()));
+            assert_eq!((a2.size(), b2.size()), (vec![6, 10], vec![12, 6]));
+            // The converted adapter is the change from the start: B A - B0 A0.
+            let change = b.matmul(&a) - b0.matmul(&a0);
+            assert!(b2.matmul(&a2).allclose(&change, 1e-5, 1e-6, false));
+            let ((a1, b1), (a00, b00)) = split_converted(&a2, &b2, 3);
+            assert!(a1.equal(&a) && b1.equal(&b) && a00.equal(&a0) && b00.equal(&b0));
+        }
+    }
+}
