@@ -40,9 +40,9 @@ reference = AutoTokenizer.from_pretrained(ROOT / "tests" / "fixtures" / "tiny-ll
 same = tok("يضرب المثل")["input_ids"] == reference("يضرب المثل")["input_ids"]
 print(("ok" if same else "MISMATCH") + ": tokenizer saved by amthal")
 
-# Adapters trained by `amthal train` (LoRA, and DoRA with --use-dora): PEFT's answer-token
+# Adapters trained by `amthal train` (LoRA, DoRA with --use-dora, PiSSA saved converted): PEFT's answer-token
 # loss on amthal's token ids equals `amthal loss` with that adapter.
-for kind in ["lora", "dora"]:
+for kind in ["lora", "dora", "pissa"]:
     trained = export / f"trained_{kind}"
     if not trained.is_dir():
         continue

@@ -12,9 +12,10 @@ amthal=$CARGO_TARGET_DIR/release/amthal
 tiny=tests/fixtures/tiny-llama
 "$amthal" tokenize --model $tiny --data examples/data/Validation_data.csv --prompt-format plain --jsonl \
     > "$AMTHAL_EXPORT_DIR/tokenized.jsonl" 2>/dev/null
-# A LoRA and a DoRA adapter trained by amthal, each with amthal's loss on the Validation rows.
-for kind in lora dora; do
-    extra=""; [ $kind = dora ] && extra=--use-dora
+# A LoRA, a DoRA and a PiSSA adapter (saved converted) trained by amthal, each with amthal's
+# loss on the Validation rows.
+for kind in lora dora pissa; do
+    extra=""; [ $kind = dora ] && extra=--use-dora; [ $kind = pissa ] && extra="--init-lora-weights pissa"
     "$amthal" train --model $tiny --data-dir examples/data --output-dir "$AMTHAL_EXPORT_DIR/trained_$kind" --lora $extra \
         --lr 5e-3 --max-steps 10 --bsz 4 --grad-accum 1 --precision f32 --device cpu --prompt-format plain \
         --eval-strategy no --previews 0 >/dev/null 2>&1
