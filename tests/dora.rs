@@ -164,7 +164,7 @@ fn a_new_dora_adapter_starts_at_the_base_model_and_round_trips() {
     )
     .unwrap();
     assert_eq!(written["use_dora"], true);
-    let (read, _) = read_adapter_config(&dir.join("adapter")).unwrap();
+    let (read, _, _) = read_adapter_config(&dir.join("adapter")).unwrap();
     assert_eq!(read, config);
     let mut reloaded = load_tiny();
     load_adapter(&mut reloaded, &dir.join("adapter")).unwrap();
@@ -349,7 +349,7 @@ fn train_use_dora_trains_the_magnitudes_and_saves_them() {
             "no",
         ],
     );
-    let (config, _) = read_adapter_config(&out).unwrap();
+    let (config, _, _) = read_adapter_config(&out).unwrap();
     assert!(config.use_dora);
     let mut model = load_tiny();
     let mut fresh = load_tiny();

@@ -345,7 +345,7 @@ fn adapter_round_trip_and_merge_keep_the_logits() {
         .clone()
         .unwrap_or_else(|| scratch.as_ref().unwrap().to_path_buf());
     let adapter_dir = dir.join("adapter");
-    let (config, _) =
+    let (config, _, _) =
         amthal::model::lora::read_adapter_config(&fixture("tiny-llama-adapter")).unwrap();
     save_adapter(&model, &config, "tiny-llama", &adapter_dir).unwrap();
     let written: serde_json::Value = serde_json::from_str(
@@ -854,4 +854,79 @@ fn gaussian_adapters_draw_a_with_deviation_one_over_r() {
         &golden_tensors("tiny_llama.safetensors")["base"],
         1e-4,
     );
+}
+
+/// PEFT adapters saved with per-module settings load as PEFT loads them (fixtures and
+/// logits from scripts/golden/make_pattern_golden.py): `rank_pattern` and
+/// `alpha_pattern` with `use_rslora` and a regular expression for `target_modules`;
+/// and `layers_to_transform` (adapters on layer 1 only).
+#[test]
+fn peft_adapters_with_patterns_and_chosen_layers_give_pefts_logits() {
+    let golden = golden_tensors("tiny_llama_patterns.safetensors");
+    for name in ["patterns", "layers"] {
+        let mut model = load_tiny();
+        let config = load_adapter(&mut model, &fixture(&format!("tiny-llama-{name}"))).unwrap();
+        assert_matches_golden(&model, &golden[name], 1e-4);
+        let adapted: Vec<(usize, &str, i64)> = model
+            .layers
+            .iter()
+            .enumerate()
+            .flat_map(|(i, layer)| {
+                layer
+                    .linears()
+                    .into_iter()
+                    .filter_map(move |(path, linear)| {
+                        linear.lora.as_ref().map(|lora| (i, path, lora.a.size()[0]))
+                    })
+            })
+            .collect();
+        if name == "patterns" {
+            // Every layer's four targets; q_proj with r 2, layer 1's down_proj with 6.
+            assert_eq!(adapted.len(), 8);
+            assert!(adapted.contains(&(0, "self_attn.q_proj", 2)));
+            assert!(adapted.contains(&(1, "mlp.down_proj", 6)));
+            assert!(adapted.contains(&(0, "mlp.down_proj", 4)));
+            let mut targets = config.targets.clone();
+            targets.sort();
+            assert_eq!(targets, ["down_proj", "gate_proj", "q_proj", "v_proj"]);
+            // alpha_pattern: v_proj's alpha 3 over sqrt(r = 4) (rslora).
+            let v = model.layers[0].self_attn.v_proj.lora.as_ref().unwrap();
+            assert!((v.scaling - 1.5).abs() < 1e-12, "{}", v.scaling);
+        } else {
+            assert_eq!(adapted.len(), 4);
+            assert!(adapted.iter().all(|&(layer, _, _)| layer == 1));
+        }
+    }
+    // What amthal cannot apply exactly is refused by name: full copies of other
+    // modules, and an adapter PEFT saved for the residual base of a PiSSA start.
+    let dir = temp_dir("refused-adapters");
+    for (key, value, expected) in [
+        (
+            "modules_to_save",
+            serde_json::json!(["lm_head"]),
+            "'modules_to_save'",
+        ),
+        (
+            "init_lora_weights",
+            serde_json::json!("pissa_niter_4"),
+            "residual base",
+        ),
+    ] {
+        let copy = dir.join(key);
+        std::fs::create_dir_all(&copy).unwrap();
+        let source = fixture("tiny-llama-patterns");
+        std::fs::copy(
+            source.join("adapter_model.safetensors"),
+            copy.join("adapter_model.safetensors"),
+        )
+        .unwrap();
+        let mut config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(source.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        config[key] = value;
+        std::fs::write(copy.join("adapter_config.json"), config.to_string()).unwrap();
+        let error = format!("{:#}", load_adapter(&mut load_tiny(), &copy).unwrap_err());
+        assert!(error.contains(expected), "{key}: {error}");
+    }
 }

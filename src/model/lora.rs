@@ -22,6 +22,7 @@ use tch::{Kind, Tensor};
 use super::linear::{Lora, Weight, row_norms};
 use super::llama::{Llama, PROJECTIONS};
 use super::lora_init::{self, LoraInit};
+use super::peft_patterns::{Patterns, check_target_regex};
 use super::safetensors_source::SafetensorsSource;
 use super::tensor_io::{WritableTensor, write_safetensors};
 use crate::bail_input;
@@ -339,8 +340,9 @@ pub fn save_adapter(
     )
 }
 
-/// Reads a PEFT adapter_config.json, refusing options amthal cannot apply exactly.
-pub fn read_adapter_config(dir: &Path) -> Result<(LoraConfig, String)> {
+/// Reads a PEFT adapter_config.json, refusing options amthal cannot apply exactly:
+/// the config, the base model's name, and the per-module rank and alpha patterns.
+pub fn read_adapter_config(dir: &Path) -> Result<(LoraConfig, String, Patterns)> {
     let path = dir.join(ADAPTER_CONFIG);
     let text = std::fs::read_to_string(&path).map_err(|e| {
         bad_input(format!(
@@ -407,20 +409,14 @@ pub fn read_adapter_config(dir: &Path) -> Result<(LoraConfig, String)> {
             return Err(fail(format!("'{key}' is not supported")));
         }
     }
-    for key in [
-        "modules_to_save",
-        "layers_to_transform",
-        "layer_replication",
-    ] {
+    // layers_to_transform (and layers_pattern) only leave some layers without an
+    // adapter: the file then holds no tensors for them, and loading follows the file.
+    for key in ["modules_to_save", "layer_replication"] {
         if field(key).is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty())) {
             return Err(fail(format!("'{key}' is not supported")));
         }
     }
-    for key in ["rank_pattern", "alpha_pattern"] {
-        if field(key).is_some_and(|v| v.as_object().is_none_or(|o| !o.is_empty())) {
-            return Err(fail(format!("'{key}' is not supported")));
-        }
-    }
+    let patterns = Patterns::from_config_text(&text, &path.display().to_string())?;
     let r = field("r")
         .and_then(Value::as_i64)
         .ok_or_else(|| fail("missing 'r'".into()))?;
@@ -434,9 +430,16 @@ pub fn read_adapter_config(dir: &Path) -> Result<(LoraConfig, String)> {
         Some(Value::String(s)) if s == "all-linear" => {
             PROJECTIONS.iter().map(|s| s.to_string()).collect()
         }
+        Some(Value::String(pattern)) => {
+            // A regular expression over full module names: the projections it took
+            // are those the file holds tensors for (`load_adapter` lists them).
+            check_target_regex(pattern, &path.display().to_string())?;
+            Vec::new()
+        }
         Some(other) => {
             return Err(fail(format!(
-                "target_modules {other} is not supported (a list of names is)"
+                "target_modules {other} is not supported (a list of names or a regular \
+                 expression is)"
             )));
         }
         None => return Err(fail("missing 'target_modules'".into())),
@@ -459,7 +462,7 @@ pub fn read_adapter_config(dir: &Path) -> Result<(LoraConfig, String)> {
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_string();
-    Ok((config, base))
+    Ok((config, base, patterns))
 }
 
 /// Loads a PEFT adapter folder onto `model`. Every tensor must match a projection of
@@ -468,7 +471,7 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
     if !dir.is_dir() {
         bail_input!("adapter {}: not a folder", dir.display());
     }
-    let (config, _) = read_adapter_config(dir)?;
+    let (mut config, _, patterns) = read_adapter_config(dir)?;
     let weights_path = dir.join(ADAPTER_WEIGHTS);
     if !weights_path.is_file() {
         if dir.join("adapter_model.bin").is_file() {
@@ -498,8 +501,12 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
                 continue;
             };
             let size = linear.weight.size();
-            let expected_a = [config.r, size[1]];
-            let expected_b = [size[0], config.r];
+            // PEFT's per-module settings (rank_pattern / alpha_pattern).
+            let module = format!("model.layers.{i}.{path}");
+            let r = patterns.rank(&module, config.r);
+            let alpha = patterns.alpha(&module, config.alpha);
+            let expected_a = [r, size[1]];
+            let expected_b = [size[0], r];
             for (name, expected) in [(&a_name, &expected_a), (&b_name, &expected_b)] {
                 let found = source.shape(name).unwrap_or_default();
                 if found != expected {
@@ -548,10 +555,19 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
                     Some(load(&name)?)
                 }
             };
+            let projection = path.rsplit('.').next().unwrap_or(path).to_string();
+            if !config.targets.contains(&projection) {
+                config.targets.push(projection);
+            }
             linear.lora = Some(Lora {
                 a: load(&a_name)?,
                 b: load(&b_name)?,
-                scaling: config.scaling(),
+                scaling: LoraConfig {
+                    r,
+                    alpha,
+                    ..config.clone()
+                }
+                .scaling(),
                 dropout: config.dropout,
                 magnitude,
                 frozen_factor: None,

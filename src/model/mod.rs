@@ -14,6 +14,7 @@ pub mod llama;
 pub mod load;
 pub mod lora;
 pub mod lora_init;
+pub mod peft_patterns;
 pub mod quantized;
 pub mod rope;
 pub mod safetensors_source;
