@@ -678,6 +678,15 @@ pub struct TrainArgs {
     /// train_on_inputs; TRL's completion_only_loss = false); the eval loss counts them too.
     #[arg(long, visible_alias = "train_on_inputs")]
     pub train_on_inputs: bool,
+    /// Seeds the data order (shuffling) instead of --seed (HF's data_seed).
+    #[arg(long, visible_alias = "data_seed", value_name = "N")]
+    pub data_seed: Option<u64>,
+    /// Evaluate before the first step (logged only; HF's eval_on_start).
+    #[arg(long, visible_alias = "eval_on_start")]
+    pub eval_on_start: bool,
+    /// Log the first step too when --logging-steps is above 1 (HF's logging_first_step).
+    #[arg(long, visible_alias = "logging_first_step")]
+    pub logging_first_step: bool,
     /// AdamW's beta1 (default 0.9, HF's adam_beta1).
     #[arg(long, visible_alias = "adam_beta1")]
     pub adam_beta1: Option<f64>,

@@ -1352,3 +1352,83 @@ fn pissa_and_olora_adapters_are_saved_for_the_original_base_and_resume() {
         assert!(stderr(&output).contains(expected), "{}", stderr(&output));
     }
 }
+
+/// HF's eval_on_start, logging_first_step and data_seed: an evaluation logged at step 0
+/// before anything trains (which never becomes the best checkpoint); the first step
+/// logged though --logging-steps is 3; and the data order follows --data-seed, not
+/// --seed (the same first batch, by its input tokens, under another --seed).
+#[test]
+fn eval_on_start_logging_first_step_and_data_seed_reach_the_run() {
+    let dir = temp_dir("hf-conveniences");
+    let out = dir.join("logged");
+    let settings = [
+        "--lr",
+        "1e-2",
+        "--bsz",
+        "2",
+        "--max-steps",
+        "4",
+        "--eval-strategy",
+        "steps",
+        "--eval-steps",
+        "2",
+        "--logging-steps",
+        "3",
+        "--data-order",
+        "shuffled",
+    ];
+    let output = run_lora(
+        &out,
+        &settings,
+        &["--eval_on_start", "--logging_first_step"],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    let log = log_of(&out);
+    let evaluated: Vec<i64> = log
+        .iter()
+        .filter(|e| e["eval_loss"].is_number())
+        .map(|e| e["step"].as_i64().unwrap())
+        .collect();
+    assert_eq!(evaluated, vec![0, 2, 4]);
+    assert!(
+        log[0]["eval_loss"].is_number(),
+        "the start's evaluation comes first"
+    );
+    let logged: Vec<i64> = log
+        .iter()
+        .filter(|e| e["loss"].is_number())
+        .map(|e| e["step"].as_i64().unwrap())
+        .collect();
+    assert_eq!(logged, vec![1, 3, 4]);
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("trainer_state.json")).unwrap())
+            .unwrap();
+    assert_ne!(state["best_step"], 0);
+
+    let first_batch_tokens = |name: &str, seeds: &[&str]| -> i64 {
+        let out = dir.join(name);
+        let extra = [&["--max-steps", "1", "--eval-strategy", "no"][..], seeds].concat();
+        let output = run_lora(&out, &["--bsz", "2", "--data-order", "shuffled"], &extra);
+        assert!(output.status.success(), "{}", stderr(&output));
+        log_of(&out)[0]["input_tokens"].as_i64().unwrap()
+    };
+    let a = first_batch_tokens("a", &["--seed", "1", "--data-seed", "5"]);
+    let b = first_batch_tokens("b", &["--seed", "2", "--data-seed", "5"]);
+    assert_eq!(a, b, "the same --data-seed, the same first batch");
+    let others: Vec<i64> = ["6", "7", "8"]
+        .iter()
+        .map(|seed| first_batch_tokens(&format!("c{seed}"), &["--seed", "1", "--data_seed", seed]))
+        .collect();
+    assert!(others.iter().any(|&t| t != a), "{a} vs {others:?}");
+    let refused = run_lora(
+        &dir.join("refused"),
+        &["--eval-on-start", "--eval-strategy", "no"],
+        &[],
+    );
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(
+        stderr(&refused).contains("--eval-on-start"),
+        "{}",
+        stderr(&refused)
+    );
+}

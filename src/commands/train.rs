@@ -87,6 +87,11 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     }
     c.lora |= args.lora;
     c.train_on_inputs |= args.train_on_inputs;
+    c.eval_on_start |= args.eval_on_start;
+    c.logging_first_step |= args.logging_first_step;
+    if args.data_seed.is_some() {
+        c.data_seed = args.data_seed;
+    }
     if let Some(init) = args.init_lora_weights {
         c.init_lora_weights = init;
     }

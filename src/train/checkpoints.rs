@@ -119,7 +119,7 @@ pub fn restore(
 pub fn check_resumable(saved: &TrainConfig, now: &TrainConfig) -> Result<()> {
     let warmup = |c: &TrainConfig| format!("steps {:?}, ratio {}", c.warmup_steps, c.warmup_ratio);
     let adam = |c: &TrainConfig| format!("{} {} {}", c.adam_beta1, c.adam_beta2, c.adam_epsilon);
-    let fields: [(&str, String, String); 21] = [
+    let fields: [(&str, String, String); 22] = [
         ("lora", saved.lora.to_string(), now.lora.to_string()),
         (
             "use_dora",
@@ -139,6 +139,11 @@ pub fn check_resumable(saved: &TrainConfig, now: &TrainConfig) -> Result<()> {
             now.global_accumulation().to_string(),
         ),
         ("seed", saved.seed.to_string(), now.seed.to_string()),
+        (
+            "data_seed",
+            format!("{:?}", saved.data_seed),
+            format!("{:?}", now.data_seed),
+        ),
         (
             "cutoff_len",
             saved.cutoff_len.to_string(),

@@ -117,6 +117,12 @@ pub struct TrainConfig {
     /// Train on the prompt's tokens too, not only the answer's (axolotl's
     /// train_on_inputs; TRL's completion_only_loss = false). Off: answer-only labels.
     pub train_on_inputs: bool,
+    /// Seeds the data order instead of `seed` (HF's data_seed); None: `seed`.
+    pub data_seed: Option<u64>,
+    /// Evaluate before the first step, logged only (HF's eval_on_start).
+    pub eval_on_start: bool,
+    /// Log the first step too when `logging_steps` > 1 (HF's logging_first_step).
+    pub logging_first_step: bool,
     pub eval_strategy: EvalStrategy,
     pub eval_steps: usize,
     /// Rows per evaluation batch (HF's per_device_eval_batch_size); None: twice
@@ -226,6 +232,9 @@ impl Default for TrainConfig {
             max_grad_norm: 1.0,
             label_smoothing_factor: 0.0,
             train_on_inputs: false,
+            data_seed: None,
+            eval_on_start: false,
+            logging_first_step: false,
             eval_strategy: EvalStrategy::Epoch,
             eval_steps: 50,
             eval_batch_size: None,
@@ -342,6 +351,12 @@ impl TrainConfig {
                 "--lr-scheduler reduce_lr_on_plateau lowers the rate when the eval loss stops \
                  improving, and --eval-strategy no evaluates never: give --eval-strategy epoch \
                  or steps"
+            );
+        }
+        if self.eval_on_start && self.eval_strategy == EvalStrategy::No {
+            bail_input!(
+                "--eval-on-start evaluates on the validation split, which --eval-strategy no \
+                 does not read: give --eval-strategy epoch or steps"
             );
         }
         if self.save_strategy == SaveStrategy::Best && self.eval_strategy == EvalStrategy::No {

@@ -581,8 +581,49 @@ impl Run<'_> {
         Ok(())
     }
 
+    /// The validation loss of the model as it is now (split across ranks when
+    /// data-parallel).
+    fn eval_loss(&self) -> Result<f64> {
+        let config = self.config;
+        match &self.group {
+            None => Ok(evaluate_loss(
+                &self.model,
+                &self.eval_examples,
+                config.eval_rows(),
+                config.label_smoothing_factor,
+            )),
+            Some(group) => evaluation::sharded_eval_loss(
+                &self.model,
+                &self.eval_examples,
+                config.eval_rows(),
+                config.label_smoothing_factor,
+                group,
+            ),
+        }
+    }
+
+    /// `--eval-on-start` (HF's eval_on_start): the validation loss before the run's
+    /// first step, logged at the step it starts from. As in HF it only logs: the best
+    /// checkpoint, early stopping and reduce_lr_on_plateau never see it.
+    fn evaluate_on_start(&mut self) -> Result<()> {
+        let eval_loss = self.eval_loss()?;
+        let step = self.state.global_step;
+        let epoch = self.state.epoch as f64
+            + self.state.windows_done_in_epoch as f64 / self.schedule.windows_per_epoch as f64;
+        self.state
+            .log_history
+            .push(logging::eval_entry(step, epoch, eval_loss));
+        self.publish_log()?;
+        self.progress
+            .println(format!("step {step} (start): eval_loss {eval_loss:.6}"));
+        Ok(())
+    }
+
     /// Epochs of accumulation windows until the last step or early stopping.
     fn train_loop(&mut self) -> Result<()> {
+        if self.config.eval_on_start {
+            self.evaluate_on_start()?;
+        }
         let lengths: Vec<usize> = self
             .train_examples
             .iter()
@@ -592,7 +633,7 @@ impl Run<'_> {
             let batches = data_order::epoch_batches(
                 &lengths,
                 self.config.batch_size,
-                self.config.seed,
+                self.config.data_seed.unwrap_or(self.config.seed),
                 self.state.epoch,
                 self.config.data_order,
             );
@@ -746,6 +787,7 @@ impl Run<'_> {
         ));
         if (state.global_step as usize).is_multiple_of(self.config.logging_steps.max(1))
             || state.global_step == self.schedule.total_steps
+            || (self.config.logging_first_step && state.global_step == 1)
         {
             let (loss, tokens) = std::mem::take(&mut self.interval);
             state.log_history.push(LogEntry {
@@ -785,21 +827,7 @@ impl Run<'_> {
         let mut stop_early = false;
         let mut new_best = false;
         if evaluate_now {
-            let eval_loss = match &self.group {
-                None => evaluate_loss(
-                    &self.model,
-                    &self.eval_examples,
-                    config.eval_rows(),
-                    config.label_smoothing_factor,
-                ),
-                Some(group) => evaluation::sharded_eval_loss(
-                    &self.model,
-                    &self.eval_examples,
-                    config.eval_rows(),
-                    config.label_smoothing_factor,
-                    group,
-                )?,
-            };
+            let eval_loss = self.eval_loss()?;
             let epoch = self.state.epoch as f64
                 + self.state.windows_done_in_epoch as f64 / windows_in_epoch as f64;
             self.state
