@@ -38,14 +38,21 @@ use super::code_map::{CodeMap, HostTable};
     clap::ValueEnum,
 )]
 pub enum OptimKind {
-    /// f32 moments and f32 master weights (torch.optim.AdamW under autocast).
+    /// f32 moments and f32 master weights (torch.optim.AdamW under autocast). QLoRA's
+    /// paged_adamw_32bit is this update too: bitsandbytes' paging (moments moved to host
+    /// memory when the GPU runs short) is a memory detail amthal does not copy.
     #[default]
-    #[value(name = "adamw", aliases = ["adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw-torch"])]
+    #[value(
+        name = "adamw",
+        aliases = ["adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw-torch", "paged_adamw_32bit", "paged_adamw"]
+    )]
     #[serde(
         rename = "adamw",
         alias = "adamw_torch",
         alias = "adamw_torch_fused",
-        alias = "adamw_hf"
+        alias = "adamw_hf",
+        alias = "paged_adamw_32bit",
+        alias = "paged_adamw"
     )]
     AdamW,
     /// bf16 weights and moments, updated with stochastic rounding (no f32 copy).
@@ -392,6 +399,43 @@ fn quantize_blockwise_on_host(value: &Tensor, host: &HostTable) -> (Tensor, Tens
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// HF's `optim` names reach the same optimizer from the command line and from a
+    /// --config file.
+    #[test]
+    fn hf_optimizer_names_choose_the_same_kinds() {
+        use clap::ValueEnum;
+        for (names, kind) in [
+            (
+                &[
+                    "adamw",
+                    "adamw_torch",
+                    "adamw_torch_fused",
+                    "adamw_hf",
+                    "paged_adamw_32bit",
+                    "paged_adamw",
+                ][..],
+                OptimKind::AdamW,
+            ),
+            (&["adamw-bf16", "adamw_bf16"][..], OptimKind::AdamWBf16),
+            (
+                &[
+                    "adamw-8bit",
+                    "adamw_8bit",
+                    "adamw_bnb_8bit",
+                    "paged_adamw_8bit",
+                ][..],
+                OptimKind::AdamW8bit,
+            ),
+        ] {
+            for name in names {
+                assert_eq!(OptimKind::from_str(name, false).unwrap(), kind, "{name}");
+                let parsed: OptimKind = serde_json::from_value(serde_json::json!(name)).unwrap();
+                assert_eq!(parsed, kind, "{name} in a config file");
+            }
+        }
+        assert!(OptimKind::from_str("adafactor", false).is_err());
+    }
 
     #[test]
     fn dynamic_maps_have_bitsandbytes_shape() {
