@@ -193,6 +193,16 @@ pub struct EvaluateArgs {
     /// 0 = greedy decoding.
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f64,
+    /// HF's do_sample: sample (at --temperature, 1 if not given); `false` decodes
+    /// greedily whatever --temperature says. Without it, a temperature above 0 samples.
+    #[arg(
+        long,
+        visible_alias = "do_sample",
+        value_name = "true|false",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub do_sample: Option<bool>,
     #[arg(long, visible_alias = "top_p", default_value_t = 1.0)]
     pub top_p: f64,
     /// 0 = no top-k filter.

@@ -334,6 +334,16 @@ fn sampling_warpers_reach_generation() {
         );
         assert_eq!(texts, greedy, "{flag} {value}");
     }
+    // HF's do_sample: alone it samples at temperature 1; false decodes greedily.
+    let (_, at_one) = run("t1.csv", &["--temperature", "1", "--seed", "3"]);
+    let (_, do_sample) = run("do-sample.csv", &["--do_sample", "--seed", "3"]);
+    assert_eq!(do_sample, at_one);
+    assert_ne!(do_sample, greedy);
+    let (_, not_sampled) = run(
+        "no-sample.csv",
+        &["--do-sample", "false", "--temperature", "1.5"],
+    );
+    assert_eq!(not_sampled, greedy);
     let typical = |seed: &str| {
         run(
             &format!("typical-{seed}.csv"),

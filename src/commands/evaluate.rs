@@ -107,17 +107,36 @@ fn pick_shots(
         .collect())
 }
 
+/// The sampling temperature the flags ask for: HF's `--do-sample` samples at
+/// --temperature (1 when not given, HF's default) and `--do-sample false` decodes
+/// greedily whatever the temperature (with a warning, as HF warns); without it a
+/// temperature above 0 samples (amthal's own rule).
+fn effective_temperature(args: &EvaluateArgs) -> f64 {
+    match args.do_sample {
+        Some(true) if args.temperature == 0.0 => 1.0,
+        Some(false) if args.temperature > 0.0 => {
+            tracing::warn!(
+                "--do-sample false: decoding greedily, --temperature {} is not used",
+                args.temperature
+            );
+            0.0
+        }
+        Some(false) => 0.0,
+        _ => args.temperature,
+    }
+}
+
 /// Beam-search flags that cannot work together, refused before loading anything.
-fn check_beam_flags(args: &EvaluateArgs) -> Result<()> {
+fn check_beam_flags(args: &EvaluateArgs, temperature: f64) -> Result<()> {
     if args.num_beams == 0 {
         bail_input!("--num-beams must be at least 1 (1: no beam search)");
     }
-    if args.num_beams > 1 && args.temperature > 0.0 {
+    if args.num_beams > 1 && temperature > 0.0 {
         bail_input!(
-            "--num-beams {} with --temperature {}: beam sampling (HF's do_sample with \
-             num_beams) is not built; beam search is greedy, so leave out one of them",
+            "--num-beams {} with --temperature {temperature} (or --do-sample): beam sampling \
+             (HF's do_sample with num_beams) is not built; beam search is greedy, so leave out \
+             one of them",
             args.num_beams,
-            args.temperature
         );
     }
     if !args.length_penalty.is_finite() {
@@ -128,7 +147,7 @@ fn check_beam_flags(args: &EvaluateArgs) -> Result<()> {
 
 /// Sampling settings out of HF's ranges, refused before loading anything; set without
 /// --temperature (greedy), they are ignored with a warning, as HF warns.
-fn check_sampling_flags(args: &EvaluateArgs) -> Result<()> {
+fn check_sampling_flags(args: &EvaluateArgs, temperature: f64) -> Result<()> {
     if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
         bail_input!(
             "--temperature must be 0 (greedy) or positive, not {}",
@@ -180,7 +199,7 @@ fn check_sampling_flags(args: &EvaluateArgs) -> Result<()> {
             bail_input!("{flag} must be {range}, not {value}");
         }
     }
-    if args.temperature == 0.0 {
+    if temperature == 0.0 {
         let set: Vec<&str> = [
             ("--top-p", args.top_p != 1.0),
             ("--top-k", args.top_k != 0),
@@ -205,8 +224,9 @@ fn check_sampling_flags(args: &EvaluateArgs) -> Result<()> {
 }
 
 pub fn run(args: &EvaluateArgs) -> Result<()> {
-    check_beam_flags(args)?;
-    check_sampling_flags(args)?;
+    let temperature = effective_temperature(args);
+    check_beam_flags(args, temperature)?;
+    check_sampling_flags(args, temperature)?;
     let (model, adapter) = model_and_adapter(args)?;
     let test = read_examples(
         &args.test_path,
@@ -283,7 +303,7 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
     let sampling = SamplingConfig {
         max_new_tokens: args.max_new_tokens,
         min_new_tokens: args.min_new_tokens,
-        temperature: args.temperature,
+        temperature,
         top_p: args.top_p,
         top_k: args.top_k,
         min_p: args.min_p,
