@@ -688,6 +688,10 @@ pub struct TrainArgs {
     /// train_on_inputs; TRL's completion_only_loss = false); the eval loss counts them too.
     #[arg(long, visible_alias = "train_on_inputs")]
     pub train_on_inputs: bool,
+    /// Continue training this PEFT adapter (PEFT's is_trainable=True, axolotl's
+    /// lora_model_dir); implies --lora; its r, alpha, targets, dropout and DoRA decide.
+    #[arg(long, visible_aliases = ["adapter_dir", "lora-model-dir", "lora_model_dir"], value_name = "DIR")]
+    pub adapter_dir: Option<std::path::PathBuf>,
     /// Seeds the data order (shuffling) instead of --seed (HF's data_seed).
     #[arg(long, visible_alias = "data_seed", value_name = "N")]
     pub data_seed: Option<u64>,

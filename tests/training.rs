@@ -1432,3 +1432,103 @@ fn eval_on_start_logging_first_step_and_data_seed_reach_the_run() {
         stderr(&refused)
     );
 }
+
+/// `--adapter-dir` (PEFT's is_trainable=True, axolotl's lora_model_dir) continues a
+/// trained PEFT adapter: the run starts from it (its loss before the first step is
+/// `amthal loss` with it), trains it, and saves it with its own r and alpha; an adapter
+/// with per-module patterns and a new initialisation are refused.
+#[test]
+fn adapter_dir_continues_training_a_peft_adapter() {
+    let dir = temp_dir("continue-adapter");
+    let adapter = fixture("tiny-llama-adapter");
+    let out = dir.join("continued");
+    let data = sample_data();
+    let output = run_train(
+        &out,
+        &[
+            "--data-dir",
+            &data,
+            "--adapter-dir",
+            adapter.to_str().unwrap(),
+            "--lr",
+            "1e-2",
+            "--bsz",
+            "2",
+            "--grad-accum",
+            "1",
+            "--max-steps",
+            "2",
+            "--eval-strategy",
+            "steps",
+            "--eval-steps",
+            "1",
+            "--eval-on-start",
+            "--previews",
+            "0",
+        ],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    let validation = repo_root().join("examples/data/Validation_data.csv");
+    let output = amthal(&[
+        "loss",
+        "--model",
+        &tiny(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--data",
+        validation.to_str().unwrap(),
+        "--precision",
+        "f32",
+        "--device",
+        "cpu",
+        "--json",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let scored: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&output.stdout).trim()).unwrap();
+    let start = log_of(&out)[0]["eval_loss"].as_f64().unwrap();
+    let loss = scored["loss"].as_f64().unwrap();
+    assert!(((start - loss) / loss).abs() < 1e-6, "{start} vs {loss}");
+    assert!(
+        final_eval(&out) < start,
+        "training went on from the adapter"
+    );
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (config["r"].as_i64(), config["lora_alpha"].as_f64()),
+        (Some(4), Some(8.0))
+    );
+    let trained = tensors(&out.join("adapter_model.safetensors"));
+    let original = tensors(&adapter.join("adapter_model.safetensors"));
+    assert_eq!(trained.len(), original.len());
+    assert!(
+        trained
+            .iter()
+            .zip(&original)
+            .any(|((_, a), (_, b))| !a.equal(b))
+    );
+
+    let with_patterns = fixture("tiny-llama-patterns");
+    for (extra, expected) in [
+        (
+            vec!["--adapter-dir", with_patterns.to_str().unwrap()],
+            "rank_pattern",
+        ),
+        (
+            vec![
+                "--adapter-dir",
+                adapter.to_str().unwrap(),
+                "--init-lora-weights",
+                "pissa",
+            ],
+            "--init-lora-weights",
+        ),
+    ] {
+        let flags = [&["--data-dir", &data, "--max-steps", "1"][..], &extra].concat();
+        let output = run_train(&dir.join("refused"), &flags);
+        assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+        assert!(stderr(&output).contains(expected), "{}", stderr(&output));
+    }
+}

@@ -85,7 +85,11 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     if args.early_stopping_patience.is_some() {
         c.early_stopping_patience = args.early_stopping_patience;
     }
-    c.lora |= args.lora;
+    if args.adapter_dir.is_some() {
+        c.adapter_dir = args.adapter_dir.clone();
+    }
+    // An adapter to continue is a LoRA run (from the flag or the --config file).
+    c.lora |= args.lora || c.adapter_dir.is_some();
     c.train_on_inputs |= args.train_on_inputs;
     c.eval_on_start |= args.eval_on_start;
     c.logging_first_step |= args.logging_first_step;

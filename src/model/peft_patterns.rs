@@ -96,6 +96,11 @@ impl Patterns {
         })
     }
 
+    /// Whether neither pattern has a key.
+    pub fn is_empty(&self) -> bool {
+        self.rank.is_empty() && self.alpha.is_empty()
+    }
+
     /// The module's r: rank_pattern's first matching key, else `default`.
     pub fn rank(&self, module: &str, default: i64) -> i64 {
         first_match(&self.rank, module).map_or(default, |v| v as i64)

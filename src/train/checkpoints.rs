@@ -119,7 +119,7 @@ pub fn restore(
 pub fn check_resumable(saved: &TrainConfig, now: &TrainConfig) -> Result<()> {
     let warmup = |c: &TrainConfig| format!("steps {:?}, ratio {}", c.warmup_steps, c.warmup_ratio);
     let adam = |c: &TrainConfig| format!("{} {} {}", c.adam_beta1, c.adam_beta2, c.adam_epsilon);
-    let fields: [(&str, String, String); 22] = [
+    let fields: [(&str, String, String); 23] = [
         ("lora", saved.lora.to_string(), now.lora.to_string()),
         (
             "use_dora",
@@ -127,6 +127,11 @@ pub fn check_resumable(saved: &TrainConfig, now: &TrainConfig) -> Result<()> {
             now.use_dora.to_string(),
         ),
         ("lora_r", saved.lora_r.to_string(), now.lora_r.to_string()),
+        (
+            "adapter_dir",
+            format!("{:?}", saved.adapter_dir),
+            format!("{:?}", now.adapter_dir),
+        ),
         (
             "batch_size",
             saved.batch_size.to_string(),

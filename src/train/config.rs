@@ -72,6 +72,11 @@ pub struct TrainConfig {
     pub data_dir: PathBuf,
     pub output_dir: PathBuf,
     pub lora: bool,
+    /// Continue training this PEFT adapter instead of a new one (PEFT's
+    /// `from_pretrained(..., is_trainable=True)`, axolotl's lora_model_dir): its r,
+    /// alpha, targets, dropout and DoRA decide, not the --lora-* settings.
+    #[serde(alias = "lora_model_dir")]
+    pub adapter_dir: Option<PathBuf>,
     pub lora_r: i64,
     pub lora_alpha: f64,
     pub lora_dropout: f64,
@@ -232,6 +237,7 @@ impl Default for TrainConfig {
             max_grad_norm: 1.0,
             label_smoothing_factor: 0.0,
             train_on_inputs: false,
+            adapter_dir: None,
             data_seed: None,
             eval_on_start: false,
             logging_first_step: false,
@@ -380,6 +386,18 @@ impl TrainConfig {
         }
         if self.cuda_graphs {
             self.validate_cuda_graphs()?;
+        }
+        if self.adapter_dir.is_some() {
+            if !self.lora {
+                bail_input!("--adapter-dir continues training a LoRA adapter: add --lora");
+            }
+            if self.init_lora_weights != crate::model::lora_init::LoraInit::Default {
+                bail_input!(
+                    "--adapter-dir continues an adapter that is already trained; \
+                     --init-lora-weights {:?} starts a new one: leave out one of them",
+                    self.init_lora_weights
+                );
+            }
         }
         if self.init_lora_weights.changes_the_base() {
             if !self.lora {

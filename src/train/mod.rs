@@ -531,6 +531,10 @@ fn load_for_training(
         unfreeze_all(&model);
         return Ok((model, Mode::Full));
     }
+    if let Some(dir) = &config.adapter_dir {
+        let lora = continue_adapter(&mut model, config, dir)?;
+        return Ok((model, Mode::Lora(lora)));
+    }
     let lora = LoraConfig {
         r: config.lora_r,
         alpha: config.lora_alpha,
@@ -547,6 +551,47 @@ fn load_for_training(
         _ => attach_new(&mut model, &lora)?,
     }
     Ok((model, Mode::Lora(lora)))
+}
+
+/// `--adapter-dir`: the PEFT adapter in `dir`, loaded trainable. Its own settings
+/// decide (as PEFT's is_trainable=True); --lora-* flags that differ are reported.
+fn continue_adapter(
+    model: &mut Llama,
+    config: &TrainConfig,
+    dir: &std::path::Path,
+) -> Result<LoraConfig> {
+    let (_, _, patterns) = crate::model::lora::read_adapter_config(dir)?;
+    if !patterns.is_empty() {
+        bail_input!(
+            "{}: continuing an adapter with rank_pattern / alpha_pattern is not built (amthal \
+             saves one r and alpha for every module)",
+            dir.display()
+        );
+    }
+    let lora = crate::model::lora::load_adapter(model, dir)
+        .with_context(|| format!("loading adapter {}", dir.display()))?;
+    let defaults = TrainConfig::default();
+    let given = [
+        (
+            "--lora-r",
+            config.lora_r != defaults.lora_r && config.lora_r != lora.r,
+        ),
+        (
+            "--lora-alpha",
+            config.lora_alpha != defaults.lora_alpha && config.lora_alpha != lora.alpha,
+        ),
+        ("--use-dora", config.use_dora && !lora.use_dora),
+        ("--rslora", config.rslora != lora.rslora),
+    ];
+    for (flag, differs) in given {
+        if differs {
+            eprintln!(
+                "note: {flag} is not used: the adapter in {} keeps its own settings",
+                dir.display()
+            );
+        }
+    }
+    Ok(lora)
 }
 
 fn describe_mode(mode: &Mode) -> String {
