@@ -432,6 +432,10 @@ pub struct LaunchArgs {
 pub enum ExportFormat {
     /// llama.cpp's single-file format (also what Ollama imports).
     Gguf,
+    /// The --adapter alone as a GGUF LoRA adapter (llama.cpp's --lora, Ollama's
+    /// ADAPTER), for a base exported with --format gguf.
+    #[value(name = "gguf-lora")]
+    GgufLora,
 }
 
 #[derive(Debug, Args)]
@@ -446,7 +450,8 @@ pub struct ExportArgs {
     pub out: PathBuf,
     #[arg(long, value_enum, default_value_t = ExportFormat::Gguf)]
     pub format: ExportFormat,
-    /// Weight type: f16, bf16, q8_0 or q4_k_m (llama.cpp's mix; norms stay f32).
+    /// Weight type: f32, f16, bf16, q8_0 or q4_k_m (llama.cpp's mix; norms stay f32);
+    /// an adapter (--format gguf-lora) f32, f16 or bf16.
     #[arg(long, value_enum, default_value_t = crate::export::ExportQuant::F16)]
     pub quant: crate::export::ExportQuant,
     /// general.name in the file (default: the model's folder or file name).
@@ -461,6 +466,10 @@ pub struct ExportArgs {
     /// How many rows of --imatrix-data to measure (from the top).
     #[arg(long, default_value_t = 100, value_name = "N")]
     pub imatrix_rows: usize,
+    /// --format gguf-lora: the Modelfile's FROM, the base the adapter goes on: its GGUF
+    /// file beside the Modelfile (exported with --format gguf) or an Ollama model name.
+    #[arg(long, default_value = "./base.gguf", value_name = "FILE|MODEL")]
+    pub from: String,
 }
 
 /// Where and in which precision to run; shared by every command that runs a model.

@@ -18,7 +18,9 @@ use crate::prompt::{PromptBuilder, PromptFormat};
 use crate::runtime::{LoadedModel, load_model};
 
 pub fn run(args: &ExportArgs) -> Result<()> {
-    let ExportFormat::Gguf = args.format;
+    if args.format == ExportFormat::GgufLora {
+        return export_adapter(args);
+    }
     if args.imatrix_data.is_some() && args.quant != ExportQuant::Q4KM {
         let quant = clap::ValueEnum::to_possible_value(&args.quant)
             .map(|v| v.get_name().to_string())
@@ -87,6 +89,67 @@ pub fn run(args: &ExportArgs) -> Result<()> {
         args.out.display(),
         report.bytes as f64 / 1e6,
         types.join(", "),
+        modelfile_path.display()
+    );
+    Ok(())
+}
+
+/// `--format gguf-lora`: the adapter alone, for the base `--from` names, with a
+/// Modelfile that puts them together (`FROM` the base, `ADAPTER` the file).
+fn export_adapter(args: &ExportArgs) -> Result<()> {
+    let Some(adapter) = args.adapter.as_deref() else {
+        bail_input!("--format gguf-lora writes an adapter: give --adapter DIR");
+    };
+    if args.imatrix_data.is_some() {
+        bail_input!(
+            "--imatrix-data quantizes a model's weights; an adapter is written unquantized"
+        );
+    }
+    let loaded = load_model(
+        args.model.model.as_deref(),
+        Some(adapter),
+        "cpu",
+        Precision::F32,
+        None,
+    )?;
+    let name = args.name.clone().unwrap_or_else(|| {
+        adapter
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "adapter".into())
+    });
+    let report =
+        crate::export::lora_gguf::export_lora_gguf(&loaded.model, &name, args.quant, &args.out)?;
+    let file_name = args
+        .out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let from = args.from.trim_start_matches("./");
+    let text = modelfile(from, &loaded.tokenizer);
+    let from_line = format!("FROM ./{from}\n");
+    let from_line_written = if args.from.contains('/') || args.from.ends_with(".gguf") {
+        from_line.clone()
+    } else {
+        // An Ollama model name, not a file.
+        format!("FROM {}\n", args.from)
+    };
+    let text = text.replacen(
+        &from_line,
+        &format!(
+            "# The adapter goes on the base model it was trained on, exported with\n\
+             #   amthal export --model M --out base.gguf   (or an Ollama model of that base)\n\
+             {from_line_written}ADAPTER ./{file_name}\n"
+        ),
+        1,
+    );
+    let modelfile_path = args.out.with_file_name("Modelfile");
+    write_file(&modelfile_path, text.as_bytes())?;
+    println!(
+        "wrote {} ({:.1} MB; {} tensors) and {}",
+        args.out.display(),
+        report.bytes as f64 / 1e6,
+        report.types.iter().map(|(_, n)| n).sum::<usize>(),
         modelfile_path.display()
     );
     Ok(())

@@ -9,6 +9,7 @@
 pub mod ggml_quant;
 pub mod gguf_writer;
 pub mod imatrix;
+pub mod lora_gguf;
 pub mod modelfile;
 pub mod vocab;
 pub mod weighted_quant;
@@ -33,6 +34,8 @@ use crate::tokenizer::ModelTokenizer;
 /// The weights' type in the file (`--quant`), with llama.cpp's `general.file_type`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ExportQuant {
+    /// No rounding (llama.cpp's ALL_F32): four bytes a weight.
+    F32,
     F16,
     Bf16,
     #[value(name = "q8_0")]
@@ -46,6 +49,7 @@ pub enum ExportQuant {
 impl ExportQuant {
     fn file_type(self) -> u32 {
         match self {
+            ExportQuant::F32 => 0,
             ExportQuant::F16 => 1,
             ExportQuant::Q8_0 => 7,
             ExportQuant::Q4KM => 15,
@@ -97,6 +101,7 @@ fn tensor_type(quant: ExportQuant, name: &str, row: usize, layers: usize, tied: 
         .and_then(|r| r.split('.').next())
         .and_then(|l| l.parse().ok());
     let wanted = match quant {
+        ExportQuant::F32 => ggml_type::F32,
         ExportQuant::F16 => ggml_type::F16,
         ExportQuant::Bf16 => ggml_type::BF16,
         ExportQuant::Q8_0 => ggml_type::Q8_0,
@@ -124,7 +129,7 @@ fn tensor_type(quant: ExportQuant, name: &str, row: usize, layers: usize, tied: 
 
 /// llama.cpp's `permute` of q/k rows: transformers' rotate-half layout to llama.cpp's
 /// interleaved pairs (the inverse of `gguf_source::reverse_permute`).
-fn permute(weights: &Tensor, heads: i64) -> Tensor {
+pub(crate) fn permute(weights: &Tensor, heads: i64) -> Tensor {
     let size = weights.size();
     let half = size[0] / heads / 2;
     let mut shape = vec![heads, 2, half];

@@ -10,6 +10,9 @@
  *              tokenized as llama.cpp's own tools tokenize it: BOS added when the file
  *              says so (its built-in templates leave BOS out), special tokens parsed.
  *
+ * With LORA_FILE in the environment, that GGUF LoRA adapter is applied at scale 1
+ * (llama-cli's --lora).
+ *
  * It writes the logits after the prompt to LOGITS_OUT (n_vocab f32 values, the host's
  * byte order), decodes TOKENS tokens greedily (argmax of the logits, no sampler, no
  * penalty) and prints the rendered prompt (chat mode, as hex bytes) and two lines of
@@ -115,6 +118,15 @@ int main(int argc, char **argv) {
     if (!context) {
         fprintf(stderr, "llama.cpp could not make a context\n");
         return 1;
+    }
+    const char *lora_file = getenv("LORA_FILE");
+    if (lora_file) {
+        struct llama_adapter_lora *lora = llama_adapter_lora_init(model, lora_file);
+        float scale = 1.0f;
+        if (!lora || llama_set_adapters_lora(context, &lora, 1, &scale) != 0) {
+            fprintf(stderr, "llama.cpp could not apply the adapter %s\n", lora_file);
+            return 1;
+        }
     }
 
     printf("prompt");
