@@ -62,7 +62,7 @@ pub fn export_lora_gguf(
             let file_alpha = *alpha.get_or_insert(lora.scaling * rank);
             let factor = lora.scaling * rank / file_alpha;
             if factor != 1.0 {
-                b = b * factor;
+                b *= factor;
             }
             if hf.ends_with("self_attn.q_proj.weight") {
                 b = permute(&b, config.num_attention_heads as i64);
