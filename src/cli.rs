@@ -190,11 +190,12 @@ pub struct EvaluateArgs {
         value_name = "N"
     )]
     pub min_new_tokens: usize,
-    /// 0 = greedy decoding.
-    #[arg(long, default_value_t = 0.0)]
-    pub temperature: f64,
-    /// HF's do_sample: sample (at --temperature, 1 if not given); `false` decodes
-    /// greedily whatever --temperature says. Without it, a temperature above 0 samples.
+    /// 0 = greedy decoding (the default; with --do-sample, 1).
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// HF's do_sample: sample, with HF's defaults for what is not given (temperature 1,
+    /// top-k 50); `false` decodes greedily whatever --temperature says. Without it, a
+    /// temperature above 0 samples.
     #[arg(
         long,
         visible_alias = "do_sample",
@@ -205,9 +206,9 @@ pub struct EvaluateArgs {
     pub do_sample: Option<bool>,
     #[arg(long, visible_alias = "top_p", default_value_t = 1.0)]
     pub top_p: f64,
-    /// 0 = no top-k filter.
-    #[arg(long, visible_alias = "top_k", default_value_t = 0)]
-    pub top_k: usize,
+    /// Keep the K most probable tokens (default: off; with --do-sample, HF's 50).
+    #[arg(long, visible_alias = "top_k", value_name = "K")]
+    pub top_k: Option<usize>,
     /// Sampling: drop tokens less probable than P x the most probable one (HF's min_p;
     /// 0.05-0.1 is common).
     #[arg(long, visible_alias = "min_p", value_name = "P")]

@@ -334,11 +334,25 @@ fn sampling_warpers_reach_generation() {
         );
         assert_eq!(texts, greedy, "{flag} {value}");
     }
-    // HF's do_sample: alone it samples at temperature 1; false decodes greedily.
-    let (_, at_one) = run("t1.csv", &["--temperature", "1", "--seed", "3"]);
+    // HF's do_sample: alone it samples with GenerationConfig's defaults (temperature 1,
+    // top-k 50); false decodes greedily; with temperature 0 it is refused, as in HF.
+    let (_, hf_defaults) = run(
+        "t1.csv",
+        &["--temperature", "1", "--top-k", "50", "--seed", "3"],
+    );
     let (_, do_sample) = run("do-sample.csv", &["--do_sample", "--seed", "3"]);
-    assert_eq!(do_sample, at_one);
+    assert_eq!(do_sample, hf_defaults);
     assert_ne!(do_sample, greedy);
+    let (_, without_top_k) = run("t1-all.csv", &["--temperature", "1", "--seed", "3"]);
+    assert_ne!(
+        do_sample, without_top_k,
+        "top-k 50 of the tiny vocabulary changes the draws"
+    );
+    let cold = evaluate(
+        &dir.join("cold.csv"),
+        &["--do-sample", "--temperature", "0"],
+    );
+    assert_eq!(cold.status.code(), Some(2), "{}", stderr(&cold));
     let (_, not_sampled) = run(
         "no-sample.csv",
         &["--do-sample", "false", "--temperature", "1.5"],

@@ -1354,16 +1354,23 @@ fn pissa_and_olora_adapters_are_saved_for_the_original_base_and_resume() {
 }
 
 /// HF's eval_on_start, logging_first_step and data_seed: an evaluation logged at step 0
-/// before anything trains (which never becomes the best checkpoint); the first step
-/// logged though --logging-steps is 3; and the data order follows --data-seed, not
-/// --seed (the same first batch, by its input tokens, under another --seed).
+/// before anything trains, which neither becomes the best checkpoint nor steps
+/// reduce_lr_on_plateau (at a rate too small to change the model every evaluation
+/// gives the same loss, so the start's would be the best and would lower the rate at
+/// step 2); the first step logged though --logging-steps is 3; and the data order
+/// follows --data-seed, not --seed (the same first batch, by its input tokens, under
+/// another --seed).
 #[test]
 fn eval_on_start_logging_first_step_and_data_seed_reach_the_run() {
     let dir = temp_dir("hf-conveniences");
     let out = dir.join("logged");
     let settings = [
+        "--lr-scheduler",
+        "reduce_lr_on_plateau",
+        "--lr-scheduler-kwargs",
+        r#"{"patience": 0, "factor": 0.5}"#,
         "--lr",
-        "1e-2",
+        "1e-30",
         "--bsz",
         "2",
         "--max-steps",
@@ -1400,10 +1407,22 @@ fn eval_on_start_logging_first_step_and_data_seed_reach_the_run() {
         .map(|e| e["step"].as_i64().unwrap())
         .collect();
     assert_eq!(logged, vec![1, 3, 4]);
+    let losses: Vec<f64> = log.iter().filter_map(|e| e["eval_loss"].as_f64()).collect();
+    assert!(losses.iter().all(|&l| l == losses[0]), "{losses:?}");
     let state: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("trainer_state.json")).unwrap())
             .unwrap();
-    assert_ne!(state["best_step"], 0);
+    assert_eq!(state["best_step"], 2);
+    let rates: Vec<f64> = log
+        .iter()
+        .filter_map(|e| e["learning_rate"].as_f64())
+        .collect();
+    // (serde_json reads floats to within an ulp.)
+    assert_eq!(rates.len(), 3);
+    assert!(
+        rates.iter().all(|r| (r - 1e-30).abs() < 1e-44),
+        "the plateau's first evaluation is step 2's: {rates:?}"
+    );
 
     let first_batch_tokens = |name: &str, seeds: &[&str]| -> i64 {
         let out = dir.join(name);

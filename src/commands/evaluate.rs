@@ -107,23 +107,32 @@ fn pick_shots(
         .collect())
 }
 
-/// The sampling temperature the flags ask for: HF's `--do-sample` samples at
-/// --temperature (1 when not given, HF's default) and `--do-sample false` decodes
-/// greedily whatever the temperature (with a warning, as HF warns); without it a
-/// temperature above 0 samples (amthal's own rule).
-fn effective_temperature(args: &EvaluateArgs) -> f64 {
-    match args.do_sample {
-        Some(true) if args.temperature == 0.0 => 1.0,
-        Some(false) if args.temperature > 0.0 => {
-            tracing::warn!(
-                "--do-sample false: decoding greedily, --temperature {} is not used",
-                args.temperature
-            );
+/// The sampling temperature and top-k the flags ask for. HF's `--do-sample` takes
+/// GenerationConfig's defaults for what is not given, temperature 1 and top-k 50, and
+/// refuses a temperature of 0; `--do-sample false` decodes greedily whatever the
+/// temperature (with a warning, as HF warns). Without it a temperature above 0 samples
+/// and top-k is off unless given (amthal's own rule). Neither reads the sampling
+/// defaults a model's generation_config.json may hold, which HF's `generate` applies.
+fn effective_sampling(args: &EvaluateArgs) -> Result<(f64, usize)> {
+    let temperature = match (args.do_sample, args.temperature) {
+        (Some(true), None) => 1.0,
+        (Some(true), Some(t)) if t <= 0.0 => bail_input!(
+            "--do-sample with --temperature {t}: sampling needs a positive temperature (HF \
+             refuses it too); leave out --do-sample to decode greedily"
+        ),
+        (Some(false), Some(t)) if t > 0.0 => {
+            tracing::warn!("--do-sample false: decoding greedily, --temperature {t} is not used");
             0.0
         }
-        Some(false) => 0.0,
-        _ => args.temperature,
-    }
+        (Some(false), _) => 0.0,
+        (_, t) => t.unwrap_or(0.0),
+    };
+    let top_k = match (args.top_k, args.do_sample) {
+        (Some(k), _) => k,
+        (None, Some(true)) => 50,
+        (None, _) => 0,
+    };
+    Ok((temperature, top_k))
 }
 
 /// Beam-search flags that cannot work together, refused before loading anything.
@@ -148,18 +157,17 @@ fn check_beam_flags(args: &EvaluateArgs, temperature: f64) -> Result<()> {
 /// Sampling settings out of HF's ranges, refused before loading anything; set without
 /// --temperature (greedy), they are ignored with a warning, as HF warns.
 fn check_sampling_flags(args: &EvaluateArgs, temperature: f64) -> Result<()> {
-    if !(args.temperature >= 0.0 && args.temperature.is_finite()) {
-        bail_input!(
-            "--temperature must be 0 (greedy) or positive, not {}",
-            args.temperature
-        );
+    if let Some(given) = args.temperature
+        && !(given >= 0.0 && given.is_finite())
+    {
+        bail_input!("--temperature must be 0 (greedy) or positive, not {given}");
     }
     let ranges: [(&str, Option<f64>, bool, &str); 6] = [
         (
             "--top-p",
             Some(args.top_p),
-            args.top_p > 0.0 && args.top_p <= 1.0,
-            "in (0, 1]",
+            (0.0..=1.0).contains(&args.top_p),
+            "in [0, 1]",
         ),
         (
             "--min-p",
@@ -202,7 +210,7 @@ fn check_sampling_flags(args: &EvaluateArgs, temperature: f64) -> Result<()> {
     if temperature == 0.0 {
         let set: Vec<&str> = [
             ("--top-p", args.top_p != 1.0),
-            ("--top-k", args.top_k != 0),
+            ("--top-k", args.top_k.is_some_and(|k| k != 0)),
             ("--min-p", args.min_p.is_some()),
             ("--typical-p", args.typical_p != 1.0),
             ("--epsilon-cutoff", args.epsilon_cutoff != 0.0),
@@ -224,7 +232,7 @@ fn check_sampling_flags(args: &EvaluateArgs, temperature: f64) -> Result<()> {
 }
 
 pub fn run(args: &EvaluateArgs) -> Result<()> {
-    let temperature = effective_temperature(args);
+    let (temperature, top_k) = effective_sampling(args)?;
     check_beam_flags(args, temperature)?;
     check_sampling_flags(args, temperature)?;
     let (model, adapter) = model_and_adapter(args)?;
@@ -305,7 +313,7 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
         min_new_tokens: args.min_new_tokens,
         temperature,
         top_p: args.top_p,
-        top_k: args.top_k,
+        top_k,
         min_p: args.min_p,
         typical_p: args.typical_p,
         epsilon_cutoff: args.epsilon_cutoff,

@@ -136,6 +136,9 @@ pub fn resolve_config(args: &TrainArgs) -> Result<TrainConfig> {
     if args.bf16 {
         c.precision = Precision::Bf16;
     }
+    if let Some(dir) = c.adapter_dir.clone() {
+        c.adopt_adapter_settings(&dir)?;
+    }
     Ok(c)
 }
 

@@ -151,16 +151,16 @@ fn attach(
             if config.init.changes_the_base() {
                 let Some(weight) = linear.weight.dense() else {
                     bail_input!(
-                        "--init-lora-weights {:?} changes the base weights, which a quantized \
+                        "--init-lora-weights {} changes the base weights, which a quantized \
                          base cannot hold: leave out --quantize",
-                        config.init
+                        config.init.name()
                     );
                 };
                 if config.r > out.min(inp) {
                     bail_input!(
-                        "--init-lora-weights {:?} takes r directions of {path} ({out} x {inp}); \
+                        "--init-lora-weights {} takes r directions of {path} ({out} x {inp}); \
                          r = {} is more than it has",
-                        config.init,
+                        config.init.name(),
                         config.r
                     );
                 }
@@ -177,8 +177,8 @@ fn attach(
                                 }
                                 found => bail_input!(
                                     "checkpoint adapter: {name} has shape {found:?}, a converted \
-                                     {:?} adapter of r = {} needs {shape:?}",
-                                    config.init,
+                                     {} adapter of r = {} needs {shape:?}",
+                                    config.init.name(),
                                     config.r
                                 ),
                             }

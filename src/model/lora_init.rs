@@ -17,24 +17,16 @@
 
 use tch::{Kind, Tensor};
 
-/// PEFT's `init_lora_weights` values amthal builds.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Default,
-    clap::ValueEnum,
-    serde::Serialize,
-    serde::Deserialize,
-)]
+/// PEFT's `init_lora_weights` values amthal builds. In a --config file also PEFT's and
+/// axolotl's boolean `true` (the default; `false`, PEFT's random B for tests, is not
+/// built).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LoraInit {
     /// PEFT's default (`true`): A kaiming-uniform, B zeros.
     #[default]
     #[value(name = "true", alias = "default")]
-    #[serde(rename = "true", alias = "default")]
+    #[serde(rename = "true")]
     Default,
     /// A normal with standard deviation 1 / r, B zeros.
     Gaussian,
@@ -44,7 +36,43 @@ pub enum LoraInit {
     Olora,
 }
 
+impl<'de> serde::Deserialize<'de> for LoraInit {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            Flag(bool),
+            Name(String),
+        }
+        match Written::deserialize(deserializer)? {
+            Written::Flag(true) => Ok(LoraInit::Default),
+            Written::Flag(false) => Err(serde::de::Error::custom(
+                "init_lora_weights = false (PEFT's random B, for tests) is not built; \
+                 true, gaussian, pissa or olora are",
+            )),
+            Written::Name(name) => {
+                <LoraInit as clap::ValueEnum>::from_str(&name, true).map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "init_lora_weights '{name}' is not built; true, gaussian, pissa or \
+                         olora are"
+                    ))
+                })
+            }
+        }
+    }
+}
+
 impl LoraInit {
+    /// PEFT's spelling (`init_lora_weights`).
+    pub fn name(self) -> &'static str {
+        match self {
+            LoraInit::Default => "true",
+            LoraInit::Gaussian => "gaussian",
+            LoraInit::Pissa => "pissa",
+            LoraInit::Olora => "olora",
+        }
+    }
+
     /// Whether the base keeps a residual (and saved adapters are converted).
     pub fn changes_the_base(self) -> bool {
         matches!(self, LoraInit::Pissa | LoraInit::Olora)
@@ -74,7 +102,7 @@ pub fn residual_factors(init: LoraInit, weight: &Tensor, r: i64, scaling: f64) -
             )
         }
         LoraInit::Default | LoraInit::Gaussian => {
-            unreachable!("{init:?} leaves the base as it is")
+            unreachable!("{} leaves the base as it is", init.name())
         }
     }
 }
@@ -118,6 +146,28 @@ mod tests {
             .view(shape)
     }
 
+    /// A --config file may say PEFT's and axolotl's boolean `true`, or a name.
+    #[test]
+    fn init_lora_weights_reads_true_and_names() {
+        let read = |text: &str| serde_json::from_str::<LoraInit>(text);
+        assert_eq!(read("true").unwrap(), LoraInit::Default);
+        assert_eq!(read("\"true\"").unwrap(), LoraInit::Default);
+        assert_eq!(read("\"PiSSA\"").unwrap(), LoraInit::Pissa);
+        assert_eq!(read("\"olora\"").unwrap(), LoraInit::Olora);
+        assert!(read("false").unwrap_err().to_string().contains("not built"));
+        assert!(read("\"loftq\"").unwrap_err().to_string().contains("loftq"));
+        for init in [
+            LoraInit::Default,
+            LoraInit::Gaussian,
+            LoraInit::Pissa,
+            LoraInit::Olora,
+        ] {
+            let written = serde_json::to_string(&init).unwrap();
+            assert_eq!(written, format!("\"{}\"", init.name()));
+            assert_eq!(read(&written).unwrap(), init);
+        }
+    }
+
     /// Both residual methods leave the weight unchanged at the start: residual +
     /// scaling B0 A0 = W; and a converted adapter splits back into what it was made of.
     #[test]
@@ -130,7 +180,7 @@ mod tests {
             let residual = residual_weight(&weight, &a0, &b0, 2.0, Kind::Float);
             let back = &residual + b0.matmul(&a0) * 2.0;
             let error = (back - &weight).abs().max().double_value(&[]);
-            assert!(error < 1e-5, "{init:?}: {error}");
+            assert!(error < 1e-5, "{}: {error}", init.name());
             if init == LoraInit::Pissa {
                 // PiSSA's residual keeps the other singular directions: its largest
                 // singular value is the weight's (r + 1)-th.

@@ -278,6 +278,88 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
+    /// `--adapter-dir`: the adapter's own LoRA settings replace the --lora-* ones (as
+    /// PEFT's is_trainable=True keeps the adapter's config), so the checks, the memory
+    /// estimate and the saved training_config.toml all see the adapter that trains;
+    /// --lora-* flags that differ are named. Refused: what amthal would save otherwise
+    /// than it read (per-module patterns, a target regex, chosen layers) and MiCA
+    /// adapters (PEFT trains their A only).
+    pub fn adopt_adapter_settings(&mut self, dir: &Path) -> Result<()> {
+        let (adapter, _, patterns) = crate::model::lora::read_adapter_config(dir)?;
+        let path = dir.join(crate::model::lora::ADAPTER_CONFIG);
+        let raw: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
+            .map_err(|e| bad_input(format!("{}: invalid JSON: {e}", path.display())))?;
+        let regex_targets = raw["target_modules"]
+            .as_str()
+            .is_some_and(|t| t != "all-linear");
+        let chosen_layers = raw["layers_to_transform"]
+            .as_array()
+            .is_some_and(|layers| !layers.is_empty())
+            || raw["layers_to_transform"].is_number();
+        let mica = raw["init_lora_weights"]
+            .as_str()
+            .is_some_and(|init| init.eq_ignore_ascii_case("mica"));
+        let refusal = if !patterns.is_empty() {
+            Some("rank_pattern / alpha_pattern (amthal saves one r and alpha for every module)")
+        } else if regex_targets {
+            Some("a target_modules regular expression (amthal saves a list of projections)")
+        } else if chosen_layers {
+            Some("layers_to_transform (amthal saves adapters for every layer)")
+        } else if mica {
+            Some("MiCA's init_lora_weights (PEFT trains its A only)")
+        } else {
+            None
+        };
+        if let Some(what) = refusal {
+            bail_input!(
+                "{}: continuing an adapter with {what} is not built",
+                path.display()
+            );
+        }
+        let defaults = TrainConfig::default();
+        let sorted = |targets: &[String]| {
+            let mut targets = targets.to_vec();
+            targets.sort();
+            targets
+        };
+        let differing = [
+            (
+                "--lora-r",
+                self.lora_r != defaults.lora_r && self.lora_r != adapter.r,
+            ),
+            (
+                "--lora-alpha",
+                self.lora_alpha != defaults.lora_alpha && self.lora_alpha != adapter.alpha,
+            ),
+            (
+                "--lora-dropout",
+                self.lora_dropout != defaults.lora_dropout && self.lora_dropout != adapter.dropout,
+            ),
+            (
+                "--lora-targets",
+                self.lora_targets != defaults.lora_targets
+                    && sorted(&self.lora_targets) != sorted(&adapter.targets),
+            ),
+            ("--rslora", self.rslora && !adapter.rslora),
+            ("--use-dora", self.use_dora && !adapter.use_dora),
+        ];
+        for (flag, differs) in differing {
+            if differs {
+                eprintln!(
+                    "note: {flag} is not used: the adapter in {} keeps its own settings",
+                    dir.display()
+                );
+            }
+        }
+        self.lora_r = adapter.r;
+        self.lora_alpha = adapter.alpha;
+        self.lora_dropout = adapter.dropout;
+        self.lora_targets = adapter.targets;
+        self.rslora = adapter.rslora;
+        self.use_dora = adapter.use_dora;
+        Ok(())
+    }
+
     /// Reads a TOML file of the same keys (unknown keys are an error naming them).
     pub fn from_toml(path: &Path) -> Result<TrainConfig> {
         let text = std::fs::read_to_string(path)
@@ -394,30 +476,26 @@ impl TrainConfig {
             if self.init_lora_weights != crate::model::lora_init::LoraInit::Default {
                 bail_input!(
                     "--adapter-dir continues an adapter that is already trained; \
-                     --init-lora-weights {:?} starts a new one: leave out one of them",
-                    self.init_lora_weights
+                     --init-lora-weights {} starts a new one: leave out one of them",
+                    self.init_lora_weights.name()
                 );
             }
         }
+        let init = self.init_lora_weights.name();
+        if self.init_lora_weights != crate::model::lora_init::LoraInit::Default && !self.lora {
+            bail_input!("--init-lora-weights {init} starts a LoRA adapter: add --lora");
+        }
         if self.init_lora_weights.changes_the_base() {
-            if !self.lora {
-                bail_input!(
-                    "--init-lora-weights {:?} starts a LoRA adapter: add --lora",
-                    self.init_lora_weights
-                );
-            }
             if self.use_dora {
                 bail_input!(
-                    "--init-lora-weights {:?} with --use-dora is not built (the magnitudes \
-                     would start from the residual weights); leave out one of them",
-                    self.init_lora_weights
+                    "--init-lora-weights {init} with --use-dora is not built (the magnitudes \
+                     would start from the residual weights); leave out one of them"
                 );
             }
             if self.quantize.is_some() {
                 bail_input!(
-                    "--init-lora-weights {:?} changes the base weights, which a quantized base \
-                     cannot hold: leave out --quantize",
-                    self.init_lora_weights
+                    "--init-lora-weights {init} changes the base weights, which a quantized base \
+                     cannot hold: leave out --quantize"
                 );
             }
         }

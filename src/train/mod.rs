@@ -306,6 +306,12 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
     if main_rank {
         disk_fit::check_checkpoints_fit_the_disk(&checkpoint_plan, out)?;
     }
+    // A resume with other settings fails here, before a model loads (minutes for a 7B)
+    // or a PiSSA run reads its initial factors from the checkpoint.
+    if let Some(dir) = &resume_dir {
+        let saved = TrainConfig::from_toml(&dir.join("training_config.toml"))?;
+        checkpoints::check_resumable(&saved, config)?;
+    }
     let (model, mode) = load_for_training(config, &source, device, kind, resume_dir.as_deref())?;
     let mut optimizer = AdamW::sharded(
         trainable_tensors(&model, &mode),
@@ -442,6 +448,12 @@ fn plan_checkpoints(
     let setup = device_fit::setup_of(config, model_config, kind)?;
     let (model_bytes, optimizer_bytes) =
         memory_estimate::checkpoint_bytes(&setup, !config.checkpoints_hold_optimizer());
+    // A PiSSA / OLoRA adapter is saved converted, at twice its rank (`lora_init`).
+    let model_bytes = if config.lora && config.init_lora_weights.changes_the_base() {
+        2 * model_bytes
+    } else {
+        model_bytes
+    };
     Ok(disk_fit::CheckpointPlan {
         model_bytes,
         optimizer_bytes,
@@ -531,8 +543,11 @@ fn load_for_training(
         unfreeze_all(&model);
         return Ok((model, Mode::Full));
     }
-    if let Some(dir) = &config.adapter_dir {
-        let lora = continue_adapter(&mut model, config, dir)?;
+    if let Some(dir) = config.adapter_dir.as_ref().filter(|_| resume_dir.is_none()) {
+        // (A resumed run attaches a fresh adapter of the same settings below, which
+        // the checkpoint then overwrites: the original folder is no longer needed.)
+        let lora = crate::model::lora::load_adapter(&mut model, dir)
+            .with_context(|| format!("loading adapter {}", dir.display()))?;
         return Ok((model, Mode::Lora(lora)));
     }
     let lora = LoraConfig {
@@ -551,47 +566,6 @@ fn load_for_training(
         _ => attach_new(&mut model, &lora)?,
     }
     Ok((model, Mode::Lora(lora)))
-}
-
-/// `--adapter-dir`: the PEFT adapter in `dir`, loaded trainable. Its own settings
-/// decide (as PEFT's is_trainable=True); --lora-* flags that differ are reported.
-fn continue_adapter(
-    model: &mut Llama,
-    config: &TrainConfig,
-    dir: &std::path::Path,
-) -> Result<LoraConfig> {
-    let (_, _, patterns) = crate::model::lora::read_adapter_config(dir)?;
-    if !patterns.is_empty() {
-        bail_input!(
-            "{}: continuing an adapter with rank_pattern / alpha_pattern is not built (amthal \
-             saves one r and alpha for every module)",
-            dir.display()
-        );
-    }
-    let lora = crate::model::lora::load_adapter(model, dir)
-        .with_context(|| format!("loading adapter {}", dir.display()))?;
-    let defaults = TrainConfig::default();
-    let given = [
-        (
-            "--lora-r",
-            config.lora_r != defaults.lora_r && config.lora_r != lora.r,
-        ),
-        (
-            "--lora-alpha",
-            config.lora_alpha != defaults.lora_alpha && config.lora_alpha != lora.alpha,
-        ),
-        ("--use-dora", config.use_dora && !lora.use_dora),
-        ("--rslora", config.rslora != lora.rslora),
-    ];
-    for (flag, differs) in given {
-        if differs {
-            eprintln!(
-                "note: {flag} is not used: the adapter in {} keeps its own settings",
-                dir.display()
-            );
-        }
-    }
-    Ok(lora)
 }
 
 fn describe_mode(mode: &Mode) -> String {

@@ -52,13 +52,14 @@ impl Settings {
         }
     }
 
-    /// torch's `_is_better`.
+    /// torch's `_is_better`, with its initial best (`mode_worse`: inf, or -inf for
+    /// max) where there is none yet, in the same float arithmetic (an infinite or NaN
+    /// first metric is no improvement, as in torch).
     fn improves(&self, metric: f64, best: Option<f64>) -> bool {
-        let Some(best) = best else {
-            // The first metric beats torch's initial best (inf, or -inf for max),
-            // unless it is NaN.
-            return !metric.is_nan();
-        };
+        let best = best.unwrap_or(match self.mode {
+            PlateauMode::Min => f64::INFINITY,
+            PlateauMode::Max => f64::NEG_INFINITY,
+        });
         match (self.mode, self.threshold_mode) {
             (PlateauMode::Min, ThresholdMode::Rel) => metric < best * (1.0 - self.threshold),
             (PlateauMode::Min, ThresholdMode::Abs) => metric < best - self.threshold,
@@ -95,6 +96,8 @@ impl Plateau {
     pub fn step(&mut self, metric: f64, kwargs: &SchedulerKwargs) {
         let settings = Settings::from_kwargs(kwargs);
         if settings.improves(metric, self.best) {
+            // Only a finite metric can improve on a finite best or torch's infinite
+            // start with a threshold below 1, so what is saved stays a JSON number.
             self.best = Some(metric);
             self.bad_evaluations = 0;
         } else {
@@ -167,6 +170,21 @@ mod tests {
             reductions += usize::from(plateau.lr < base);
         }
         assert!(reductions >= 7, "only {reductions} cases lower the rate");
+    }
+
+    /// An infinite first eval loss (an f16 overflow) is a bad evaluation, as in torch,
+    /// not a new best.
+    #[test]
+    fn an_infinite_first_metric_is_no_improvement() {
+        let kwargs = SchedulerKwargs {
+            patience: Some(0),
+            ..Default::default()
+        };
+        let mut plateau = Plateau::new(1.0);
+        plateau.step(f64::INFINITY, &kwargs);
+        assert_eq!((plateau.best, plateau.lr), (None, 0.1));
+        plateau.step(3.0, &kwargs);
+        assert_eq!(plateau.best, Some(3.0));
     }
 
     #[test]
