@@ -545,7 +545,7 @@ fn load_for_training(
     }
     if let Some(dir) = config.adapter_dir.as_ref().filter(|_| resume_dir.is_none()) {
         // (A resumed run attaches a fresh adapter of the same settings below, which
-        // the checkpoint then overwrites: the original folder is no longer needed.)
+        // the checkpoint then overwrites.)
         let lora = crate::model::lora::load_adapter(&mut model, dir)
             .with_context(|| format!("loading adapter {}", dir.display()))?;
         return Ok((model, Mode::Lora(lora)));
