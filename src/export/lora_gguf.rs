@@ -56,14 +56,12 @@ pub fn export_lora_gguf(
             }
             let base = gguf_name(&hf)
                 .ok_or_else(|| anyhow::anyhow!("export: no GGUF name for tensor {hf}"))?;
-            let a = lora.a.to_kind(Kind::Float);
-            let mut b = lora.b.to_kind(Kind::Float);
+            // Detached copies: the adapter's own tensors are trainable leaves.
+            let a = lora.a.detach().to_kind(Kind::Float);
             let rank = a.size()[0] as f64;
             let file_alpha = *alpha.get_or_insert(lora.scaling * rank);
             let factor = lora.scaling * rank / file_alpha;
-            if factor != 1.0 {
-                b *= factor;
-            }
+            let mut b = lora.b.detach().to_kind(Kind::Float) * factor;
             if hf.ends_with("self_attn.q_proj.weight") {
                 b = permute(&b, config.num_attention_heads as i64);
             } else if hf.ends_with("self_attn.k_proj.weight") {
