@@ -1135,8 +1135,9 @@ fn label_smoothing_reaches_the_losses_and_the_gradients() {
 }
 
 /// `--lr-scheduler reduce_lr_on_plateau` (HF's; torch's ReduceLROnPlateau stepped with
-/// eval_loss after each evaluation): with a threshold no eval loss can meet, the rate
-/// halves after every evaluation but the first, no warmup applies, a run resumed from
+/// eval_loss after each evaluation): with an absolute threshold no later eval loss can
+/// meet (the first always beats torch's infinite start), the rate halves after every
+/// evaluation but the first, no warmup applies, a run resumed from
 /// a checkpoint keeps the lowered rate (the same final adapter), and a run that never
 /// evaluates is refused.
 #[test]
@@ -1154,7 +1155,7 @@ fn reduce_lr_on_plateau_lowers_the_rate_after_evaluations_and_resumes() {
         "--lr-scheduler",
         "reduce_lr_on_plateau",
         "--lr-scheduler-kwargs",
-        r#"{"patience": 0, "factor": 0.5, "threshold": 10}"#,
+        r#"{"patience": 0, "factor": 0.5, "threshold": 100, "threshold_mode": "abs"}"#,
     ];
     let evaluations = ["--eval-strategy", "steps", "--eval-steps", "1"];
     let whole = dir.join("whole");
