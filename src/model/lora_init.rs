@@ -107,7 +107,11 @@ pub fn residual_factors(init: LoraInit, weight: &Tensor, r: i64, scaling: f64) -
     }
 }
 
-/// W - scaling B A, computed in f32 and stored in `kind` (PEFT's residual weight).
+/// W - scaling B A, stored in `kind` (PEFT's residual weight). Computed in f64 from
+/// fresh copies: a resumed run rebuilds the residual from the factors it reads back
+/// (views into the saved adapter), and an f32 product of the same values laid out
+/// otherwise was seen to round differently (a resume was then not bit-exact, about one
+/// run in three); in f64 the product is exact far below f32's rounding.
 pub fn residual_weight(
     weight: &Tensor,
     a: &Tensor,
@@ -115,7 +119,11 @@ pub fn residual_weight(
     scaling: f64,
     kind: Kind,
 ) -> Tensor {
-    (weight.to_kind(Kind::Float) - b.matmul(a) * scaling).to_kind(kind)
+    let product = b
+        .to_kind(Kind::Double)
+        .copy()
+        .matmul(&a.to_kind(Kind::Double).copy());
+    (weight.to_kind(Kind::Double) - product * scaling).to_kind(kind)
 }
 
 /// A saved (converted) adapter's factors split into the trained ones and the initial
