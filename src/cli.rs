@@ -40,7 +40,7 @@ pub enum Command {
     Train(Box<TrainArgs>),
     /// Generate explanations for a test file and write the predictions CSV (the seed's evaluate.py).
     #[command(visible_alias = "generate")]
-    Evaluate(EvaluateArgs),
+    Evaluate(Box<EvaluateArgs>),
     /// Score a predictions CSV against its references: sacrebleu BLEU (13a, intl), NLTK
     /// BLEU, ROUGE-1/2/L, chrF++, BERTScore, sentence-embedding cosine, task checks.
     Score(ScoreArgs),
@@ -175,102 +175,8 @@ pub struct EvaluateArgs {
     /// The predictions CSV (default results/finetune_<timestamp>.csv); a .json sidecar goes beside it.
     #[arg(long, visible_alias = "out_path", value_name = "FILE")]
     pub out_path: Option<PathBuf>,
-    #[arg(
-        long,
-        visible_alias = "max_new_tokens",
-        default_value_t = 256,
-        value_name = "N"
-    )]
-    pub max_new_tokens: usize,
-    /// Suppress end tokens until N tokens were generated (benchmarks force a length).
-    #[arg(
-        long,
-        visible_alias = "min_new_tokens",
-        default_value_t = 0,
-        value_name = "N"
-    )]
-    pub min_new_tokens: usize,
-    /// 0 = greedy decoding (the default; with --do-sample, 1).
-    #[arg(long)]
-    pub temperature: Option<f64>,
-    /// HF's do_sample: sample, with HF's defaults for what is not given (temperature 1,
-    /// top-k 50); `false` decodes greedily whatever --temperature says. Without it, a
-    /// temperature above 0 samples.
-    #[arg(
-        long,
-        visible_alias = "do_sample",
-        value_name = "true|false",
-        num_args = 0..=1,
-        default_missing_value = "true"
-    )]
-    pub do_sample: Option<bool>,
-    #[arg(long, visible_alias = "top_p", default_value_t = 1.0)]
-    pub top_p: f64,
-    /// Keep the K most probable tokens (default: off; with --do-sample, HF's 50).
-    #[arg(long, visible_alias = "top_k", value_name = "K")]
-    pub top_k: Option<usize>,
-    /// Sampling: drop tokens less probable than P x the most probable one (HF's min_p;
-    /// 0.05-0.1 is common).
-    #[arg(long, visible_alias = "min_p", value_name = "P")]
-    pub min_p: Option<f64>,
-    /// Sampling: locally typical sampling's mass (HF's typical_p; 1 = off).
-    #[arg(
-        long,
-        visible_alias = "typical_p",
-        default_value_t = 1.0,
-        value_name = "MASS"
-    )]
-    pub typical_p: f64,
-    /// Sampling: drop tokens below this probability (HF's epsilon_cutoff; 0 = off; its
-    /// paper suggests 3e-4 to 9e-4).
-    #[arg(
-        long,
-        visible_alias = "epsilon_cutoff",
-        default_value_t = 0.0,
-        value_name = "P"
-    )]
-    pub epsilon_cutoff: f64,
-    /// Sampling: eta sampling's cutoff, min(eta, sqrt(eta) x e^-entropy) (HF's
-    /// eta_cutoff; 0 = off; its paper suggests 3e-4 to 2e-3).
-    #[arg(
-        long,
-        visible_alias = "eta_cutoff",
-        default_value_t = 0.0,
-        value_name = "ETA"
-    )]
-    pub eta_cutoff: f64,
-    /// Sampling: top-h, keep the top tokens within H x the entropy of the 100 most
-    /// probable (HF's top_h, in (0, 1]).
-    #[arg(long, visible_alias = "top_h", value_name = "H")]
-    pub top_h: Option<f64>,
-    #[arg(long, visible_alias = "repetition_penalty", default_value_t = 1.0)]
-    pub repetition_penalty: f64,
-    /// No n-gram of this size may occur twice in prompt + answer (HF's
-    /// no_repeat_ngram_size; 0 = off).
-    #[arg(
-        long,
-        visible_alias = "no_repeat_ngram_size",
-        default_value_t = 0,
-        value_name = "N"
-    )]
-    pub no_repeat_ngram_size: usize,
-    /// Beam search with N beams (HF's num_beams; 1 = off): greedy only, each prompt's
-    /// beams decode together, --batch-size prompts at a time.
-    #[arg(
-        long,
-        visible_alias = "num_beams",
-        default_value_t = 1,
-        value_name = "N"
-    )]
-    pub num_beams: usize,
-    /// Beam search: a finished beam's summed log-probability is divided by its length
-    /// to this power (HF's length_penalty; > 0 favours longer answers).
-    #[arg(long, visible_alias = "length_penalty", default_value_t = 1.0)]
-    pub length_penalty: f64,
-    /// Beam search: false (HF's default: stop when no running beam can beat the
-    /// finished ones), true (as soon as N beams finished), never (the canonical search).
-    #[arg(long, visible_alias = "early_stopping", value_enum, default_value_t = crate::generate::EarlyStopping::Heuristic)]
-    pub early_stopping: crate::generate::EarlyStopping,
+    #[command(flatten)]
+    pub generation: GenerationArgs,
     /// Seeds sampling (per row, so outputs do not depend on the batch size) and shot choice.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
@@ -307,6 +213,89 @@ pub struct EvaluateArgs {
     pub data_options: DataArgs,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
+}
+
+/// How `evaluate` picks tokens. Each setting left out comes from the model's
+/// generation_config.json (see `--generation-config`), else from HF's defaults, as
+/// transformers' `generate` merges its keyword arguments over `model.generation_config`
+/// (`generation_settings.rs`); hence `Option` everywhere.
+#[derive(Debug, Clone, Default, Args)]
+pub struct GenerationArgs {
+    /// Where settings not given as flags come from: `auto` (the model folder's
+    /// generation_config.json, as HF's generate), `none` (HF's defaults only), or a
+    /// generation_config.json file.
+    #[arg(
+        long,
+        visible_alias = "generation_config",
+        default_value = "auto",
+        value_name = "auto|none|FILE"
+    )]
+    pub generation_config: crate::generation_settings::GenerationConfigSource,
+    /// At most N new tokens per answer (default 256, or the model's max_new_tokens).
+    #[arg(long, visible_alias = "max_new_tokens", value_name = "N")]
+    pub max_new_tokens: Option<usize>,
+    /// Suppress end tokens until N tokens were generated (benchmarks force a length).
+    #[arg(long, visible_alias = "min_new_tokens", value_name = "N")]
+    pub min_new_tokens: Option<usize>,
+    /// 0 = greedy decoding (the default; with --do-sample, 1).
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// HF's do_sample: sample, with HF's defaults for what is not given (temperature 1,
+    /// top-k 50); `false` decodes greedily whatever --temperature says. Without it, a
+    /// temperature above 0 samples.
+    #[arg(
+        long,
+        visible_alias = "do_sample",
+        value_name = "true|false",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub do_sample: Option<bool>,
+    /// Sampling: nucleus sampling's mass (HF's top_p; 1 = off).
+    #[arg(long, visible_alias = "top_p", value_name = "P")]
+    pub top_p: Option<f64>,
+    /// Keep the K most probable tokens (default: off; with --do-sample, HF's 50).
+    #[arg(long, visible_alias = "top_k", value_name = "K")]
+    pub top_k: Option<usize>,
+    /// Sampling: drop tokens less probable than P x the most probable one (HF's min_p;
+    /// 0.05-0.1 is common).
+    #[arg(long, visible_alias = "min_p", value_name = "P")]
+    pub min_p: Option<f64>,
+    /// Sampling: locally typical sampling's mass (HF's typical_p; 1 = off).
+    #[arg(long, visible_alias = "typical_p", value_name = "MASS")]
+    pub typical_p: Option<f64>,
+    /// Sampling: drop tokens below this probability (HF's epsilon_cutoff; 0 = off; its
+    /// paper suggests 3e-4 to 9e-4).
+    #[arg(long, visible_alias = "epsilon_cutoff", value_name = "P")]
+    pub epsilon_cutoff: Option<f64>,
+    /// Sampling: eta sampling's cutoff, min(eta, sqrt(eta) x e^-entropy) (HF's
+    /// eta_cutoff; 0 = off; its paper suggests 3e-4 to 2e-3).
+    #[arg(long, visible_alias = "eta_cutoff", value_name = "ETA")]
+    pub eta_cutoff: Option<f64>,
+    /// Sampling: top-h, keep the top tokens within H x the entropy of the 100 most
+    /// probable (HF's top_h, in (0, 1]).
+    #[arg(long, visible_alias = "top_h", value_name = "H")]
+    pub top_h: Option<f64>,
+    /// HF's repetition_penalty (1 = off): a seen token's positive logit is divided by
+    /// it, a negative one multiplied.
+    #[arg(long, visible_alias = "repetition_penalty", value_name = "X")]
+    pub repetition_penalty: Option<f64>,
+    /// No n-gram of this size may occur twice in prompt + answer (HF's
+    /// no_repeat_ngram_size; 0 = off).
+    #[arg(long, visible_alias = "no_repeat_ngram_size", value_name = "N")]
+    pub no_repeat_ngram_size: Option<usize>,
+    /// Beam search with N beams (HF's num_beams; 1 = off): greedy only, each prompt's
+    /// beams decode together, --batch-size prompts at a time.
+    #[arg(long, visible_alias = "num_beams", value_name = "N")]
+    pub num_beams: Option<usize>,
+    /// Beam search: a finished beam's summed log-probability is divided by its length
+    /// to this power (HF's length_penalty, default 1; > 0 favours longer answers).
+    #[arg(long, visible_alias = "length_penalty", value_name = "X")]
+    pub length_penalty: Option<f64>,
+    /// Beam search: false (HF's default: stop when no running beam can beat the
+    /// finished ones), true (as soon as N beams finished), never (the canonical search).
+    #[arg(long, visible_alias = "early_stopping", value_enum)]
+    pub early_stopping: Option<crate::generate::EarlyStopping>,
 }
 
 /// How data files are read; shared by every command that reads proverbs.

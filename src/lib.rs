@@ -18,6 +18,7 @@ pub mod encode;
 pub mod error;
 pub mod export;
 pub mod generate;
+pub mod generation_settings;
 pub mod gguf;
 pub mod hub;
 pub mod logits_warpers;

@@ -840,3 +840,118 @@ fn evaluate_with_beams_gives_the_same_answers_at_any_batch_size() {
     );
     assert!(!refused.exists());
 }
+
+/// `evaluate` takes what the flags leave out from the model folder's
+/// generation_config.json, as HF's `generate` does; flags win, and
+/// `--generation-config none|FILE` chooses another source.
+#[test]
+fn generation_config_json_supplies_the_settings_flags_leave_out() {
+    let dir = temp_dir("generation-config");
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for entry in std::fs::read_dir(fixture("tiny-llama")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
+    }
+    let sampling = serde_json::json!({"bos_token_id": 1, "eos_token_id": 2,
+        "do_sample": true, "temperature": 1.5, "top_k": 40, "max_new_tokens": 9});
+    let config = write(&dir, "sampling.json", sampling.to_string());
+    std::fs::copy(&config, model.join("generation_config.json")).unwrap();
+    let run = |name: &str, model: &Path, extra: &[&str]| -> (Vec<String>, serde_json::Value) {
+        let out = dir.join(name);
+        let mut args = vec![
+            "evaluate",
+            "--model",
+            model.to_str().unwrap(),
+            "--test-path",
+        ];
+        let test = sample_test();
+        args.extend([test.as_str(), "--out-path", out.to_str().unwrap()]);
+        args.extend([
+            "--precision",
+            "f32",
+            "--device",
+            "cpu",
+            "--limit",
+            "3",
+            "--seed",
+            "3",
+        ]);
+        args.extend(extra);
+        let output = amthal(&args);
+        assert!(output.status.success(), "{name}: {}", stderr(&output));
+        let sidecar = std::fs::read_to_string(out.with_extension("json")).unwrap();
+        (generated(&out), serde_json::from_str(&sidecar).unwrap())
+    };
+    let (from_file, sidecar) = run("from-file.csv", &model, &[]);
+    assert_eq!(
+        sidecar["from_generation_config"],
+        serde_json::json!(["do_sample", "temperature", "top_k", "max_new_tokens"])
+    );
+    assert_eq!(sidecar["sampling"]["temperature"], 1.5);
+    assert_eq!(sidecar["sampling"]["top_k"], 40);
+    assert_eq!(sidecar["sampling"]["max_new_tokens"], 9);
+    // The same settings as flags on the fixture (whose file sets none of them).
+    let flags = [
+        "--temperature",
+        "1.5",
+        "--top-k",
+        "40",
+        "--max-new-tokens",
+        "9",
+    ];
+    let (as_flags, _) = run("flags.csv", &fixture("tiny-llama"), &flags);
+    assert_eq!(from_file, as_flags);
+    let (given_file, sidecar) = run(
+        "given-file.csv",
+        &fixture("tiny-llama"),
+        &["--generation-config", config.to_str().unwrap()],
+    );
+    assert_eq!(given_file, from_file);
+    assert_eq!(sidecar["generation_config"], config.display().to_string());
+    // Flags win over the file; `none` ignores it.
+    let (greedy, _) = run(
+        "greedy.csv",
+        &fixture("tiny-llama"),
+        &["--max-new-tokens", "9"],
+    );
+    let (flag_greedy, sidecar) = run("do-sample-false.csv", &model, &["--do-sample", "false"]);
+    assert_eq!(flag_greedy, greedy);
+    assert_eq!(
+        sidecar["from_generation_config"],
+        serde_json::json!(["max_new_tokens"])
+    );
+    let (ignored, sidecar) = run(
+        "none.csv",
+        &model,
+        &["--generation-config", "none", "--max-new-tokens", "9"],
+    );
+    assert_eq!(ignored, greedy);
+    assert_eq!(sidecar["generation_config"], serde_json::Value::Null);
+    assert_ne!(from_file, greedy, "sampling at T=1.5 differs from greedy");
+    // A file that asks for what HF refuses fails before any row is written.
+    std::fs::write(
+        model.join("generation_config.json"),
+        r#"{"do_sample": true, "temperature": 0}"#,
+    )
+    .unwrap();
+    let out = dir.join("refused.csv");
+    let output = amthal(&[
+        "evaluate",
+        "--model",
+        model.to_str().unwrap(),
+        "--test-path",
+        &sample_test(),
+        "--out-path",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("generation_config.json: temperature is 0"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(!out.exists());
+}

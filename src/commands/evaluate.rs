@@ -21,9 +21,8 @@ use crate::data::{Example, ReadOptions, References, read_examples};
 use crate::decode_step::DecodeMode;
 use crate::encode::Encoder;
 use crate::error::bad_input;
-use crate::generate::{
-    GenerationRequest, SamplingConfig, completion_text, generate_continuous, stop_ids,
-};
+use crate::generate::{GenerationRequest, completion_text, generate_continuous, stop_ids};
+use crate::generation_settings;
 use crate::memory::MemoryReport;
 use crate::predictions::{PredictionRow, read_predictions, write_predictions};
 use crate::prompt::PromptBuilder;
@@ -107,134 +106,11 @@ fn pick_shots(
         .collect())
 }
 
-/// The sampling temperature and top-k the flags ask for. HF's `--do-sample` takes
-/// GenerationConfig's defaults for what is not given, temperature 1 and top-k 50, and
-/// refuses a temperature of 0; `--do-sample false` decodes greedily whatever the
-/// temperature (with a warning, as HF warns). Without it a temperature above 0 samples
-/// and top-k is off unless given (amthal's own rule). Neither reads the sampling
-/// defaults a model's generation_config.json may hold, which HF's `generate` applies.
-fn effective_sampling(args: &EvaluateArgs) -> Result<(f64, usize)> {
-    let temperature = match (args.do_sample, args.temperature) {
-        (Some(true), None) => 1.0,
-        (Some(true), Some(t)) if t <= 0.0 => bail_input!(
-            "--do-sample with --temperature {t}: sampling needs a positive temperature (HF \
-             refuses it too); leave out --do-sample to decode greedily"
-        ),
-        (Some(false), Some(t)) if t > 0.0 => {
-            tracing::warn!("--do-sample false: decoding greedily, --temperature {t} is not used");
-            0.0
-        }
-        (Some(false), _) => 0.0,
-        (_, t) => t.unwrap_or(0.0),
-    };
-    let top_k = match (args.top_k, args.do_sample) {
-        (Some(k), _) => k,
-        (None, Some(true)) => 50,
-        (None, _) => 0,
-    };
-    Ok((temperature, top_k))
-}
-
-/// Beam-search flags that cannot work together, refused before loading anything.
-fn check_beam_flags(args: &EvaluateArgs, temperature: f64) -> Result<()> {
-    if args.num_beams == 0 {
-        bail_input!("--num-beams must be at least 1 (1: no beam search)");
-    }
-    if args.num_beams > 1 && temperature > 0.0 {
-        bail_input!(
-            "--num-beams {} with --temperature {temperature} (or --do-sample): beam sampling \
-             (HF's do_sample with num_beams) is not built; beam search is greedy, so leave out \
-             one of them",
-            args.num_beams,
-        );
-    }
-    if !args.length_penalty.is_finite() {
-        bail_input!("--length-penalty must be a number");
-    }
-    Ok(())
-}
-
-/// Sampling settings out of HF's ranges, refused before loading anything; set without
-/// --temperature (greedy), they are ignored with a warning, as HF warns.
-fn check_sampling_flags(args: &EvaluateArgs, temperature: f64) -> Result<()> {
-    if let Some(given) = args.temperature
-        && !(given >= 0.0 && given.is_finite())
-    {
-        bail_input!("--temperature must be 0 (greedy) or positive, not {given}");
-    }
-    let ranges: [(&str, Option<f64>, bool, &str); 6] = [
-        (
-            "--top-p",
-            Some(args.top_p),
-            (0.0..=1.0).contains(&args.top_p),
-            "in [0, 1]",
-        ),
-        (
-            "--min-p",
-            args.min_p,
-            args.min_p.is_none_or(|p| (0.0..=1.0).contains(&p)),
-            "in [0, 1]",
-        ),
-        (
-            "--typical-p",
-            Some(args.typical_p),
-            args.typical_p > 0.0 && args.typical_p <= 1.0,
-            "in (0, 1]",
-        ),
-        (
-            "--epsilon-cutoff",
-            Some(args.epsilon_cutoff),
-            (0.0..1.0).contains(&args.epsilon_cutoff),
-            "in [0, 1)",
-        ),
-        (
-            "--eta-cutoff",
-            Some(args.eta_cutoff),
-            (0.0..1.0).contains(&args.eta_cutoff),
-            "in [0, 1)",
-        ),
-        (
-            "--top-h",
-            args.top_h,
-            args.top_h.is_none_or(|h| h > 0.0 && h <= 1.0),
-            "in (0, 1]",
-        ),
-    ];
-    for (flag, value, valid, range) in ranges {
-        if let Some(value) = value
-            && !valid
-        {
-            bail_input!("{flag} must be {range}, not {value}");
-        }
-    }
-    if temperature == 0.0 {
-        let set: Vec<&str> = [
-            ("--top-p", args.top_p != 1.0),
-            ("--top-k", args.top_k.is_some_and(|k| k != 0)),
-            ("--min-p", args.min_p.is_some()),
-            ("--typical-p", args.typical_p != 1.0),
-            ("--epsilon-cutoff", args.epsilon_cutoff != 0.0),
-            ("--eta-cutoff", args.eta_cutoff != 0.0),
-            ("--top-h", args.top_h.is_some()),
-        ]
-        .into_iter()
-        .filter_map(|(flag, given)| given.then_some(flag))
-        .collect();
-        if !set.is_empty() {
-            tracing::warn!(
-                "{} only apply when sampling (--temperature above 0); decoding greedily \
-                 without them",
-                set.join(", ")
-            );
-        }
-    }
-    Ok(())
-}
-
 pub fn run(args: &EvaluateArgs) -> Result<()> {
-    let (temperature, top_k) = effective_sampling(args)?;
-    check_beam_flags(args, temperature)?;
-    check_sampling_flags(args, temperature)?;
+    // Flags (and a --generation-config FILE) are checked before anything is loaded; a
+    // model folder's own file is merged in once the model is found.
+    let given_file = args.generation.generation_config.file(None)?;
+    generation_settings::resolve(&args.generation, given_file.as_ref(), args.seed)?;
     let (model, adapter) = model_and_adapter(args)?;
     let test = read_examples(
         &args.test_path,
@@ -308,24 +184,24 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
         &loaded.model,
         model_dir,
     );
-    let sampling = SamplingConfig {
-        max_new_tokens: args.max_new_tokens,
-        min_new_tokens: args.min_new_tokens,
-        temperature,
-        top_p: args.top_p,
-        top_k,
-        min_p: args.min_p,
-        typical_p: args.typical_p,
-        epsilon_cutoff: args.epsilon_cutoff,
-        eta_cutoff: args.eta_cutoff,
-        top_h: args.top_h,
-        repetition_penalty: args.repetition_penalty,
-        no_repeat_ngram_size: args.no_repeat_ngram_size,
-        seed: args.seed,
-        num_beams: args.num_beams,
-        length_penalty: args.length_penalty,
-        early_stopping: args.early_stopping,
-    };
+    let generation_file = args.generation.generation_config.file(model_dir)?;
+    let generation =
+        generation_settings::resolve(&args.generation, generation_file.as_ref(), args.seed)?;
+    for warning in &generation.warnings {
+        tracing::warn!("{warning}");
+    }
+    if let Some(file) = generation_file
+        .as_ref()
+        .filter(|_| !generation.from_file.is_empty())
+    {
+        eprintln!(
+            "evaluate: from {} (as HF's generate; flags override it, --generation-config none \
+             ignores it): {}",
+            file.path.display(),
+            generation.from_file.join(", ")
+        );
+    }
+    let sampling = generation.sampling;
     let mut sidecar = json!({
         "predictions": out.display().to_string(),
         "test_path": args.test_path.display().to_string(),
@@ -339,6 +215,8 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
         "shots_from": args.shots_from.as_ref().map(|p| p.display().to_string()),
         "shots_seed": args.shots_seed.unwrap_or(args.seed),
         "sampling": sampling,
+        "generation_config": generation_file.as_ref().map(|f| f.path.display().to_string()),
+        "from_generation_config": generation.from_file,
         "batch_size": match args.batch_size {
             crate::generate::BatchSize::Auto => json!("auto"),
             crate::generate::BatchSize::Fixed(n) => json!(n),
