@@ -17,6 +17,7 @@ fn main() {
     // Before anything can ask libtorch about CUDA (see amthal::cuda): loads
     // libtorch_cuda.so when an NVIDIA driver is present, costs a stat() otherwise.
     amthal::cuda::init();
+    amthal::device::init_threads();
     if let Err(error) = amthal::commands::run(cli) {
         eprintln!("error: {error:#}");
         std::process::exit(amthal::error::exit_code(&error));
