@@ -862,6 +862,7 @@ fn llama_cpp_applies_an_exported_lora_adapter_as_amthal() {
     for (adapter, quant, expected) in [
         ("tiny-llama-dora", "f16", "DoRA"),
         ("tiny-llama-adapter", "q4_k_m", "f32, f16 or bf16"),
+        ("tiny-llama-saved-both", "f16", "modules_to_save"),
     ] {
         let out = dir.join("refused.gguf");
         let output = amthal(&[

@@ -903,8 +903,8 @@ fn peft_adapters_with_patterns_and_chosen_layers_give_pefts_logits() {
     for (key, value, expected) in [
         (
             "modules_to_save",
-            serde_json::json!(["lm_head"]),
-            "'modules_to_save'",
+            serde_json::json!(["lm_head", "model.norm"]),
+            "modules_to_save entry \"model.norm\" is not supported",
         ),
         (
             "init_lora_weights",
@@ -928,5 +928,47 @@ fn peft_adapters_with_patterns_and_chosen_layers_give_pefts_logits() {
         std::fs::write(copy.join("adapter_config.json"), config.to_string()).unwrap();
         let error = format!("{:#}", load_adapter(&mut load_tiny(), &copy).unwrap_err());
         assert!(error.contains(expected), "{key}: {error}");
+    }
+}
+
+/// PEFT adapters with `modules_to_save` (full copies of embed_tokens and lm_head beside
+/// the factors; fixtures and logits from scripts/golden/make_modules_to_save_golden.py)
+/// give PEFT's logits: on the tied tiny Llama a saved embed_tokens changes the
+/// embeddings only, as in PEFT. Merged into an HF folder, they load back untied with
+/// the same logits.
+#[test]
+fn peft_adapters_with_saved_embeddings_and_head_give_pefts_logits() {
+    let golden = golden_tensors("tiny_llama_saved_modules.safetensors");
+    let dir = temp_dir("saved-modules");
+    for name in ["both", "embed"] {
+        let mut model = load_tiny();
+        let base_embed = model.embed_tokens.copy();
+        load_adapter(&mut model, &fixture(&format!("tiny-llama-saved-{name}"))).unwrap();
+        assert_matches_golden(&model, &golden[name], 1e-4);
+        assert!(!model.config.tie_word_embeddings);
+        let head = model.lm_head.as_ref().expect("untied");
+        assert_eq!(head.equal(&base_embed), name == "embed", "{name}");
+        assert!(!model.embed_tokens.equal(&base_embed));
+        // `amthal merge` writes both matrices and tie_word_embeddings false.
+        let merged = dir.join(name);
+        let output = amthal(&[
+            "merge",
+            "--model",
+            fixture("tiny-llama").to_str().unwrap(),
+            "--adapter",
+            fixture(&format!("tiny-llama-saved-{name}"))
+                .to_str()
+                .unwrap(),
+            "--output-dir",
+            merged.to_str().unwrap(),
+            "--precision",
+            "f32",
+            "--device",
+            "cpu",
+        ]);
+        assert!(output.status.success(), "{}", stderr(&output));
+        let reloaded = load_llama(&ModelSource::HfFolder(merged), LoadOptions::default()).unwrap();
+        assert!(reloaded.lm_head.is_some());
+        assert_matches_golden(&reloaded, &golden[name], 1e-4);
     }
 }

@@ -1539,10 +1539,15 @@ fn adapter_dir_continues_training_a_peft_adapter() {
     );
 
     let with_patterns = fixture("tiny-llama-patterns");
+    let with_saved_modules = fixture("tiny-llama-saved-both");
     for (extra, expected) in [
         (
             vec!["--adapter-dir", with_patterns.to_str().unwrap()],
             "rank_pattern",
+        ),
+        (
+            vec!["--adapter-dir", with_saved_modules.to_str().unwrap()],
+            "modules_to_save",
         ),
         (
             vec![

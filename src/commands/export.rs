@@ -105,6 +105,16 @@ fn export_adapter(args: &ExportArgs) -> Result<()> {
             "--imatrix-data quantizes a model's weights; an adapter is written unquantized"
         );
     }
+    let saved = crate::model::lora::saved_modules(adapter)?;
+    if !saved.is_empty() {
+        bail_input!(
+            "{}: the adapter carries full copies of {} (modules_to_save), which a llama.cpp \
+             LoRA file cannot hold; export the model with it folded in (--format gguf \
+             --adapter DIR)",
+            adapter.display(),
+            saved.join(" and ")
+        );
+    }
     let loaded = load_model(
         args.model.model.as_deref(),
         Some(adapter),

@@ -411,10 +411,25 @@ pub fn read_adapter_config(dir: &Path) -> Result<(LoraConfig, String, Patterns)>
     }
     // layers_to_transform (and layers_pattern) only leave some layers without an
     // adapter: the file then holds no tensors for them, and loading follows the file.
-    for key in ["modules_to_save", "layer_replication"] {
-        if field(key).is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty())) {
-            return Err(fail(format!("'{key}' is not supported")));
+    if field("layer_replication").is_some_and(|v| v.as_array().is_none_or(|a| !a.is_empty())) {
+        return Err(fail("'layer_replication' is not supported".into()));
+    }
+    // modules_to_save: full copies of embed_tokens / lm_head load (`load_saved_modules`);
+    // of other modules (a norm, a projection) they do not.
+    match field("modules_to_save") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(modules)) => {
+            for module in modules {
+                if !module.as_str().is_some_and(|m| SAVED_MODULES.contains(&m)) {
+                    return Err(fail(format!(
+                        "modules_to_save entry {module} is not supported: amthal loads full \
+                         copies of {} only",
+                        SAVED_MODULES.join(" and ")
+                    )));
+                }
+            }
         }
+        Some(other) => return Err(fail(format!("modules_to_save = {other} is not a list"))),
     }
     let patterns = Patterns::from_config_text(&text, &path.display().to_string())?;
     let r = field("r")
@@ -576,6 +591,7 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
             used += 2;
         }
     }
+    used += load_saved_modules(model, &source, &weights_path)?;
     let total = source.names().count();
     if used != total {
         let layer_count = model.layers.len();
@@ -606,6 +622,74 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
         bail_input!("{}: no LoRA tensors found", weights_path.display());
     }
     Ok(config)
+}
+
+/// The modules whose full trained copies an adapter may carry (PEFT's
+/// `modules_to_save`; axolotl's `lora_modules_to_save`, used when tokens were added or
+/// the head retrained).
+pub const SAVED_MODULES: [&str; 2] = ["embed_tokens", "lm_head"];
+
+/// The `modules_to_save` an adapter folder's config lists (empty when none).
+pub fn saved_modules(dir: &Path) -> Result<Vec<String>> {
+    let path = dir.join(ADAPTER_CONFIG);
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| bad_input(format!("{}: {e}", path.display())))?;
+    let raw: Value = serde_json::from_str(&text)
+        .map_err(|e| bad_input(format!("{}: invalid JSON: {e}", path.display())))?;
+    Ok(raw["modules_to_save"]
+        .as_array()
+        .map(|modules| {
+            modules
+                .iter()
+                .filter_map(|m| m.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// PEFT's `modules_to_save`: the adapter's copies of embed_tokens and lm_head replace
+/// the base's (frozen, in the model's dtype). Returns how many tensors it took. With
+/// tied embeddings PEFT (0.21, without `ensure_weight_tying`) gives each copy its own
+/// weight: the head keeps reading the original matrix when only embed_tokens was saved,
+/// so the model is untied (checked against PEFT's logits in tests/model_layer.rs).
+fn load_saved_modules(model: &mut Llama, source: &SafetensorsSource, path: &Path) -> Result<usize> {
+    let find = |module: &str| {
+        [
+            format!("base_model.model.{module}.weight"),
+            format!("base_model.model.{module}.modules_to_save.default.weight"),
+        ]
+        .into_iter()
+        .find(|name| source.shape(name).is_some())
+    };
+    let (embed, head) = (find("model.embed_tokens"), find("lm_head"));
+    if embed.is_none() && head.is_none() {
+        return Ok(0);
+    }
+    let expected = model.embed_tokens.size();
+    let load = |name: &str| -> Result<Tensor> {
+        let found = source.shape(name).unwrap_or_default();
+        if found != expected {
+            bail_input!(
+                "{}: {name} has shape {found:?} but this base model's is {expected:?} (an \
+                 adapter for a resized vocabulary, or for another base model?)",
+                path.display()
+            );
+        }
+        Ok(source
+            .load(name, model.kind, model.device)?
+            .expect("present"))
+    };
+    let original_embed = model.embed_tokens.shallow_clone();
+    if let Some(name) = &embed {
+        model.embed_tokens = load(name)?;
+    }
+    match &head {
+        Some(name) => model.lm_head = Some(load(name)?),
+        None if model.lm_head.is_none() => model.lm_head = Some(original_embed),
+        None => {}
+    }
+    model.config.tie_word_embeddings = false;
+    Ok(usize::from(embed.is_some()) + usize::from(head.is_some()))
 }
 
 /// Folds every adapter into its base weight (W + scaling B A) and removes the adapters.

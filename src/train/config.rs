@@ -296,6 +296,9 @@ impl TrainConfig {
             .as_array()
             .is_some_and(|layers| !layers.is_empty())
             || raw["layers_to_transform"].is_number();
+        let saved_modules = raw["modules_to_save"]
+            .as_array()
+            .is_some_and(|modules| !modules.is_empty());
         let mica = raw["init_lora_weights"]
             .as_str()
             .is_some_and(|init| init.eq_ignore_ascii_case("mica"));
@@ -305,6 +308,8 @@ impl TrainConfig {
             Some("a target_modules regular expression (amthal saves a list of projections)")
         } else if chosen_layers {
             Some("layers_to_transform (amthal saves adapters for every layer)")
+        } else if saved_modules {
+            Some("modules_to_save (training full copies of embed_tokens / lm_head is not built)")
         } else if mica {
             Some("MiCA's init_lora_weights (PEFT trains its A only)")
         } else {
