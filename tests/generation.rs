@@ -929,6 +929,47 @@ fn generation_config_json_supplies_the_settings_flags_leave_out() {
     assert_eq!(ignored, greedy);
     assert_eq!(sidecar["generation_config"], serde_json::Value::Null);
     assert_ne!(from_file, greedy, "sampling at T=1.5 differs from greedy");
+    // A model merged from it keeps the file (as save_pretrained keeps
+    // model.generation_config), so it generates as the base + adapter did.
+    let merged = dir.join("merged");
+    let output = amthal(&[
+        "merge",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        fixture("tiny-llama-adapter").to_str().unwrap(),
+        "--output-dir",
+        merged.to_str().unwrap(),
+        "--precision",
+        "f32",
+        "--device",
+        "cpu",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let kept: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(merged.join("generation_config.json")).unwrap(),
+    )
+    .unwrap();
+    for key in [
+        "do_sample",
+        "temperature",
+        "top_k",
+        "max_new_tokens",
+        "eos_token_id",
+    ] {
+        assert_eq!(kept[key], sampling[key], "{key}: {kept}");
+    }
+    let (adapted, _) = run(
+        "adapted.csv",
+        &model,
+        &[
+            "--adapter-dir",
+            fixture("tiny-llama-adapter").to_str().unwrap(),
+        ],
+    );
+    let (merged_texts, sidecar) = run("merged.csv", &merged, &[]);
+    assert_eq!(sidecar["sampling"]["temperature"], 1.5);
+    assert_eq!(merged_texts, adapted);
     // A file that asks for what HF refuses fails before any row is written.
     std::fs::write(
         model.join("generation_config.json"),

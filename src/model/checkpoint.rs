@@ -59,14 +59,29 @@ pub fn write_hf_files(
         serde_json::to_string_pretty(&config)?.as_bytes(),
     )?;
     write_weights(model, dir, max_shard_bytes)?;
-    let generation = json!({
-        "bos_token_id": model.config.bos_token_ids.first(),
-        "eos_token_id": match model.config.eos_token_ids.as_slice() {
-            [one] => json!(one),
-            many => json!(many),
-        },
-        "pad_token_id": model.config.pad_token_id,
-    });
+    // The source folder's generation_config.json, as HF's save_pretrained keeps
+    // model.generation_config; the stop ids from config.json where it has none.
+    let mut generation = model
+        .config
+        .generation_config
+        .clone()
+        .unwrap_or_else(|| json!({}));
+    let ids = [
+        ("bos_token_id", json!(model.config.bos_token_ids.first())),
+        (
+            "eos_token_id",
+            match model.config.eos_token_ids.as_slice() {
+                [one] => json!(one),
+                many => json!(many),
+            },
+        ),
+        ("pad_token_id", json!(model.config.pad_token_id)),
+    ];
+    for (key, value) in ids {
+        if generation.get(key).is_none_or(serde_json::Value::is_null) {
+            generation[key] = value;
+        }
+    }
     write_file(
         &dir.join("generation_config.json"),
         serde_json::to_string_pretty(&generation)?.as_bytes(),

@@ -60,6 +60,11 @@ pub struct LlamaConfig {
     pub bos_token_ids: Vec<u32>,
     pub eos_token_ids: Vec<u32>,
     pub pad_token_id: Option<u32>,
+    /// The folder's generation_config.json as read (an object), so that a merged or
+    /// fully fine-tuned model written from it keeps the generation defaults (sampling
+    /// settings, stop ids) HF's `save_pretrained` keeps; `evaluate` reads them
+    /// (`generation_settings.rs`). None for GGUF files and folders without one.
+    pub generation_config: Option<Value>,
 }
 
 impl LlamaConfig {
@@ -161,6 +166,7 @@ impl LlamaConfig {
             bos_token_ids: token_ids(json.get("bos_token_id")),
             eos_token_ids: token_ids(json.get("eos_token_id")),
             pad_token_id: token_ids(json.get("pad_token_id")).first().copied(),
+            generation_config: None,
         }
         .validated()
     }
@@ -248,6 +254,7 @@ impl LlamaConfig {
             bos_token_ids: id("tokenizer.ggml.bos_token_id").into_iter().collect(),
             eos_token_ids: id("tokenizer.ggml.eos_token_id").into_iter().collect(),
             pad_token_id: id("tokenizer.ggml.padding_token_id"),
+            generation_config: None,
         }
         .validated()
     }

@@ -120,7 +120,12 @@ pub fn open_model(source: &ModelSource) -> Result<(LlamaConfig, WeightSource)> {
             if !config_path.is_file() {
                 bail_input!("{}: no config.json", dir.display());
             }
-            let config = LlamaConfig::from_hf_file(&config_path)?;
+            let mut config = LlamaConfig::from_hf_file(&config_path)?;
+            // Kept to be written back (an unreadable one is `evaluate`'s to refuse).
+            config.generation_config = std::fs::read_to_string(dir.join("generation_config.json"))
+                .ok()
+                .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+                .filter(serde_json::Value::is_object);
             let weights = SafetensorsSource::open_folder(dir)?;
             Ok((config, WeightSource::Safetensors(weights)))
         }
