@@ -674,14 +674,10 @@ pub struct TrainArgs {
     pub label_smoothing_factor: Option<f64>,
     /// How the LoRA adapter starts (PEFT's init_lora_weights): true (A kaiming-uniform,
     /// B zeros), gaussian, pissa (the weight's top singular directions; the base keeps
-    /// the rest), olora (QR); pissa and olora adapters are saved converted for the
+    /// the rest), pissa_niter_K (the same from a randomised SVD with K iterations: fast
+    /// on a 7B), olora (QR); pissa and olora adapters are saved converted for the
     /// original base (rank 2r, as PEFT converts them).
-    #[arg(
-        long,
-        visible_alias = "init_lora_weights",
-        value_enum,
-        value_name = "INIT"
-    )]
+    #[arg(long, visible_alias = "init_lora_weights", value_name = "INIT")]
     pub init_lora_weights: Option<crate::model::lora_init::LoraInit>,
     /// Train on the prompt's tokens too, not only the answer's (axolotl's
     /// train_on_inputs; TRL's completion_only_loss = false); the eval loss counts them too.

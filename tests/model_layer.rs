@@ -972,3 +972,44 @@ fn peft_adapters_with_saved_embeddings_and_head_give_pefts_logits() {
         assert_matches_golden(&reloaded, &golden[name], 1e-4);
     }
 }
+
+/// `--init-lora-weights pissa_niter_K` (goldens from
+/// scripts/golden/make_pissa_niter_golden.py): from the random start torch drew for a
+/// projection, amthal's randomised SVD makes PEFT's factors, for K = 0, 2 and 4 and every
+/// projection shape of the tiny Llama (wide k/v, tall gate/up, square q/o).
+#[test]
+fn pissa_niter_starts_as_peft_from_the_same_random_start() {
+    let golden = golden_tensors("tiny_llama_pissa_niter.safetensors");
+    let model = load_tiny();
+    let layer = &model.layers[0];
+    let mut compared = 0;
+    for iterations in [0u32, 2, 4] {
+        for (path, linear) in layer.linears() {
+            let key = format!("{iterations}.{path}");
+            let weight = linear.weight.expect_dense();
+            let (a, b) = amthal::model::lora_init::lowrank_factors(
+                weight,
+                &golden[&format!("{key}.start")],
+                iterations,
+                2.0,
+            );
+            let (want_a, want_b) = (
+                &golden[&format!("{key}.lora_A")],
+                &golden[&format!("{key}.lora_B")],
+            );
+            assert_eq!(a.size(), want_a.size(), "{key}");
+            assert!(
+                max_abs_diff(&a, want_a) < 1e-5,
+                "{key} A: {}",
+                max_abs_diff(&a, want_a)
+            );
+            assert!(
+                max_abs_diff(&b, want_b) < 1e-5,
+                "{key} B: {}",
+                max_abs_diff(&b, want_b)
+            );
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, 21);
+}

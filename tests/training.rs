@@ -1275,7 +1275,7 @@ fn train_on_inputs_trains_the_prompt_tokens() {
 fn pissa_and_olora_adapters_are_saved_for_the_original_base_and_resume() {
     let dir = temp_dir("pissa-train");
     let validation = repo_root().join("examples/data/Validation_data.csv");
-    for init in ["pissa", "olora"] {
+    for init in ["pissa", "olora", "pissa_niter_2"] {
         let settings = [
             "--lora-r",
             "4",

@@ -153,14 +153,14 @@ fn attach(
                     bail_input!(
                         "--init-lora-weights {} changes the base weights, which a quantized \
                          base cannot hold: leave out --quantize",
-                        config.init.name()
+                        config.init
                     );
                 };
                 if config.r > out.min(inp) {
                     bail_input!(
                         "--init-lora-weights {} takes r directions of {path} ({out} x {inp}); \
                          r = {} is more than it has",
-                        config.init.name(),
+                        config.init,
                         config.r
                     );
                 }
@@ -178,7 +178,7 @@ fn attach(
                                 found => bail_input!(
                                     "checkpoint adapter: {name} has shape {found:?}, a converted \
                                      {} adapter of r = {} needs {shape:?}",
-                                    config.init.name(),
+                                    config.init,
                                     config.r
                                 ),
                             }

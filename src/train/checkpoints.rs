@@ -164,8 +164,8 @@ pub fn check_resumable(saved: &TrainConfig, now: &TrainConfig) -> Result<()> {
         ("adam betas and epsilon", adam(saved), adam(now)),
         (
             "init_lora_weights",
-            saved.init_lora_weights.name().to_string(),
-            now.init_lora_weights.name().to_string(),
+            saved.init_lora_weights.to_string(),
+            now.init_lora_weights.to_string(),
         ),
         (
             "train_on_inputs",

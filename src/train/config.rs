@@ -482,11 +482,11 @@ impl TrainConfig {
                 bail_input!(
                     "--adapter-dir continues an adapter that is already trained; \
                      --init-lora-weights {} starts a new one: leave out one of them",
-                    self.init_lora_weights.name()
+                    self.init_lora_weights
                 );
             }
         }
-        let init = self.init_lora_weights.name();
+        let init = self.init_lora_weights;
         if self.init_lora_weights != crate::model::lora_init::LoraInit::Default && !self.lora {
             bail_input!("--init-lora-weights {init} starts a LoRA adapter: add --lora");
         }
