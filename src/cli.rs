@@ -237,7 +237,8 @@ pub struct GenerationArgs {
     /// Suppress end tokens until N tokens were generated (benchmarks force a length).
     #[arg(long, visible_alias = "min_new_tokens", value_name = "N")]
     pub min_new_tokens: Option<usize>,
-    /// 0 = greedy decoding (the default; with --do-sample, 1).
+    /// 0 = greedy decoding (the default, unless the model's generation_config.json
+    /// samples; with --do-sample, its temperature or 1).
     #[arg(long)]
     pub temperature: Option<f64>,
     /// HF's do_sample: sample, with HF's defaults for what is not given (temperature 1,
@@ -254,7 +255,8 @@ pub struct GenerationArgs {
     /// Sampling: nucleus sampling's mass (HF's top_p; 1 = off).
     #[arg(long, visible_alias = "top_p", value_name = "P")]
     pub top_p: Option<f64>,
-    /// Keep the K most probable tokens (default: off; with --do-sample, HF's 50).
+    /// Keep the K most probable tokens (default: off; with --do-sample, the model's
+    /// top_k or HF's 50).
     #[arg(long, visible_alias = "top_k", value_name = "K")]
     pub top_k: Option<usize>,
     /// Sampling: drop tokens less probable than P x the most probable one (HF's min_p;

@@ -111,10 +111,10 @@ pub fn kind_name(kind: Kind) -> &'static str {
     }
 }
 
-/// Sets libtorch's intra-op thread count to what it already is, as `import torch` does
-/// (`at::init_num_threads`) and a C++ program such as amthal otherwise never does; the
-/// call also turns off MKL's dynamic threading (`mkl_set_dynamic(false)`), so CPU
-/// products run as under PyTorch. Measured on a 2-core Xeon (2026-12-07): without it,
+/// Sets libtorch's intra-op thread count to what it already is, as
+/// `torch.set_num_threads(torch.get_num_threads())` would: the call also turns off
+/// MKL's dynamic threading (`mkl_set_dynamic(false)`), so MKL uses the same number of
+/// threads in every product. Measured on a 2-core Xeon (2026-12-07): without it,
 /// 7 of 300 processes computed their first LoRA backward pass with other rounding than
 /// the rest; with it, 0 of 300. (The OLoRA runs' remaining per-process differences,
 /// README "Training", are another matter, not yet found.)

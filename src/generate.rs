@@ -113,20 +113,18 @@ impl SamplingConfig {
 }
 
 /// Ids that end an answer: the prompt format's end token, the tokenizer's EOS, the
-/// config's EOS ids and, for HF folders, generation_config.json's.
+/// config's EOS ids and the generation config's (`generation`: a generation_config.json
+/// as read, the one `evaluate --generation-config` chose).
 pub fn stop_ids(
     end_id: u32,
     tokenizer: &ModelTokenizer,
     model: &Llama,
-    model_dir: Option<&std::path::Path>,
+    generation: Option<&serde_json::Value>,
 ) -> Vec<u32> {
     let mut ids = vec![end_id];
     ids.extend(tokenizer.eos.as_ref().map(|t| t.id));
     ids.extend(model.config.eos_token_ids.iter().copied());
-    let generation = model_dir
-        .and_then(|dir| std::fs::read_to_string(dir.join("generation_config.json")).ok())
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
-    match generation.as_ref().and_then(|g| g.get("eos_token_id")) {
+    match generation.and_then(|g| g.get("eos_token_id")) {
         Some(serde_json::Value::Number(n)) => ids.extend(n.as_u64().map(|v| v as u32)),
         Some(serde_json::Value::Array(items)) => {
             ids.extend(items.iter().filter_map(|v| v.as_u64().map(|v| v as u32)))

@@ -94,6 +94,8 @@ pub enum EarlyStoppingValue {
 pub struct GenerationConfigFile {
     pub path: PathBuf,
     pub values: GenerationConfigValues,
+    /// The whole file (its stop ids, and what amthal does not use).
+    pub raw: serde_json::Value,
 }
 
 impl GenerationConfigFile {
@@ -128,6 +130,7 @@ impl GenerationConfigFile {
         Ok(GenerationConfigFile {
             path: path.to_path_buf(),
             values,
+            raw: json,
         })
     }
 }
@@ -239,9 +242,10 @@ pub fn resolve(
             1.0,
         );
         if !(t > 0.0 && t.is_finite()) {
-            let hint = match origin {
-                Origin::Flag(_) => "leave out --do-sample to decode greedily",
-                _ => "give --do-sample false to decode greedily",
+            let hint = match (origin, flags.do_sample) {
+                (Origin::Flag(_), _) => "leave out --do-sample to decode greedily",
+                (_, Some(true)) => "give --temperature T above 0 to sample",
+                _ => "give --do-sample false to decode greedily, or --temperature T above 0",
             };
             bail_input!(
                 "{} is {t} while sampling: sampling needs a positive temperature (HF refuses \
@@ -434,6 +438,16 @@ pub fn resolve(
         "min_new_tokens",
         0,
     );
+    if let Some(file) = file {
+        let unused = unused_keys(&file.raw);
+        if !unused.is_empty() {
+            warnings.push(format!(
+                "{}: {} set, which HF's generate would apply and amthal does not",
+                file.path.display(),
+                unused.join(", ")
+            ));
+        }
+    }
     Ok(ResolvedGeneration {
         sampling: SamplingConfig {
             max_new_tokens,
@@ -456,4 +470,54 @@ pub fn resolve(
         from_file: picker.from_file,
         warnings,
     })
+}
+
+/// Keys of a generation_config.json that change HF's output, set to other than their
+/// default, which amthal does not implement (`max_length` is left out on purpose: see
+/// the module's comment).
+pub fn unused_keys(raw: &serde_json::Value) -> Vec<&'static str> {
+    use serde_json::Value;
+    let set = |key: &str, default: &dyn Fn(&Value) -> bool| {
+        raw.get(key).is_some_and(|v| !v.is_null() && !default(v))
+    };
+    let number = |n: f64| move |v: &Value| v.as_f64() == Some(n);
+    let empty = |v: &Value| v.as_array().is_some_and(Vec::is_empty);
+    [
+        ("min_length", set("min_length", &number(0.0))),
+        ("bad_words_ids", set("bad_words_ids", &empty)),
+        ("suppress_tokens", set("suppress_tokens", &empty)),
+        (
+            "begin_suppress_tokens",
+            set("begin_suppress_tokens", &empty),
+        ),
+        (
+            "forced_bos_token_id",
+            set("forced_bos_token_id", &|_| false),
+        ),
+        (
+            "forced_eos_token_id",
+            set("forced_eos_token_id", &|_| false),
+        ),
+        ("sequence_bias", set("sequence_bias", &|_| false)),
+        (
+            "exponential_decay_length_penalty",
+            set("exponential_decay_length_penalty", &|_| false),
+        ),
+        (
+            "renormalize_logits",
+            set("renormalize_logits", &|v| v == &Value::Bool(false)),
+        ),
+        ("penalty_alpha", set("penalty_alpha", &number(0.0))),
+        ("num_beam_groups", set("num_beam_groups", &number(1.0))),
+        ("diversity_penalty", set("diversity_penalty", &number(0.0))),
+        ("stop_strings", set("stop_strings", &empty)),
+        ("guidance_scale", set("guidance_scale", &number(1.0))),
+        (
+            "num_return_sequences",
+            set("num_return_sequences", &number(1.0)),
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(key, differs)| differs.then_some(key))
+    .collect()
 }

@@ -224,4 +224,17 @@ fn what_hf_refuses_or_amthal_does_not_build_is_refused_naming_its_origin() {
         &GenerationArgs::default(),
     );
     assert!(unused.sampling.is_greedy());
+    // Keys HF applies and amthal does not are named in a warning, unless at their default.
+    let other = resolve_with_file(
+        &dir,
+        &serde_json::json!({"num_return_sequences": 1, "min_length": 5, "bad_words_ids": [[3]],
+            "suppress_tokens": [], "max_length": 4096}),
+        &GenerationArgs::default(),
+    );
+    assert_eq!(other.warnings.len(), 1, "{:?}", other.warnings);
+    assert!(
+        other.warnings[0].contains("min_length, bad_words_ids set"),
+        "{:?}",
+        other.warnings
+    );
 }

@@ -971,6 +971,60 @@ fn peft_adapters_with_saved_embeddings_and_head_give_pefts_logits() {
         assert!(reloaded.lm_head.is_some());
         assert_matches_golden(&reloaded, &golden[name], 1e-4);
     }
+    // Variants of the embed-only adapter's config: with PEFT's ensure_weight_tying the
+    // one saved matrix serves both ends (the model stays tied); a listed module the file
+    // lacks is refused; a copy the config does not list (save_embedding_layers) loads.
+    let source = fixture("tiny-llama-saved-embed");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(source.join("adapter_config.json")).unwrap())
+            .unwrap();
+    let variant = |name: &str, change: &dyn Fn(&mut serde_json::Value)| -> PathBuf {
+        let copy = dir.join(name);
+        std::fs::create_dir_all(&copy).unwrap();
+        std::fs::copy(
+            source.join("adapter_model.safetensors"),
+            copy.join("adapter_model.safetensors"),
+        )
+        .unwrap();
+        let mut changed = config.clone();
+        change(&mut changed);
+        std::fs::write(copy.join("adapter_config.json"), changed.to_string()).unwrap();
+        copy
+    };
+    let tied = variant("tied", &|c| {
+        c["ensure_weight_tying"] = serde_json::json!(true)
+    });
+    let mut model = load_tiny();
+    load_adapter(&mut model, &tied).unwrap();
+    assert!(model.lm_head.is_none() && model.config.tie_word_embeddings);
+    let saved = Tensor::read_safetensors(tied.join("adapter_model.safetensors"))
+        .unwrap()
+        .into_iter()
+        .find(|(name, _)| name.contains("embed_tokens"))
+        .unwrap()
+        .1;
+    assert!(model.embed_tokens.equal(&saved));
+    let missing = variant("missing", &|c| {
+        c["modules_to_save"] = serde_json::json!(["embed_tokens", "lm_head"])
+    });
+    let error = format!(
+        "{:#}",
+        load_adapter(&mut load_tiny(), &missing).unwrap_err()
+    );
+    assert!(
+        error.contains("lists lm_head but the file has no tensor"),
+        "{error}"
+    );
+    let unlisted = variant("unlisted", &|c| {
+        c["modules_to_save"] = serde_json::Value::Null
+    });
+    assert_eq!(
+        amthal::model::lora::saved_modules(&unlisted).unwrap(),
+        ["embed_tokens"]
+    );
+    let mut model = load_tiny();
+    load_adapter(&mut model, &unlisted).unwrap();
+    assert_matches_golden(&model, &golden["embed"], 1e-4);
 }
 
 /// `--init-lora-weights pissa_niter_K` (goldens from

@@ -102,6 +102,10 @@ pub fn run(args: &DemoArgs) -> Result<()> {
             args.max_new_tokens.to_string(),
             "--no-repeat-ngram-size".into(),
             args.no_repeat_ngram_size.to_string(),
+            // Greedy whatever a --model folder's generation_config.json says, so the
+            // zero-shot and fine-tuned columns compare like with like.
+            "--do-sample".into(),
+            "false".into(),
             "--overwrite".into(),
         ]);
         words.extend(args.data_options.to_words());

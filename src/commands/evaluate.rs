@@ -107,11 +107,19 @@ fn pick_shots(
 }
 
 pub fn run(args: &EvaluateArgs) -> Result<()> {
-    // Flags (and a --generation-config FILE) are checked before anything is loaded; a
-    // model folder's own file is merged in once the model is found.
-    let given_file = args.generation.generation_config.file(None)?;
-    generation_settings::resolve(&args.generation, given_file.as_ref(), args.seed)?;
+    // The settings (flags over the chosen generation_config.json) are settled before
+    // anything is loaded, so a bad flag or file fails at once, not after a 7B load.
     let (model, adapter) = model_and_adapter(args)?;
+    let model_dir = match crate::model_source::ModelSource::resolve(model.as_deref())? {
+        crate::model_source::ModelSource::HfFolder(dir) => Some(dir),
+        crate::model_source::ModelSource::Gguf(_) => None,
+    };
+    let generation_file = args
+        .generation
+        .generation_config
+        .file(model_dir.as_deref())?;
+    let generation =
+        generation_settings::resolve(&args.generation, generation_file.as_ref(), args.seed)?;
     let test = read_examples(
         &args.test_path,
         References::Optional,
@@ -174,19 +182,12 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
         (None, count) if count > 0 => bail_input!("--shots {count} needs --shots-from FILE"),
         _ => Vec::new(),
     };
-    let model_dir = match &loaded.source {
-        crate::model_source::ModelSource::HfFolder(dir) => Some(dir.as_path()),
-        crate::model_source::ModelSource::Gguf(_) => None,
-    };
     let stops = stop_ids(
         encoder.end_id(),
         &loaded.tokenizer,
         &loaded.model,
-        model_dir,
+        generation_file.as_ref().map(|file| &file.raw),
     );
-    let generation_file = args.generation.generation_config.file(model_dir)?;
-    let generation =
-        generation_settings::resolve(&args.generation, generation_file.as_ref(), args.seed)?;
     for warning in &generation.warnings {
         tracing::warn!("{warning}");
     }

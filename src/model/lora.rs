@@ -417,10 +417,15 @@ pub fn read_adapter_config(dir: &Path) -> Result<(LoraConfig, String, Patterns)>
     // modules_to_save: full copies of embed_tokens / lm_head load (`load_saved_modules`);
     // of other modules (a norm, a projection) they do not.
     match field("modules_to_save") {
-        None | Some(Value::Null) => {}
+        None => {}
         Some(Value::Array(modules)) => {
             for module in modules {
-                if !module.as_str().is_some_and(|m| SAVED_MODULES.contains(&m)) {
+                // PEFT matches by suffix: "model.embed_tokens" is embed_tokens.
+                if !module
+                    .as_str()
+                    .and_then(|m| m.rsplit('.').next())
+                    .is_some_and(|m| SAVED_MODULES.contains(&m))
+                {
                     return Err(fail(format!(
                         "modules_to_save entry {module} is not supported: amthal loads full \
                          copies of {} only",
@@ -591,7 +596,8 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
             used += 2;
         }
     }
-    used += load_saved_modules(model, &source, &weights_path)?;
+    let (listed, ensure_weight_tying) = saved_module_settings(dir)?;
+    used += load_saved_modules(model, &source, &weights_path, &listed, ensure_weight_tying)?;
     let total = source.names().count();
     if used != total {
         let layer_count = model.layers.len();
@@ -629,39 +635,87 @@ pub fn load_adapter(model: &mut Llama, dir: &Path) -> Result<LoraConfig> {
 /// the head retrained).
 pub const SAVED_MODULES: [&str; 2] = ["embed_tokens", "lm_head"];
 
-/// The `modules_to_save` an adapter folder's config lists (empty when none).
-pub fn saved_modules(dir: &Path) -> Result<Vec<String>> {
+/// The config's `modules_to_save` (last name components) and `ensure_weight_tying`.
+fn saved_module_settings(dir: &Path) -> Result<(Vec<String>, bool)> {
     let path = dir.join(ADAPTER_CONFIG);
     let text = std::fs::read_to_string(&path)
         .map_err(|e| bad_input(format!("{}: {e}", path.display())))?;
     let raw: Value = serde_json::from_str(&text)
         .map_err(|e| bad_input(format!("{}: invalid JSON: {e}", path.display())))?;
-    Ok(raw["modules_to_save"]
+    let listed = raw["modules_to_save"]
         .as_array()
         .map(|modules| {
             modules
                 .iter()
-                .filter_map(|m| m.as_str().map(str::to_string))
+                .filter_map(|m| m.as_str()?.rsplit('.').next().map(str::to_string))
                 .collect()
         })
-        .unwrap_or_default())
+        .unwrap_or_default();
+    Ok((
+        listed,
+        raw["ensure_weight_tying"].as_bool().unwrap_or(false),
+    ))
+}
+
+/// The saved-module copies an adapter folder holds: those its weights file has tensors
+/// for ("embed_tokens", "lm_head"), whether or not its config lists them (PEFT's
+/// `save_embedding_layers` saves an embedding without `modules_to_save`).
+pub fn saved_modules(dir: &Path) -> Result<Vec<&'static str>> {
+    let weights = dir.join(ADAPTER_WEIGHTS);
+    if !weights.is_file() {
+        return Ok(Vec::new()); // `load_adapter` says what is missing
+    }
+    let source = SafetensorsSource::open_files(&[weights])?;
+    Ok(SAVED_MODULES
+        .into_iter()
+        .filter(|module| saved_module_key(&source, module).is_some())
+        .collect())
+}
+
+/// The key of a saved copy of `module` ("embed_tokens" or "lm_head") in an adapter's
+/// weights, with or without PEFT's adapter name inside.
+fn saved_module_key(source: &SafetensorsSource, module: &str) -> Option<String> {
+    let path = if module == "embed_tokens" {
+        "model.embed_tokens"
+    } else {
+        module
+    };
+    [
+        format!("base_model.model.{path}.weight"),
+        format!("base_model.model.{path}.modules_to_save.default.weight"),
+    ]
+    .into_iter()
+    .find(|name| source.shape(name).is_some())
 }
 
 /// PEFT's `modules_to_save`: the adapter's copies of embed_tokens and lm_head replace
-/// the base's (frozen, in the model's dtype). Returns how many tensors it took. With
-/// tied embeddings PEFT (0.21, without `ensure_weight_tying`) gives each copy its own
-/// weight: the head keeps reading the original matrix when only embed_tokens was saved,
-/// so the model is untied (checked against PEFT's logits in tests/model_layer.rs).
-fn load_saved_modules(model: &mut Llama, source: &SafetensorsSource, path: &Path) -> Result<usize> {
-    let find = |module: &str| {
-        [
-            format!("base_model.model.{module}.weight"),
-            format!("base_model.model.{module}.modules_to_save.default.weight"),
-        ]
-        .into_iter()
-        .find(|name| source.shape(name).is_some())
-    };
-    let (embed, head) = (find("model.embed_tokens"), find("lm_head"));
+/// the base's (frozen, in the model's dtype). Returns how many tensors it took.
+/// `listed`: the config's modules_to_save (by last name component); a listed module
+/// without a tensor is an error. With tied embeddings PEFT (0.21) without
+/// `ensure_weight_tying` gives each copy its own weight: the head keeps reading the
+/// original matrix when only embed_tokens was saved, so the model is untied (checked
+/// against PEFT's logits in tests/model_layer.rs). With `ensure_weight_tying` PEFT
+/// trains one matrix for both and saves it under both names; one found alone then
+/// serves both.
+fn load_saved_modules(
+    model: &mut Llama,
+    source: &SafetensorsSource,
+    path: &Path,
+    listed: &[String],
+    ensure_weight_tying: bool,
+) -> Result<usize> {
+    for module in listed {
+        if saved_module_key(source, module).is_none() {
+            bail_input!(
+                "{}: modules_to_save lists {module} but the file has no tensor for it",
+                path.display()
+            );
+        }
+    }
+    let (embed, head) = (
+        saved_module_key(source, "embed_tokens"),
+        saved_module_key(source, "lm_head"),
+    );
     if embed.is_none() && head.is_none() {
         return Ok(0);
     }
@@ -679,16 +733,24 @@ fn load_saved_modules(model: &mut Llama, source: &SafetensorsSource, path: &Path
             .load(name, model.kind, model.device)?
             .expect("present"))
     };
+    let tied = model.lm_head.is_none();
     let original_embed = model.embed_tokens.shallow_clone();
-    if let Some(name) = &embed {
-        model.embed_tokens = load(name)?;
+    match (&embed, &head) {
+        (Some(name), None) | (None, Some(name)) if tied && ensure_weight_tying => {
+            model.embed_tokens = load(name)?;
+        }
+        _ => {
+            if let Some(name) = &embed {
+                model.embed_tokens = load(name)?;
+            }
+            match &head {
+                Some(name) => model.lm_head = Some(load(name)?),
+                None if tied => model.lm_head = Some(original_embed),
+                None => {}
+            }
+        }
     }
-    match &head {
-        Some(name) => model.lm_head = Some(load(name)?),
-        None if model.lm_head.is_none() => model.lm_head = Some(original_embed),
-        None => {}
-    }
-    model.config.tie_word_embeddings = false;
+    model.config.tie_word_embeddings = model.lm_head.is_none();
     Ok(usize::from(embed.is_some()) + usize::from(head.is_some()))
 }
 

@@ -86,7 +86,7 @@ pub struct TrainConfig {
     pub rslora: bool,
     /// DoRA (PEFT's use_dora): a trainable magnitude per output row beside A and B.
     pub use_dora: bool,
-    /// How the adapter starts (PEFT's init_lora_weights: true, gaussian, pissa, olora).
+    /// How the adapter starts (PEFT's init_lora_weights: true, gaussian, pissa, pissa_niter_K, olora).
     pub init_lora_weights: crate::model::lora_init::LoraInit,
     #[serde(alias = "learning_rate")]
     pub lr: f64,
@@ -296,9 +296,10 @@ impl TrainConfig {
             .as_array()
             .is_some_and(|layers| !layers.is_empty())
             || raw["layers_to_transform"].is_number();
-        let saved_modules = raw["modules_to_save"]
-            .as_array()
-            .is_some_and(|modules| !modules.is_empty());
+        let saved_modules = !crate::model::lora::saved_modules(dir)?.is_empty()
+            || raw["modules_to_save"]
+                .as_array()
+                .is_some_and(|modules| !modules.is_empty());
         let mica = raw["init_lora_weights"]
             .as_str()
             .is_some_and(|init| init.eq_ignore_ascii_case("mica"));

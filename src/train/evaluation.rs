@@ -82,7 +82,12 @@ pub fn previews(
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let stops = stop_ids(encoder.end_id(), tokenizer, model, None);
+    let stops = stop_ids(
+        encoder.end_id(),
+        tokenizer,
+        model,
+        model.config.generation_config.as_ref(),
+    );
     let config = SamplingConfig {
         max_new_tokens: 128,
         ..SamplingConfig::default()
