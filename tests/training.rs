@@ -1142,7 +1142,31 @@ fn label_smoothing_reaches_the_losses_and_the_gradients() {
 /// evaluates is refused.
 #[test]
 fn reduce_lr_on_plateau_lowers_the_rate_after_evaluations_and_resumes() {
-    let dir = temp_dir("plateau");
+    metric_driven_schedule_runs_and_resumes(
+        "reduce_lr_on_plateau",
+        r#"{"patience": 0, "factor": 0.5, "threshold": 100, "threshold_mode": "abs"}"#,
+        &[1e-3, 1e-3, 5e-4, 2.5e-4],
+    );
+}
+
+/// `--lr-scheduler greedy` (transformers' GreedyLR, its arithmetic checked against
+/// transformers in `greedy_lr.rs`) in a run: the first evaluation improves on the
+/// infinite start and doubles the rate, the others (never better by 100) halve it; a
+/// resumed run keeps the state and ends with the same adapter.
+#[test]
+fn greedy_schedule_follows_evaluations_and_resumes() {
+    metric_driven_schedule_runs_and_resumes(
+        "greedy",
+        r#"{"patience": 0, "factor": 0.5, "threshold": 100, "min_lr": 1e-6}"#,
+        &[1e-3, 2e-3, 1e-3, 5e-4],
+    );
+}
+
+/// A schedule stepped by the eval loss, with an evaluation after every step: the rates
+/// the log shows, a resume from checkpoint-2 that keeps them and ends on the same
+/// adapter, and a run without evaluations refused.
+fn metric_driven_schedule_runs_and_resumes(schedule: &str, kwargs: &str, expected: &[f64]) {
+    let dir = temp_dir(schedule);
     let settings = [
         "--lr",
         "1e-3",
@@ -1153,9 +1177,9 @@ fn reduce_lr_on_plateau_lowers_the_rate_after_evaluations_and_resumes() {
         "--warmup-steps",
         "2",
         "--lr-scheduler",
-        "reduce_lr_on_plateau",
+        schedule,
         "--lr-scheduler-kwargs",
-        r#"{"patience": 0, "factor": 0.5, "threshold": 100, "threshold_mode": "abs"}"#,
+        kwargs,
     ];
     let evaluations = ["--eval-strategy", "steps", "--eval-steps", "1"];
     let whole = dir.join("whole");
@@ -1165,7 +1189,7 @@ fn reduce_lr_on_plateau_lowers_the_rate_after_evaluations_and_resumes() {
         .iter()
         .filter_map(|entry| entry["learning_rate"].as_f64())
         .collect();
-    assert_eq!(rates, vec![1e-3, 1e-3, 5e-4, 2.5e-4]);
+    assert_eq!(rates, expected);
 
     let resumed = dir.join("resumed");
     copy_checkpoint(&whole.join("checkpoint-2"), &resumed);
@@ -1188,11 +1212,7 @@ fn reduce_lr_on_plateau_lowers_the_rate_after_evaluations_and_resumes() {
 
     let output = run_lora(&dir.join("never"), &settings, &["--eval-strategy", "no"]);
     assert_eq!(output.status.code(), Some(2));
-    assert!(
-        stderr(&output).contains("reduce_lr_on_plateau"),
-        "{}",
-        stderr(&output)
-    );
+    assert!(stderr(&output).contains(schedule), "{}", stderr(&output));
 }
 
 /// `--train-on-inputs` (axolotl's train_on_inputs) trains the prompt's tokens too: the

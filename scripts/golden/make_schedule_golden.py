@@ -63,10 +63,40 @@ for kwargs in plateau_settings:
         rates.append(optimizer.param_groups[0]["lr"])
     plateau_cases.append({"kwargs": kwargs, "rates": rates})
 
+# greedy: get_scheduler gives transformers' GreedyLR, which Trainer steps as ReduceLROnPlateau.
+# A sequence that improves for a while (the rate rises), stalls (it falls to min_lr and, with a
+# small reset_start, starts over) and wobbles; smoothing averages it over a window.
+import random
+random.seed(4)
+GREEDY_METRICS = ([5.0 - 0.1 * i for i in range(14)] + [3.7] * 30
+                  + [3.7 + random.uniform(-0.2, 0.2) for _ in range(40)])
+greedy_settings = [
+    {}, {"min_lr": 1e-6}, {"min_lr": 1e-6, "patience": 2}, {"min_lr": 1e-6, "patience": 1, "factor": 0.5},
+    {"min_lr": 1e-5, "patience": 1, "factor": 0.5, "cooldown": 2, "warmup": 3},
+    {"min_lr": 2e-5, "patience": 1, "factor": 0.8, "reset_start": 3},
+    {"min_lr": 1e-6, "patience": 1, "threshold": 0.01, "threshold_mode": "rel"},
+    {"min_lr": 1e-6, "patience": 1, "mode": "max", "max_lr": 1e-3},
+    {"min_lr": 1e-6, "patience": 1, "smooth": True, "window_size": 5},
+    {"min_lr": 1e-6, "patience": 0, "smooth": True, "window_size": 3, "reset_start": 2, "eps": 1e-12},
+]
+greedy_cases = []
+for kwargs in greedy_settings:
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=BASE_LR)
+    scheduler = get_scheduler("greedy", optimizer, num_warmup_steps=3, num_training_steps=20,
+                              scheduler_specific_kwargs=dict(kwargs))
+    rates = []
+    for metric in GREEDY_METRICS:
+        scheduler.step(metric)
+        rates.append(optimizer.param_groups[0]["lr"])
+    greedy_cases.append({"kwargs": kwargs, "rates": rates})
+
 (ROOT / "tests" / "golden" / "lr_schedules.json").write_text(json.dumps({
     "source": f"transformers {__import__('transformers').__version__}: get_scheduler + LambdaLR, base lr {BASE_LR}",
-    "base_lr": BASE_LR, "cases": cases, "plateau_metrics": METRICS, "plateau_cases": plateau_cases},
+    "base_lr": BASE_LR, "cases": cases, "plateau_metrics": METRICS, "plateau_cases": plateau_cases,
+    "greedy_metrics": GREEDY_METRICS, "greedy_cases": greedy_cases},
     indent=1) + "\n")
 print(f"wrote lr_schedules.json: {len(cases)} cases, {len(plateau_cases)} plateau cases")
 for case in plateau_cases:
     print(case["kwargs"], sorted(set(case["rates"]), reverse=True))
+for case in greedy_cases:
+    print("greedy", case["kwargs"], len(set(case["rates"])), "rates, from", min(case["rates"]), "to", max(case["rates"]))

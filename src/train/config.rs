@@ -438,13 +438,13 @@ impl TrainConfig {
         if self.save_strategy == SaveStrategy::Steps && self.save_steps == 0 {
             bail_input!("--save-strategy steps needs --save-steps > 0");
         }
-        if self.lr_scheduler == Schedule::ReduceLrOnPlateau
-            && self.eval_strategy == EvalStrategy::No
-        {
+        if self.lr_scheduler.follows_evaluations() && self.eval_strategy == EvalStrategy::No {
             bail_input!(
-                "--lr-scheduler reduce_lr_on_plateau lowers the rate when the eval loss stops \
-                 improving, and --eval-strategy no evaluates never: give --eval-strategy epoch \
-                 or steps"
+                "--lr-scheduler {} sets the rate from the eval loss, and --eval-strategy no \
+                 evaluates never: give --eval-strategy epoch or steps",
+                clap::ValueEnum::to_possible_value(&self.lr_scheduler)
+                    .map(|v| v.get_name().to_string())
+                    .unwrap_or_default()
             );
         }
         if self.eval_on_start && self.eval_strategy == EvalStrategy::No {

@@ -1,7 +1,8 @@
 //! transformers' learning-rate schedules (linear, cosine, cosine with restarts,
 //! polynomial, inverse square root, cosine with a minimum (and its variant with a
 //! shifted warmup), warmup-stable-decay, constant, constant with warmup) and their `lr_scheduler_kwargs`, so a run here and a run with HF Trainer use
-//! the same rate at every step.
+//! the same rate at every step. The two that follow the evaluations instead
+//! (`reduce_lr_on_plateau`, `greedy`) keep state: `plateau.rs`, `greedy_lr.rs`.
 
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
@@ -52,6 +53,12 @@ pub enum Schedule {
     #[value(name = "reduce_lr_on_plateau", alias = "reduce-lr-on-plateau")]
     #[serde(alias = "reduce-lr-on-plateau")]
     ReduceLrOnPlateau,
+    /// transformers' GreedyLR, stepped with eval_loss at every evaluation (needs an
+    /// --eval-strategy): the rate divided by `factor` (0.95) after more than `patience`
+    /// (10) improving evaluations, times it after more than `patience` others, within
+    /// [`min_lr` (1e-3!), `max_lr` (1)], `threshold` 1e-6 absolute; `warmup`,
+    /// `cooldown`, `smooth` / `window_size`, `reset_start` as GreedyLR's. No warmup.
+    Greedy,
     /// The base rate at every step: transformers' `constant` has no warmup (it ignores
     /// warmup_steps; `constant_with_warmup` is the one with it).
     Constant,
@@ -85,6 +92,12 @@ pub struct SchedulerKwargs {
     pub threshold_mode: Option<super::plateau::ThresholdMode>,
     pub cooldown: Option<u64>,
     pub eps: Option<f64>,
+    /// greedy's (transformers' GreedyLR arguments; the plateau ones above too).
+    pub warmup: Option<u64>,
+    pub max_lr: Option<f64>,
+    pub smooth: Option<bool>,
+    pub window_size: Option<u64>,
+    pub reset_start: Option<u64>,
 }
 
 /// warmup_stable_decay's curve for its warmup and its decay.
@@ -141,6 +154,11 @@ impl SchedulerKwargs {
             ("threshold_mode", self.threshold_mode.is_some()),
             ("cooldown", self.cooldown.is_some()),
             ("eps", self.eps.is_some()),
+            ("warmup", self.warmup.is_some()),
+            ("max_lr", self.max_lr.is_some()),
+            ("smooth", self.smooth.is_some()),
+            ("window_size", self.window_size.is_some()),
+            ("reset_start", self.reset_start.is_some()),
         ]
         .into_iter()
         .filter_map(|(name, given)| given.then_some(name))
@@ -170,6 +188,21 @@ impl SchedulerKwargs {
                 "cooldown",
                 "min_lr",
                 "eps",
+            ],
+            Schedule::Greedy => &[
+                "mode",
+                "factor",
+                "patience",
+                "threshold",
+                "threshold_mode",
+                "cooldown",
+                "warmup",
+                "min_lr",
+                "max_lr",
+                "eps",
+                "smooth",
+                "window_size",
+                "reset_start",
             ],
             Schedule::WarmupStableDecay => &[
                 "num_decay_steps",
@@ -227,6 +260,9 @@ impl SchedulerKwargs {
         if schedule == Schedule::ReduceLrOnPlateau {
             super::plateau::check(self)?;
         }
+        if schedule == Schedule::Greedy {
+            super::greedy_lr::check(self)?;
+        }
         if self.timescale.is_some_and(|t| t <= 0.0 || t.is_nan()) {
             return Err("lr_scheduler_kwargs: timescale must be positive".into());
         }
@@ -246,10 +282,18 @@ fn schedule_name(schedule: Schedule) -> String {
 const POLYNOMIAL_LR_END: f64 = 1e-7;
 
 impl Schedule {
-    /// Whether the schedule has a warmup phase (all but `constant` and
-    /// `reduce_lr_on_plateau`, as in transformers).
+    /// Whether the rate follows the evaluations (state) rather than the step.
+    pub fn follows_evaluations(self) -> bool {
+        matches!(self, Schedule::ReduceLrOnPlateau | Schedule::Greedy)
+    }
+
+    /// Whether the schedule has a warmup phase (all but `constant`,
+    /// `reduce_lr_on_plateau` and `greedy`, as in transformers).
     pub fn warms_up(self) -> bool {
-        !matches!(self, Schedule::Constant | Schedule::ReduceLrOnPlateau)
+        !matches!(
+            self,
+            Schedule::Constant | Schedule::ReduceLrOnPlateau | Schedule::Greedy
+        )
     }
 }
 
@@ -324,7 +368,10 @@ pub fn learning_rate(
             1.0 / ((step as f64 + shift) / timescale).sqrt()
         }
         Schedule::CosineWithMinLr => cosine_towards_min(kwargs, base, progress),
-        Schedule::Constant | Schedule::ConstantWithWarmup | Schedule::ReduceLrOnPlateau => 1.0,
+        Schedule::Constant
+        | Schedule::ConstantWithWarmup
+        | Schedule::ReduceLrOnPlateau
+        | Schedule::Greedy => 1.0,
         Schedule::WarmupStableDecay | Schedule::CosineWarmupWithMinLr => {
             unreachable!("computed above")
         }

@@ -23,6 +23,7 @@ pub mod device_fit;
 pub mod disk_fit;
 pub mod evaluation;
 pub mod graphed_step;
+pub mod greedy_lr;
 pub mod logging;
 pub mod loss_scale;
 pub mod lr_schedule;
@@ -339,6 +340,9 @@ pub fn train(config: &TrainConfig, resume: Option<&str>) -> Result<TrainSummary>
     // reduce_lr_on_plateau's rate is state; a resumed run keeps its own.
     if config.lr_scheduler == lr_schedule::Schedule::ReduceLrOnPlateau && state.plateau.is_none() {
         state.plateau = Some(plateau::Plateau::new(config.lr));
+    }
+    if config.lr_scheduler == lr_schedule::Schedule::Greedy && state.greedy.is_none() {
+        state.greedy = Some(greedy_lr::GreedyLr::new(config.lr));
     }
     // f16 needs dynamic loss scaling (GradScaler); a resumed run keeps its scaler.
     if kind == Kind::Half && state.loss_scaler.is_none() {
@@ -698,9 +702,10 @@ impl Run<'_> {
             .flat_map(rows)
             .map(|e| e.trained_tokens() as i64)
             .sum();
-        let lr = match &state.plateau {
-            Some(plateau) => plateau.lr,
-            None => learning_rate(
+        let lr = match (&state.plateau, &state.greedy) {
+            (Some(plateau), _) => plateau.lr,
+            (None, Some(greedy)) => greedy.lr,
+            (None, None) => learning_rate(
                 config.lr_scheduler,
                 &config.lr_scheduler_kwargs,
                 config.lr,
@@ -863,6 +868,17 @@ impl Run<'_> {
                     self.progress.println(format!(
                         "step {step}: no eval_loss improvement, learning rate {before:e} -> {:e}",
                         plateau.lr
+                    ));
+                }
+            }
+            // GreedyLR too (HF Trainer steps both kinds with the eval metric).
+            if let Some(greedy) = self.state.greedy.as_mut() {
+                let before = greedy.lr;
+                greedy.step(eval_loss, &config.lr_scheduler_kwargs);
+                if greedy.lr != before {
+                    self.progress.println(format!(
+                        "step {step}: greedy learning rate {before:e} -> {:e}",
+                        greedy.lr
                     ));
                 }
             }

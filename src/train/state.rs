@@ -63,4 +63,7 @@ pub struct TrainerState {
     /// resume (None with the other schedules, which are functions of the step).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plateau: Option<super::plateau::Plateau>,
+    /// greedy's scheduler (GreedyLR: its rate and counters), carried across a resume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub greedy: Option<super::greedy_lr::GreedyLr>,
 }
