@@ -50,21 +50,9 @@ impl Settings {
         }
     }
 
-    /// GreedyLR's `is_better` (the same comparisons as torch's plateau).
-    fn improves(&self, metric: f64, best: f64) -> bool {
-        match (self.mode, self.threshold_mode) {
-            (PlateauMode::Min, ThresholdMode::Rel) => metric < best * (1.0 - self.threshold),
-            (PlateauMode::Min, ThresholdMode::Abs) => metric < best - self.threshold,
-            (PlateauMode::Max, ThresholdMode::Rel) => metric > best * (1.0 + self.threshold),
-            (PlateauMode::Max, ThresholdMode::Abs) => metric > best + self.threshold,
-        }
-    }
-
-    fn worst(&self) -> f64 {
-        match self.mode {
-            PlateauMode::Min => f64::INFINITY,
-            PlateauMode::Max => f64::NEG_INFINITY,
-        }
+    /// GreedyLR's `is_better`: torch's plateau comparison (`plateau::improves`).
+    fn improves(&self, metric: f64, best: Option<f64>) -> bool {
+        super::plateau::improves(self.mode, self.threshold_mode, self.threshold, metric, best)
     }
 }
 
@@ -132,7 +120,7 @@ impl GreedyLr {
             self.bad_evaluations = 0;
             self.good_evaluations = 0;
         } else {
-            if settings.improves(current, self.best.unwrap_or(settings.worst())) {
+            if settings.improves(current, self.best) {
                 self.best = Some(current);
                 self.bad_evaluations = 0;
                 self.good_evaluations += 1;

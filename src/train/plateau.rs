@@ -56,16 +56,29 @@ impl Settings {
     /// max) where there is none yet, in the same float arithmetic (an infinite or NaN
     /// first metric is no improvement, as in torch).
     fn improves(&self, metric: f64, best: Option<f64>) -> bool {
-        let best = best.unwrap_or(match self.mode {
-            PlateauMode::Min => f64::INFINITY,
-            PlateauMode::Max => f64::NEG_INFINITY,
-        });
-        match (self.mode, self.threshold_mode) {
-            (PlateauMode::Min, ThresholdMode::Rel) => metric < best * (1.0 - self.threshold),
-            (PlateauMode::Min, ThresholdMode::Abs) => metric < best - self.threshold,
-            (PlateauMode::Max, ThresholdMode::Rel) => metric > best * (self.threshold + 1.0),
-            (PlateauMode::Max, ThresholdMode::Abs) => metric > best + self.threshold,
-        }
+        improves(self.mode, self.threshold_mode, self.threshold, metric, best)
+    }
+}
+
+/// Whether `metric` beats `best` by `threshold` (torch's `_is_better`, which
+/// transformers' GreedyLR copies), with their initial best where there is none yet:
+/// inf, or -inf for `max`.
+pub fn improves(
+    mode: PlateauMode,
+    threshold_mode: ThresholdMode,
+    threshold: f64,
+    metric: f64,
+    best: Option<f64>,
+) -> bool {
+    let best = best.unwrap_or(match mode {
+        PlateauMode::Min => f64::INFINITY,
+        PlateauMode::Max => f64::NEG_INFINITY,
+    });
+    match (mode, threshold_mode) {
+        (PlateauMode::Min, ThresholdMode::Rel) => metric < best * (1.0 - threshold),
+        (PlateauMode::Min, ThresholdMode::Abs) => metric < best - threshold,
+        (PlateauMode::Max, ThresholdMode::Rel) => metric > best * (threshold + 1.0),
+        (PlateauMode::Max, ThresholdMode::Abs) => metric > best + threshold,
     }
 }
 
