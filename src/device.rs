@@ -111,13 +111,36 @@ pub fn kind_name(kind: Kind) -> &'static str {
     }
 }
 
+/// Pins MKL's code path to its AVX2 kernels (`MKL_CBWR=AVX2`, MKL's "conditional
+/// numerical reproducibility") unless the user set `MKL_CBWR` themselves. Measured on a
+/// 2-core AVX-512 Xeon (2026-12-08): with MKL's default AVX-512 kernels, the first
+/// gradients of identical one-step OLoRA runs (LoRA dropout 0.05, 2 threads) took one
+/// of two values, 2.1475894 or 2.1475902 for the gradient norm, in 3 to 8 of 60
+/// processes; with `MKL_CBWR=AVX2` (or `COMPATIBLE`), 60 of 60 alike, and so were
+/// `MKL_CBWR=AVX512` and `AUTO,STRICT` not. A 3-step OLoRA run and its resume from
+/// step 1 ended bit-identical in 100 of 100 loops (4 of 100 apart before). It costs
+/// little: amthal's large CPU products go through oneDNN (`matmul_nt`), MKL computes
+/// the small LoRA ones. SmolLM2 on the same machine: LoRA training (f32, bf16) and
+/// greedy generation within the runs' noise, a full fine-tune in f32 1-3 % slower in
+/// three of three pairs. `MKL_CBWR=AUTO` gives MKL its own choice back. On CPUs without
+/// AVX-512 (AMD EPYC) AVX2 is MKL's own choice anyway.
+///
+/// MKL reads the variable when it first computes, so this runs first thing in `main`,
+/// before any other thread exists (the only time `set_var` is sound).
+pub fn pin_mkl_code_path() {
+    if std::env::var_os("MKL_CBWR").is_none() {
+        // SAFETY: called at the top of `main`, while the process has one thread.
+        unsafe { std::env::set_var("MKL_CBWR", "AVX2") };
+    }
+}
+
 /// Sets libtorch's intra-op thread count to what it already is, as
 /// `torch.set_num_threads(torch.get_num_threads())` would: the call also turns off
 /// MKL's dynamic threading (`mkl_set_dynamic(false)`), so MKL uses the same number of
 /// threads in every product. Measured on a 2-core Xeon (2026-12-07): without it,
 /// 7 of 300 processes computed their first LoRA backward pass with other rounding than
-/// the rest; with it, 0 of 300. (The OLoRA runs' remaining per-process differences,
-/// README "Training", are another matter, not yet found.)
+/// the rest; with it, 0 of 300. (The OLoRA runs' remaining per-process differences
+/// were MKL's AVX-512 code path: `pin_mkl_code_path`.)
 pub fn init_threads() {
     tch::set_num_threads(tch::get_num_threads());
 }

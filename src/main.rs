@@ -4,6 +4,7 @@
 use clap::Parser;
 
 fn main() {
+    amthal::device::pin_mkl_code_path();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("AMTHAL_LOG")

@@ -102,3 +102,23 @@ fn without_a_gpu_cuda_is_refused_clearly_and_env_says_why() {
             .starts_with("2.11.0")
     );
 }
+
+/// amthal pins MKL to its AVX2 kernels (`MKL_CBWR=AVX2`, `device::pin_mkl_code_path`),
+/// which made OLoRA runs bit-reproducible on an AVX-512 machine, and leaves a value the
+/// user set alone; `amthal env` says which is in force.
+#[test]
+fn mkl_code_path_is_pinned_unless_the_user_chose_one() {
+    let mkl_cbwr = |user: Option<&str>| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_amthal"));
+        command.args(["env", "--json"]).env_remove("MKL_CBWR");
+        if let Some(value) = user {
+            command.env("MKL_CBWR", value);
+        }
+        let output = command.output().unwrap();
+        assert!(output.status.success(), "{}", common::stderr(&output));
+        let env: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        env["libtorch"]["mkl_cbwr"].as_str().map(str::to_string)
+    };
+    assert_eq!(mkl_cbwr(None).as_deref(), Some("AVX2"));
+    assert_eq!(mkl_cbwr(Some("AUTO")).as_deref(), Some("AUTO"));
+}

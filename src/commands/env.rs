@@ -56,6 +56,8 @@ pub fn run(args: &EnvArgs) -> Result<()> {
             "version": version,
             "library": libtorch.as_ref().map(|p| p.display().to_string()),
             "threads": tch::get_num_threads(),
+            // MKL's code path (`device::pin_mkl_code_path`: AVX2 unless the user set it).
+            "mkl_cbwr": std::env::var("MKL_CBWR").ok(),
         },
         "cpu": {
             "model": cpu_model(),
@@ -89,14 +91,15 @@ pub fn run(args: &EnvArgs) -> Result<()> {
     }
     println!("amthal {}", env!("CARGO_PKG_VERSION"));
     println!(
-        "libtorch {} ({}), {} threads",
+        "libtorch {} ({}), {} threads, MKL_CBWR={}",
         version.as_deref().unwrap_or("version unknown"),
         libtorch
             .as_ref()
             .map_or("library not found in /proc/self/maps".into(), |p| p
                 .display()
                 .to_string()),
-        tch::get_num_threads()
+        tch::get_num_threads(),
+        report["libtorch"]["mkl_cbwr"].as_str().unwrap_or("unset")
     );
     println!(
         "CPU: {}, {} cores, native bf16 (AMX/AVX512-BF16): {}; --precision auto on cpu: {cpu_precision}",
