@@ -769,9 +769,10 @@ pub struct TrainArgs {
     /// With --fp16: the initial dynamic loss scale (GradScaler's init_scale, 65536).
     #[arg(long, value_name = "S")]
     pub loss_scale_init: Option<f64>,
-    /// AdamW's state: adamw (f32 moments and master weights), adamw-bf16 (bf16 weights
+    /// The optimizer: adamw (f32 moments and master weights), adamw-bf16 (bf16 weights
     /// and moments, Kahan-compensated updates), adamw-8bit (bitsandbytes-style 8-bit
-    /// moments).
+    /// moments), adafactor (transformers' Adafactor as HF Trainer sets it up: factored
+    /// second moment, no first moment).
     /// HF's names (adamw_torch, adamw_8bit, ...) are accepted.
     #[arg(long, value_enum)]
     pub optim: Option<crate::train::moments::OptimKind>,

@@ -585,7 +585,7 @@ fn packed_and_padded_runs_train_the_same_adapter() {
 #[test]
 fn an_in_backward_packed_run_resumes_exactly() {
     let dir = temp_dir("in-backward");
-    for optim in ["adamw-bf16", "adamw-8bit"] {
+    for optim in ["adamw-bf16", "adamw-8bit", "adafactor"] {
         let whole = dir.join(format!("{optim}-whole"));
         let output = train_tiny(&whole, &["--optim", optim]);
         assert!(
@@ -654,6 +654,14 @@ fn an_offloaded_optimizer_takes_the_same_steps() {
             "{optim}: resumed from the offloaded checkpoint"
         );
     }
+    // Adafactor's state (megabytes for a 7B) is not offloaded.
+    let output = train_tiny(
+        &dir.join("adafactor"),
+        &["--optim", "adafactor", "--offload-optimizer"],
+    );
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("leave out --offload-optimizer"), "{stderr}");
 }
 
 /// `--cuda-graphs` from the command line (on the CPU: the fixed-width step without a
@@ -702,6 +710,8 @@ fn a_cuda_graphs_run_resumes_exactly_and_refuses_what_it_cannot_record() {
             "add --lora-dropout 0",
         ),
         (&["--optim-in-backward"][..], "choose one"),
+        // Adafactor's update reads each tensor's RMS on the host.
+        (&["--optim", "adafactor"][..], "adafactor's update reads"),
         // Graphs replay packed rows laid out at fixed widths.
         (&["--no-packing"][..], "cannot be used with"),
     ] {

@@ -159,7 +159,8 @@ pub struct TrainConfig {
     pub skip_invalid_rows: bool,
     /// f16 only: the initial dynamic loss scale (torch.amp.GradScaler's init_scale).
     pub loss_scale_init: f64,
-    /// AdamW's state layout: adamw (f32), adamw-bf16, adamw-8bit.
+    /// The optimizer: AdamW's state layouts adamw (f32), adamw-bf16, adamw-8bit, or
+    /// adafactor.
     pub optim: OptimKind,
     /// Checkpoints hold the model and the trainer state but no optimizer state
     /// (HF's save_only_model): smaller and faster, resumable only with fresh moments.
@@ -475,6 +476,13 @@ impl TrainConfig {
         if self.cuda_graphs {
             self.validate_cuda_graphs()?;
         }
+        if self.optim == OptimKind::Adafactor && self.offload_optimizer {
+            bail_input!(
+                "--offload-optimizer moves AdamW's moments to host memory; adafactor's state \
+                 is a row and a column per matrix (megabytes for a 7B) and stays beside the \
+                 weights: leave out --offload-optimizer"
+            );
+        }
         if self.adapter_dir.is_some() {
             if !self.lora {
                 bail_input!("--adapter-dir continues training a LoRA adapter: add --lora");
@@ -535,6 +543,12 @@ impl TrainConfig {
             bail_input!(
                 "--cuda-graphs records the forward and backward pass of a micro-batch, while \
                  --optim-in-backward updates tensors in the middle of the backward pass: choose one"
+            );
+        }
+        if self.optim == OptimKind::Adafactor {
+            bail_input!(
+                "--cuda-graphs records AdamW's update with its numbers on the device; \
+                 adafactor's update reads each tensor's RMS on the host: leave out one of them"
             );
         }
         if self.neftune_noise_alpha.is_some() {

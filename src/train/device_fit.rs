@@ -101,6 +101,17 @@ pub fn check_fits_the_device(
                 ..setup.clone()
             },
         ),
+        // Another optimizer, still a full fine-tune: Adafactor's state is the bf16
+        // weights' compensation alone.
+        (
+            "--optim adafactor --optim-in-backward",
+            Setup {
+                optim: OptimKind::Adafactor,
+                gradient_checkpointing: true,
+                optim_in_backward: true,
+                ..setup.clone()
+            },
+        ),
         (
             "--lora --gradient-checkpointing",
             Setup {

@@ -99,6 +99,8 @@ fn optimizer_bytes_per_parameter(optim: OptimKind, kind: Kind) -> f64 {
         OptimKind::AdamWBf16 => 4.0 + compensation,
         // Two 8-bit codes and one f32 absmax per 256 values each.
         OptimKind::AdamW8bit => 2.0 + 8.0 / 256.0 + compensation,
+        // A row and a column per matrix (f32): megabytes for a 7B, counted as nothing.
+        OptimKind::Adafactor => compensation,
     }
 }
 
@@ -129,27 +131,52 @@ fn projection_shape(config: &LlamaConfig, projection: &str) -> (u64, u64) {
 /// matrices' (A [r, in] and B [out, r] per targeted projection and layer, and DoRA's
 /// magnitude [out]).
 fn trained_tensor_sizes(setup: &Setup) -> Vec<u64> {
+    trained_tensor_shapes(setup)
+        .iter()
+        .map(|shape| shape.iter().product())
+        .collect()
+}
+
+/// The shape of every tensor training updates (see `trained_tensor_sizes`).
+fn trained_tensor_shapes(setup: &Setup) -> Vec<Vec<u64>> {
     let config = setup.config;
     match setup.lora {
         None => expected_tensors(config)
             .iter()
-            .map(|(_, shape)| shape.iter().product::<i64>() as u64)
+            .map(|(_, shape)| shape.iter().map(|&d| d as u64).collect())
             .collect(),
         Some((rank, targets)) => {
             let rank = rank as u64;
-            let per_layer: Vec<u64> = targets
+            let per_layer: Vec<Vec<u64>> = targets
                 .iter()
                 .flat_map(|t| {
                     let (inputs, outputs) = projection_shape(config, t);
-                    let magnitude = setup.dora.then_some(outputs);
-                    [rank * inputs, outputs * rank].into_iter().chain(magnitude)
+                    let magnitude = setup.dora.then(|| vec![outputs]);
+                    [vec![rank, inputs], vec![outputs, rank]]
+                        .into_iter()
+                        .chain(magnitude)
                 })
                 .collect();
             (0..config.num_hidden_layers)
-                .flat_map(|_| per_layer.iter().copied())
+                .flat_map(|_| per_layer.iter().cloned())
                 .collect()
         }
     }
+}
+
+/// Adafactor's state of one tensor in bytes (`moments.rs`): a row and a column of f32
+/// means for a matrix, an f32 value per element for a vector; plus `compensation`
+/// bytes per element.
+fn adafactor_state_bytes(shape: &[u64], compensation: u64) -> u64 {
+    let values: u64 = shape.iter().product();
+    let second_moment = match shape {
+        [leading @ .., rows, columns] => {
+            let leading: u64 = leading.iter().product();
+            leading * (rows + columns)
+        }
+        _ => values,
+    };
+    4 * second_moment + compensation * values
 }
 
 /// The parameters training updates, and the bytes each takes: the whole model in the
@@ -172,6 +199,12 @@ fn optimizer_state_bytes(setup: &Setup) -> u64 {
     };
     let per_parameter = optimizer_bytes_per_parameter(setup.optim, trained_kind);
     let compensation = if trained_kind == Kind::BFloat16 { 2 } else { 0 };
+    if setup.optim == OptimKind::Adafactor {
+        return trained_tensor_shapes(setup)
+            .iter()
+            .map(|shape| adafactor_state_bytes(shape, compensation))
+            .sum();
+    }
     trained_tensor_sizes(setup)
         .iter()
         .map(|&values| match setup.optim {
@@ -358,6 +391,29 @@ mod tests {
         assert!(bf16.optimizer - bf16.weights * 3 < 1_500_000_000);
         assert!(bf16.total() < 80_000_000_000, "{}", bf16.describe());
         assert!(eight.total() < bf16.total());
+        // Adafactor: the Kahan compensation (2 bytes) and a row and a column per
+        // matrix (~1 MB a layer), plus one block's scratch (as AdamW's chunks).
+        let adafactor = estimate(&setup(OptimKind::Adafactor));
+        let state = adafactor_state_bytes(&[64000, 4096], 2) - 64000 * 4096 * 2;
+        assert_eq!(state, 4 * (64000 + 4096));
+        assert!(
+            adafactor.optimizer < adafactor.weights * 2,
+            "{}",
+            adafactor.describe()
+        );
+        assert!(adafactor.total() < eight.total());
+        // With the update in the backward pass: the seed's command under the issue's
+        // 40 GB on the card alone (~34 GB: weights 13.8, compensation 13.8, a layer's
+        // gradients, activations ~5).
+        let adafactor_in_backward = estimate(&Setup {
+            optim_in_backward: true,
+            ..setup(OptimKind::Adafactor)
+        });
+        assert!(
+            adafactor_in_backward.total() < 40_000_000_000,
+            "{}",
+            adafactor_in_backward.describe()
+        );
         // The seed's command (bsz 2 x accumulation 8, cutoff 1024) with 8-bit moments
         // and the update in the backward pass: one layer's gradients instead of the
         // model's, under 50 GB even with every row at the cutoff (the 40 GB

@@ -13,6 +13,7 @@
 //! optimizer step (forward, loss, backward, update); `evaluation.rs`,
 //! `checkpoints.rs` and `logging.rs` are what happens between steps.
 
+pub mod adafactor;
 pub mod cadence;
 pub mod checkpoints;
 pub mod code_map;

@@ -15,6 +15,13 @@
 //!   with `--optim-in-backward`. As in bnb, tensors under 4096 values (norms) keep f32
 //!   moments.
 //!
+//! - `adafactor`: transformers' Adafactor as HF Trainer builds it for
+//!   `optim="adafactor"` (`adafactor.rs`): no first moment, and the second moment of
+//!   a matrix factored into its row and column means (`Moment::Factored`), so the
+//!   state is a few megabytes for a 7B; bf16 weights get Kahan compensation as above
+//!   (2 bytes per parameter). The update is its own (`adafactor::update`), not
+//!   AdamW's.
+//!
 //! Nothing here is random, so a resumed run repeats the same updates.
 
 use std::collections::BTreeMap;
@@ -68,6 +75,11 @@ pub enum OptimKind {
         alias = "paged_adamw_8bit"
     )]
     AdamW8bit,
+    /// transformers' Adafactor with HF Trainer's settings (`adafactor.rs`): factored
+    /// second moment, no first moment, the schedule's learning rate.
+    #[value(name = "adafactor")]
+    #[serde(rename = "adafactor")]
+    Adafactor,
 }
 
 /// Values per quantization block (bitsandbytes' blocksize for 8-bit optimizers).
@@ -86,7 +98,20 @@ pub enum Moment {
         map: CodeMap,
         shape: Vec<i64>,
     },
+    /// No moment kept: Adafactor's first moment with HF's `beta1=None`.
+    Absent,
+    /// Adafactor's second moment of a tensor with two or more dimensions, factored:
+    /// the running mean of g^2 over the last dimension (`row`, shape[..-1]) and over
+    /// the one before it (`col`, shape[..-2] + shape[-1..]), f32.
+    Factored {
+        row: Tensor,
+        col: Tensor,
+    },
 }
+
+/// For the AdamW-only accessors: Adafactor's moments are read and written by
+/// `adafactor::update` alone, never chunked.
+const ADAFACTOR_OWN_UPDATE: &str = "Adafactor's state is updated by adafactor::update only";
 
 impl Moment {
     /// A zero moment for a parameter of `shape`; `signed`: whether it can be negative
@@ -99,6 +124,17 @@ impl Moment {
             OptimKind::AdamW8bit if numel < MIN_8BIT_NUMEL => {
                 Moment::F32(Tensor::zeros(shape, (Kind::Float, device)))
             }
+            OptimKind::Adafactor if signed => Moment::Absent,
+            OptimKind::Adafactor if shape.len() >= 2 => {
+                let (rows, last) = shape.split_at(shape.len() - 1);
+                let mut columns = rows[..rows.len() - 1].to_vec();
+                columns.extend_from_slice(last);
+                Moment::Factored {
+                    row: Tensor::zeros(rows, (Kind::Float, device)),
+                    col: Tensor::zeros(columns.as_slice(), (Kind::Float, device)),
+                }
+            }
+            OptimKind::Adafactor => Moment::F32(Tensor::zeros(shape, (Kind::Float, device))),
             OptimKind::AdamW8bit => {
                 let blocks = (numel + BLOCK - 1) / BLOCK;
                 let values = optimizer_map(signed);
@@ -137,6 +173,7 @@ impl Moment {
                     * absmax.unsqueeze(1);
                 values.view([-1]).narrow(0, 0, numel).view(shape.as_slice())
             }
+            Moment::Absent | Moment::Factored { .. } => unreachable!("{ADAFACTOR_OWN_UPDATE}"),
         }
     }
 
@@ -158,6 +195,7 @@ impl Moment {
                     shape: vec![length],
                 }
             }
+            Moment::Absent | Moment::Factored { .. } => unreachable!("{ADAFACTOR_OWN_UPDATE}"),
         }
     }
 
@@ -178,6 +216,11 @@ impl Moment {
                 map: map.map_tensors(&f),
                 shape: shape.clone(),
             },
+            Moment::Absent => Moment::Absent,
+            Moment::Factored { row, col } => Moment::Factored {
+                row: f(row),
+                col: f(col),
+            },
         }
     }
 
@@ -197,6 +240,14 @@ impl Moment {
                     ..
                 },
             ) => vec![(codes, new_codes), (absmax, new_absmax)],
+            (Moment::Absent, Moment::Absent) => Vec::new(),
+            (
+                Moment::Factored { row, col },
+                Moment::Factored {
+                    row: new_row,
+                    col: new_col,
+                },
+            ) => vec![(row, new_row), (col, new_col)],
             _ => unreachable!("a moment and its copy have the same layout"),
         }
     }
@@ -218,6 +269,7 @@ impl Moment {
                 codes.copy_(&new_codes);
                 absmax.copy_(&new_absmax);
             }
+            Moment::Absent | Moment::Factored { .. } => unreachable!("{ADAFACTOR_OWN_UPDATE}"),
         }
     }
 
@@ -230,6 +282,11 @@ impl Moment {
             Moment::Blockwise8 { codes, absmax, .. } => {
                 out.insert(format!("{name}.codes"), codes.shallow_clone());
                 out.insert(format!("{name}.absmax"), absmax.shallow_clone());
+            }
+            Moment::Absent => {}
+            Moment::Factored { row, col } => {
+                out.insert(format!("{name}.row"), row.shallow_clone());
+                out.insert(format!("{name}.col"), col.shallow_clone());
             }
         }
     }
@@ -248,6 +305,11 @@ impl Moment {
             Moment::Blockwise8 { codes, absmax, .. } => {
                 codes.copy_(get(&format!("{name}.codes"))?);
                 absmax.copy_(get(&format!("{name}.absmax"))?);
+            }
+            Moment::Absent => {}
+            Moment::Factored { row, col } => {
+                row.copy_(get(&format!("{name}.row"))?);
+                col.copy_(get(&format!("{name}.col"))?);
             }
         }
         Ok(())

@@ -3,7 +3,10 @@
 //! `lr_schedule.rs`'s, the per-step numbers `step_values.rs`').
 //!
 //! How the state is stored (`--optim adamw | adamw-bf16 | adamw-8bit`) is
-//! `moments.rs`'s job; the update itself is the same for all three. With `adamw`,
+//! `moments.rs`'s job; the update itself is the same for all three. `--optim
+//! adafactor` shares this type's bookkeeping (parameters, gradients, clipping, ZeRO-1
+//! ownership, checkpoints, the in-backward step) and has its own update
+//! (`adafactor.rs`). With `adamw`,
 //! parameters that are not f32 (a full fine-tune computing in bf16) get f32 master
 //! copies: gradients are applied to the master and the result is cast back. The other
 //! two update bf16 weights directly, with Kahan compensation (what rounding to bf16
@@ -484,6 +487,23 @@ impl AdamW {
 
     /// `update` with the per-step numbers from `values`.
     pub fn update_with(&mut self, index: usize, grad: &Tensor, step: StepValues) {
+        if self.kind == OptimKind::Adafactor {
+            // Whole tensors, numbers from the host: `TrainConfig::validate` refuses
+            // --offload-optimizer and --cuda-graphs with it.
+            let StepValues::Host(step) = step else {
+                unreachable!("a recorded step (--cuda-graphs) is refused with adafactor")
+            };
+            assert_eq!(self.placement, StatePlacement::WithWeights);
+            let chunk = self.update_chunk;
+            super::adafactor::update(
+                &mut self.params[index],
+                grad,
+                step,
+                self.weight_decay,
+                chunk,
+            );
+            return;
+        }
         // The fused bf16 update reads its numbers from device scalars in every step.
         let fused_kahan = self.fused_bf16.applies_on(grad.device())
             && fused_kahan_applies(&self.params[index], grad);
