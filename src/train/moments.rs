@@ -489,6 +489,7 @@ mod tests {
                 ][..],
                 OptimKind::AdamW8bit,
             ),
+            (&["adafactor"][..], OptimKind::Adafactor),
         ] {
             for name in names {
                 assert_eq!(OptimKind::from_str(name, false).unwrap(), kind, "{name}");
@@ -496,7 +497,8 @@ mod tests {
                 assert_eq!(parsed, kind, "{name} in a config file");
             }
         }
-        assert!(OptimKind::from_str("adafactor", false).is_err());
+        // An optimizer HF offers and amthal does not build is refused by name.
+        assert!(OptimKind::from_str("lion_8bit", false).is_err());
     }
 
     #[test]
