@@ -103,9 +103,10 @@ fn without_a_gpu_cuda_is_refused_clearly_and_env_says_why() {
     );
 }
 
-/// amthal pins MKL to its AVX2 kernels (`MKL_CBWR=AVX2`, `device::pin_mkl_code_path`),
-/// which made OLoRA runs bit-reproducible on an AVX-512 machine, and leaves a value the
-/// user set alone; `amthal env` says which is in force.
+/// amthal pins MKL to its AVX2 kernels in strict mode (`MKL_CBWR=AVX2,STRICT`,
+/// `device::pin_mkl_code_path`), which made OLoRA runs bit-reproducible on an AVX-512
+/// machine, and leaves a value the user set alone; `amthal env` says what MKL itself
+/// reports (libtorch's wheel for x86 carries MKL).
 #[test]
 fn mkl_code_path_is_pinned_unless_the_user_chose_one() {
     let mkl_cbwr = |user: Option<&str>| {
@@ -119,6 +120,7 @@ fn mkl_code_path_is_pinned_unless_the_user_chose_one() {
         let env: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
         env["libtorch"]["mkl_cbwr"].as_str().map(str::to_string)
     };
-    assert_eq!(mkl_cbwr(None).as_deref(), Some("AVX2"));
+    assert_eq!(mkl_cbwr(None).as_deref(), Some("AVX2,STRICT"));
     assert_eq!(mkl_cbwr(Some("AUTO")).as_deref(), Some("AUTO"));
+    assert_eq!(mkl_cbwr(Some("COMPATIBLE")).as_deref(), Some("COMPATIBLE"));
 }

@@ -56,8 +56,9 @@ pub fn run(args: &EnvArgs) -> Result<()> {
             "version": version,
             "library": libtorch.as_ref().map(|p| p.display().to_string()),
             "threads": tch::get_num_threads(),
-            // MKL's code path (`device::pin_mkl_code_path`: AVX2 unless the user set it).
-            "mkl_cbwr": std::env::var("MKL_CBWR").ok(),
+            // MKL's code path (`device::pin_mkl_code_path`: AVX2,STRICT unless the user
+            // set MKL_CBWR), as MKL reports it.
+            "mkl_cbwr": crate::device::mkl_code_path(),
         },
         "cpu": {
             "model": cpu_model(),
@@ -99,7 +100,7 @@ pub fn run(args: &EnvArgs) -> Result<()> {
                 .display()
                 .to_string()),
         tch::get_num_threads(),
-        report["libtorch"]["mkl_cbwr"].as_str().unwrap_or("unset")
+        report["libtorch"]["mkl_cbwr"].as_str().unwrap_or("no MKL")
     );
     println!(
         "CPU: {}, {} cores, native bf16 (AMX/AVX512-BF16): {}; --precision auto on cpu: {cpu_precision}",

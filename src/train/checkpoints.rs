@@ -100,10 +100,10 @@ pub fn restore(
         optimizer.load_state(&tensors, state.global_step)?;
     } else {
         // A --save-only-model checkpoint: the weights and the position are restored,
-        // AdamW starts with fresh moments (so the run is no longer bit-exact).
+        // the optimizer starts with fresh state (so the run is no longer bit-exact).
         tracing::warn!(
             "{} has no optimizer state (--save-only-model, or --save-strategy no): resuming \
-             with fresh AdamW moments",
+             with a fresh optimizer state",
             dir.display()
         );
     }

@@ -547,8 +547,9 @@ impl TrainConfig {
         }
         if self.optim == OptimKind::Adafactor {
             bail_input!(
-                "--cuda-graphs records AdamW's update with its numbers on the device; \
-                 adafactor's update reads each tensor's RMS on the host: leave out one of them"
+                "--cuda-graphs records AdamW's update, whose per-step numbers it reads from \
+                 device scalars; adafactor's update takes its numbers from the host and has \
+                 no recorded form: leave out one of them"
             );
         }
         if self.neftune_noise_alpha.is_some() {

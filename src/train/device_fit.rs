@@ -109,6 +109,8 @@ pub fn check_fits_the_device(
                 optim: OptimKind::Adafactor,
                 gradient_checkpointing: true,
                 optim_in_backward: true,
+                // Refused with adafactor (nothing to move).
+                offload_optimizer: false,
                 ..setup.clone()
             },
         ),

@@ -569,6 +569,10 @@ impl AdamW {
             offload::wait_for_copies(first.param.device());
         }
         let mut state = BTreeMap::new();
+        // The optimizer's own count: after a skipped step (an f16 overflow) it trails
+        // the trainer's global step, and AdamW's bias correction and Adafactor's decay
+        // follow it (torch keeps a step per parameter for the same reason).
+        state.insert(OPTIMIZER_STEP.to_string(), Tensor::from(self.step));
         for p in self.params.iter().filter(|p| p.owned) {
             p.exp_avg.state(&format!("exp_avg.{}", p.name), &mut state);
             p.exp_avg_sq
@@ -583,7 +587,9 @@ impl AdamW {
         state
     }
 
-    /// Restores state saved by `state_tensors`; missing entries are an error.
+    /// Restores state saved by `state_tensors`; missing entries are an error. `step`:
+    /// the trainer's global step, the optimizer's count for checkpoints written before
+    /// the count was saved.
     pub fn load_state(
         &mut self,
         state: &BTreeMap<String, Tensor>,
@@ -607,10 +613,15 @@ impl AdamW {
             }
             Ok(())
         })?;
-        self.step = step;
+        self.step = state
+            .get(OPTIMIZER_STEP)
+            .map_or(step, |saved| saved.int64_value(&[]));
         Ok(())
     }
 }
+
+/// The optimizer's step count in its saved state.
+const OPTIMIZER_STEP: &str = "optimizer_step";
 
 /// One fused AdamW call over the parameters `group` (all f32, f32 moments).
 fn fused_group(
