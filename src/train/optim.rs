@@ -488,8 +488,8 @@ impl AdamW {
     /// `update` with the per-step numbers from `values`.
     pub fn update_with(&mut self, index: usize, grad: &Tensor, step: StepValues) {
         if self.kind == OptimKind::Adafactor {
-            // Whole tensors, numbers from the host: `TrainConfig::validate` refuses
-            // --offload-optimizer and --cuda-graphs with it.
+            // Its own row blocks (`adafactor.rs`), numbers from the host:
+            // `TrainConfig::validate` refuses --offload-optimizer and --cuda-graphs.
             let StepValues::Host(step) = step else {
                 unreachable!("a recorded step (--cuda-graphs) is refused with adafactor")
             };
