@@ -184,12 +184,7 @@ mod tests {
     /// resumed run's does.
     #[test]
     fn greedy_matches_transformers_greedy_lr_and_survives_a_resume() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/golden/lr_schedules.json"
-        );
-        let golden: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let golden = crate::train::lr_schedule::tests::schedule_goldens();
         let base = golden["base_lr"].as_f64().unwrap();
         let metrics: Vec<f64> = serde_json::from_value(golden["greedy_metrics"].clone()).unwrap();
         let cases = golden["greedy_cases"].as_array().unwrap();

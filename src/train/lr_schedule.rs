@@ -442,7 +442,7 @@ fn warmup_stable_decay(kwargs: &SchedulerKwargs, step: i64, warmup: i64, total: 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -469,6 +469,16 @@ mod tests {
         assert_eq!(lrs, vec![0.0, 0.25, 0.5, 0.75, 1.0, 1.0]);
     }
 
+    /// The schedules' goldens (scripts/golden/make_schedule_golden.py), which the
+    /// plateau and greedy tests read too.
+    pub(crate) fn schedule_goldens() -> serde_json::Value {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/golden/lr_schedules.json"
+        );
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
     /// Every schedule and setting against transformers' get_scheduler (goldens from
     /// scripts/golden/make_schedule_golden.py), at every step and one past the end,
     /// within a few units in the last place (torch's scheduler rounds some steps'
@@ -476,12 +486,7 @@ mod tests {
     /// serde_json reads floats to within an ulp).
     #[test]
     fn every_schedule_matches_get_scheduler() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/golden/lr_schedules.json"
-        );
-        let golden: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let golden = schedule_goldens();
         let base = golden["base_lr"].as_f64().unwrap();
         let cases = golden["cases"].as_array().unwrap();
         assert!(cases.len() >= 54);

@@ -152,12 +152,7 @@ mod tests {
     /// scripts/golden/make_schedule_golden.py): the rate after each evaluation.
     #[test]
     fn plateau_matches_torch_reduce_lr_on_plateau() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/golden/lr_schedules.json"
-        );
-        let golden: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let golden = crate::train::lr_schedule::tests::schedule_goldens();
         let base = golden["base_lr"].as_f64().unwrap();
         let metrics: Vec<f64> = serde_json::from_value(golden["plateau_metrics"].clone()).unwrap();
         let cases = golden["plateau_cases"].as_array().unwrap();
